@@ -1,0 +1,12 @@
+"""Subcommand registry: each module exposes ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register_all(sub: argparse._SubParsersAction) -> None:
+    from quantrl.commands import demo
+
+    for module in (demo,):
+        module.register(sub)
