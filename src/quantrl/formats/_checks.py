@@ -6,10 +6,10 @@ import torch
 
 
 def check_float_tensor(x: torch.Tensor, *, what: str, ndim: int | None = None, min_ndim: int = 1) -> None:
-    """Raise ``ValueError``/``TypeError`` for inputs no quantizer can handle.
+    """Raise ``ValueError``/``TypeError`` for inputs no quantizer can handle (type, rank, emptiness).
 
-    Finite-ness is checked here (one extra read of the input) because a NaN scale silently poisons
-    a whole block of the checkpoint; callers prepend the tensor name to the message.
+    NaN/Inf are caught later for free: every quantizer computes a max-abs, which is NaN or Inf exactly
+    when its block holds one (``check_amax``).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
@@ -21,13 +21,18 @@ def check_float_tensor(x: torch.Tensor, *, what: str, ndim: int | None = None, m
         raise ValueError(f"{what}: expected at least {min_ndim} dimension(s), got shape {tuple(x.shape)}")
     if x.numel() == 0:
         raise ValueError(f"{what}: tensor is empty (shape {tuple(x.shape)})")
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        nan = int(torch.isnan(x).sum())
-        raise ValueError(
-            f"{what}: input contains non-finite values ({nan} NaN, {bad - nan} Inf of {x.numel()} elements)"
-        )
+
+
+def check_amax(amax: torch.Tensor, x: torch.Tensor, what: str) -> None:
+    """Raise if a block max-abs is NaN/Inf (NaN propagates through max): the input held one.
+
+    A NaN scale would otherwise be masked to 1 (or poison a whole block); callers prepend the tensor name.
+    """
+    if bool(torch.isfinite(amax).all()):
+        return
+    nan = int(torch.isnan(x).sum())
+    inf = int(torch.isinf(x).sum())
+    raise ValueError(f"{what}: input contains non-finite values ({nan} NaN, {inf} Inf of {x.numel()} elements)")
 
 
 def check_block_size(block_size: tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -38,3 +43,14 @@ def check_block_size(block_size: tuple[int, int] | list[int]) -> tuple[int, int]
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# Elements per chunk for the CPU reference paths: ~1 MB of fp32 temporaries stays in a core's L2,
+# where whole-tensor passes stream every temporary through DRAM (measured several times slower).
+CHUNK_ELEMS = 1 << 18
+
+
+def row_chunks(n_rows: int, row_elems: int, chunk_elems: int = CHUNK_ELEMS) -> list[slice]:
+    """Slices over the leading dim, each about ``chunk_elems`` elements."""
+    step = max(1, chunk_elems // max(1, row_elems))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]

@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-from quantrl.formats._checks import cdiv, check_float_tensor
+from quantrl.formats._checks import cdiv, check_amax, check_float_tensor, row_chunks
 from quantrl.formats.ste import straight_through
 
 DEFAULT_GROUP = 128
@@ -50,28 +50,46 @@ def int_range(num_bits: int, qmax: int) -> tuple[int, int, float]:
     raise ValueError(f"qmax for {num_bits}-bit codes must be {half - 1} (restricted) or {half} (full range), got {qmax}")
 
 
-def _groups(w: torch.Tensor, group_size: int, what: str) -> torch.Tensor:
-    """Validate and view ``[N, K]`` as ``[N, K/G, G]`` (fp32)."""
+def _check_weight(w: torch.Tensor, group_size: int, what: str) -> None:
     check_float_tensor(w, what=what, ndim=2)
     if group_size <= 0:
         raise ValueError(f"{what}: group_size must be positive, got {group_size}")
-    n, k = w.shape
-    if k % group_size:
-        raise ValueError(f"{what}: K={k} (weight shape {tuple(w.shape)}) is not divisible by group_size={group_size}")
-    return w.float().view(n, k // group_size, group_size)
+    if w.shape[1] % group_size:
+        raise ValueError(f"{what}: K={w.shape[1]} (weight shape {tuple(w.shape)}) is not divisible by group_size={group_size}")
 
 
-def _group_scale(g: torch.Tensor, div: float, scale_dtype: torch.dtype, num_bits: int) -> torch.Tensor:
-    """[N, K/G, G] fp32 -> stored scale [N, K/G] in ``scale_dtype``."""
-    absmax = torch.maximum(g.amax(dim=-1), g.amin(dim=-1).neg())
+def _group_scale(
+    g: torch.Tensor,
+    div: float,
+    scale_dtype: torch.dtype,
+    num_bits: int,
+    src: torch.Tensor | None = None,
+    what: str = "group scale",
+) -> torch.Tensor:
+    """[R, K/G, G] (any float dtype) -> stored scale [R, K/G] in ``scale_dtype``.
+
+    NaN/Inf in ``g`` raise (``src``, the whole input, only feeds the error message's counts).
+    """
+    absmax = g.abs().amax(dim=-1).float()
+    check_amax(absmax, g if src is None else src, what)
     fi = torch.finfo(scale_dtype)
     # The upper cap (exact: a power-of-two division) keeps |q| * s finite in the scale's dtype.
     return (absmax / div).clamp_(fi.tiny, fi.max / (1 << (num_bits - 1))).to(scale_dtype)
 
 
 def _codes(g: torch.Tensor, s: torch.Tensor, qlo: int, qhi: int) -> torch.Tensor:
-    """[N, K/G, G] fp32 and stored scale [N, K/G] -> integer-valued fp32 codes (same shape as g)."""
-    return torch.round(g / s.float().unsqueeze(-1)).clamp_(qlo, qhi)
+    """[R, K/G, G] and stored scale [R, K/G] -> integer-valued fp32 codes [R, K/G, G].
+
+    ``g / fp32(s)`` promotes a bf16 ``g`` exactly, so no fp32 copy of the weight is made.
+    """
+    return torch.div(g, s.float().unsqueeze(-1)).round_().clamp_(qlo, qhi)
+
+
+def _grouped_chunks(w: torch.Tensor, group_size: int):
+    """Yield (row slice, [rows, K/G, G] view) over cache-sized row chunks of ``w``."""
+    n, k = w.shape
+    for c in row_chunks(n, k):
+        yield c, w[c].view(-1, k // group_size, group_size)
 
 
 def quantize_int(
@@ -79,9 +97,14 @@ def quantize_int(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-wise symmetric quantization of ``[N, K]`` -> ``(q int8 [N, K], scale [N, K/G] scale_dtype)``."""
     qlo, qhi, div = int_range(num_bits, qmax)
-    g = _groups(w, group_size, f"quantize_int{num_bits}")
-    s = _group_scale(g, div, scale_dtype, num_bits)
-    return _codes(g, s, qlo, qhi).to(torch.int8).view(w.shape), s
+    _check_weight(w, group_size, f"quantize_int{num_bits}")
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=w.device)
+    s = torch.empty(n, k // group_size, dtype=scale_dtype, device=w.device)
+    for c, g in _grouped_chunks(w, group_size):
+        s[c] = _group_scale(g, div, scale_dtype, num_bits, w, f"quantize_int{num_bits}")
+        q[c].copy_(_codes(g, s[c], qlo, qhi).view(-1, k))
+    return q, s
 
 
 def quantize_int4(
@@ -103,8 +126,11 @@ def dequantize_int(
             f"dequantize_int: scale shape {tuple(scale.shape)} does not fit codes {tuple(q.shape)} "
             f"with group_size={group_size} (expected ({n}, {k // group_size if k % group_size == 0 else '?'}))"
         )
-    g = q.float().view(n, k // group_size, group_size)
-    return g.mul_(scale.float().unsqueeze(-1)).view(n, k).to(dtype)
+    out = torch.empty(n, k, dtype=dtype, device=q.device)
+    for c in row_chunks(n, k):
+        g = q[c].float().view(-1, k // group_size, group_size)
+        out[c] = g.mul_(scale[c].float().unsqueeze(-1)).view(-1, k)
+    return out
 
 
 dequantize_int4 = dequantize_int
@@ -113,11 +139,14 @@ dequantize_int4 = dequantize_int
 def _fake_quantize(
     w: torch.Tensor, num_bits: int, group_size: int, qmax: int, scale_dtype: torch.dtype, dtype: torch.dtype
 ) -> torch.Tensor:
-    # Straight from the grouped fp32 view to the output dtype; no int8 tensor is materialised.
+    # Straight from the grouped view to the output dtype; no int8 tensor is materialised.
     qlo, qhi, div = int_range(num_bits, qmax)
-    g = _groups(w, group_size, f"fake_quantize_int{num_bits}")
-    s = _group_scale(g, div, scale_dtype, num_bits)
-    return _codes(g, s, qlo, qhi).mul_(s.float().unsqueeze(-1)).view(w.shape).to(dtype)
+    n, k = w.shape
+    out = torch.empty(n, k, dtype=dtype, device=w.device)
+    for c, g in _grouped_chunks(w, group_size):
+        s = _group_scale(g, div, scale_dtype, num_bits, w, f"fake_quantize_int{num_bits}")
+        out[c] = _codes(g, s, qlo, qhi).mul_(s.float().unsqueeze(-1)).view(-1, k)
+    return out
 
 
 def fake_quantize_int(
@@ -133,6 +162,8 @@ def fake_quantize_int(
     Equals ``dequantize_int(*quantize_int(w, ...), dtype=dtype)`` bit for bit; pass the engine's dtype
     (bf16) so the QAT forward sees exactly the rollout engine's weights.
     """
+    int_range(num_bits, qmax)
+    _check_weight(w, group_size, f"fake_quantize_int{num_bits}")
     return straight_through(w, _fake_quantize, num_bits, group_size, qmax, scale_dtype, dtype or w.dtype)
 
 
@@ -171,16 +202,24 @@ def _bytes_to_words(b: torch.Tensor) -> torch.Tensor:
     return b.view(torch.int32).view(b.shape[0], -1)
 
 
+def _pack_rows(q: torch.Tensor) -> torch.Tensor:
+    """int8 [R, K] in [-8, 7] -> int32 [R, ceil(K/8)]."""
+    u = (q + 8).view(torch.uint8)  # int8 add cannot overflow on [-8, 7]; the bits are then 0..15
+    pad = (-q.shape[1]) % 8
+    if pad:
+        u = torch.nn.functional.pad(u, (0, pad))
+    pairs = u.view(q.shape[0], -1, 2)  # [R, 4W, 2]: low nibble, high nibble of each byte
+    return _bytes_to_words(pairs[..., 0] | (pairs[..., 1] << 4))
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 codes [N, K] in [-8, 7] -> int32 [N, ceil(K/8)] (compressed-tensors ``pack-quantized``)."""
     _check_codes(q, 4)
     n, k = q.shape
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
-    pad = (-k) % 8
-    if pad:
-        u = torch.nn.functional.pad(u, (0, pad))
-    pairs = u.view(n, -1, 2)  # [N, 4W, 2]: low nibble, high nibble of each byte
-    return _bytes_to_words(pairs[..., 0] | (pairs[..., 1] << 4))
+    out = torch.empty(n, cdiv(k, 8), dtype=torch.int32, device=q.device)
+    for c in row_chunks(n, k):
+        out[c] = _pack_rows(q[c])
+    return out
 
 
 def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
