@@ -6,7 +6,7 @@ import argparse
 
 
 def register_all(sub: argparse._SubParsersAction) -> None:
-    from quantrl.commands import demo
+    from quantrl.commands import convert, demo
 
-    for module in (demo,):
+    for module in (convert, demo):
         module.register(sub)
