@@ -1,0 +1,518 @@
+"""Layer-by-layer GPTQ over a HF decoder-only checkpoint, with bounded memory.
+
+The driver walks the decoder the way the GPTQ paper does ("sequential" over layers, not within a layer):
+
+    h⁰ = embed(calibration tokens)                       (all batches, kept resident)
+    for each decoder layer i:
+        load layer i from the safetensors reader
+        run hⁱ through it, hooks collect H = 2/n Σ xᵀx for every target Linear's input
+        GPTQ-quantize each target Linear with its H; yield (weight name, q, scale)
+        put the *dequantized* weights into the layer and run hⁱ through it again -> hⁱ⁺¹
+        free the layer and its Hessians
+
+so the Hessians of layer i see the outputs of layers 0..i-1 *as quantized* (the inputs the rollout engine
+will produce), while inside one layer every Linear's Hessian comes from the unquantized layer (the
+reference implementation's default, ``true_sequential=False``).
+
+Memory. The transformers model is built on the ``meta`` device (no weight memory). Resident on
+``device`` are: the embedding (only while the calibration tokens are embedded), one decoder layer, the
+calibration hidden states (``num_samples × seq_len × hidden`` in the compute dtype, plus one batch while
+a layer's outputs replace its inputs) and that layer's Hessians (fp32 ``K × K`` each; Linears fed the very
+same input tensor, q/k/v and gate/up, share one accumulator, and each is freed once its Linears are
+quantized). Layers after the last one holding a target are never loaded.
+
+Precision. The calibration forward runs in ``compute_dtype``: fp32 by default (the checkpoint's bf16
+weights convert exactly, and fp32 activations make H as good as the data allows; on CPU there is no
+speed reason for anything else). On CUDA ``compute_dtype=torch.bfloat16`` halves the hidden-state
+memory and is what the reference implementations do. H is always accumulated in fp32 and GPTQ itself
+always works in fp32/fp64 (``checkpoint.gptq``). The dequantized weights written back into a layer are
+``dequantize_int(q, s, dtype=checkpoint dtype)`` -- exactly the weights the engine will use.
+
+Layer calling convention (transformers 5.x): ``layer(hidden_states, attention_mask=..., position_ids=...,
+position_embeddings=(cos, sin), past_key_values=None, use_cache=False)`` returns a tensor (4.x returned a
+tuple; both are accepted). ``(cos, sin)`` come from the model-level rotary module, which is re-created
+on the real device from the config (its ``inv_freq`` is a non-persistent buffer, so a meta-built module
+has no values). The mask is what the model's own forward would build: ``create_causal_mask`` (or
+``create_sliding_window_causal_mask`` for sliding-window layers) with no padding mask; with SDPA and no
+padding that is ``None`` and SDPA runs with ``is_causal=True``.
+
+Scope. Decoder-only models whose CausalLM has ``model.embed_tokens``, ``model.layers[i]`` and
+``model.rotary_emb`` and whose checkpoint names are the module names (Llama, Mistral, Qwen2, Qwen3
+families; verified against the full transformers forward in ``tests/test_gptq_model.py``). Anything the
+model's forward does between embedding and the first layer other than position embeddings and the
+causal/sliding mask (e.g. Gemma's embedding scaling) is not reproduced; such model types get a warning.
+Targets that are not the ``weight`` of an ``nn.Linear`` inside a decoder layer (``lm_head``, fused MoE
+experts, ...) are not yielded: the caller quantizes them round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantrl.checkpoint.gptq import HessianAccumulator, gptq_quantize
+from quantrl.checkpoint.safetensors_io import SafetensorsDir
+from quantrl.formats.int4 import dequantize_int, int_range
+
+# Model types whose layer-by-layer forward is checked against transformers' full forward in the tests.
+VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+_FLOAT_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Old Llama checkpoints store a per-layer rotary buffer that current modules compute instead.
+_IGNORED_CHECKPOINT_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The meta skeleton and what can be driven
+
+
+@dataclass
+class _Skeleton:
+    config: Any
+    model: nn.Module  # the CausalLM, every parameter on meta
+    base: nn.Module  # model.model: embed_tokens, layers, rotary_emb
+    prefix: str  # checkpoint/module name of ``base`` plus "." ("model.")
+    # layer index -> [(linear module, module name, weight name)] for the targets inside that layer
+    plan: dict[int, list[tuple[nn.Linear, str, str]]] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.base.layers)
+
+
+def _build_skeleton(model_dir: str | Path) -> _Skeleton:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        except ValueError as e:  # no CausalLM class / no SDPA support for this architecture
+            raise ValueError(
+                f"gptq: cannot build a causal LM with SDPA attention from {model_dir}/config.json: {e}"
+            ) from e
+    model.eval().requires_grad_(False)
+    base = getattr(model, "model", None)
+    missing = [a for a in ("embed_tokens", "layers", "rotary_emb") if base is None or not hasattr(base, a)]
+    if missing or not isinstance(base.layers, nn.ModuleList):
+        arch = getattr(config, "architectures", None) or type(model).__name__
+        raise ValueError(
+            f"gptq: architecture {arch} (model_type {config.model_type!r}) cannot be driven layer by layer: "
+            f"its model has no model.{'/model.'.join(missing or ['layers'])} (expected a decoder-only model with "
+            "model.embed_tokens, model.layers[i] and model.rotary_emb, e.g. Llama/Mistral/Qwen2/Qwen3)"
+        )
+    if config.model_type not in VERIFIED_MODEL_TYPES:
+        warnings.warn(
+            f"gptq: model_type {config.model_type!r} is driven layer by layer but only "
+            f"{sorted(VERIFIED_MODEL_TYPES)} are verified against the full transformers forward; model-level "
+            "operations other than embedding lookup, rotary embeddings and the causal mask are not reproduced",
+            stacklevel=3,
+        )
+    return _Skeleton(config, model, base, "model.")
+
+
+def _plan(sk: _Skeleton, targets: set[str]) -> None:
+    for i, layer in enumerate(sk.base.layers):
+        prefix = f"{sk.prefix}layers.{i}."
+        entries = []
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear) and f"{prefix}{name}.weight" in targets:
+                entries.append((mod, prefix + name, f"{prefix}{name}.weight"))
+        if entries:
+            sk.plan[i] = entries
+
+
+def gptq_layer_targets(model_dir: str | Path, targets: set[str]) -> set[str]:
+    """The subset of ``targets`` that ``gptq_quantize_layers`` will yield (no weights are read)."""
+    sk = _build_skeleton(model_dir)
+    _plan(sk, set(targets))
+    return {w for entries in sk.plan.values() for _, _, w in entries}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Materializing modules from the reader
+
+
+def _materialize(
+    module: nn.Module, prefix: str, reader: SafetensorsDir, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Give a meta module real storage on ``device`` filled from the checkpoint (floats in ``dtype``)."""
+    state = module.state_dict(keep_vars=True)
+    persistent = set(state)
+    transient = [n for n, _ in module.named_buffers() if n not in persistent]
+    if transient:
+        raise ValueError(
+            f"gptq: module {prefix.rstrip('.')} has non-persistent buffers {transient} that the checkpoint cannot "
+            "provide; this architecture is not supported by the layer-by-layer driver"
+        )
+    missing = [prefix + n for n in state if prefix + n not in reader]
+    if missing:
+        raise ValueError(
+            f"gptq: checkpoint {reader.dir} lacks {len(missing)} tensor(s) of module {prefix.rstrip('.')}, e.g. "
+            f"{missing[:3]} (its tensor names do not follow the transformers module names; not supported)"
+        )
+    extra = [
+        n
+        for n in reader.names()
+        if n.startswith(prefix) and n[len(prefix) :] not in persistent and not n.endswith(_IGNORED_CHECKPOINT_SUFFIXES)
+    ]
+    if extra:
+        raise ValueError(
+            f"gptq: checkpoint {reader.dir} has tensor(s) under {prefix!r} that the transformers module does not "
+            f"have, e.g. {sorted(extra)[:3]} (a different module layout, e.g. fused or per-expert weights; "
+            "not supported)"
+        )
+    module.to(dtype=dtype)  # meta: only changes the dtype of floating parameters/buffers
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for n, t in module.state_dict(keep_vars=True).items():
+            src = reader.read(prefix + n)
+            if tuple(src.shape) != tuple(t.shape):
+                raise ValueError(
+                    f"gptq: tensor {prefix + n} has shape {list(src.shape)} in {reader.infos[prefix + n].file.name}, "
+                    f"the model built from config.json expects {list(t.shape)}"
+                )
+            t.copy_(src)
+
+
+def _release(module: nn.Module) -> None:
+    module.to_empty(device="meta")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running decoder layers
+
+
+class _LayerRunner:
+    """Calls decoder layers the way the model's forward does: rotary (cos, sin), position ids, mask."""
+
+    def __init__(self, sk: _Skeleton, device: torch.device):
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        self._sk = sk
+        self._device = device
+        self._mask_fns = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        # inv_freq is a non-persistent buffer computed from the config in __init__: build a real module.
+        self.rotary = type(sk.base.rotary_emb)(config=sk.model.config).to(device)
+        self._cache: dict[tuple, Any] = {}
+        for i in range(sk.num_layers):
+            kind = self.attention_kind(i)
+            if kind not in self._mask_fns:
+                raise ValueError(
+                    f"gptq: layer {i} has attention type {kind!r}; only full and sliding-window attention are supported"
+                )
+
+    def attention_kind(self, i: int) -> str:
+        cfg = self._sk.config
+        types = getattr(cfg, "layer_types", None)
+        if types:
+            return types[i]
+        # Models without layer_types (Llama, Mistral) use one mask for all layers, sliding iff sliding_window.
+        return "sliding_attention" if getattr(cfg, "sliding_window", None) is not None else "full_attention"
+
+    def _inputs(self, h: torch.Tensor, kind: str) -> tuple:
+        key = (tuple(h.shape), h.dtype, kind)
+        if key not in self._cache:
+            pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)  # [1, L]
+            cos_sin = self.rotary(h, pos)  # each [1, L, head_dim], in h's dtype
+            mask = self._mask_fns[kind](
+                config=self._sk.model.config,
+                inputs_embeds=h,
+                attention_mask=None,
+                past_key_values=None,
+                position_ids=pos,
+            )
+            self._cache[key] = (pos, cos_sin, mask)
+        return self._cache[key]
+
+    @torch.no_grad()
+    def __call__(self, layer: nn.Module, i: int, h: torch.Tensor) -> torch.Tensor:
+        pos, cos_sin, mask = self._inputs(h, self.attention_kind(i))
+        out = layer(
+            h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin, past_key_values=None, use_cache=False
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    def run_all(self, layer: nn.Module, i: int, hs: list[torch.Tensor], *, keep: bool) -> None:
+        """Run every batch through ``layer``; ``keep`` replaces ``hs[b]`` by its output (one batch extra)."""
+        for b in range(len(hs)):
+            out = self(layer, i, hs[b])
+            if keep:
+                hs[b] = out
+            del out
+
+
+@torch.no_grad()
+def _embed(sk: _Skeleton, reader: SafetensorsDir, batches: Sequence[torch.Tensor], device, dtype) -> list[torch.Tensor]:
+    emb = sk.base.embed_tokens
+    _materialize(emb, f"{sk.prefix}embed_tokens.", reader, device, dtype)
+    try:
+        return [emb(ids.to(device)) for ids in batches]  # each [B, L, H]
+    finally:
+        _release(emb)
+
+
+def _check_batches(batches: Sequence[torch.Tensor], vocab: int) -> None:
+    if not batches:
+        raise ValueError("gptq: no calibration batches given")
+    for j, ids in enumerate(batches):
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 2 or ids.numel() == 0:
+            got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(
+                f"gptq: calibration batch {j} must be a non-empty int64 tensor [B, L] of token ids, got {got}"
+            )
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(
+                f"gptq: calibration batch {j} has token ids in [{lo}, {hi}], outside the vocabulary [0, {vocab})"
+            )
+
+
+def _resolve(device: str | torch.device, compute_dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device)
+    dtype = torch.float32 if compute_dtype is None else compute_dtype
+    if dtype not in _FLOAT_WEIGHT_DTYPES:
+        raise ValueError(f"gptq: compute_dtype must be one of {_FLOAT_WEIGHT_DTYPES}, got {dtype}")
+    return device, dtype
+
+
+def layerwise_hidden_states(
+    model_dir: str | Path,
+    reader: SafetensorsDir,
+    batches: Sequence[torch.LongTensor],
+    *,
+    device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype | None = None,
+) -> Iterator[list[torch.Tensor]]:
+    """Unquantized layer-by-layer forward, as the GPTQ driver runs it: yields the embeddings, then the
+    output of every decoder layer (each a list of ``[B, L, H]``, one per batch; final norm not applied).
+
+    For checking the driver against transformers' ``output_hidden_states``; same memory bounds.
+    """
+    device, dtype = _resolve(device, compute_dtype)
+    sk = _build_skeleton(model_dir)
+    _check_batches(batches, sk.config.vocab_size)
+    runner = _LayerRunner(sk, device)
+    hs = _embed(sk, reader, batches, device, dtype)
+    yield [h.clone() for h in hs]
+    for i, layer in enumerate(sk.base.layers):
+        _materialize(layer, f"{sk.prefix}layers.{i}.", reader, device, dtype)
+        try:
+            runner.run_all(layer, i, hs, keep=True)
+        finally:
+            _release(layer)
+        yield [h.clone() for h in hs]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hessian collection
+
+
+class _HessianHooks:
+    """Forward pre-hooks on a layer's target Linears; Linears fed the very same tensor share one H.
+
+    Sharing is decided per call (same tensor object, unmodified since: ``_version``) and must be the same
+    for every batch, which holds for any model whose forward does not branch on the data.
+    """
+
+    def __init__(self, entries: list[tuple[nn.Linear, str, str]], device: torch.device):
+        self._device = device
+        self.acc: dict[str, HessianAccumulator] = {}  # owner module name -> accumulator
+        self.owner: dict[str, str] = {}  # module name -> owner module name
+        self._last: tuple[torch.Tensor, int, str] | None = None
+        self._handles = [
+            mod.register_forward_pre_hook(self._hook_for(name), with_kwargs=True) for mod, name, _ in entries
+        ]
+
+    def _hook_for(self, name: str):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs["input"]
+            last = self._last
+            owner = last[2] if last is not None and last[0] is x and last[1] == x._version else name
+            if self.owner.setdefault(name, owner) != owner:
+                raise RuntimeError(f"gptq: {name} shared its input with another Linear in one batch but not in another")
+            if owner == name:
+                self.acc.setdefault(name, HessianAccumulator(device=self._device)).add(x)
+                self._last = (x, x._version, name)
+
+        return hook
+
+    def end_batch(self) -> None:
+        self._last = None  # do not keep the last activation alive across batches
+
+    def hessian(self, name: str) -> torch.Tensor:
+        owner = self.owner.get(name)
+        if owner is None:
+            raise ValueError(f"gptq: {name} was never called during the calibration forward; cannot build its Hessian")
+        return self.acc[owner].hessian
+
+    def release(self, name: str) -> None:
+        """Drop ``name``'s claim on its accumulator; the accumulator is freed with its last user."""
+        owner = self.owner.pop(name, None)
+        if owner is not None and owner not in self.owner.values():
+            self.acc.pop(owner, None)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._last = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The driver
+
+
+def gptq_quantize_layers(
+    model_dir: str | Path,
+    reader: SafetensorsDir,
+    targets: set[str],
+    batches: list[torch.LongTensor],
+    *,
+    num_bits: int = 4,
+    group_size: int = 128,
+    qmax: int = 7,
+    dampening_frac: float = 0.01,
+    act_order: bool = False,
+    device: str | torch.device = "cpu",
+    scale_dtype: torch.dtype = torch.bfloat16,
+    progress: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    dequant_dtype: torch.dtype | None = None,
+    block_size: int = 128,
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """GPTQ every target Linear inside the decoder layers, layer by layer; yield ``(weight name, q, scale)``.
+
+    ``q`` is int8 ``[N, K]`` and ``scale`` is ``scale_dtype`` ``[N, K/group_size]``, both on the CPU, in the
+    ``formats.int4`` conventions (``num_bits``/``qmax``). Each target is yielded once, layer by layer, as soon
+    as it is quantized, so the caller can write it and drop it. Targets that are not the weight of an
+    ``nn.Linear`` in a decoder layer are not yielded (``gptq_layer_targets`` tells which are).
+
+    ``compute_dtype`` (default fp32) is the dtype of the calibration forward; ``dequant_dtype`` (default:
+    each weight's checkpoint dtype) the dtype the engine dequantizes to, used both for GPTQ's error
+    feedback and for the weights the next layers' calibration inputs are computed with.
+
+    Raises ``ValueError`` at call time (before the first ``next``) for a target missing from the checkpoint,
+    an architecture that cannot be driven, bad calibration batches or arguments, or a target whose K is not
+    divisible by ``group_size``.
+    """
+    int_range(num_bits, qmax)  # validates the code convention
+    if group_size <= 0 or block_size <= 0:
+        raise ValueError(f"gptq: group_size and block_size must be positive, got {group_size} and {block_size}")
+    if not (math.isfinite(dampening_frac) and dampening_frac >= 0):
+        raise ValueError(f"gptq: dampening_frac must be a finite number >= 0, got {dampening_frac}")
+    device, cdtype = _resolve(device, compute_dtype)
+    targets = set(targets)
+    missing = sorted(t for t in targets if t not in reader)
+    if missing:
+        raise ValueError(f"gptq: {len(missing)} target(s) not in checkpoint {reader.dir}, e.g. {missing[:5]}")
+    sk = _build_skeleton(model_dir)
+    _check_batches(batches, sk.config.vocab_size)
+    _plan(sk, targets)
+    for entries in sk.plan.values():
+        for mod, _, wname in entries:
+            info = reader.infos[wname]
+            if info.shape != (mod.out_features, mod.in_features):
+                raise ValueError(
+                    f"gptq: {wname} has shape {list(info.shape)} in the checkpoint, config.json implies "
+                    f"{[mod.out_features, mod.in_features]}"
+                )
+            if mod.in_features % group_size:
+                raise ValueError(
+                    f"gptq: {wname} has K={mod.in_features} (shape {list(info.shape)}), not divisible by "
+                    f"group_size={group_size}"
+                )
+            if dequant_dtype is None and info.dtype not in _FLOAT_WEIGHT_DTYPES:
+                raise ValueError(
+                    f"gptq: {wname} is stored as {info.dtype}; expected one of {_FLOAT_WEIGHT_DTYPES} (an already "
+                    "quantized checkpoint cannot be GPTQ-quantized again)"
+                )
+    if not sk.plan:
+        return iter(())
+    runner = _LayerRunner(sk, device)  # validates the layers' attention types
+    gptq_kwargs = dict(num_bits=num_bits, group_size=group_size, qmax=qmax, dampening_frac=dampening_frac,
+                       act_order=act_order, block_size=block_size, scale_dtype=scale_dtype)  # fmt: skip
+    # Everything above runs at call time, so bad arguments fail before the caller starts writing.
+    return _drive(sk, runner, reader, batches, device, cdtype, gptq_kwargs, dequant_dtype, progress)
+
+
+def _drive(
+    sk: _Skeleton,
+    runner: _LayerRunner,
+    reader: SafetensorsDir,
+    batches: Sequence[torch.Tensor],
+    device: torch.device,
+    cdtype: torch.dtype,
+    gptq_kwargs: dict,
+    dequant_dtype: torch.dtype | None,
+    progress: bool,
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    last = max(sk.plan)  # later layers have no targets: they are never loaded
+    hs = _embed(sk, reader, batches, device, cdtype)
+    bar = _progress(last + 1, progress)
+    try:
+        for i in range(last + 1):
+            layer = sk.base.layers[i]
+            _materialize(layer, f"{sk.prefix}layers.{i}.", reader, device, cdtype)
+            try:
+                entries = sk.plan.get(i, [])
+                if entries:
+                    yield from _quantize_layer(
+                        runner, layer, i, entries, hs, reader, device, cdtype, gptq_kwargs, dequant_dtype
+                    )
+                if i < last:  # inputs of layer i+1, computed with layer i's quantized weights
+                    runner.run_all(layer, i, hs, keep=True)
+            finally:
+                _release(layer)
+            bar.update(1)
+    finally:
+        bar.close()
+        hs.clear()
+
+
+def _quantize_layer(
+    runner: _LayerRunner,
+    layer: nn.Module,
+    i: int,
+    entries: list[tuple[nn.Linear, str, str]],
+    hs: list[torch.Tensor],
+    reader: SafetensorsDir,
+    device: torch.device,
+    cdtype: torch.dtype,
+    gptq_kwargs: dict,
+    dequant_dtype: torch.dtype | None,
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    hooks = _HessianHooks(entries, device)
+    try:
+        for b in range(len(hs)):
+            runner(layer, i, hs[b])
+            hooks.end_batch()
+    finally:
+        hooks.remove()
+    try:
+        for mod, name, wname in entries:
+            ckpt_dtype = reader.infos[wname].dtype
+            ddtype = dequant_dtype or ckpt_dtype
+            # The layer's copy is exact when fp32 holds the checkpoint dtype (or the dtypes agree).
+            exact = cdtype == ckpt_dtype or (cdtype == torch.float32 and ckpt_dtype in _FLOAT_WEIGHT_DTYPES)
+            w = mod.weight if exact else reader.read(wname).to(device)
+            q, s = gptq_quantize(w, hooks.hessian(name), dequant_dtype=ddtype, **gptq_kwargs)
+            del w
+            hooks.release(name)
+            with torch.no_grad():
+                mod.weight.copy_(dequantize_int(q, s, gptq_kwargs["group_size"], dtype=ddtype))
+            yield wname, q.cpu(), s.cpu()
+    finally:
+        hooks.acc.clear()
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="GPTQ", unit="layer", disable=not enabled)
