@@ -1,0 +1,1 @@
+"""RL algorithms: mismatch metrics and importance-sampling correction, policy losses."""

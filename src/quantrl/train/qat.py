@@ -1,0 +1,128 @@
+"""INT4 quantization-aware training: Linear layers whose forward uses fake-quantized weights.
+
+Master weights stay in high precision (bf16/fp32) and receive the straight-through gradient. The forward
+weight is ``formats.fake_quantize_int4`` of the master in the engine's dtype, so it equals, bit for bit,
+what the rollout engine dequantizes after a weight sync (``quantize_int4`` + ``pack_int4``).
+
+The fake-quantized weight is computed once per optimizer step, not once per micro-batch: it is cached
+against the master's version counter, which every in-place optimizer update bumps. The cached tensor keeps
+its STE graph node (which saves no tensors), so every micro-batch's backward reaches the master.
+
+slime's switches are honoured: ``OPEN_TRAINING_INT4_FAKE_QAT_FLAG=1`` turns QAT on and
+``OPEN_TRAINING_INT4_GROUP_SIZE`` sets the group size.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quantrl.checkpoint.layout import is_quantizable
+from quantrl.formats.int4 import fake_quantize_int4, quantize_int4
+
+ENV_FLAG = "OPEN_TRAINING_INT4_FAKE_QAT_FLAG"
+ENV_GROUP = "OPEN_TRAINING_INT4_GROUP_SIZE"
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    group_size: int = 128
+    "input channels per INT4 scale (128 for Qwen3/Moonlight, 32 for Kimi-K2)"
+    qmax: int = 7
+    "7: s = absmax/7, q in [-7, 7] (slime/Kimi); 8: s = absmax/7.5, q in [-8, 7]"
+    dtype: torch.dtype = torch.bfloat16
+    "dtype of the fake-quantized weight and of the scales: the rollout engine's"
+    targets: tuple[str, ...] = ()
+    "regexes of module names to quantize (empty: every quantizable Linear)"
+    exclude: tuple[str, ...] = ()
+    "regexes of module names to leave alone (on top of embeddings, lm_head, norms, routers)"
+
+    @classmethod
+    def from_env(cls, **overrides) -> QATConfig | None:
+        """The config slime's environment variables ask for, or None when QAT is off."""
+        if os.environ.get(ENV_FLAG, "0").strip().lower() not in ("1", "true", "yes", "on"):
+            return None
+        if ENV_GROUP in os.environ:
+            overrides.setdefault("group_size", int(os.environ[ENV_GROUP]))
+        return cls(**overrides)
+
+
+class QATLinear(nn.Linear):
+    """``nn.Linear`` with an INT4 fake-quantized forward weight; same parameters and state-dict names."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, cfg: QATConfig, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if in_features % cfg.group_size:
+            raise ValueError(f"QATLinear: in_features={in_features} is not divisible by group_size={cfg.group_size}")
+        self.cfg = cfg
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, cfg: QATConfig) -> QATLinear:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = lin.in_features, lin.out_features
+        new.weight, new.bias = lin.weight, lin.bias  # share the master parameters (optimizer state stays valid)
+        if lin.in_features % cfg.group_size:
+            raise ValueError(f"QATLinear: in_features={lin.in_features} is not divisible by group_size={cfg.group_size}")
+        new.cfg = cfg
+        new._cache = None
+        return new
+
+    def fake_quantized_weight(self) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and self.weight.requires_grad
+        key = (self.weight._version, self.weight.data_ptr(), grad)
+        if self._cache is None or self._cache[0] != key:
+            w = fake_quantize_int4(self.weight, self.cfg.group_size, self.cfg.qmax, scale_dtype=self.cfg.dtype, dtype=self.cfg.dtype)
+            self._cache = (key, w)
+        return self._cache[1]
+
+    def quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q int8 [N, K], scale [N, K/G]): what the engine receives at weight sync."""
+        with torch.no_grad():
+            return quantize_int4(self.weight, self.cfg.group_size, self.cfg.qmax, scale_dtype=self.cfg.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.fake_quantized_weight()
+        bias = None if self.bias is None else self.bias.to(w.dtype)
+        return F.linear(x.to(w.dtype), w, bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, int4 g{self.cfg.group_size} qmax={self.cfg.qmax}"
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def prepare_qat(model: nn.Module, cfg: QATConfig) -> list[str]:
+    """Swap every eligible ``nn.Linear`` of ``model`` for a ``QATLinear`` in place; returns their names.
+
+    Eligible: a Linear that ``checkpoint.layout`` would quantize (not embeddings, lm_head, norms, MoE
+    routers), matching ``cfg.targets`` (if given) and not ``cfg.exclude``. A targeted Linear whose input
+    size does not divide the group size is an error, not a silent skip.
+    """
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        if not is_quantizable(f"{name}.weight", tuple(module.weight.shape)):
+            continue
+        if (cfg.targets and not _matches(name, cfg.targets)) or _matches(name, cfg.exclude):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QATLinear.from_linear(module, cfg))
+        swapped.append(name)
+    if not swapped:
+        raise ValueError("prepare_qat: no Linear layer matched (check targets/exclude)")
+    return swapped
+
+
+def qat_modules(model: nn.Module) -> dict[str, QATLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QATLinear)}
