@@ -103,9 +103,15 @@ def _calibration_batches(model_dir: str | Path, opts: IntConvertOptions) -> list
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{model_dir}: cannot load the tokenizer needed to tokenize calibration text ({e})") from None
-    return build_calibration_batches(
-        texts, tokenizer, num_samples=opts.num_calibration_samples, max_sequence_length=opts.max_sequence_length, seed=opts.seed
-    )
+    if not tokenizer(texts[0], add_special_tokens=False)["input_ids"]:
+        # transformers builds an empty tokenizer for some model types when the dir has no tokenizer files
+        raise CheckpointError(f"{model_dir}: the tokenizer loaded from it turns text into no tokens (are its tokenizer files missing?)")
+    try:
+        return build_calibration_batches(
+            texts, tokenizer, num_samples=opts.num_calibration_samples, max_sequence_length=opts.max_sequence_length, seed=opts.seed
+        )
+    except ValueError as e:  # e.g. too short: name the data the user passed
+        raise CheckpointError(f"{opts.data_dir}: {e}") from None
 
 
 def convert_to_int(
@@ -136,7 +142,8 @@ def convert_to_int(
 
         return Job(name, packed_specs(name, info.shape, num_bits, opts.group_size), transform)
 
-    kept = [copy_job(reader, n) for n in reader.names() if n not in set(targets)]
+    target_set = set(targets)  # built once, not once per name (that was O(names x targets))
+    kept = [copy_job(reader, n) for n in reader.names() if n not in target_set]
     extra = extra_specs = None
     if opts.method == "rtn":
         jobs = kept + [rtn_job(n) for n in targets]

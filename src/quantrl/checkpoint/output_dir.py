@@ -27,6 +27,10 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, input_dir: str | os.PathLik
     out = Path(out_dir).resolve()
     if input_dir is not None and Path(input_dir).resolve() == out:
         raise CheckpointError(f"output directory {out} is the input directory; choose another")
+    if input_dir is not None and out in Path(input_dir).resolve().parents:
+        raise CheckpointError(
+            f"input directory {Path(input_dir).resolve()} is inside output directory {out}; replacing {out} would delete it"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +47,10 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, input_dir: str | os.PathLik
         os.rename(out, trash)
     os.rename(tmp, out)
     if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+        if trash.is_dir():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:  # --overwrite of a plain file: rmtree would fail (silently) and leave it behind
+            trash.unlink(missing_ok=True)
 
 
 def copy_aux_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:

@@ -6,6 +6,7 @@ Flag names follow slime's ``convert_hf_to_fp8.py`` and its INT4 GPTQ script.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from quantrl.checkpoint.safetensors_io import CheckpointError
 
@@ -65,7 +66,7 @@ def _run(fn, *a, **kw) -> int:
     try:
         report = fn(*a, **kw)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.summary())
     return 0
