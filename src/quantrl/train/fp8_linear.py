@@ -143,10 +143,11 @@ class Fp8BlockTrainLinear(nn.Linear):
 def prepare_fp8_training(model: nn.Module, fp8_param_gather: bool = False) -> list[str]:
     """Swap every quantizable ``nn.Linear`` (not embeddings, lm_head, norms, routers) in place."""
     from quantrl.checkpoint.layout import is_quantizable
+    from quantrl.train.swap import is_plain_linear
 
     swapped = []
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and is_quantizable(f"{name}.weight", tuple(module.weight.shape)):
+        if is_plain_linear(module) and is_quantizable(f"{name}.weight", tuple(module.weight.shape)):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, Fp8BlockTrainLinear.from_linear(module, fp8_param_gather))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from quantrl.checkpoint.layout import is_quantizable
 from quantrl.formats.int4 import fake_quantize_int4, quantize_int4
+from quantrl.train.swap import is_plain_linear
 
 ENV_FLAG = "OPEN_TRAINING_INT4_FAKE_QAT_FLAG"
 ENV_GROUP = "OPEN_TRAINING_INT4_GROUP_SIZE"
@@ -103,13 +104,13 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 def prepare_qat(model: nn.Module, cfg: QATConfig) -> list[str]:
     """Swap every eligible ``nn.Linear`` of ``model`` for a ``QATLinear`` in place; returns their names.
 
-    Eligible: a Linear that ``checkpoint.layout`` would quantize (not embeddings, lm_head, norms, MoE
+    Eligible: a plain Linear (``nn.Linear`` or the decoder's ``Bf16Linear``) that ``checkpoint.layout`` would quantize (not embeddings, lm_head, norms, MoE
     routers), matching ``cfg.targets`` (if given) and not ``cfg.exclude``. A targeted Linear whose input
     size does not divide the group size is an error, not a silent skip.
     """
     swapped = []
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear:
+        if not is_plain_linear(module):
             continue
         if not is_quantizable(f"{name}.weight", tuple(module.weight.shape)):
             continue

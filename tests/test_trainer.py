@@ -1,0 +1,137 @@
+"""Trainer core: every mode trains, micro-batching is exact, padding-correct logprobs, fp32 masters,
+BF16 HF checkpoints that transformers and our loader read back."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config
+
+from quantrl.model import build_model, load_model, random_init_
+from quantrl.train.logprobs import token_logprobs
+from quantrl.train.optimizer import MasterAdamW
+from quantrl.train.trainer import TrainConfig, Trainer
+
+VOCAB = 200
+
+
+def hf_config(**kw):
+    base = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=64, max_position_embeddings=128, tie_word_embeddings=False)
+    return Qwen3Config(**{**base, **kw})
+
+
+def tiny(dtype=torch.bfloat16, seed=0, **kw):
+    return random_init_(build_model(hf_config(**kw).to_dict(), dtype=dtype), seed=seed, std=0.05).train()
+
+
+def lm_loss(model, micro):
+    logp, _ = token_logprobs(model, micro["input_ids"], micro["attention_mask"])
+    mask = micro["loss_mask"][:, 1:]
+    return -(logp * mask).sum(), {"tokens": float(mask.sum())}
+
+
+def batch(n=8, t=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # a learnable pattern: token t+1 = (token t * 3 + 1) mod VOCAB
+    start = torch.randint(0, VOCAB, (n, 1), generator=g)
+    ids = [start]
+    for _ in range(t - 1):
+        ids.append((ids[-1] * 3 + 1) % VOCAB)
+    ids = torch.cat(ids, 1)
+    am = torch.ones_like(ids)
+    return {"input_ids": ids, "attention_mask": am, "loss_mask": am.clone()}
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp8", "int4-qat"])
+def test_tiny_model_trains_in_every_mode(mode):
+    torch.manual_seed(0)
+    tr = Trainer(tiny(), TrainConfig(mode=mode, lr=3e-3, micro_batch_size=4, qat_group_size=64))
+    b = batch()
+    losses = [tr.train_step(b, lm_loss)["loss"] for _ in range(25)]
+    assert losses[-1] < 0.5 * losses[0], losses
+    if mode != "bf16":
+        assert len(tr.swapped) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+
+
+def test_micro_batching_does_not_change_the_step():
+    b = batch(n=6, t=16)
+    b["loss_mask"][:, :5] = 0  # uneven token counts per sequence
+    b["loss_mask"][0, :12] = 0
+    out = []
+    for mb in (6, 2, 4):
+        tr = Trainer(tiny(dtype=torch.float32), TrainConfig(lr=1e-3, micro_batch_size=mb, grad_clip=0))
+        m = tr.train_step(b, lm_loss)
+        out.append((m["loss"], m["grad_norm"], tr.model.model.layers[0].mlp.up_proj.weight.detach().clone()))
+    for loss, gn, w in out[1:]:
+        assert loss == pytest.approx(out[0][0], rel=1e-5) and gn == pytest.approx(out[0][1], rel=1e-4)
+        torch.testing.assert_close(w, out[0][2], rtol=1e-5, atol=1e-6)
+
+
+def test_logprobs_are_padding_and_length_correct():
+    model = tiny(dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(0, VOCAB, (1, 9), generator=g), torch.randint(0, VOCAB, (1, 5), generator=g)
+    ref_a, ent_a = token_logprobs(model, a, with_entropy=True)
+    ref_b, _ = token_logprobs(model, b)
+    pad = torch.zeros(1, 4, dtype=torch.long)
+    for left in (True, False):
+        ids = torch.cat([a, torch.cat([pad, b], 1) if left else torch.cat([b, pad], 1)])
+        am = torch.ones_like(ids)
+        am[1, :4] = 0 if left else 1
+        if not left:
+            am[1, 5:] = 0
+        lp, ent = token_logprobs(model, ids, am, with_entropy=True)
+        torch.testing.assert_close(lp[0], ref_a[0], rtol=1e-5, atol=1e-5)
+        got_b = lp[1, 4:] if left else lp[1, :4]
+        torch.testing.assert_close(got_b, ref_b[0], rtol=1e-5, atol=1e-5)
+        assert bool((lp[1, :4] == 0).all()) if left else bool((lp[1, 4:] == 0).all())
+        torch.testing.assert_close(ent[0], ent_a[0], rtol=1e-5, atol=1e-5)
+    # temperature divides the logits before the softmax
+    lp_t, _ = token_logprobs(model, a, temperature=0.7)
+    logits = model(a)[:, :-1].float() / 0.7
+    torch.testing.assert_close(lp_t[0], logits.log_softmax(-1)[0].gather(-1, a[0, 1:, None])[:, 0])
+
+
+def test_fp32_masters_keep_updates_bf16_would_lose():
+    p = torch.nn.Parameter(torch.full((4, 4), 1.0, dtype=torch.bfloat16))
+    opt = MasterAdamW([("w", p)], lr=1e-4, betas=(0.0, 0.0), eps=1e-12)
+    for _ in range(50):
+        p.grad = torch.ones_like(p)
+        opt.step()
+        opt.zero_grad()
+    # each step moves the master by 1e-4 (< bf16's half-ulp at 1.0 = 2^-8): only the master remembers
+    assert opt.masters[0][0, 0].item() == pytest.approx(1.0 - 50e-4, rel=1e-4)
+    assert p[0, 0].item() == pytest.approx(1.0 - 50e-4, abs=2**-8)
+    assert p.dtype == torch.bfloat16 and opt.masters[0].dtype == torch.float32
+
+
+def test_checkpoint_is_bf16_hf_and_loads_everywhere(tmp_path):
+    src = tmp_path / "src"
+    hf = AutoModelForCausalLM.from_config(hf_config(), dtype=torch.float32)
+    hf.save_pretrained(src)
+    model = load_model(src, dtype=torch.bfloat16)
+    tr = Trainer(model.train(), TrainConfig(mode="int4-qat", lr=1e-3, qat_group_size=64))
+    tr.train_step(batch(n=4, t=12), lm_loss)
+    out = tr.save_checkpoint(tmp_path / "ckpt", src)
+    import json
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
+    back = load_model(out, dtype=torch.bfloat16)
+    for name, p in model.named_parameters():
+        assert torch.equal(dict(back.named_parameters())[name], p.detach()), name
+    hf_back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    assert torch.equal(hf_back.state_dict()["model.layers.1.mlp.down_proj.weight"], model.model.layers[1].mlp.down_proj.weight.detach())
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="mode"):
+        TrainConfig(mode="int8")
+    with pytest.raises(ValueError, match="blockwise"):
+        TrainConfig(mode="fp8", fp8_recipe="delayed")
+    tr = Trainer(tiny(dtype=torch.float32))
+    with pytest.raises(KeyError, match="loss_mask"):
+        tr.train_step({"input_ids": torch.zeros(1, 3, dtype=torch.long)}, lm_loss)
