@@ -1,0 +1,168 @@
+"""``ModelConfig``: the few numbers our decoder needs, read from a HF ``config.json`` dict.
+
+Supported families: Qwen3 (q/k RMSNorm, ``attention_bias`` on all four projections), Qwen2 (bias on
+q/k/v, none on o), Llama (``attention_bias``, ``mlp_bias``, Llama-3 ``rope_scaling``) and Mistral
+(sliding-window attention). Anything else is refused by name rather than run subtly wrong.
+
+Both config dialects are read: transformers 5 writes ``rope_parameters`` (with ``rope_theta`` inside),
+transformers 4 writes ``rope_theta`` and ``rope_scaling`` at the top level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    "base of the rotary frequencies (rope_theta)"
+    rope_type: str = "default"
+    "default | linear | llama3"
+    factor: float = 1.0
+    "linear / llama3: how much the context was stretched"
+    low_freq_factor: float = 1.0
+    "llama3: wavelengths above original_max_position_embeddings / low_freq_factor are divided by factor"
+    high_freq_factor: float = 4.0
+    "llama3: wavelengths below original_max_position_embeddings / high_freq_factor are kept"
+    original_max_position_embeddings: int = 8192
+    "llama3: the pre-training context length"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    "qwen3 | qwen2 | llama | mistral"
+    vocab_size: int
+    "rows of the embedding and of lm_head"
+    hidden_size: int
+    "residual stream width"
+    intermediate_size: int
+    "SwiGLU inner width"
+    num_layers: int
+    "decoder layers"
+    num_heads: int
+    "query heads"
+    num_kv_heads: int
+    "key/value heads (grouped-query attention: num_heads is a multiple)"
+    head_dim: int
+    "width of one head (Qwen3 sets it independently of hidden_size)"
+    rms_norm_eps: float = 1e-6
+    "RMSNorm epsilon"
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    "rotary embedding parameters"
+    max_position_embeddings: int = 32768
+    "longest context the model was trained for (informative; the engine's KV budget is the real limit)"
+    tie_word_embeddings: bool = False
+    "lm_head shares the embedding matrix"
+    qkv_bias: bool = False
+    "q/k/v projections have a bias (Qwen2; attention_bias elsewhere)"
+    o_bias: bool = False
+    "o_proj has a bias (attention_bias on Llama/Qwen3)"
+    mlp_bias: bool = False
+    "gate/up/down projections have a bias (Llama mlp_bias)"
+    qk_norm: bool = False
+    "RMSNorm over head_dim on queries and keys before RoPE (Qwen3)"
+    sliding_window: int | None = None
+    "keys further back than this many positions are masked on sliding layers"
+    layer_types: tuple[str, ...] = ()
+    "per layer: full_attention | sliding_attention"
+    eos_token_ids: tuple[int, ...] = ()
+    "end-of-sequence ids from the config (default stop tokens for the CLI)"
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
+            )
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None and self.layer_types[layer] == "sliding_attention"
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
+        """Read a HF ``config.json`` dict; ``ValueError`` naming the field for anything unsupported."""
+        mt = d.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            supported = ", ".join(SUPPORTED_MODEL_TYPES)
+            raise ValueError(f"unsupported model_type {mt!r}: quantrl's decoder supports {supported}")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{mt}: hidden_act {act!r} is not supported (SwiGLU with silu only)")
+        hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+        layers = int(d["num_hidden_layers"])
+        attn_bias = bool(d.get("attention_bias", False))
+        window, layer_types = _attention_layout(mt, d, layers)
+        eos = d.get("eos_token_id")
+        return cls(
+            model_type=mt,
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope=_rope(d),
+            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=True if mt == "qwen2" else attn_bias,  # Qwen2 hard-codes q/k/v bias, o without
+            o_bias=False if mt == "qwen2" else attn_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            qk_norm=mt == "qwen3",
+            sliding_window=window,
+            layer_types=layer_types,
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
+        )
+
+
+def _rope(d: dict[str, Any]) -> RopeConfig:
+    params = d.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ValueError(f"rope_parameters must be a dict, got {params!r}")
+    if params and "rope_theta" not in params and all(isinstance(v, dict) for v in params.values()):
+        raise ValueError("per-layer-type rope_parameters are not supported")
+    scaling = dict(params or d.get("rope_scaling") or {})
+    theta = float(scaling.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    prf = scaling.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if prf not in (None, 1, 1.0):
+        raise ValueError(f"partial_rotary_factor={prf} is not supported (rotary over the whole head only)")
+    if rope_type == "default":
+        return RopeConfig(theta=theta)
+    if rope_type == "linear":
+        return RopeConfig(theta=theta, rope_type="linear", factor=float(scaling["factor"]))
+    return RopeConfig(
+        theta=theta,
+        rope_type="llama3",
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    )
+
+
+def _attention_layout(mt: str, d: dict[str, Any], layers: int) -> tuple[int | None, tuple[str, ...]]:
+    """(sliding_window, layer_types) as transformers resolves them."""
+    window = d.get("sliding_window")
+    types = d.get("layer_types")
+    if types is not None:
+        bad = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if bad:
+            raise ValueError(f"{mt}: layer types {bad} are not supported")
+        return (int(window) if window else None), tuple(types)
+    if mt == "mistral":  # every layer slides when a window is set
+        return (int(window) if window else None), ("sliding_attention" if window else "full_attention",) * layers
+    if mt in ("qwen2", "qwen3") and d.get("use_sliding_window") and window:
+        first = int(d.get("max_window_layers", layers))
+        return int(window), tuple("sliding_attention" if i >= first else "full_attention" for i in range(layers))
+    return None, ("full_attention",) * layers

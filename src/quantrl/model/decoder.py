@@ -1,0 +1,228 @@
+"""One decoder for the Qwen3 / Qwen2 / Llama / Mistral family, used by the trainer and the engine.
+
+Parameter names are HF's (``model.embed_tokens.weight``, ``model.layers.{i}.self_attn.q_proj.weight``,
+``model.norm.weight``, ``lm_head.weight``), so a HF checkpoint or a trainer's state dict maps one to one.
+Linear layers are ``QLinear`` variants chosen by a ``QuantScheme``; embedding, norms and ``lm_head``
+stay in the model dtype. Build with the dtype you want and never call ``.to(dtype)`` on the model:
+that would also cast fp8 weights and fp32 scales (``.to(device)`` is fine).
+
+Three entry points:
+  forward(input_ids, attention_mask, positions)  full sequences, left- or right-padded -> logits [B, T, V]
+  prefill(input_ids, lens, kv)                   right-padded prompts into KV-cache slots -> last logits [B, V]
+  decode(tokens, positions, kv)                  one token per active slot -> logits [B, V]
+Padding is handled by positions (RoPE) plus a boolean attention mask, never by shifting tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantrl.model.config import ModelConfig
+from quantrl.model.linear import Bf16Linear, QLinear, make_linear
+from quantrl.model.quant_scheme import QuantScheme
+from quantrl.model.rope import apply_rope, inv_freq, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    """HF's RMSNorm: statistics in fp32, the weight multiplies in the input dtype."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+@dataclass
+class KVContext:
+    """Where a cached forward writes keys/values and what it attends to.
+
+    ``k[i]`` / ``v[i]``: layer i's cache view [slots, kv_heads, L, head_dim]; a sequence owns one slot and
+    its token at position p lives at index p (left-aligned, no padding inside a slot).
+    prefill: the batch's B sequences go to slots [slot_start, slot_start + B) at positions 0..T-1.
+    decode:  the B active sequences occupy slots [0, B); token b is written at ``write_pos[b]`` and
+             attends to keys [0, kv_len) of its slot (masked to <= its position).
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    mode: Literal["prefill", "decode"]
+    slot_start: int = 0
+    write_pos: torch.Tensor | None = None
+    kv_len: int = 0
+    _rows: torch.Tensor | None = field(default=None, repr=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
+                 device: torch.device | str):  # fmt: skip
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_proj = make_linear(f"{prefix}.q_proj", h, cfg.num_heads * d, cfg.qkv_bias, scheme, dtype, device)
+        self.k_proj = make_linear(f"{prefix}.k_proj", h, cfg.num_kv_heads * d, cfg.qkv_bias, scheme, dtype, device)
+        self.v_proj = make_linear(f"{prefix}.v_proj", h, cfg.num_kv_heads * d, cfg.qkv_bias, scheme, dtype, device)
+        self.o_proj = make_linear(f"{prefix}.o_proj", cfg.num_heads * d, h, cfg.o_bias, scheme, dtype, device)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head before RoPE
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                kv: KVContext | None, layer: int) -> torch.Tensor:  # fmt: skip
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # [B, T, Hq, D]
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = k, v
+        if kv is not None and kv.mode == "prefill":
+            s = slice(kv.slot_start, kv.slot_start + b)
+            kv.k[layer][s, :, :t] = k
+            kv.v[layer][s, :, :t] = v
+        elif kv is not None:  # decode: t == 1, active slots are [0, B)
+            kv.k[layer][kv._rows, :, kv.write_pos] = k[:, :, 0]  # [B, Hkv, D] at (slot b, position pos_b)
+            kv.v[layer][kv._rows, :, kv.write_pos] = v[:, :, 0]
+            keys, values = kv.k[layer][:b, :, : kv.kv_len], kv.v[layer][:b, :, : kv.kv_len]  # [B, Hkv, Lk, D]
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.num_heads != self.num_kv_heads
+        )  # [B, Hq, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
+                 device: torch.device | str):  # fmt: skip
+        super().__init__()
+        h, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = make_linear(f"{prefix}.gate_proj", h, i, bias, scheme, dtype, device)
+        self.up_proj = make_linear(f"{prefix}.up_proj", h, i, bias, scheme, dtype, device)
+        self.down_proj = make_linear(f"{prefix}.down_proj", i, h, bias, scheme, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, i: int, scheme: QuantScheme, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        prefix = f"model.layers.{i}"
+        self.self_attn = Attention(cfg, f"{prefix}.self_attn", scheme, dtype, device)
+        self.mlp = MLP(cfg, f"{prefix}.mlp", scheme, dtype, device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.layer, self.sliding = i, cfg.is_sliding(i)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: dict[bool, torch.Tensor],
+                kv: KVContext | None) -> torch.Tensor:  # fmt: skip
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, masks[self.sliding], kv, self.layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    """The ``model.`` prefix of HF names: embedding, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.zeros(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device))  # fmt: skip
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, scheme, dtype, device) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, scheme: QuantScheme | None = None, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str = "cpu"):  # fmt: skip
+        super().__init__()
+        self.config, self.scheme, self.dtype = cfg, scheme or QuantScheme(), dtype
+        self.model = DecoderModel(cfg, self.scheme, dtype, device)
+        self.lm_head: QLinear = Bf16Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight  # one Parameter, two names (as in HF)
+        # fp32 and not persistent: never part of a checkpoint or a weight update
+        self.register_buffer("inv_freq", inv_freq(cfg.rope, cfg.head_dim).to(device), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    # ---- masks ------------------------------------------------------------------------------------
+    def _masks(self, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> dict[bool, torch.Tensor]:
+        """allowed [B, Tq, Tk] (causal & real keys) -> {sliding?: bool mask [B, 1, Tq, Tk]}."""
+        masks = {False: allowed[:, None]}
+        w = self.config.sliding_window
+        if w is not None:
+            near = (q_pos[:, :, None] - k_pos[:, None, :]) < w  # [B, Tq, Tk]
+            masks[True] = (allowed & near)[:, None]
+        return masks
+
+    def _sequence_masks(self, positions: torch.Tensor, valid: torch.Tensor) -> dict[bool, torch.Tensor]:
+        """Full / prefill forward over T padded tokens: causal by index, real keys only.
+
+        The diagonal is always allowed so that a padding query never sees an all-masked row (NaN); its
+        output is garbage that nobody reads.
+        """
+        t = positions.shape[1]
+        idx = torch.arange(t, device=positions.device)
+        causal = idx[None, :] <= idx[:, None]  # [Tq, Tk]
+        allowed = (causal[None] & valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=positions.device)[None]
+        return self._masks(allowed, positions, positions)
+
+    # ---- forward paths ----------------------------------------------------------------------------
+    def _layers(self, h: torch.Tensor, positions: torch.Tensor, masks: dict[bool, torch.Tensor],
+                kv: KVContext | None) -> torch.Tensor:  # fmt: skip
+        cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)  # [B, T, D]
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, masks, kv)
+        return self.model.norm(h)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Final normed hidden states [B, T, H] of full sequences (no cache).
+
+        ``attention_mask`` [B, T] (1 = token, 0 = padding; left or right). ``positions`` default to the
+        count of real tokens before each one (HF ``generate``'s rule), i.e. 0.. for every sequence.
+        """
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if positions is None:
+            positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
+        h = self.model.embed_tokens(input_ids)
+        return self._layers(h, positions, self._sequence_masks(positions, valid), None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Logits [B, T, V] in the model dtype (see ``hidden_states`` for the arguments)."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, positions))
+
+    def prefill(self, input_ids: torch.Tensor, lens: torch.Tensor, kv: KVContext) -> torch.Tensor:
+        """Right-padded prompts [B, T] with lengths [B] into cache slots; logits [B, V] at each last token."""
+        b, t = input_ids.shape
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        valid = positions < lens[:, None]
+        h = self._layers(self.model.embed_tokens(input_ids), positions, self._sequence_masks(positions, valid), kv)
+        last = h[torch.arange(b, device=h.device), lens - 1]  # [B, H]: lm_head only where we sample
+        return self.lm_head(last)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KVContext) -> torch.Tensor:
+        """One new token per active slot: tokens [B] at positions [B] -> logits [B, V]."""
+        b = tokens.shape[0]
+        kv.write_pos, kv._rows = positions, torch.arange(b, device=tokens.device)
+        k_pos = torch.arange(kv.kv_len, device=tokens.device)
+        allowed = (k_pos[None, :] <= positions[:, None])[:, None, :]  # [B, 1, Lk]
+        masks = self._masks(allowed, positions[:, None], k_pos.expand(b, -1))
+        h = self._layers(self.model.embed_tokens(tokens[:, None]), positions[:, None], masks, kv)
+        return self.lm_head(h[:, 0])

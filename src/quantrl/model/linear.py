@@ -1,0 +1,299 @@
+"""Linear variants: one interface, three storage formats, numerics from ``quantrl.formats``.
+
+    Bf16Linear      ``weight`` in the model dtype (bf16, or fp32 in parity tests); also what training uses
+    Fp8Linear       ``weight`` fp8 e4m3 + ``weight_scale_inv`` / ``weight_scale`` fp32 (block / channel / tensor),
+                    W8A8 with dynamic per-token activation scales (1×128 groups for blocks)
+    W4A16Linear     ``weight_packed`` int32 + ``weight_scale`` + ``weight_shape`` (compressed-tensors
+                    pack-quantized, INT4 or INT8), activations stay in the model dtype
+
+Tensors are stored under their checkpoint names and shapes, so a checkpoint loads, and a trainer's
+update arrives, by name. The interface the engine relies on:
+    specs()                          suffix -> WeightSpec (shape, dtype, optional): what an update must give
+    load_(tensors)                   copy a complete set in place (addresses never change: CUDA graphs stay valid)
+    dequantized_weight(dtype)        the [N, K] weight this layer computes with, as the engine sees it
+    restore_weights_before_loading() / post_process_weights()
+                                     bracket every load: undo / redo any kernel-specific layout
+
+CPU paths compute with exactly the quantized numbers (dequantize through ``formats``, then an ordinary
+matmul), so they are the oracle for the GPU paths.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantrl.formats import (
+    FP8_DTYPE,
+    dequantize_fp8,
+    dequantize_fp8_activation,
+    dequantize_int,
+    quantize_fp8,
+    quantize_fp8_activation,
+    unpack_int,
+)
+from quantrl.formats._checks import cdiv
+from quantrl.model import fp8_gemm
+from quantrl.model.quant_scheme import QuantScheme
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Inside CUDA-graph capture (host syncs are illegal there)? Never on CPU (CPU builds cannot even ask)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    optional: bool = False
+
+
+class QLinear(nn.Module):
+    """Base class: the bias (always high precision) and the load/restore/post-process protocol."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = dtype
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    def specs(self) -> dict[str, WeightSpec]:
+        raise NotImplementedError
+
+    def load_(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy already-validated tensors (suffix -> tensor) into this layer's storage, in place."""
+        with torch.no_grad():
+            for suffix, t in tensors.items():
+                getattr(self, suffix).copy_(t)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def restore_weights_before_loading(self) -> None:
+        """Bring storage back to checkpoint layout before a load (no kernel layout yet: nothing to undo)."""
+
+    def post_process_weights(self) -> None:
+        """Derive any kernel-specific layout from freshly loaded checkpoint-layout tensors."""
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Bf16Linear(QLinear):
+    """Plain high-precision Linear (``weight`` is a trainable Parameter, as the trainer needs)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str = "cpu"):  # fmt: skip
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype, device=device))
+
+    def specs(self) -> dict[str, WeightSpec]:
+        return {"weight": WeightSpec((self.out_features, self.in_features), self.weight.dtype)}
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.weight.detach().to(dtype or self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Fp8Linear(QLinear):
+    """W8A8 FP8: e4m3 weights with fp32 scales, activations quantized per call (dynamic).
+
+    Activation groups follow the scheme: 1×``act_group`` per token for block weights (the blockwise
+    recipe), one scale per token for channel weights, one per call for tensor weights.
+    CPU (and any shape cuBLAS cannot take): q_x, s_x = formats.quantize_fp8_activation(x); the output is
+    fp32(dequant(q_x, s_x)) @ fp32(dequant(q_w, s_w)).T rounded once to x's dtype.
+    CUDA (SM89+): ``torch._scaled_mm`` on the same fp8 operands and scales (see ``fp8_gemm``).
+    """
+
+    fast_path_enabled = True  # class switch (benchmarks / debugging)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):  # fmt: skip
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.strategy, self.block_size = scheme.fp8_strategy, tuple(scheme.block_size)
+        self.act_strategy, self.act_group, self.scale_fmt = scheme.act_strategy, scheme.act_group, scheme.scale_fmt
+        self.scale_name = scheme.scale_suffix
+        n, k = out_features, in_features
+        if self.strategy == "block":
+            sshape: tuple[int, ...] = (cdiv(n, self.block_size[0]), cdiv(k, self.block_size[1]))
+        else:
+            sshape = (n, 1) if self.strategy == "channel" else (1,)
+        self.register_buffer("weight", torch.zeros(n, k, dtype=FP8_DTYPE, device=device))
+        self.register_buffer(self.scale_name, torch.ones(sshape, dtype=scheme.scale_dtype, device=device))
+        self._fast: bool | None = None  # None: not yet compared against the reference on this device
+
+    @property
+    def weight_scale_tensor(self) -> torch.Tensor:
+        return getattr(self, self.scale_name)
+
+    def specs(self) -> dict[str, WeightSpec]:
+        s = self.weight_scale_tensor
+        return {
+            "weight": WeightSpec(tuple(self.weight.shape), FP8_DTYPE),
+            self.scale_name: WeightSpec(tuple(s.shape), s.dtype),
+        }
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        bs = self.block_size if self.strategy == "block" else None
+        return dequantize_fp8(self.weight, self.weight_scale_tensor.float(), bs, dtype or self.compute_dtype)
+
+    def quantize_dequantize_input(self, x2d: torch.Tensor) -> torch.Tensor:
+        """[M, K] -> fp32 [M, K]: the activation values the FP8 GEMM multiplies (reference arithmetic).
+
+        CPU: ``formats`` itself. CUDA: the sync-free twin (bit-identical, see ``fp8_gemm``), so that this
+        path can also run inside a CUDA graph.
+        """
+        group = self.act_group if self.act_strategy == "group" else x2d.shape[1]
+        if x2d.is_cuda:
+            q, s = fp8_gemm.quantize_act_graph_safe(x2d, self.act_strategy, group, self.scale_fmt)
+        elif self.act_strategy == "tensor":
+            q, s = quantize_fp8(x2d, "tensor", scale_fmt=self.scale_fmt)
+        else:
+            q, s = quantize_fp8_activation(x2d, group, self.scale_fmt)
+        if self.act_strategy == "tensor":
+            return dequantize_fp8(q, s, dtype=torch.float32)
+        return dequantize_fp8_activation(q, s, group, dtype=torch.float32)
+
+    def reference_forward(self, x2d: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        y = F.linear(self.quantize_dequantize_input(x2d), self.dequantized_weight(torch.float32), bias)
+        return y.to(x2d.dtype)
+
+    def _fast_forward(self, x2d: torch.Tensor) -> torch.Tensor:
+        return fp8_gemm.scaled_mm(x2d, self.weight, self.weight_scale_tensor, self.strategy, self.act_strategy,
+                                  self.act_group, self.scale_fmt, self.bias)  # fmt: skip
+
+    def _fast_usable(self, x2d: torch.Tensor) -> bool:
+        if not (self.fast_path_enabled and x2d.is_cuda and self._fast is not False):
+            return False
+        shape_ok = fp8_gemm.fast_path_supported(
+            self.strategy, self.act_strategy, self.out_features, self.in_features, self.block_size, self.act_group
+        )
+        if not (shape_ok and fp8_gemm.device_supports_fp8(x2d.device)):
+            self._fast = False
+            return False
+        return True
+
+    def _probe(self, x2d: torch.Tensor) -> torch.Tensor:
+        """First CUDA call: run both paths, keep the fast one only if it agrees with the reference."""
+        ref = self.reference_forward(x2d)
+        try:
+            fast = self._fast_forward(x2d)
+            err = float((fast.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+            ok = err <= fp8_gemm.PROBE_RTOL
+            why = f"relative error {err:.2e} against the reference"
+        except RuntimeError as e:  # cuBLAS without blockwise scaling, unsupported M, ...
+            ok, why = False, str(e).splitlines()[0]
+        self._fast = ok
+        if not ok:
+            warnings.warn(
+                f"Fp8Linear [{self.out_features}x{self.in_features}]: torch._scaled_mm fast path disabled ({why}); "
+                "using the dequantize + fp32 matmul reference path",
+                stacklevel=3,
+            )
+        return ref
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)  # [..., K] -> [M, K]
+        if not self._fast_usable(x2d):
+            y = self.reference_forward(x2d)
+        elif self._fast and _capturing(x2d):
+            y = self._fast_forward(x2d)
+        elif self._fast:
+            try:
+                y = self._fast_forward(x2d)
+            except RuntimeError as e:  # e.g. a row count cuBLAS rejects: fall back for good, loudly
+                self._fast = False
+                warnings.warn(
+                    f"Fp8Linear [{self.out_features}x{self.in_features}]: torch._scaled_mm failed for "
+                    f"{x2d.shape[0]} rows ({str(e).splitlines()[0]}); using the reference path",
+                    stacklevel=2,
+                )
+                y = self.reference_forward(x2d)
+        elif _capturing(x2d):  # never probe (host sync) inside a CUDA graph
+            y = self.reference_forward(x2d)
+        else:
+            y = self._probe(x2d)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class W4A16Linear(QLinear):
+    """Weight-only group INT4 (or INT8): packed codes + scales, activations in the model dtype.
+
+    CPU: the weight is unpacked and dequantized through ``formats`` (to x's dtype) on every call, then
+    ``F.linear``. CUDA: ``post_process_weights`` derives the "kernel layout", for now a cached dequantized
+    weight (correct, as fast as BF16, but holds BF16 memory too); a packed W4A16 Triton kernel plugs in
+    here later, with ``restore_weights_before_loading`` undoing its repacking. The checkpoint-layout
+    buffers are always kept, so restore only invalidates the cache, and post-process refills it in place.
+    """
+
+    cache_on_cuda = True  # class switch: False dequantizes per call on CUDA too
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):  # fmt: skip
+        super().__init__(in_features, out_features, bias, dtype, device)
+        if in_features % scheme.group_size:
+            raise ValueError(
+                f"W4A16Linear: in_features={in_features} is not divisible by group_size={scheme.group_size}"
+            )
+        self.num_bits, self.group_size = scheme.num_bits, scheme.group_size
+        n, k = out_features, in_features
+        words = cdiv(k * self.num_bits, 32)
+        self.register_buffer("weight_packed", torch.zeros(n, words, dtype=torch.int32, device=device))
+        groups = k // self.group_size
+        self.register_buffer("weight_scale", torch.ones(n, groups, dtype=scheme.scale_dtype, device=device))
+        self.register_buffer("weight_shape", torch.tensor([n, k], dtype=torch.int64, device=device))
+        self._cache: torch.Tensor | None = None
+        self._cache_valid = False
+
+    def specs(self) -> dict[str, WeightSpec]:
+        return {
+            "weight_packed": WeightSpec(tuple(self.weight_packed.shape), torch.int32),
+            "weight_scale": WeightSpec(tuple(self.weight_scale.shape), self.weight_scale.dtype),
+            "weight_shape": WeightSpec((2,), torch.int64, optional=True),
+        }
+
+    def codes(self) -> torch.Tensor:
+        """int8 codes [N, K] (signed, offset removed)."""
+        return unpack_int(self.weight_packed, self.in_features, self.num_bits)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_int(self.codes(), self.weight_scale, self.group_size, dtype or self.compute_dtype)
+
+    def restore_weights_before_loading(self) -> None:
+        self._cache_valid = False
+
+    def post_process_weights(self) -> None:
+        if not (self.cache_on_cuda and self.weight_packed.is_cuda):
+            return
+        with torch.no_grad():
+            w = self.dequantized_weight(self.compute_dtype)
+            if self._cache is not None and self._cache.shape == w.shape and self._cache.dtype == w.dtype:
+                self._cache.copy_(w)  # same address: captured CUDA graphs keep reading the right memory
+            else:
+                self._cache = w
+        self._cache_valid = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cache_valid and self._cache is not None and self._cache.dtype == x.dtype:
+            w = self._cache
+        else:
+            w = self.dequantized_weight(x.dtype)
+        return F.linear(x, w, self.bias)
+
+
+def make_linear(name: str, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
+                dtype: torch.dtype, device: torch.device | str) -> QLinear:  # fmt: skip
+    """The variant for module ``name`` under ``scheme`` (lm_head and ignored modules stay high precision)."""
+    if not scheme.quantizes(name):
+        return Bf16Linear(in_features, out_features, bias, dtype, device)
+    if scheme.method == "fp8":
+        return Fp8Linear(in_features, out_features, bias, scheme, dtype, device)
+    return W4A16Linear(in_features, out_features, bias, scheme, dtype, device)

@@ -1,0 +1,108 @@
+"""Build a ``Decoder`` from a config, or load one from a HF directory (BF16, FP8, INT4/INT8).
+
+The Linear variant of every module follows ``quantization_config`` (``QuantScheme.from_hf``); tensors
+are read one at a time with ``SafetensorsDir`` and copied into the preallocated modules, so peak memory
+is the model plus one tensor. Every expected tensor must be present and every stored tensor must be
+used (a stale or foreign checkpoint fails by name instead of running with zeros).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from quantrl.checkpoint.layout import load_config
+from quantrl.checkpoint.safetensors_io import CheckpointError, SafetensorsDir
+from quantrl.model.config import ModelConfig
+from quantrl.model.decoder import Decoder
+from quantrl.model.linear import WeightSpec
+from quantrl.model.quant_scheme import QuantScheme
+from quantrl.model.state import linear_modules, tensor_index
+
+HIGH_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+# Stored by some exporters, recomputed by every loader.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def build_model(config: ModelConfig | dict, quant_scheme: QuantScheme | dict | None = None,
+                dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> Decoder:  # fmt: skip
+    """A decoder with the given structure and zero weights (norms at 1, scales at 1); load it or
+    ``quantrl.model.random_init.random_init_`` it. ``config`` / ``quant_scheme`` may be HF dicts (``config.json`` /
+    ``quantization_config``)."""
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config)
+    scheme = quant_scheme if isinstance(quant_scheme, QuantScheme) else QuantScheme.from_hf(quant_scheme)
+    with torch.no_grad():
+        return Decoder(cfg, scheme, dtype, device).eval()
+
+
+def _scale_dtype(scheme: QuantScheme, reader: SafetensorsDir) -> QuantScheme:
+    """Keep scales in the dtype the checkpoint stores them in (converting would change the numbers)."""
+    if scheme.method == "none":
+        return scheme
+    suffix = "." + ("weight_scale" if scheme.method == "int" else scheme.scale_suffix)
+    dtypes = {i.dtype for n, i in reader.infos.items() if n.endswith(suffix)}
+    if len(dtypes) > 1:
+        raise CheckpointError(f"{reader.dir}: {suffix[1:]} tensors have mixed dtypes {sorted(map(str, dtypes))}")
+    if not dtypes:
+        return scheme
+    (dt,) = dtypes
+    if dt not in HIGH_PRECISION:
+        raise CheckpointError(f"{reader.dir}: {suffix[1:]} tensors are {dt}, expected a float dtype")
+    return dataclasses.replace(scheme, scale_dtype=dt)
+
+
+def _coerce(name: str, t: torch.Tensor, spec: WeightSpec, model_dtype: torch.dtype, where: Path) -> torch.Tensor:
+    """Check one checkpoint tensor against what the module holds; cast only high-precision parameters."""
+    if tuple(t.shape) != spec.shape:
+        raise CheckpointError(
+            f"{where}: tensor {name!r} has shape {list(t.shape)}, the model expects {list(spec.shape)}"
+        )
+    if t.dtype == spec.dtype:
+        return t
+    if spec.dtype == model_dtype and t.dtype in HIGH_PRECISION:
+        return t.to(model_dtype)  # e.g. a bf16 checkpoint loaded in fp32
+    if spec.dtype == torch.int64 and t.dtype == torch.int32 and name.endswith(".weight_shape"):
+        return t.to(torch.int64)
+    raise CheckpointError(f"{where}: tensor {name!r} is {t.dtype}, the model expects {spec.dtype}")
+
+
+def load_model(
+    path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
+) -> Decoder:
+    """Load a HF model directory (config.json + safetensors) into our decoder."""
+    path = Path(path)
+    config = load_config(path)
+    try:
+        cfg = ModelConfig.from_hf(config)
+        scheme = QuantScheme.from_hf(config.get("quantization_config"))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    reader = SafetensorsDir(path)
+    model = build_model(cfg, _scale_dtype(scheme, reader), dtype, device)
+    index = tensor_index(model)
+    stored = set(reader.names())
+    missing = [n for n, (u, a) in index.items() if n not in stored and not u.specs[a].optional]
+    unexpected = [n for n in stored if n not in index and not n.endswith(IGNORED_SUFFIXES)
+                  and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]  # fmt: skip
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: checkpoint does not match a {cfg.model_type} model with {scheme.method} Linears: "
+            f"{len(missing)} missing tensor(s) {sorted(missing)[:4]}, "
+            f"{len(unexpected)} unexpected {sorted(unexpected)[:4]}"
+        )
+    with torch.no_grad():
+        for name, (unit, attr) in index.items():
+            if name not in stored:
+                continue
+            t = _coerce(name, reader.read(name), unit.specs[attr], dtype, path)
+            if attr == "weight_shape" and t.tolist() != list(unit.tensor(attr).tolist()):
+                expected = unit.tensor(attr).tolist()
+                raise CheckpointError(f"{path}: {name!r} says {t.tolist()}, the model expects {expected}")
+            unit.tensor(attr).copy_(t)
+        for lin in linear_modules(model).values():
+            lin.post_process_weights()
+    return model
+

@@ -1,0 +1,133 @@
+"""``QuantScheme``: which Linear variant every module gets, read from a HF ``quantization_config``.
+
+Dialects (the ones ``quantrl convert`` writes, also what SGLang / vLLM / transformers read):
+  ``quant_method: fp8``                 128×128 FP8 blocks, ``<m>.weight_scale_inv``, dynamic 1×128 activations
+  compressed-tensors ``float-quantized`` FP8 block / channel / tensor, ``<m>.weight_scale``
+  compressed-tensors ``pack-quantized`` symmetric group INT4/INT8 (W4A16/W8A16), ``weight_packed`` + ``weight_scale``
+Modules named in ``modules_to_not_convert`` / ``ignore`` keep a high-precision Linear, and so do
+``lm_head`` and the embedding, always.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+METHODS = ("none", "fp8", "int")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    method: str = "none"
+    "none (high-precision Linears) | fp8 (W8A8, dynamic activations) | int (W4A16 / W8A16)"
+    fp8_strategy: str = "block"
+    "fp8 weight scales: block | channel | tensor"
+    block_size: tuple[int, int] = (128, 128)
+    "fp8 block strategy: weight tile (rows, cols)"
+    scale_suffix: str = "weight_scale_inv"
+    "name of the fp8 scale tensor: weight_scale_inv (quant_method fp8) or weight_scale (compressed-tensors)"
+    act_strategy: str = "group"
+    "fp8 dynamic activation scales: group (1×act_group per token) | token | tensor"
+    act_group: int = 128
+    "fp8 activation group size along K"
+    scale_fmt: str | None = None
+    "fp8: None or ue8m0 (power-of-two scales, weights and activations)"
+    num_bits: int = 4
+    "int: 4 or 8"
+    group_size: int = 128
+    "int: input channels per scale"
+    scale_dtype: torch.dtype = torch.bfloat16
+    "int: dtype of weight_scale (fp8 scales are fp32 unless a checkpoint says otherwise)"
+    ignore: tuple[str, ...] = ()
+    "modules kept in high precision: names, dotted suffixes/prefixes, or 're:<regex>'"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"quantization method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "int" and self.num_bits not in (4, 8):
+            raise ValueError(f"int weights must have 4 or 8 bits, got {self.num_bits}")
+        if self.method == "fp8" and self.fp8_strategy not in ("block", "channel", "tensor"):
+            raise ValueError(f"fp8 strategy must be block, channel or tensor, got {self.fp8_strategy!r}")
+
+    @classmethod
+    def fp8_block(cls, block_size: tuple[int, int] = (128, 128)) -> QuantScheme:
+        """The slime / DeepSeek recipe: 128×128 weight blocks, 1×128 dynamic activations."""
+        return cls(method="fp8", block_size=block_size, act_group=block_size[1], scale_dtype=torch.float32)
+
+    @classmethod
+    def int4(cls, group_size: int = 128) -> QuantScheme:
+        """W4A16, compressed-tensors pack-quantized layout."""
+        return cls(method="int", num_bits=4, group_size=group_size)
+
+    def quantizes(self, module: str) -> bool:
+        """Does Linear ``module`` (e.g. ``model.layers.0.mlp.up_proj``) get the quantized variant?"""
+        if self.method == "none" or module == "lm_head" or module.endswith("embed_tokens"):
+            return False
+        return not any(_matches(module, pat) for pat in self.ignore)
+
+    @classmethod
+    def from_hf(cls, qc: dict[str, Any] | None) -> QuantScheme:
+        if not qc:
+            return cls()
+        method = qc.get("quant_method")
+        if method == "fp8":
+            fmt = qc.get("fmt", "e4m3")
+            if fmt != "e4m3":
+                raise ValueError(f"fp8 fmt {fmt!r} is not supported (e4m3 only)")
+            if qc.get("activation_scheme", "dynamic") != "dynamic":
+                raise ValueError("fp8 activation_scheme must be dynamic (static input scales are not supported)")
+            bs = qc.get("weight_block_size")
+            if not bs:
+                raise ValueError("quant_method fp8 without weight_block_size (per-tensor fp8) is not supported")
+            return cls(
+                method="fp8", block_size=(int(bs[0]), int(bs[1])), act_group=int(bs[1]), scale_fmt=qc.get("scale_fmt"),
+                scale_dtype=torch.float32, ignore=tuple(qc.get("modules_to_not_convert") or ()),
+            )
+        if method == "compressed-tensors":
+            return _from_compressed_tensors(qc)
+        raise ValueError(
+            f"unsupported quantization_config.quant_method {method!r} (supported: fp8, compressed-tensors)"
+        )
+
+
+def _matches(module: str, pat: str) -> bool:
+    if pat.startswith("re:"):
+        return re.fullmatch(pat[3:], module) is not None
+    # a name, a dotted suffix ("lm_head", "mlp.gate") or a subtree prefix ("model.layers.0")
+    return module == pat or module.endswith("." + pat) or module.startswith(pat + ".")
+
+
+def _from_compressed_tensors(qc: dict[str, Any]) -> QuantScheme:
+    groups = list((qc.get("config_groups") or {}).values())
+    if len(groups) != 1 or not groups[0].get("weights"):
+        raise ValueError("only single-group compressed-tensors configs are supported")
+    g = groups[0]
+    if "Linear" not in (g.get("targets") or ["Linear"]):
+        raise ValueError(f"compressed-tensors targets {g.get('targets')} are not supported (Linear only)")
+    w, acts, fmt = g["weights"], g.get("input_activations"), qc.get("format")
+    ignore = tuple(qc.get("ignore") or ())
+    if not w.get("symmetric", True):
+        raise ValueError("asymmetric (zero-point) weights are not supported")
+    if fmt == "float-quantized" and w.get("type") == "float" and int(w.get("num_bits", 8)) == 8:
+        strategy = w.get("strategy")
+        if strategy not in ("block", "channel", "tensor"):
+            raise ValueError(f"compressed-tensors fp8 weight strategy {strategy!r} is not supported")
+        if not acts or not acts.get("dynamic", False):
+            raise ValueError("compressed-tensors fp8 needs dynamic input activations (W8A8-dynamic)")
+        bs = tuple(int(b) for b in (w.get("block_structure") or (128, 128)))
+        act_strategy = acts.get("strategy", "token")
+        if act_strategy not in ("group", "token", "tensor"):
+            raise ValueError(f"compressed-tensors activation strategy {act_strategy!r} is not supported")
+        return QuantScheme(
+            method="fp8", fp8_strategy=strategy, block_size=(bs[0], bs[1]), scale_suffix="weight_scale",
+            act_strategy=act_strategy, act_group=int(acts.get("group_size") or bs[1]), scale_dtype=torch.float32,
+            ignore=ignore,
+        )
+    if fmt == "pack-quantized" and w.get("type") == "int" and w.get("strategy") == "group":
+        if acts:
+            raise ValueError("int weights with quantized activations (W4A8) are not supported")
+        return QuantScheme(method="int", num_bits=int(w["num_bits"]), group_size=int(w["group_size"]), ignore=ignore)
+    raise ValueError(f"unsupported compressed-tensors format {fmt!r} with weights {w}")

@@ -1,0 +1,78 @@
+"""CUDA graphs for the decode step (GPU only, opt-in through ``Engine(use_cuda_graph=True)``).
+
+At batch 1 a decode step is a few hundred small kernels; launching them from Python costs more than
+reading the weights, so the step is captured once per batch bucket and replayed. Static shapes are the
+price: a graph attends over the whole slot length L (masked), and a batch of B runs in the smallest
+bucket b >= B, whose b - B dummy rows (token 0 at position 0) write into free slots [B, b), which hold
+no live sequence because the engine keeps active sequences compacted into slots [0, B).
+
+Graphs belong to one KV layout (number of slots, L); a generate call with another layout recaptures
+lazily. Weight updates copy in place, so captured graphs stay valid across them. Sampling stays outside
+the graph (it uses a host-seeded generator).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantrl.model.decoder import Decoder, KVContext
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    small = [b for b in (1, 2, 4, 8) if b < max_batch]
+    return small + list(range(16, max_batch, 16)) + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, model: Decoder, max_batch: int):
+        self.model = model
+        self.max_batch = max_batch
+        self.buckets = batch_buckets(max_batch)
+        dev = model.device
+        self._tokens = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self._positions = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self._layout: tuple[int, int] | None = None
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    def reset(self) -> None:
+        self._graphs.clear()
+        self._pool = None
+        self._layout = None
+
+    def _bucket(self, b: int, num_slots: int) -> int:
+        return min(next(x for x in self.buckets if x >= b), num_slots)
+
+    def _capture(self, b: int, ctx: KVContext) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        tokens, positions = self._tokens[:b], self._positions[:b]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: lazy inits and FP8 fast-path probes run eagerly, not in the graph
+            for _ in range(2):
+                self.model.decode(tokens, positions, ctx)  # rewrites the same K/V it will write when replayed
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.model.decode(tokens, positions, ctx)
+        self._pool = graph.pool()
+        return graph, out
+
+    def run(
+        self, tokens: torch.Tensor, positions: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Logits [B, V] for tokens [B] at positions [B] (active sequences in slots [0, B))."""
+        num_slots, seq_len = k[0].shape[0], k[0].shape[2]
+        if self._layout != (num_slots, seq_len):
+            self.reset()
+            self._layout = (num_slots, seq_len)
+        n = tokens.shape[0]
+        b = self._bucket(n, min(num_slots, self.max_batch))
+        self._tokens[:n].copy_(tokens)
+        self._tokens[n:b].zero_()
+        self._positions[:n].copy_(positions)
+        self._positions[n:b].zero_()
+        if b not in self._graphs:
+            self._graphs[b] = self._capture(b, KVContext(k, v, "decode", kv_len=seq_len))
+        graph, out = self._graphs[b]
+        graph.replay()
+        return out[:n]

@@ -1,0 +1,74 @@
+"""A preallocated KV cache, sized once from a memory budget, carved into equal slots per ``generate``.
+
+Storage is one flat pool per layer for keys and values, ``capacity`` tokens long. A generate call with
+longest prompt P and ``max_new_tokens`` M needs at most L = P + M positions per sequence, so the pool is
+viewed as ``capacity // L`` slots of shape [kv_heads, L, head_dim] (a free reshape; the pool itself is
+allocated once, zero-filled so that never-written positions can never inject NaN through a masked
+attention weight of 0). Whether a request fits is decided from sizes alone, before any allocation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantrl.model.decoder import Decoder
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, *, max_tokens: int | None = None,
+                 budget_bytes: int | None = None):  # fmt: skip
+        if (max_tokens is None) == (budget_bytes is None):
+            raise ValueError("give exactly one of max_tokens or budget_bytes for the KV cache")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * itemsize  # K and V, every layer
+        self.capacity = int(max_tokens) if max_tokens is not None else int(budget_bytes) // self.bytes_per_token
+        if max_tokens is not None:
+            self.budget_desc = f"max_tokens={max_tokens}"
+        else:
+            self.budget_desc = f"a {budget_bytes / 2**20:.1f} MiB budget"
+        if self.capacity < 1:
+            raise ValueError(
+                f"a KV cache from {self.budget_desc} holds no token ({self.bytes_per_token} bytes per token)"
+            )
+        self._pool: torch.Tensor | None = None  # [layers, 2, capacity * kv_heads * head_dim]
+
+    @classmethod
+    def for_model(cls, model: Decoder, *, max_tokens: int | None = None, budget_bytes: int | None = None) -> KVCache:
+        c = model.config
+        return cls(c.num_layers, c.num_kv_heads, c.head_dim, model.dtype, model.device,
+                   max_tokens=max_tokens, budget_bytes=budget_bytes)  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity * self.bytes_per_token
+
+    def check_fits(self, prompt_lens: list[int], max_new_tokens: int) -> int:
+        """Positions one sequence needs (longest prompt + max_new_tokens); ``ValueError`` if the cache is smaller."""
+        longest = max(prompt_lens)
+        need = longest + max_new_tokens
+        if need > self.capacity:
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} needs {need} KV-cache tokens, "
+                f"but the KV cache holds {self.capacity} tokens "
+                f"(from {self.budget_desc}; {self.bytes_per_token} bytes per token); "
+                "shorten the prompt, lower max_new_tokens or give the engine a larger KV budget"
+            )
+        return need
+
+    def slots(self, num_slots: int, seq_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer key and value views [num_slots, kv_heads, seq_len, head_dim] over the pool."""
+        if num_slots * seq_len > self.capacity:
+            raise ValueError(f"{num_slots} slots x {seq_len} positions exceed the KV cache's {self.capacity} tokens")
+        if self._pool is None:
+            self._pool = torch.zeros(self.num_layers, 2, self.capacity * self.num_kv_heads * self.head_dim,
+                                     dtype=self.dtype, device=self.device)  # fmt: skip
+        n = num_slots * self.num_kv_heads * seq_len * self.head_dim
+        shape = (num_slots, self.num_kv_heads, seq_len, self.head_dim)
+        return ([self._pool[i, 0, :n].view(shape) for i in range(self.num_layers)],
+                [self._pool[i, 1, :n].view(shape) for i in range(self.num_layers)])  # fmt: skip
+
+    def free(self) -> None:
+        self._pool = None

@@ -1,0 +1,117 @@
+"""Atomic weight updates: validate everything, then load.
+
+An update is a list of (name, tensor) in the engine's format: BF16 ``<m>.weight``; FP8 ``<m>.weight`` +
+``<m>.weight_scale_inv`` (or ``weight_scale``); INT ``<m>.weight_packed`` + ``<m>.weight_scale``
+(``<m>.weight_shape`` optional); plain tensors (embedding, norms, biases) by their own names. It must
+cover *complete units* (a Linear's weight together with its scales), because a new weight with an old
+scale is a silently wrong model.
+
+``plan_update`` checks every name, shape, dtype and unit before anything is written and reports all
+problems at once; only then does ``apply_update`` restore kernel layouts, copy in place and post-process.
+After validation the only possible failures are device errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from quantrl.model.state import Unit, tensor_index
+
+MAX_LISTED = 8
+
+
+Plan = list[tuple[Unit, dict[str, torch.Tensor]]]
+
+
+def plan_update(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Plan:
+    """[(unit, {attribute: tensor})] for a valid update; ``ValueError`` listing every problem otherwise."""
+    index = tensor_index(model)
+    errors: list[str] = []
+    plan: dict[str, tuple[Unit, dict[str, torch.Tensor]]] = {}
+    seen: set[str] = set()
+    for item in named_tensors:
+        try:
+            name, t = item
+        except (TypeError, ValueError):
+            errors.append(f"expected (name, tensor) pairs, got {type(item).__name__}")
+            continue
+        if name in seen:
+            errors.append(f"{name!r} given twice")
+            continue
+        seen.add(name)
+        if not isinstance(t, torch.Tensor):
+            errors.append(f"{name!r} is a {type(t).__name__}, not a tensor")
+            continue
+        if name not in index:
+            hint = " (lm_head is tied to model.embed_tokens.weight)" if name == "lm_head.weight" else ""
+            errors.append(f"unknown tensor {name!r}{hint}")
+            continue
+        unit, attr = index[name]
+        spec = unit.specs[attr]
+        if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
+            errors.append(f"{name!r}: got {t.dtype} {list(t.shape)}, the engine holds {spec.dtype} {list(spec.shape)}")
+            continue
+        if attr == "weight_shape" and t.tolist() != unit.tensor(attr).tolist():
+            errors.append(f"{name!r} says {t.tolist()}, the engine's module is {unit.tensor(attr).tolist()}")
+            continue
+        plan.setdefault(unit.name, (unit, {}))[1][attr] = t
+    for unit, given in plan.values():
+        missing = [unit.full_name(a) for a, s in unit.specs.items() if a not in given and not s.optional]
+        if missing:
+            errors.append(
+                f"incomplete update of {unit.name!r}: got {sorted(given)}, missing {missing} "
+                "(a weight and its scales go together)"
+            )
+    if not seen and not errors:
+        errors.append("no tensors given")
+    if errors:
+        more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+        listed = "\n  ".join(errors[:MAX_LISTED])
+        raise ValueError(f"update_weights: {len(errors)} problem(s), nothing was loaded:\n  {listed}{more}")
+    return list(plan.values())
+
+
+def apply_update(plan: Plan) -> None:
+    """Restore kernel layouts of the touched Linears, copy every tensor in place, post-process them."""
+    linears = [u.linear for u, _ in plan if u.linear is not None]
+    with torch.no_grad():
+        for lin in linears:
+            lin.restore_weights_before_loading()
+        for unit, tensors in plan:
+            if unit.linear is not None:
+                unit.linear.load_(tensors)
+            else:
+                for attr, t in tensors.items():
+                    unit.tensor(attr).copy_(t)
+        for lin in linears:
+            lin.post_process_weights()
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits (fp8 has no ``torch.equal`` on CPU; -0.0 vs 0.0 and NaNs count too)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype == torch.bool:
+        return torch.equal(a, b)
+    as_int = _SAME_SIZE_INT[a.element_size()]
+    return torch.equal(a.contiguous().view(as_int), b.to(a.device).contiguous().view(as_int))
+
+
+def check_loaded(plan: Plan) -> None:
+    """``RuntimeError`` unless the engine now holds exactly (bitwise) the given tensors."""
+    bad = []
+    for unit, tensors in plan:
+        for attr, t in tensors.items():
+            held = unit.tensor(attr)
+            if not bitwise_equal(held, t):
+                bad.append(unit.full_name(attr))
+    if bad:
+        raise RuntimeError(
+            f"update_weights(check_equal=True): {len(bad)} tensor(s) differ after loading, e.g. {bad[:MAX_LISTED]}"
+        )

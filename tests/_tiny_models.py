@@ -1,0 +1,61 @@
+"""Tiny HF checkpoints for the model / engine tests (random init, non-trivial norms and biases)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+VOCAB = 300
+COMMON = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=256)
+
+
+def qwen3_config(**kw):
+    base = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                tie_word_embeddings=False)  # fmt: skip
+    return Qwen3Config(**{**COMMON, **base, **kw})
+
+
+def llama3_config(**kw):
+    # original context 16 < the positions the tests use, so all three llama3 frequency bands matter
+    rope = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+    base = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=1,
+                rope_parameters=rope, tie_word_embeddings=False)  # fmt: skip
+    return LlamaConfig(**{**COMMON, **base, **kw})
+
+
+def qwen2_tied_config(**kw):
+    base = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                tie_word_embeddings=True)  # fmt: skip
+    return Qwen2Config(**{**COMMON, **base, **kw})
+
+
+def mistral_config(**kw):
+    base = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, sliding_window=5,
+                tie_word_embeddings=False)  # fmt: skip
+    return MistralConfig(**{**COMMON, **base, **kw})
+
+
+def save_model(config, path: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """Random-init HF model saved as safetensors; norms and biases randomised so that loading them matters."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    model.to(dtype).save_pretrained(path)
+    return path
+
+
+def reference(path: Path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def random_prompts(lengths, seed: int = 0, vocab: int = VOCAB) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
