@@ -6,7 +6,7 @@ import argparse
 
 
 def register_all(sub: argparse._SubParsersAction) -> None:
-    from quantrl.commands import convert, demo
+    from quantrl.commands import convert, demo, generate
 
-    for module in (convert, demo):
+    for module in (convert, demo, generate):
         module.register(sub)

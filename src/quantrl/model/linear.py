@@ -189,7 +189,7 @@ class Fp8Linear(QLinear):
             err = float((fast.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
             ok = err <= fp8_gemm.PROBE_RTOL
             why = f"relative error {err:.2e} against the reference"
-        except RuntimeError as e:  # cuBLAS without blockwise scaling, unsupported M, ...
+        except (RuntimeError, ValueError, NotImplementedError) as e:  # no blockwise cuBLAS, unsupported M, ...
             ok, why = False, str(e).splitlines()[0]
         self._fast = ok
         if not ok:
@@ -209,7 +209,7 @@ class Fp8Linear(QLinear):
         elif self._fast:
             try:
                 y = self._fast_forward(x2d)
-            except RuntimeError as e:  # e.g. a row count cuBLAS rejects: fall back for good, loudly
+            except (RuntimeError, ValueError, NotImplementedError) as e:  # a row count cuBLAS rejects: fall back
                 self._fast = False
                 warnings.warn(
                     f"Fp8Linear [{self.out_features}x{self.in_features}]: torch._scaled_mm failed for "

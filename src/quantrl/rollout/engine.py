@@ -208,7 +208,7 @@ class Engine:
         if self._graphs is not None:
             try:
                 return self._graphs.run(tokens, positions, k, v)
-            except RuntimeError as e:  # a capture failure must not take generation down: go eager, loudly
+            except (RuntimeError, ValueError) as e:  # a failed capture must not stop generation: go eager, loudly
                 why = str(e).splitlines()[0]
                 warnings.warn(f"CUDA graph decode failed ({why}); continuing without CUDA graphs", stacklevel=2)
                 self._graphs = None
