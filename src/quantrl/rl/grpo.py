@@ -1,0 +1,246 @@
+"""GRPO: group-normalized advantages and the PPO-clipped policy loss (as in slime / verl, written for quantrl).
+
+Advantages. Rewards ``r [B]`` come as ``B = prompts x n`` samples, the ``n`` samples of a prompt contiguous.
+Per group ``g``:
+
+    A_i = (r_i - mean_g(r)) / (std_g(r) + eps)      normalize_std=True  (GRPO)
+    A_i =  r_i - mean_g(r)                          normalize_std=False (Dr. GRPO / REINFORCE baseline)
+
+``std_g`` is the *unbiased* (Bessel, ``N-1``) standard deviation, ``torch.std``'s default: slime's
+``_post_process_rewards`` and verl's ``compute_grpo_outcome_advantage`` both call ``torch.std`` with no
+argument, so advantages match theirs number for number. A group whose rewards are all equal (and a
+group of one sample) gets advantage exactly 0: it carries no signal, and ``(r - mean) / (0 + eps)`` would
+turn the float rounding of ``mean`` into a spurious +-1e-2.
+
+Policy loss. Per response token t (``mask`` = 1), with ``A`` the advantage of the token's sequence:
+
+    ratio_t = exp(logp_t - old_logp_t)
+    pg_t    = max(-A * ratio_t, -A * clamp(ratio_t, 1 - clip_eps, 1 + clip_eps_high))   PPO clip; DAPO clip-higher
+    w_t     = importance_weights(old_logp, rollout_logp, mask, is_cfg)                  TIS / MIS, detached (1 if off)
+    kl_t    = min(exp(ref_t - logp_t) - (ref_t - logp_t) - 1, 10)                       k3 estimator of KL(pi||ref)
+    loss_t  = w_t * pg_t + kl_coef * kl_t
+
+``old_logp`` is the trainer's own logprob of the sampled tokens before this update (equal to ``logp``
+detached when each rollout batch is used for one optimizer step); ``rollout_logp`` is what the (possibly
+FP8/INT4) engine reported while sampling. The ratio ``old/rollout`` is the train-rollout mismatch
+correction of slime's TIS: it multiplies the per-token surrogate, not the ratio inside the clip. The k3
+term is clamped at 10 like verl's / slime's ``low_var_kl``, so one wild token cannot dominate the step.
+
+Aggregation over tokens:
+
+    token-mean            sum_{i,t} mask * loss_t / sum_{i,t} mask                 (DAPO, slime default)
+    seq-mean-token-mean   mean_i [ sum_t mask * loss_t / sum_t mask ]   over rows with >= 1 token (GRPO paper)
+    token_sum=True        sum_{i,t} mask * loss_t    (for ``Trainer.train_step``: it divides by the batch's
+                          total loss tokens, so token-mean is exact however the batch is micro-batched)
+
+Tensor alignment: every logprob tensor is ``[B, T-1]`` as ``train.logprobs.token_logprobs`` returns it
+(position t scores ``input_ids[:, t+1]``), and ``mask`` is ``loss_mask[:, 1:]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quantrl.rl.mismatch import ISConfig, importance_weights
+from quantrl.train.logprobs import token_logprobs
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+KL_CLAMP = 10.0  # verl / slime low_var_kl clamp
+
+
+def group_advantages(
+    rewards: torch.Tensor, n: int, *, normalize_std: bool = True, eps: float = 1e-6, unbiased: bool = True
+) -> torch.Tensor:
+    """GRPO advantages ``[B]`` (fp32) for rewards ``[B]`` in contiguous groups of ``n`` (see the module note)."""
+    if rewards.ndim != 1:
+        raise ValueError(f"group_advantages: rewards must be 1-D [prompts * n], got shape {tuple(rewards.shape)}")
+    if n <= 0 or rewards.numel() % n:
+        raise ValueError(f"group_advantages: {rewards.numel()} rewards do not split into groups of n={n}")
+    r = rewards.detach().float().view(-1, n)
+    if not torch.isfinite(r).all():
+        raise ValueError("group_advantages: rewards contain NaN or Inf")
+    adv = r - r.mean(dim=1, keepdim=True)
+    if normalize_std and n > 1:
+        adv = adv / (r.std(dim=1, keepdim=True, correction=1 if unbiased else 0) + eps)
+    constant = (r == r[:, :1]).all(dim=1, keepdim=True)  # no signal: exactly zero, not rounding noise
+    return adv.masked_fill(constant, 0.0).view(-1)
+
+
+def _k3(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    d = ref_logp.float() - logp
+    return (d.exp() - d - 1).clamp(max=KL_CLAMP)
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    is_cfg: ISConfig | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    aggregation: str = "token-mean",
+    token_sum: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO/PPO loss (scalar, differentiable in ``logp``) and metrics; the formula is in the module note.
+
+    Metrics are means over masked tokens: ``pg_clipfrac`` (tokens where the clipped branch is taken),
+    ``approx_kl`` (mean ``old_logp - logp``, slime's / verl's ``ppo_kl``), ``ratio_mean``, ``is_clipped_frac``
+    (TIS-truncated / MIS-masked tokens), ``pg_loss``, and ``kl_ref`` (mean k3) when ``ref_logp`` is given.
+    With ``token_sum=True`` the loss is the masked *sum* and each metric ``m`` becomes ``m_sum`` (mean x
+    tokens) next to ``loss_tokens``, so values summed over micro-batches turn into batch means with
+    :func:`reduce_metrics`.
+    """
+    if logp.ndim != 2:
+        raise ValueError(f"policy_loss: logp must be [B, T], got shape {tuple(logp.shape)}")
+    for name, t in (("old_logp", old_logp), ("mask", mask), ("rollout_logp", rollout_logp), ("ref_logp", ref_logp)):
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"policy_loss: {name} has shape {tuple(t.shape)}, logp has {tuple(logp.shape)}")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"policy_loss: advantages must be [B]={logp.shape[0]}, got shape {tuple(advantages.shape)}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"policy_loss: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if token_sum and aggregation != "token-mean":
+        # a per-sequence mean cannot be rebuilt from per-micro-batch token sums
+        raise ValueError("policy_loss: token_sum=True needs aggregation='token-mean'")
+    clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    if not (0 < clip_eps < 1 and clip_eps_high > 0):
+        raise ValueError(f"policy_loss: need 0 < clip_eps < 1 and clip_eps_high > 0, got {clip_eps}, {clip_eps_high}")
+    is_on = is_cfg is not None and is_cfg.mode is not None
+    if is_on and rollout_logp is None:
+        raise ValueError(f"policy_loss: IS mode {is_cfg.mode!r} needs rollout_logp (the engine's logprobs)")
+
+    m = mask.float()
+    logp = logp.float()
+    old = old_logp.detach().float()
+    adv = advantages.detach().float().unsqueeze(1)  # [B, 1]
+    log_ratio = logp - old
+    ratio = log_ratio.exp()
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps_high)
+    pg = torch.maximum(pg1, pg2)
+    if is_on:
+        w, is_info = importance_weights(old, rollout_logp, mask, is_cfg)
+        pg = pg * w
+    else:
+        is_info = {"is_clipped_frac": 0.0}
+    per_token = pg
+    kl = None
+    if ref_logp is not None:
+        kl = _k3(ref_logp.detach(), logp)
+        if kl_coef:
+            per_token = per_token + kl_coef * kl
+    elif kl_coef:
+        raise ValueError("policy_loss: kl_coef > 0 needs ref_logp")
+
+    tokens = m.sum()
+    if token_sum or aggregation == "token-mean":
+        loss = (per_token * m).sum()
+        if not token_sum:
+            loss = loss / tokens.clamp(min=1)
+    else:
+        row_tokens = m.sum(1)
+        rows = row_tokens > 0
+        seq = (per_token * m).sum(1)[rows] / row_tokens[rows]
+        loss = seq.mean() if seq.numel() else (per_token * m).sum()  # no tokens: a zero that keeps the graph
+
+    with torch.no_grad():
+        n_tok = float(tokens)
+
+        def mean(x: torch.Tensor) -> float:
+            return float((x * m).sum()) / max(n_tok, 1.0)
+
+        metrics = {
+            "pg_loss": mean(pg),
+            "pg_clipfrac": mean((pg2 > pg1).float()),
+            "approx_kl": mean(-log_ratio),
+            "ratio_mean": mean(ratio),
+            "is_clipped_frac": float(is_info["is_clipped_frac"]),
+        }
+        if kl is not None:
+            metrics["kl_ref"] = mean(kl)
+    if token_sum:
+        metrics = {f"{k}_sum": v * n_tok for k, v in metrics.items()}
+        metrics["loss_tokens"] = n_tok
+    return loss, metrics
+
+
+def reduce_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Turn token-weighted sums (``m_sum`` + ``loss_tokens``, e.g. as ``Trainer.train_step`` adds them up over
+    micro-batches) into batch means ``m``; other keys pass through."""
+    tokens = sums.get("loss_tokens")
+    if tokens is None:
+        raise KeyError("reduce_metrics: no 'loss_tokens' (were the metrics made with token_sum=True?)")
+    out = {k: v for k, v in sums.items() if not k.endswith("_sum")}
+    for k, v in sums.items():
+        if k.endswith("_sum"):
+            out[k[: -len("_sum")]] = v / max(tokens, 1.0)
+    return out
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    clip_eps: float = 0.2
+    "PPO clip range below 1 (slime --eps-clip)"
+    clip_eps_high: float | None = None
+    "PPO clip range above 1, DAPO clip-higher, e.g. 0.28 (slime --eps-clip-high); None: clip_eps"
+    is_cfg: ISConfig = field(default_factory=ISConfig)
+    "train-rollout correction: ISConfig('tis'|'mis', cap) on old_logp vs rollout_logp; mode None: off"
+    kl_coef: float = 0.0
+    "weight of the k3 KL to the reference policy (slime --kl-loss-coef); needs ref_logp in the batch"
+    temperature: float = 1.0
+    "sampling temperature: logits are divided by it, so logp is the same quantity the engine reported"
+
+    def __post_init__(self):
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        if self.clip_eps_high is not None and self.clip_eps_high <= 0:
+            raise ValueError(f"clip_eps_high must be > 0, got {self.clip_eps_high}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+
+
+def make_loss_fn(cfg: GRPOConfig = GRPOConfig()) -> LossFn:
+    """A ``loss_fn(model, micro_batch)`` for ``Trainer.train_step`` (token_sum mode; token-mean over the batch).
+
+    Micro-batch keys: ``input_ids``, ``attention_mask``, ``loss_mask`` ``[B, T]`` (1 on response tokens;
+    position 0 is never a target), ``advantages [B]``; optional ``[B, T-1]`` logprobs aligned with
+    ``input_ids[:, 1:]``: ``old_logp`` (absent: ``logp.detach()``, exact for one update per rollout batch),
+    ``rollout_logp`` (needed when IS is on), ``ref_logp`` (needed when kl_coef > 0). Pass the summed metrics
+    of ``train_step`` through :func:`reduce_metrics`.
+    """
+
+    def loss_fn(model: nn.Module, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        if micro["loss_mask"][:, 0].any():
+            # the trainer divides by loss_mask.sum() over [B, T]; a first-position token has no logprob
+            raise ValueError("GRPO loss_fn: loss_mask[:, 0] must be 0 (the first token is never predicted)")
+        logp, _ = token_logprobs(model, micro["input_ids"], micro["attention_mask"], temperature=cfg.temperature)
+        old = micro.get("old_logp")
+        return policy_loss(
+            logp,
+            logp.detach() if old is None else old,
+            micro["advantages"],
+            micro["loss_mask"][:, 1:],
+            clip_eps=cfg.clip_eps,
+            clip_eps_high=cfg.clip_eps_high,
+            rollout_logp=micro.get("rollout_logp"),
+            is_cfg=cfg.is_cfg,
+            ref_logp=micro.get("ref_logp"),
+            kl_coef=cfg.kl_coef,
+            token_sum=True,
+        )
+
+    return loss_fn

@@ -1,0 +1,204 @@
+"""GRPO: advantages and the clipped policy loss on hand-computed numbers; exact micro-batching in the Trainer."""
+
+import math
+
+import pytest
+import torch
+from transformers import Qwen3Config
+
+from quantrl.model import build_model, random_init_
+from quantrl.rl.grpo import GRPOConfig, group_advantages, make_loss_fn, policy_loss, reduce_metrics
+from quantrl.rl.mismatch import ISConfig
+from quantrl.train.trainer import TrainConfig, Trainer
+
+# ---------------------------------------------------------------------------------------------------------
+# advantages
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_group_advantages_hand_computed():
+    r = torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1])
+    a = group_advantages(r, 4)
+    s = math.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
+    want = [0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s, 0, 0, 0, 0, -0.5, -0.5, -0.5, 1.5]  # group 3: std 0.5
+    torch.testing.assert_close(a, torch.tensor(want), atol=1e-5, rtol=1e-5)
+    # exactly slime's formula: (r - mean) / (torch.std(r) + 1e-6), per group
+    g = r.view(3, 4)
+    ref = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-6)).view(-1)
+    torch.testing.assert_close(a, ref, atol=0, rtol=0)
+    torch.testing.assert_close(group_advantages(r, 4, normalize_std=False), (g - g.mean(1, keepdim=True)).view(-1))
+    biased = group_advantages(r, 4, unbiased=False)  # population std of [1, 0, 0, 1] is 0.5
+    torch.testing.assert_close(biased[:4], torch.tensor([1.0, -1, -1, 1]), atol=1e-5, rtol=0)
+
+
+def test_equal_reward_groups_and_single_samples_get_exactly_zero():
+    r = torch.tensor([0.3, 0.3, 0.3, 0.7, 0.1, 0.2])  # 0.3 * 3 / 3 != 0.3 in fp32: rounding must not leak
+    a = group_advantages(r, 3)
+    assert torch.equal(a[:3], torch.zeros(3)) and a[3:].abs().min() > 0.1
+    assert torch.equal(group_advantages(torch.tensor([1.0, 0.0, 2.0]), 1), torch.zeros(3))
+
+
+def test_group_advantages_errors():
+    with pytest.raises(ValueError, match="groups of n=4"):
+        group_advantages(torch.zeros(6), 4)
+    with pytest.raises(ValueError, match="1-D"):
+        group_advantages(torch.zeros(2, 4), 4)
+    with pytest.raises(ValueError, match="NaN"):
+        group_advantages(torch.tensor([0.0, float("nan")]), 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# policy loss on a 2 x 3 batch: ratios [[1.5, 0.5, 1.0], [1.1, 0.7, masked]], advantages [+1, -1]
+# ---------------------------------------------------------------------------------------------------------
+
+
+def case(gen):
+    old = -torch.rand(2, 3, generator=gen) - 0.5  # arbitrary old logprobs; only the ratios matter
+    ratio = torch.tensor([[1.5, 0.5, 1.0], [1.1, 0.7, 3.0]])
+    logp = (old + ratio.log()).requires_grad_(True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    return logp, old, torch.tensor([1.0, -1.0]), mask
+
+
+def test_clipped_loss_hand_computed(gen):
+    logp, old, adv, mask = case(gen)
+    # row 0 (A=+1): 1.5 clipped to 1.2 -> -1.2; 0.5 -> -0.5 (max(-0.5, -0.8)); 1.0 -> -1
+    # row 1 (A=-1): 1.1 -> 1.1; 0.7 clipped up to 0.8 -> 0.8
+    loss, m = policy_loss(logp, old, adv, mask)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 - 1.0 + 1.1 + 0.8) / 5, abs=1e-6)
+    assert m["pg_clipfrac"] == pytest.approx(2 / 5)
+    assert m["ratio_mean"] == pytest.approx((1.5 + 0.5 + 1.0 + 1.1 + 0.7) / 5, abs=1e-6)
+    assert m["approx_kl"] == pytest.approx(-sum(math.log(x) for x in (1.5, 0.5, 1.0, 1.1, 0.7)) / 5, abs=1e-6)
+    assert m["is_clipped_frac"] == 0 and "kl_ref" not in m
+    loss.backward()
+    # d/dlogp of -A * ratio is -A * ratio; clipped tokens and padding get no gradient
+    want = torch.tensor([[0.0, -0.5, -1.0], [1.1, 0.0, 0.0]]) / 5
+    torch.testing.assert_close(logp.grad, want, atol=1e-6, rtol=1e-5)
+
+    seq, _ = policy_loss(logp, old, adv, mask, aggregation="seq-mean-token-mean")
+    assert seq.item() == pytest.approx(((-1.2 - 0.5 - 1.0) / 3 + (1.1 + 0.8) / 2) / 2, abs=1e-6)
+    high, m = policy_loss(logp, old, adv, mask, clip_eps_high=0.6)  # DAPO clip-higher: 1.5 < 1.6 stays
+    assert high.item() == pytest.approx((-1.5 - 0.5 - 1.0 + 1.1 + 0.8) / 5, abs=1e-6)
+    assert m["pg_clipfrac"] == pytest.approx(1 / 5)
+
+
+def test_tis_and_mis_weights_multiply_the_surrogate(gen):
+    logp, old, adv, mask = case(gen)
+    # old / rollout ratios [[3, 1, 0.5], [1, 1, 1]]
+    rollout = old - torch.log(torch.tensor([[3.0, 1.0, 0.5], [1.0, 1.0, 1.0]]))
+    loss, m = policy_loss(logp, old, adv, mask, rollout_logp=rollout, is_cfg=ISConfig("tis", cap=2.0))
+    assert loss.item() == pytest.approx((2 * -1.2 + 1 * -0.5 + 0.5 * -1.0 + 1.1 + 0.8) / 5, abs=1e-5)
+    assert m["is_clipped_frac"] == pytest.approx(1 / 5)
+    loss, m = policy_loss(logp, old, adv, mask, rollout_logp=rollout, is_cfg=ISConfig("mis", cap=2.0))
+    # MIS drops ratio 3 (> 2) and keeps 0.5 (= 1/2, inside [1/C, C]); dropped tokens stay in the denominator
+    assert loss.item() == pytest.approx((0 - 0.5 + 0.5 * -1.0 + 1.1 + 0.8) / 5, abs=1e-5)
+    assert m["is_clipped_frac"] == pytest.approx(1 / 5)
+    off, _ = policy_loss(logp, old, adv, mask, rollout_logp=rollout, is_cfg=ISConfig(None))
+    assert off.item() == pytest.approx(-0.8 / 5, abs=1e-6)
+
+
+def test_k3_kl_to_reference(gen):
+    logp, old, _, mask = case(gen)
+    ref = old + 0.3 * torch.randn(2, 3, generator=gen)
+    loss, m = policy_loss(logp, old, torch.zeros(2), mask, ref_logp=ref, kl_coef=0.1)
+    d = ref - logp.detach()
+    k3 = d.exp() - d - 1
+    n = mask.sum()
+    assert loss.item() == pytest.approx(float(0.1 * (k3 * mask).sum() / n), rel=1e-5)
+    assert m["kl_ref"] == pytest.approx(float((k3 * mask).sum() / n), rel=1e-5) and m["kl_ref"] > 0
+    loss.backward()
+    torch.testing.assert_close(logp.grad, 0.1 * (1 - d.exp()) * mask / n, atol=1e-6, rtol=1e-5)
+    _, m = policy_loss(logp, old, torch.zeros(2), mask, ref_logp=old + 30.0)  # k3 ~ e^30, clamped at 10
+    assert m["kl_ref"] == pytest.approx(10.0)
+
+
+def test_token_sum_mode_and_metric_reduction(gen):
+    logp, old, adv, mask = case(gen)
+    mean, m_full = policy_loss(logp, old, adv, mask)
+    total, _ = policy_loss(logp, old, adv, mask, token_sum=True)
+    assert total.item() == pytest.approx(mean.item() * 5, abs=1e-6)
+    sums: dict[str, float] = {}
+    for rows in (slice(0, 1), slice(1, 2)):  # what Trainer.train_step does with micro-batches of one row
+        _, part = policy_loss(logp[rows], old[rows], adv[rows], mask[rows], token_sum=True)
+        for k, v in part.items():
+            sums[k] = sums.get(k, 0.0) + v
+    reduced = reduce_metrics(sums)
+    assert reduced["loss_tokens"] == 5
+    for k, v in m_full.items():
+        assert reduced[k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_empty_rows_are_left_out_of_the_sequence_mean(gen):
+    logp, old, adv, mask = case(gen)
+    mask = mask.clone()
+    mask[1] = 0
+    seq, _ = policy_loss(logp, old, adv, mask, aggregation="seq-mean-token-mean")
+    assert seq.item() == pytest.approx((-1.2 - 0.5 - 1.0) / 3, abs=1e-6)
+
+
+def test_policy_loss_errors(gen):
+    logp, old, adv, mask = case(gen)
+    with pytest.raises(ValueError, match="rollout_logp"):
+        policy_loss(logp, old, adv, mask, is_cfg=ISConfig("tis"))
+    with pytest.raises(ValueError, match="token-mean"):
+        policy_loss(logp, old, adv, mask, aggregation="seq-mean-token-mean", token_sum=True)
+    with pytest.raises(ValueError, match="aggregation"):
+        policy_loss(logp, old, adv, mask, aggregation="sum")
+    with pytest.raises(ValueError, match="ref_logp"):
+        policy_loss(logp, old, adv, mask, kl_coef=0.1)
+    with pytest.raises(ValueError, match="old_logp"):
+        policy_loss(logp, old[:, :2], adv, mask)
+    with pytest.raises(ValueError, match="advantages"):
+        policy_loss(logp, old, adv[:1], mask)
+    with pytest.raises(ValueError, match="clip_eps"):
+        GRPOConfig(clip_eps=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# with the Trainer: token-level aggregation is exact across micro-batches
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tiny_model():
+    cfg = Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=64,
+                      tie_word_embeddings=False)  # fmt: skip
+    return random_init_(build_model(cfg.to_dict(), dtype=torch.float32), seed=0, std=0.05).train()
+
+
+def rl_batch(gen, b=6, t=12):
+    ids = torch.randint(0, 64, (b, t), generator=gen)
+    am = torch.ones_like(ids)
+    am[0, :3] = 0  # a left-padded row
+    lm = torch.zeros_like(ids)
+    lm[:, 5:] = 1  # response tokens; prompts of 5
+    lm[2, 9:] = 0  # a shorter response: uneven token counts
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    return {"input_ids": ids, "attention_mask": am, "loss_mask": lm, "advantages": group_advantages(rewards, 3),
+            "rollout_logp": -torch.rand(b, t - 1, generator=gen) - 4.5}  # fmt: skip
+
+
+def test_loss_fn_in_trainer_is_independent_of_micro_batch_size(gen):
+    batch = rl_batch(gen)
+    cfg = GRPOConfig(is_cfg=ISConfig("tis", cap=2.0), clip_eps_high=0.28)
+    out = []
+    for mb in (6, 4, 1):
+        tr = Trainer(tiny_model(), TrainConfig(lr=1e-3, micro_batch_size=mb, grad_clip=0.0))
+        res = tr.train_step(batch, make_loss_fn(cfg))
+        out.append((res, reduce_metrics(res), next(tr.model.parameters()).detach().clone()))
+    (r0, m0, p0) = out[0]
+    assert m0["ratio_mean"] == pytest.approx(1.0) and m0["pg_clipfrac"] == 0  # old_logp absent: on-policy
+    assert m0["loss_tokens"] == float(batch["loss_mask"].sum())
+    for r, m, p in out[1:]:
+        assert r["loss"] == pytest.approx(r0["loss"], abs=1e-6)
+        assert r["grad_norm"] == pytest.approx(r0["grad_norm"], rel=1e-4)
+        assert m["is_clipped_frac"] == pytest.approx(m0["is_clipped_frac"], abs=1e-9)
+        torch.testing.assert_close(p, p0, atol=1e-6, rtol=1e-5)
+    assert r0["grad_norm"] > 0 and 0 < m0["is_clipped_frac"] < 1  # TIS truncates some tokens, not all
+
+
+def test_loss_fn_rejects_a_loss_mask_on_the_first_token(gen):
+    batch = rl_batch(gen)
+    batch["loss_mask"][:, 0] = 1
+    with pytest.raises(ValueError, match="first token"):
+        make_loss_fn()(tiny_model(), batch)
