@@ -6,7 +6,7 @@ import argparse
 
 
 def register_all(sub: argparse._SubParsersAction) -> None:
-    from quantrl.commands import convert, demo, generate
+    from quantrl.commands import convert, demo, generate, train
 
-    for module in (convert, demo, generate):
+    for module in (train, convert, generate, demo):
         module.register(sub)

@@ -1,0 +1,333 @@
+"""The RL loop (``quantrl train``): rollout -> reward -> train -> sync, every step.
+
+Per step: the engine samples ``n`` responses for each of ``prompts_per_step`` prompts (its logprobs are the
+rollout policy's); rewards give group-normalized advantages (GRPO); the trainer recomputes the same tokens'
+logprobs (the train policy), which gives the train-rollout mismatch; one optimizer step on the clipped
+policy loss (optionally TIS/MIS-corrected with the rollout logprobs); and the trainer's weights are
+converted to the engine's format and loaded (``quantrl.sync``). Metrics go to ``RUN/metrics.jsonl``.
+
+Determinism (what ``--resume`` relies on): the data order is a function of the seed, sampling is seeded
+by (seed, step), and the checkpoint holds the optimizer's fp32 masters and states, so a resumed run
+repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from quantrl.rl.recipes import get_recipe
+from quantrl.rl.run_dir import RunDir
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    recipe: str = "int4-qat"
+    "precision recipe: bf16 | fp8-rollout | fp8 | int4-qat | int4-ptq | int4-qat-bf16-rollout"
+    model: str = ""
+    "HF model directory to start from (default: the embedded warm-started model)"
+    run_dir: str = "runs/default"
+    "where config, metrics and checkpoints go"
+    resume: bool = False
+    "continue run_dir from its latest checkpoint"
+    prompt_data: str = ""
+    "JSONL/parquet prompts (slime --prompt-data); empty: the synthetic arithmetic task"
+    input_key: str = "prompt"
+    "prompt column (slime --input-key)"
+    label_key: str = "label"
+    "answer column (slime --label-key)"
+    apply_chat_template: bool = False
+    "render prompts with the tokenizer's chat template"
+    eval_data: str = ""
+    "held-out prompts file; empty: a held-out split (eval_size) of the prompts"
+    eval_size: int = 64
+    "held-out prompts for --eval-interval accuracy"
+    difficulty: str = "medium"
+    "synthetic task difficulty: easy | medium | hard"
+    num_steps: int = 40
+    "RL steps"
+    prompts_per_step: int = 16
+    "prompts per rollout batch (slime --rollout-batch-size)"
+    n_samples_per_prompt: int = 8
+    "samples per prompt: the GRPO group (slime --n-samples-per-prompt)"
+    temperature: float = 1.0
+    "sampling temperature (slime --rollout-temperature)"
+    top_p: float = 1.0
+    "nucleus sampling"
+    max_new_tokens: int = 48
+    "response length limit (slime --rollout-max-response-len)"
+    lr: float = 2e-5
+    "learning rate"
+    micro_batch_size: int = 32
+    "sequences per forward/backward"
+    grad_clip: float = 1.0
+    "gradient norm clip"
+    clip_eps: float = 0.2
+    "PPO clip (slime --eps-clip)"
+    clip_eps_high: float = 0.28
+    "PPO upper clip, DAPO clip-higher (slime --eps-clip-high)"
+    kl_coef: float = 0.0
+    "k3 KL to the initial policy (slime --kl-loss-coef); > 0 keeps a frozen reference model"
+    is_mode: str = ""
+    "train-rollout correction: '' (off), tis or mis"
+    is_cap: float = 2.0
+    "TIS/MIS threshold C"
+    group_size: int = 128
+    "INT4 group size (OPEN_TRAINING_INT4_GROUP_SIZE)"
+    qmax: int = 7
+    "INT4 range: 7 (absmax/7, [-7, 7]) or 8 (absmax/7.5, [-8, 7])"
+    fp8_param_gather: bool = False
+    "FP8 training: keep the FP8 weight copy for the step"
+    check_weight_update_equal: bool = False
+    "verify after every sync that the engine holds exactly the converted weights"
+    eval_interval: int = 10
+    "evaluate held-out accuracy every N steps (0: never)"
+    save_interval: int = 20
+    "checkpoint every N steps (0: only at the end)"
+    seed: int = 0
+    "seed of data order, sampling and init"
+    device: str = "cpu"
+    "cpu or cuda"
+    threads: int = 0
+    "torch CPU threads (0: default)"
+
+
+def default_model_dir() -> str:
+    from quantrl.rl.pretrain import DEFAULT_MODEL_DIR
+
+    if not (DEFAULT_MODEL_DIR / "model.safetensors").exists():
+        raise FileNotFoundError(f"the embedded model is missing at {DEFAULT_MODEL_DIR}; run `quantrl pretrain` to rebuild it")
+    return str(DEFAULT_MODEL_DIR)
+
+
+def _engine_scheme(rollout: str, cfg: RLConfig):
+    from quantrl.model import QuantScheme
+
+    if rollout == "fp8":
+        return QuantScheme.fp8_block()
+    if rollout == "int4":
+        return QuantScheme.int4(cfg.group_size)
+    return QuantScheme()
+
+
+def _task(cfg: RLConfig, tok):
+    """(train PromptDataset, held-out prompts, reward(response_text, prompt) -> float)."""
+    from quantrl.rl.data import DataConfig, Prompt, PromptDataset, load_data
+    from quantrl.rl.rewards import math_reward
+
+    def reward(text: str, prompt: Prompt) -> float:
+        return math_reward(text, prompt.label or "")
+
+    if cfg.prompt_data:
+        dcfg = DataConfig(prompt_data=cfg.prompt_data, input_key=cfg.input_key, label_key=cfg.label_key,
+                          apply_chat_template=cfg.apply_chat_template, seed=cfg.seed, eval_data=cfg.eval_data or None,
+                          eval_size=0 if cfg.eval_data else cfg.eval_size)  # fmt: skip
+        ds, held = load_data(dcfg, tok)
+        return ds, held, reward
+    from quantrl.tasks.arithmetic import make_split
+
+    train, held = make_split(20_000, cfg.eval_size, cfg.seed + 1, cfg.difficulty)
+    to_prompt = lambda i, p: Prompt(text=p.prompt, label=p.answer, index=i)  # noqa: E731
+    return PromptDataset([to_prompt(i, p) for i, p in enumerate(train)], seed=cfg.seed), [to_prompt(i, p) for i, p in enumerate(held)], reward
+
+
+def _batch(prompt_ids: list[list[int]], results, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response tensors; rollout logprobs placed at the positions predicting them."""
+    seqs = [prompt_ids[r.prompt_index] + r.tokens for r in results]
+    t = max(len(s) for s in seqs)
+    b = len(seqs)
+    ids = torch.full((b, t), pad_id, dtype=torch.long)
+    am = torch.zeros(b, t, dtype=torch.long)
+    lm = torch.zeros(b, t, dtype=torch.long)
+    rollout_logp = torch.zeros(b, t - 1)
+    for i, (s, r) in enumerate(zip(seqs, results)):
+        p = len(prompt_ids[r.prompt_index])
+        ids[i, : len(s)] = torch.tensor(s)
+        am[i, : len(s)] = 1
+        lm[i, p : len(s)] = 1
+        rollout_logp[i, p - 1 : len(s) - 1] = torch.tensor(r.logprobs)  # [B, T-1]: index j predicts token j+1
+    return {"input_ids": ids, "attention_mask": am, "loss_mask": lm, "rollout_logp": rollout_logp}
+
+
+class RLRun:
+    """Everything one run holds; ``step()`` does one RL step, ``run()`` the whole loop."""
+
+    def __init__(self, cfg: RLConfig, progress: bool = True):
+        from transformers import AutoTokenizer
+
+        from quantrl.model import build_model, load_model
+        from quantrl.rl.grpo import GRPOConfig, make_loss_fn
+        from quantrl.rl.mismatch import ISConfig
+        from quantrl.rollout import Engine
+        from quantrl.train.trainer import TrainConfig, Trainer
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg, self.progress = cfg, progress
+        self.recipe = get_recipe(cfg.recipe)
+        self.run_dir = RunDir(cfg.run_dir)
+        self.run_dir.prepare(asdict(cfg), cfg.resume)
+        resume_from = self.run_dir.latest_checkpoint() if cfg.resume else None
+        self.model_dir = Path(cfg.model or default_model_dir())
+        weights_dir = resume_from or self.model_dir
+        self.tok = AutoTokenizer.from_pretrained(str(self.model_dir))
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        torch.manual_seed(cfg.seed)
+        # the trainer: bf16 parameters (fp32 masters in the optimizer), the recipe's training mode
+        model = load_model(weights_dir, dtype=torch.bfloat16, device=cfg.device).train()
+        self.hf_config = json.loads((self.model_dir / "config.json").read_text())
+        self.trainer = Trainer(model, TrainConfig(
+            mode=self.recipe.train_mode, lr=cfg.lr, micro_batch_size=cfg.micro_batch_size, grad_clip=cfg.grad_clip,
+            qat_group_size=cfg.group_size, qat_qmax=cfg.qmax, fp8_param_gather=cfg.fp8_param_gather))  # fmt: skip
+        self.ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+        is_cfg = ISConfig(cfg.is_mode or None, cfg.is_cap)
+        self.loss_fn = make_loss_fn(GRPOConfig(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, is_cfg=is_cfg,
+                                               kl_coef=cfg.kl_coef, temperature=cfg.temperature))  # fmt: skip
+        # the engine: same architecture, the recipe's rollout format, weights from the trainer
+        scheme = _engine_scheme(self.recipe.rollout, cfg)
+        engine_model = build_model(self.hf_config, scheme, dtype=torch.bfloat16, device=cfg.device)
+        max_len = 512
+        self.engine = Engine(engine_model, kv_cache_tokens=cfg.prompts_per_step * cfg.n_samples_per_prompt * max_len,
+                             max_batch_size=cfg.prompts_per_step * cfg.n_samples_per_prompt)  # fmt: skip
+        self.dataset, self.held_out, self.reward = _task(cfg, self.tok)
+        self.step_idx = 0
+        if resume_from is not None:
+            state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
+            self.trainer.optimizer.load_state_dict(state["optimizer"])
+            self.dataset.load_state_dict(state["dataset"])
+            self.step_idx = state["step"]
+            self.trainer.step_count = state["step"]
+            self.run_dir.truncate_metrics(self.step_idx)
+        self._sync(self.step_idx)
+
+    # ---- pieces -----------------------------------------------------------------------------------
+    def _sync(self, version: int) -> dict:
+        from quantrl.sync.in_process import sync_weights
+
+        stats = sync_weights(self.trainer.model, self.engine, version, check_equal=self.cfg.check_weight_update_equal)
+        return {"sync_s": stats.seconds, "sync_GB_per_s": stats.gb_per_s}
+
+    def _sample(self, prompts, params):
+        from quantrl.rl.data import encode_prompt
+
+        ids = [encode_prompt(self.tok, p) for p in prompts]
+        t0 = time.perf_counter()
+        results = self.engine.generate(ids, params)
+        secs = time.perf_counter() - t0
+        results.sort(key=lambda r: (r.prompt_index, r.sample_index))  # GRPO groups are contiguous
+        return ids, results, secs
+
+    def evaluate(self) -> float:
+        from quantrl.rollout import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.max_new_tokens, stop_token_ids=(self.tok.eos_token_id,))
+        _, results, _ = self._sample(self.held_out, params)
+        texts = [self.tok.decode(r.tokens, skip_special_tokens=True) for r in results]
+        return sum(self.reward(t, self.held_out[r.prompt_index]) for t, r in zip(texts, results)) / len(results)
+
+    def step(self) -> dict:
+        from quantrl.rl.grpo import group_advantages, reduce_metrics
+        from quantrl.rl.mismatch import mismatch_metrics
+        from quantrl.rollout import SamplingParams
+        from quantrl.train.logprobs import token_logprobs
+
+        cfg, step = self.cfg, self.step_idx + 1
+        prompts = self.dataset.next_batch(cfg.prompts_per_step)
+        params = SamplingParams(n=cfg.n_samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
+                                max_new_tokens=cfg.max_new_tokens, stop_token_ids=(self.tok.eos_token_id,),
+                                seed=cfg.seed * 1_000_003 + step)  # fmt: skip
+        prompt_ids, results, rollout_s = self._sample(prompts, params)
+        texts = [self.tok.decode(r.tokens, skip_special_tokens=True) for r in results]
+        rewards = torch.tensor([self.reward(t, prompts[r.prompt_index]) for t, r in zip(texts, results)])
+        batch = _batch(prompt_ids, results, self.tok.pad_token_id)
+        batch["advantages"] = group_advantages(rewards, cfg.n_samples_per_prompt)
+        dev = torch.device(cfg.device)
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        mask = batch["loss_mask"][:, 1:]
+        with torch.no_grad():
+            self.trainer.model.eval()
+            train_logp = torch.cat([
+                token_logprobs(self.trainer.model, batch["input_ids"][i : i + cfg.micro_batch_size],
+                               batch["attention_mask"][i : i + cfg.micro_batch_size], temperature=cfg.temperature)[0]
+                for i in range(0, len(results), cfg.micro_batch_size)])  # fmt: skip
+            if self.ref is not None:
+                batch["ref_logp"] = torch.cat([
+                    token_logprobs(self.ref, batch["input_ids"][i : i + cfg.micro_batch_size],
+                                   batch["attention_mask"][i : i + cfg.micro_batch_size], temperature=cfg.temperature)[0]
+                    for i in range(0, len(results), cfg.micro_batch_size)])  # fmt: skip
+        mismatch = mismatch_metrics(train_logp, batch["rollout_logp"], mask)
+        t0 = time.perf_counter()
+        train_metrics = reduce_metrics(self.trainer.train_step(batch, self.loss_fn))
+        train_s = time.perf_counter() - t0
+        sync = self._sync(step)
+        self.step_idx = step
+        gen_tokens = sum(len(r.tokens) for r in results)
+        row = {
+            "step": step,
+            "reward": float(rewards.mean()),
+            **mismatch,
+            **{k: v for k, v in train_metrics.items()},
+            "response_len": gen_tokens / len(results),
+            "rollout_tokens_per_s": gen_tokens / rollout_s,
+            "train_tokens_per_s": float(batch["attention_mask"].sum()) / train_s,
+            "rollout_s": rollout_s,
+            "train_s": train_s,
+            **sync,
+            "weight_version": self.engine.weight_version,
+        }
+        if torch.cuda.is_available() and dev.type == "cuda":
+            row["peak_mem_GB"] = torch.cuda.max_memory_allocated() / 1e9
+        else:
+            import resource
+
+            row["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        if cfg.eval_interval and step % cfg.eval_interval == 0:
+            row["eval_accuracy"] = self.evaluate()
+        return row
+
+    def save(self) -> Path:
+        """BF16 HF checkpoint + trainer state; ``latest`` moves only once both are on disk."""
+        import os
+
+        target = self.run_dir.checkpoint_dir(self.step_idx)
+        self.trainer.save_checkpoint(target, self.model_dir, overwrite=True)
+        tmp = target / "trainer_state.pt.tmp"
+        torch.save({"optimizer": self.trainer.optimizer.state_dict(), "dataset": self.dataset.state_dict(),
+                    "step": self.step_idx}, tmp)  # fmt: skip
+        os.replace(tmp, target / "trainer_state.pt")
+        self.run_dir.mark_latest(target)
+        return target
+
+    def run(self) -> list[dict]:
+        cfg = self.cfg
+        rows = []
+        if self.step_idx == 0 and cfg.eval_interval:
+            row0 = {"step": 0, "eval_accuracy": self.evaluate()}
+            self.run_dir.append_metrics(row0)
+            rows.append(row0)
+        bar = tqdm(total=cfg.num_steps, initial=self.step_idx, desc=f"rl {cfg.recipe}", disable=not self.progress)
+        while self.step_idx < cfg.num_steps:
+            row = self.step()
+            self.run_dir.append_metrics(row)
+            rows.append(row)
+            bar.update(1)
+            shown = {"reward": f"{row['reward']:.3f}", "|dlogp|": f"{row['mismatch_abs_mean']:.4f}"}
+            if "eval_accuracy" in row:
+                shown["eval"] = f"{row['eval_accuracy']:.3f}"
+            bar.set_postfix(shown)
+            if (cfg.save_interval and self.step_idx % cfg.save_interval == 0) or self.step_idx == cfg.num_steps:
+                self.save()
+        bar.close()
+        return rows
+
+
+def train(cfg: RLConfig, progress: bool = True) -> list[dict]:
+    return RLRun(cfg, progress).run()
+
