@@ -80,3 +80,28 @@ def test_int4_round_trip_is_finite_and_bit_exact(w, group, qmax):
     capped = step == BF16_MAX / 8
     err = (deq - wf).abs()
     assert bool(((err <= step * 0.5 + step * 8 * 2**-8) | capped).all())
+
+
+def test_cache_chunking_does_not_change_any_number(monkeypatch):
+    """CPU paths work in cache-sized chunks, GPU paths on whole tensors: both must give the same bits."""
+    import quantrl.formats._checks as checks
+    from quantrl.formats import dequantize_fp8_activation, quantize_fp8_activation
+
+    w = (torch.randn(700, 1536, generator=torch.Generator().manual_seed(5)) * 3).bfloat16()
+    w[::7, 100:300] = 0
+
+    def everything():
+        out = []
+        for strategy in ("block", "channel", "tensor"):
+            q, s = quantize_fp8(w, strategy)
+            out += [q.view(torch.uint8), s, dequantize_fp8(q, s, dtype=torch.float32), fake_quantize_fp8(w, strategy)]
+        qa, sa = quantize_fp8_activation(w)
+        out += [qa.view(torch.uint8), sa, dequantize_fp8_activation(qa, sa)]
+        q4, s4 = quantize_int4(w, 128, 8)
+        out += [q4, s4, pack_int4(q4), dequantize_int4(q4, s4, 128), fake_quantize_int4(w, 32)]
+        return out
+
+    small = everything()  # default chunking: many chunks for these shapes
+    monkeypatch.setattr(checks, "CHUNK_ELEMS", 1 << 62)
+    whole = everything()
+    assert all(torch.equal(a, b) for a, b in zip(small, whole))

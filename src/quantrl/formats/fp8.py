@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from quantrl.formats._checks import CHUNK_ELEMS, cdiv, check_amax, check_block_size, check_float_tensor, row_chunks
+from quantrl.formats._checks import cdiv, check_amax, check_block_size, check_float_tensor, chunk_elems, row_chunks
 from quantrl.formats.ste import straight_through
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -106,10 +106,10 @@ def _tile_shape(strategy: str, block_size: tuple[int, int], n: int, k: int) -> t
     return check_block_size(block_size)
 
 
-def _tile_chunks(nb: int, kb: int, bn: int, bk: int) -> list[tuple[slice, slice]]:
+def _tile_chunks(nb: int, kb: int, bn: int, bk: int, like: torch.Tensor) -> list[tuple[slice, slice]]:
     """(block-row slice, block-col slice) pairs covering the tile grid, each about CHUNK_ELEMS elements."""
-    rows = row_chunks(nb, bn * kb * bk)
-    cols = row_chunks(kb, bn * bk) if rows[0].stop - rows[0].start == 1 else [slice(0, kb)]
+    rows = row_chunks(nb, bn * kb * bk, like)
+    cols = row_chunks(kb, bn * bk, like) if rows[0].stop - rows[0].start == 1 else [slice(0, kb)]
     return [(r, c) for r in rows for c in cols]
 
 
@@ -127,8 +127,8 @@ def _quantize_tiles(
     np_rows, kb, _ = r.shape
     nb = np_rows // bn
     q = torch.empty(r.shape, dtype=FP8_DTYPE, device=x.device)
-    if nb == 1 and bn * kb * bk > CHUNK_ELEMS:  # one huge tile row (per-tensor): scales first, then rows
-        chunks = row_chunks(np_rows, kb * bk)
+    if nb == 1 and bn * kb * bk > chunk_elems(x):  # one huge tile row (per-tensor): scales first, then rows
+        chunks = row_chunks(np_rows, kb * bk, x)
         amax = torch.stack([_rowwise_amax(r[c]).amax(0) for c in chunks]).amax(0, keepdim=True)  # [1, kb]
         check_amax(amax, x, what)
         s = scale_from_amax(amax, scale_fmt)
@@ -136,7 +136,7 @@ def _quantize_tiles(
             _quantize_into(q[c], r[c], s[:, :, None])
         return q, s
     s = torch.empty(nb, kb, dtype=torch.float32, device=x.device)
-    for bi, bj in _tile_chunks(nb, kb, bn, bk):
+    for bi, bj in _tile_chunks(nb, kb, bn, bk, x):
         rows = slice(bi.start * bn, bi.stop * bn)
         rc = r[rows, bj]  # [rows, cols/bk, bk]
         amax = _rowwise_amax(rc).view(-1, bn, rc.shape[1]).amax(1)  # [blocks, cols/bk]
@@ -152,7 +152,7 @@ def _dequantize_tiles(q: torch.Tensor, s: torch.Tensor, bn: int, dtype: torch.dt
     np_rows, kb, bk = q.shape
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     s = s.float()
-    for c in row_chunks(np_rows, kb * bk):
+    for c in row_chunks(np_rows, kb * bk, q):
         rows_s = s[torch.arange(c.start, c.stop, device=q.device) // bn]  # [rows, kb]
         out[c].copy_(q[c].float().mul_(rows_s[:, :, None]))
     return out

@@ -88,7 +88,7 @@ def _codes(g: torch.Tensor, s: torch.Tensor, qlo: int, qhi: int) -> torch.Tensor
 def _grouped_chunks(w: torch.Tensor, group_size: int):
     """Yield (row slice, [rows, K/G, G] view) over cache-sized row chunks of ``w``."""
     n, k = w.shape
-    for c in row_chunks(n, k):
+    for c in row_chunks(n, k, w):
         yield c, w[c].view(-1, k // group_size, group_size)
 
 
@@ -127,7 +127,7 @@ def dequantize_int(
             f"with group_size={group_size} (expected ({n}, {k // group_size if k % group_size == 0 else '?'}))"
         )
     out = torch.empty(n, k, dtype=dtype, device=q.device)
-    for c in row_chunks(n, k):
+    for c in row_chunks(n, k, q):
         g = q[c].float().view(-1, k // group_size, group_size)
         out[c] = g.mul_(scale[c].float().unsqueeze(-1)).view(-1, k)
     return out
@@ -217,7 +217,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     _check_codes(q, 4)
     n, k = q.shape
     out = torch.empty(n, cdiv(k, 8), dtype=torch.int32, device=q.device)
-    for c in row_chunks(n, k):
+    for c in row_chunks(n, k, q):
         out[c] = _pack_rows(q[c])
     return out
 
