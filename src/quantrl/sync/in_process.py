@@ -66,10 +66,12 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def stage_engine_tensors(
-    trainer_model: nn.Module, target: SyncTarget, device: torch.device, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    trainer_model: nn.Module, target: SyncTarget, device: torch.device, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    strict: bool = True,
 ) -> tuple[list[tuple[str, torch.Tensor]], int, int]:
     """All engine tensors on ``device``, converted bucket by bucket. Returns (tensors, trainer bytes, buckets)."""
-    check_compatible(trainer_model, target)
+    if strict:
+        check_compatible(trainer_model, target)
     modules = dict(trainer_model.named_modules())
     staged: list[tuple[str, torch.Tensor]] = []
     trainer_bytes = buckets = 0
@@ -83,19 +85,22 @@ def stage_engine_tensors(
 
 
 def sync_weights(trainer_model: nn.Module, engine, version: int, *, target: SyncTarget | None = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, check_equal: bool = False) -> SyncStats:  # fmt: skip
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, check_equal: bool = False,
+                 strict: bool = True) -> SyncStats:  # fmt: skip
     """Load the trainer's current weights into ``engine`` in its format and move it to ``version``.
 
     ``target`` defaults to ``SyncTarget.for_engine(engine, qmax=trainer_qmax(trainer_model))``.
     ``check_equal`` (``--check-weight-update-equal``): the engine verifies afterwards that it holds
     exactly (bitwise) the converted tensors, and raises ``RuntimeError`` otherwise.
     Raises ``ValueError`` (``SyncError`` or the engine's) with the engine untouched on a bad update.
+    ``strict=False`` skips ``check_compatible``: for ablations that mismatch on purpose (QAT training
+    with a BF16 engine), the engine then gets the trainer's master weights in its own format.
     """
     t0 = time.perf_counter()
     if target is None:
         target = SyncTarget.for_engine(engine, qmax=trainer_qmax(trainer_model))
     device = _device(engine.model)
-    staged, trainer_bytes, buckets = stage_engine_tensors(trainer_model, target, device, bucket_bytes)
+    staged, trainer_bytes, buckets = stage_engine_tensors(trainer_model, target, device, bucket_bytes, strict)
     check_complete(engine.model, (n for n, _ in staged))
     engine.update_weights(staged, version, check_equal=check_equal)
     if device.type == "cuda":
