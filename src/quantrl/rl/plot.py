@@ -1,0 +1,88 @@
+"""``quantrl plot RUN_DIR...``: the figures people compare recipes with.
+
+    reward.png      training reward (smoothed) and held-out accuracy vs step, one line per run
+    mismatch.png    mean |logprob_train - logprob_rollout| vs step, one line per run (log scale)
+    throughput.png  median rollout tokens/s per run
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _label(run: Path) -> str:
+    cfg_path = run / "config.json"
+    recipe = json.loads(cfg_path.read_text()).get("recipe") if cfg_path.exists() else None
+    return f"{recipe} ({run.name})" if recipe and recipe != run.name else run.name
+
+
+def _smooth(xs: list[float], k: int) -> list[float]:
+    out, acc = [], []
+    for x in xs:
+        acc.append(x)
+        acc = acc[-k:]
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from quantrl.rl.run_dir import RunDir
+
+    runs = [(Path(r), RunDir(r).metrics()) for r in run_dirs]
+    missing = [str(r) for r, m in runs if not m]
+    if missing:
+        raise FileNotFoundError(f"no metrics.jsonl rows in: {', '.join(missing)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run, rows in runs:
+        steps = [r for r in rows if "reward" in r]
+        line = ax_r.plot([r["step"] for r in steps], _smooth([r["reward"] for r in steps], smooth), label=_label(run))[0]
+        ev = [r for r in rows if "eval_accuracy" in r]
+        if ev:
+            ax_e.plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], "o-", color=line.get_color(), label=_label(run))
+    ax_r.set(title=f"training reward (mean over samples, {smooth}-step moving average)", xlabel="step", ylabel="reward")
+    ax_e.set(title="held-out accuracy (greedy)", xlabel="step", ylabel="accuracy")
+    for ax in (ax_r, ax_e):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "reward.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run, rows in runs:
+        steps = [r for r in rows if "mismatch_abs_mean" in r]
+        ax.plot([r["step"] for r in steps], [r["mismatch_abs_mean"] for r in steps], label=_label(run))
+    ax.set(title="train-rollout mismatch: mean |logp_train - logp_rollout|", xlabel="step", ylabel="mean |Δ logprob|", yscale="log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "mismatch.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels, rates = [], []
+    for run, rows in runs:
+        vals = sorted(r["rollout_tokens_per_s"] for r in rows if "rollout_tokens_per_s" in r)
+        if vals:
+            labels.append(_label(run))
+            rates.append(vals[len(vals) // 2])
+    ax.barh(labels, rates)
+    ax.set(title="rollout throughput (median over steps)", xlabel="generated tokens / s")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    paths.append(out / "throughput.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
