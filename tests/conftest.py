@@ -11,6 +11,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The tests' tensors are tiny: a second OpenMP thread only adds barrier waits (up to 100x slower on a
+    loaded 2-core machine). Tests that want more threads set them locally."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def gen():
     """A fresh, seeded generator per test: random inputs, reproducible failures."""

@@ -10,15 +10,6 @@ from quantrl.formats.int4 import dequantize_int, int_range, quantize_int
 N, K = 64, 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The column loop runs thousands of tiny ops; on a busy CPU, thread fan-out costs more than it saves.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def layer_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """GPTQ's objective tr((W - Ŵ) H (W - Ŵ)ᵀ) in fp64."""
     d = w.double() - w_hat.double()

@@ -16,7 +16,6 @@ TIMING = ("_s", "_per_s", "peak_", "sync_GB")
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("model") / "m"
     pretrain(PretrainConfig(out_dir=str(out), hidden_size=128, num_layers=2, intermediate_size=256, steps=30,
                             batch_size=32, num_problems=2000, difficulty="easy"), progress=False)

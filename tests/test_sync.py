@@ -37,13 +37,6 @@ BF16, FP32 = torch.bfloat16, torch.float32
 LOGPROB_ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_cfg(**kw) -> dict:
     """Qwen3, 2 layers, hidden 128 / intermediate 256 (every K a multiple of 128), k/v_proj N = 64 (a ragged

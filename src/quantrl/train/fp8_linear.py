@@ -143,15 +143,10 @@ class Fp8BlockTrainLinear(nn.Linear):
 def prepare_fp8_training(model: nn.Module, fp8_param_gather: bool = False) -> list[str]:
     """Swap every quantizable ``nn.Linear`` (not embeddings, lm_head, norms, routers) in place."""
     from quantrl.checkpoint.layout import is_quantizable
-    from quantrl.train.swap import is_plain_linear
+    from quantrl.train.swap import swap_linears
 
-    swapped = []
-    for name, module in list(model.named_modules()):
-        if is_plain_linear(module) and is_quantizable(f"{name}.weight", tuple(module.weight.shape)):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, Fp8BlockTrainLinear.from_linear(module, fp8_param_gather))
-            swapped.append(name)
+    swapped = swap_linears(model, lambda name, m: Fp8BlockTrainLinear.from_linear(m, fp8_param_gather)
+                           if is_quantizable(f"{name}.weight", tuple(m.weight.shape)) else None)  # fmt: skip
     if not swapped:
         raise ValueError("prepare_fp8_training: no Linear layer to convert")
     return swapped

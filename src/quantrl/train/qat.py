@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from quantrl.checkpoint.layout import is_quantizable
 from quantrl.formats.int4 import fake_quantize_int4, quantize_int4
-from quantrl.train.swap import is_plain_linear
+from quantrl.train.swap import swap_linears
 
 ENV_FLAG = "OPEN_TRAINING_INT4_FAKE_QAT_FLAG"
 ENV_GROUP = "OPEN_TRAINING_INT4_GROUP_SIZE"
@@ -104,22 +104,20 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 def prepare_qat(model: nn.Module, cfg: QATConfig) -> list[str]:
     """Swap every eligible ``nn.Linear`` of ``model`` for a ``QATLinear`` in place; returns their names.
 
-    Eligible: a plain Linear (``nn.Linear`` or the decoder's ``Bf16Linear``) that ``checkpoint.layout`` would quantize (not embeddings, lm_head, norms, MoE
-    routers), matching ``cfg.targets`` (if given) and not ``cfg.exclude``. A targeted Linear whose input
+    Eligible: a plain Linear (``nn.Linear`` or the decoder's ``Bf16Linear``) that ``checkpoint.layout``
+    would quantize (not embeddings, lm_head, norms, MoE routers), matching ``cfg.targets`` (if given) and
+    not ``cfg.exclude``. A targeted Linear whose input
     size does not divide the group size is an error, not a silent skip.
     """
-    swapped = []
-    for name, module in list(model.named_modules()):
-        if not is_plain_linear(module):
-            continue
+
+    def make(name: str, module: nn.Module) -> QATLinear | None:
         if not is_quantizable(f"{name}.weight", tuple(module.weight.shape)):
-            continue
+            return None
         if (cfg.targets and not _matches(name, cfg.targets)) or _matches(name, cfg.exclude):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QATLinear.from_linear(module, cfg))
-        swapped.append(name)
+            return None
+        return QATLinear.from_linear(module, cfg)
+
+    swapped = swap_linears(model, make)
     if not swapped:
         raise ValueError("prepare_qat: no Linear layer matched (check targets/exclude)")
     return swapped

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 
@@ -11,3 +13,18 @@ def is_plain_linear(module: nn.Module) -> bool:
     from quantrl.model.linear import Bf16Linear
 
     return type(module) in (nn.Linear, Bf16Linear)
+
+
+def swap_linears(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> list[str]:
+    """Replace each plain Linear for which ``make(name, module)`` returns a module; returns the names."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if not is_plain_linear(module):
+            continue
+        new = make(name, module)
+        if new is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        swapped.append(name)
+    return swapped
