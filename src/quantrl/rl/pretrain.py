@@ -33,7 +33,7 @@ class PretrainConfig:
     "decoder layers"
     intermediate_size: int = 768
     "SwiGLU width"
-    steps: int = 1200
+    steps: int = 1500
     "optimizer steps"
     batch_size: int = 64
     "sequences per step"
