@@ -98,3 +98,17 @@ def test_plot_writes_the_three_figures(tiny_model, tmp_path):
     for name in ("reward.png", "mismatch.png", "throughput.png"):
         data = (tmp_path / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_cli_resume_reuses_the_saved_config(tiny_model, tmp_path, capsys):
+    from quantrl.cli import main
+
+    run = tmp_path / "cli"
+    args = ["train", "--model", str(tiny_model), "--run-dir", str(run), "--num-steps", "2", "--prompts-per-step", "2",
+            "--n-samples-per-prompt", "2", "--max-new-tokens", "8", "--eval-size", "4", "--eval-interval", "0",
+            "--difficulty", "easy", "--recipe", "fp8", "--no-progress"]
+    assert main(args) == 0
+    assert main(["train", "--run-dir", str(run), "--resume", "--num-steps", "3", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert "fp8" in capsys.readouterr().out  # the saved recipe, not the default one

@@ -26,6 +26,8 @@ def _train(args: argparse.Namespace) -> int:
     from quantrl.rl.loop import RLConfig, train
 
     cfg = from_args(RLConfig, args)
+    if cfg.resume:
+        cfg = resumed_config(cfg)
     rows = train(cfg, progress=not args.no_progress)
     steps = [r for r in rows if "reward" in r]
     if steps:
@@ -39,6 +41,25 @@ def _train(args: argparse.Namespace) -> int:
     if evals:
         print("held-out accuracy: " + ", ".join(f"step {r['step']}: {r['eval_accuracy']:.3f}" for r in evals))
     return 0
+
+
+def resumed_config(cfg):
+    """On --resume, the run's saved config, with only the flags given on this command line changed."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from quantrl.rl.loop import RLConfig
+
+    saved_path = Path(cfg.run_dir) / "config.json"
+    if not saved_path.exists():
+        return cfg
+    saved = json.loads(saved_path.read_text())
+    default = RLConfig()
+    fields = {f.name for f in dataclasses.fields(RLConfig)}
+    merged = {k: v for k, v in saved.items() if k in fields}
+    merged.update({k: getattr(cfg, k) for k in fields if getattr(cfg, k) != getattr(default, k)})
+    return RLConfig(**{**merged, "resume": True})
 
 
 def _pretrain(args: argparse.Namespace) -> int:
