@@ -5,7 +5,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from quantrl.rl.loop import RLConfig, RLRun, train
 from quantrl.rl.pretrain import PretrainConfig, pretrain
