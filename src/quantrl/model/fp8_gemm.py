@@ -79,6 +79,16 @@ def scaled_mm(
 ) -> torch.Tensor:
     """y [M, N] = fp8 GEMM of x2d [M, K] (activation dtype) with weight [N, K] fp8, in x2d's dtype."""
     xq, xs = quantize_act_graph_safe(x2d, act_strategy, act_group, scale_fmt)
+    y = scaled_mm_quantized(xq, xs, weight, weight_scale, strategy, x2d.dtype)
+    return y if bias is None else y + bias
+
+
+def scaled_mm_quantized(
+    xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, strategy: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``torch._scaled_mm`` on already-quantized operands: xq [M, K] fp8 with its dequant scales, weight
+    [N, K] fp8 with ``weight_scale`` (layouts in the module note) -> [M, N] in ``out_dtype``."""
     ws = weight_scale.float()
     if strategy == "block":
         sa = xs.t().contiguous().t()  # [M, K/128], column-major as cuBLAS's 1x128 recipe wants
@@ -87,5 +97,4 @@ def scaled_mm(
         sa, sb = xs.reshape(-1, 1), ws.reshape(1, -1)  # [M, 1], [1, N]
     else:
         sa, sb = xs.reshape(()), ws.reshape(())
-    y = torch._scaled_mm(xq, weight.t(), scale_a=sa, scale_b=sb, out_dtype=x2d.dtype)
-    return y if bias is None else y + bias
+    return torch._scaled_mm(xq, weight.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)

@@ -32,6 +32,7 @@ from quantrl.formats.fp8 import (
     quantize_fp8,
     quantize_fp8_activation,
 )
+from quantrl.model import fp8_gemm
 
 BLOCK = 128
 
@@ -53,27 +54,31 @@ _SCALED_MM_OK: bool | None = None
 
 
 def _scaled_mm_fprop(xq, xs, wq, ws, out_dtype) -> torch.Tensor | None:
-    """x [M, K] (1×128) @ W^T with W [N, K] (128×128) through ``torch._scaled_mm``; None if unsupported."""
+    """x [M, K] (1×128) @ W^T with W [N, K] (128×128) through ``torch._scaled_mm``; None if unsupported.
+
+    The call itself is the rollout engine's (``model.fp8_gemm``); the first use per process is checked
+    against the emulation and kept only if they agree.
+    """
     global _SCALED_MM_OK
     if _SCALED_MM_OK is False or not xq.is_cuda:
         return None
-    m, k = xq.shape
-    n = wq.shape[0]
-    if k % BLOCK or n % BLOCK:
+    n, k = wq.shape
+    if not (fp8_gemm.fast_path_supported("block", "group", n, k, (BLOCK, BLOCK), BLOCK)
+            and fp8_gemm.device_supports_fp8(xq.device)):  # fmt: skip
         return None
     try:
-        # cuBLAS blockwise: scale_a [M, K/128] M-major, scale_b [K/128, N/128]; b column-major [K, N].
-        y = torch._scaled_mm(xq, wq.t(), scale_a=xs.t().contiguous().t(), scale_b=ws.t().contiguous(), out_dtype=out_dtype)
-    except (RuntimeError, TypeError, ValueError) as e:
+        y = fp8_gemm.scaled_mm_quantized(xq, xs, wq, ws, "block", out_dtype)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
         _SCALED_MM_OK = False
-        warnings.warn(f"torch._scaled_mm blockwise FP8 unavailable ({e}); using the emulated FP8 GEMM")
+        warnings.warn(f"torch._scaled_mm blockwise FP8 unavailable ({e}); using the emulated FP8 GEMM", stacklevel=2)
         return None
     if _SCALED_MM_OK is None:
         ref = _emulated_gemm(_deq_rows(xq, xs), _deq_blocks(wq, ws), torch.float32)
         err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
-        _SCALED_MM_OK = err < 1e-2
+        _SCALED_MM_OK = err <= fp8_gemm.PROBE_RTOL
         if not _SCALED_MM_OK:
-            warnings.warn(f"torch._scaled_mm blockwise FP8 disagrees with the emulation (rel err {err:.2e}); not using it")
+            warnings.warn(f"torch._scaled_mm blockwise FP8 disagrees with the emulation (rel err {err:.2e}); not using it",
+                          stacklevel=2)  # fmt: skip
             return None
     return y
 
