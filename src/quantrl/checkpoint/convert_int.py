@@ -22,6 +22,7 @@ from quantrl.formats._checks import cdiv
 from quantrl.formats.int4 import pack_int, quantize_int
 
 QUANT_TYPES = {"W4A16": 4, "W8A16": 8}
+CALIB_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -107,11 +108,13 @@ def _calibration_batches(model_dir: str | Path, opts: IntConvertOptions) -> list
         # transformers builds an empty tokenizer for some model types when the dir has no tokenizer files
         raise CheckpointError(f"{model_dir}: the tokenizer loaded from it turns text into no tokens (are its tokenizer files missing?)")
     try:
-        return build_calibration_batches(
+        windows = build_calibration_batches(
             texts, tokenizer, num_samples=opts.num_calibration_samples, max_sequence_length=opts.max_sequence_length, seed=opts.seed
         )
     except ValueError as e:  # e.g. too short: name the data the user passed
         raise CheckpointError(f"{opts.data_dir}: {e}") from None
+    # equal-length [1, L] windows -> [B, L] batches: one layer call per CALIB_BATCH windows, not per window
+    return [torch.cat(windows[i : i + CALIB_BATCH]) for i in range(0, len(windows), CALIB_BATCH)]
 
 
 def convert_to_int(

@@ -1,11 +1,10 @@
-"""``quantrl demo``: the whole offline path on a model small enough for a laptop CPU.
+"""``quantrl demo``: the offline path on the embedded model, on a laptop CPU in about a minute.
 
-1. builds a byte-level BPE tokenizer and a small Qwen3-shaped model, trained for a minute on built-in
-   arithmetic prose (no downloads), and saves it as a BF16 HF checkpoint;
+1. takes the embedded BF16 model (or ``--model DIR``);
 2. converts it with ``quantrl convert``: FP8 128×128 blocks, FP8 per channel, INT4 g128 RTN, INT4 g128
-   GPTQ (calibrated on the same kind of text);
+   GPTQ (calibrated on task text written to a ``.txt`` file);
 3. loads every checkpoint with *transformers* (the consumer users already have) and compares, on held-out
-   text, perplexity, KL(bf16 ‖ quantized), top-1 agreement and size on disk.
+   task text, perplexity, KL(bf16 ‖ quantized), top-1 agreement and size on disk.
 """
 
 from __future__ import annotations
@@ -24,25 +23,17 @@ import torch
 class DemoConfig:
     out_dir: str = "runs/demo"
     "where checkpoints and the summary JSON go"
-    arch: str = "qwen3"
-    "qwen3 or llama"
-    hidden: int = 256
-    "model width"
-    layers: int = 4
-    "decoder layers"
-    train_steps: int = 150
-    "warm-up training steps on the built-in text"
+    model: str = ""
+    "BF16 HF model directory (default: the embedded model)"
     seed: int = 0
-    "seed for data, init and training"
-    overwrite: bool = True
-    "replace earlier demo checkpoints"
+    "seed of the calibration and held-out problems"
 
 
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
-def _evaluate(model_dir: Path, quantized: bool, tokens: torch.Tensor, ref_logp: torch.Tensor | None):
+def _evaluate(model_dir: Path, tokens: torch.Tensor, ref_logp: torch.Tensor | None):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     cfg = json.loads((model_dir / "config.json").read_text()).get("quantization_config", {})
@@ -61,48 +52,47 @@ def _evaluate(model_dir: Path, quantized: bool, tokens: torch.Tensor, ref_logp: 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> list[dict]:
     import warnings
 
+    from transformers import AutoTokenizer
     from transformers import logging as hf_logging
 
-    from quantrl.checkpoint.calibration import default_calibration_texts
     from quantrl.checkpoint.convert_fp8 import Fp8ConvertOptions, convert_to_fp8
     from quantrl.checkpoint.convert_int import IntConvertOptions, convert_to_int
-    from quantrl.tiny import build_tokenizer, save_model, tiny_config, train_tiny_lm
+    from quantrl.rl.loop import default_model_dir
+    from quantrl.tasks.arithmetic import make_split
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*loading attributes.*")
     out = Path(cfg.out_dir)
-    texts = default_calibration_texts(1024, seed=cfg.seed)
-    held_out = default_calibration_texts(16, seed=cfg.seed + 1)
-    tok = build_tokenizer(texts)
-    stream = torch.tensor(tok("\n\n".join(texts), add_special_tokens=False)["input_ids"])
-    model = train_tiny_lm(tiny_config(cfg.arch, len(tok), cfg.hidden, cfg.layers, cfg.hidden * 3), stream,
-                          steps=cfg.train_steps, seed=cfg.seed, progress=progress)
-    bf16_dir = out / "bf16"
-    if bf16_dir.exists() and cfg.overwrite:
-        import shutil
+    out.mkdir(parents=True, exist_ok=True)
+    bf16_dir = Path(cfg.model or default_model_dir())
+    tok = AutoTokenizer.from_pretrained(str(bf16_dir))
+    calib, held = make_split(2000, 64, cfg.seed + 7, "medium")
+    calib_file = out / "calibration.txt"
+    calib_file.write_text("\n\n".join(p.prompt + p.solution for p in calib) + "\n")
 
-        shutil.rmtree(bf16_dir)
-    save_model(model, tok, bf16_dir)
+    def ids(problems) -> torch.Tensor:
+        rows = [tok(p.prompt + p.solution)["input_ids"] + [tok.eos_token_id] for p in problems]
+        t = min(len(r) for r in rows)
+        return torch.tensor([r[:t] for r in rows])  # [B, t]: equal lengths, no padding needed
 
     variants = {
-        "fp8 block128": lambda d: convert_to_fp8(bf16_dir, d, Fp8ConvertOptions(overwrite=cfg.overwrite), progress=progress),
-        "fp8 channel": lambda d: convert_to_fp8(bf16_dir, d, Fp8ConvertOptions(strategy="channel", overwrite=cfg.overwrite), progress=progress),
-        "int4 g128 rtn": lambda d: convert_to_int(bf16_dir, d, IntConvertOptions(method="rtn", overwrite=cfg.overwrite), progress=progress),
+        "fp8 block128": lambda d: convert_to_fp8(bf16_dir, d, Fp8ConvertOptions(overwrite=True), progress=progress),
+        "fp8 channel": lambda d: convert_to_fp8(bf16_dir, d, Fp8ConvertOptions(strategy="channel", overwrite=True), progress=progress),
+        "int4 g128 rtn": lambda d: convert_to_int(bf16_dir, d, IntConvertOptions(method="rtn", overwrite=True), progress=progress),
         "int4 g128 gptq": lambda d: convert_to_int(
-            bf16_dir, d, IntConvertOptions(method="gptq", data_dir="synthetic", num_calibration_samples=64,
-                                           max_sequence_length=256, overwrite=cfg.overwrite), progress=progress),
+            bf16_dir, d, IntConvertOptions(method="gptq", data_dir=str(calib_file), num_calibration_samples=64,
+                                           max_sequence_length=256, overwrite=True), progress=progress),
     }
-    eval_tokens = torch.tensor(tok("\n\n".join(held_out), add_special_tokens=False)["input_ids"])
-    eval_tokens = eval_tokens[: (eval_tokens.numel() // 256) * 256].view(-1, 256)[:8]  # [B, 256]
-    base, ref_logp = _evaluate(bf16_dir, False, eval_tokens, None)
+    eval_tokens = ids(held)
+    base, ref_logp = _evaluate(bf16_dir, eval_tokens, None)
     rows = [{"format": "bf16", **base, "kl": 0.0, "top1": 1.0, "MB": _dir_bytes(bf16_dir) / 1e6, "convert_s": 0.0}]
     for name, convert in variants.items():
         d = out / name.replace(" ", "-")
         t0 = time.perf_counter()
         convert(d)
         secs = time.perf_counter() - t0
-        row, _ = _evaluate(d, True, eval_tokens, ref_logp)
+        row, _ = _evaluate(d, eval_tokens, ref_logp)
         rows.append({"format": name, **row, "MB": _dir_bytes(d) / 1e6, "convert_s": secs})
     (out / "summary.json").write_text(json.dumps({"config": asdict(cfg), "results": rows}, indent=2) + "\n")
     return rows
@@ -115,22 +105,19 @@ def print_table(rows: list[dict]) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="train a tiny model, convert it to FP8/INT4, compare in transformers (CPU, ~1 min)")
-    d = DemoConfig()
-    p.add_argument("--out-dir", default=d.out_dir)
-    p.add_argument("--arch", choices=["qwen3", "llama"], default=d.arch)
-    p.add_argument("--hidden", type=int, default=d.hidden)
-    p.add_argument("--layers", type=int, default=d.layers)
-    p.add_argument("--train-steps", type=int, default=d.train_steps)
-    p.add_argument("--seed", type=int, default=d.seed)
+    from quantrl.config_cli import add_dataclass_args
+
+    p = sub.add_parser("demo", help="convert the embedded model to FP8/INT4 (RTN, GPTQ) and compare in transformers (CPU)")
+    add_dataclass_args(p, DemoConfig)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    cfg = DemoConfig(out_dir=args.out_dir, arch=args.arch, hidden=args.hidden, layers=args.layers,
-                     train_steps=args.train_steps, seed=args.seed)
+    from quantrl.config_cli import from_args
+
+    cfg = from_args(DemoConfig, args)
     rows = run_demo(cfg, progress=not args.no_progress)
-    print(f"\n{cfg.arch} model (hidden {cfg.hidden}, {cfg.layers} layers), checkpoints in {cfg.out_dir}:")
+    print(f"\nheld-out task text, checkpoints in {cfg.out_dir}:")
     print_table(rows)
     return 0
