@@ -33,19 +33,21 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
-def _evaluate(model_dir: Path, tokens: torch.Tensor, ref_logp: torch.Tensor | None):
+def _evaluate(model_dir: Path, tokens: torch.Tensor, mask: torch.Tensor, ref_logp: torch.Tensor | None):
+    """Solution-token perplexity, KL(bf16 || model) and top-1 agreement (``mask`` [B, L]: solution tokens)."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     cfg = json.loads((model_dir / "config.json").read_text()).get("quantization_config", {})
     kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if cfg.get("quant_method") == "compressed-tensors" else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **kwargs).eval()
     with torch.no_grad():
-        logp = model(tokens).logits.float().log_softmax(-1)  # [B, L, V]
-    nll = -logp[:, :-1].gather(-1, tokens[:, 1:, None]).mean()
+        logp = model(tokens).logits.float().log_softmax(-1)[:, :-1]  # [B, L-1, V]: predicts tokens[:, 1:]
+    m = mask[:, 1:].bool()
+    nll = -logp.gather(-1, tokens[:, 1:, None])[..., 0][m].mean()
     row = {"ppl": math.exp(float(nll))}
     if ref_logp is not None:
-        row["kl"] = float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
-        row["top1"] = float((logp.argmax(-1) == ref_logp.argmax(-1)).float().mean())
+        row["kl"] = float((ref_logp.exp() * (ref_logp - logp)).sum(-1)[m].mean())
+        row["top1"] = float((logp.argmax(-1) == ref_logp.argmax(-1))[m].float().mean())
     return row, logp
 
 
@@ -71,10 +73,17 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> list[dict]:
     calib_file = out / "calibration.txt"
     calib_file.write_text("\n\n".join(p.prompt + p.solution for p in calib) + "\n")
 
-    def ids(problems) -> torch.Tensor:
-        rows = [tok(p.prompt + p.solution)["input_ids"] + [tok.eos_token_id] for p in problems]
-        t = min(len(r) for r in rows)
-        return torch.tensor([r[:t] for r in rows])  # [B, t]: equal lengths, no padding needed
+    def ids(problems) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ``<bos> prompt solution <eos>`` [B, T] and the solution-token mask [B, T]."""
+        rows = [(tok(p.prompt)["input_ids"], tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+                for p in problems]  # fmt: skip
+        t = max(len(a) + len(b) for a, b in rows)
+        x = torch.full((len(rows), t), tok.pad_token_id, dtype=torch.long)
+        m = torch.zeros_like(x)
+        for i, (a, b) in enumerate(rows):
+            x[i, : len(a) + len(b)] = torch.tensor(a + b)
+            m[i, len(a) : len(a) + len(b)] = 1
+        return x, m
 
     variants = {
         "fp8 block128": lambda d: convert_to_fp8(bf16_dir, d, Fp8ConvertOptions(overwrite=True), progress=progress),
@@ -84,22 +93,22 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> list[dict]:
             bf16_dir, d, IntConvertOptions(method="gptq", data_dir=str(calib_file), num_calibration_samples=64,
                                            max_sequence_length=256, overwrite=True), progress=progress),
     }
-    eval_tokens = ids(held)
-    base, ref_logp = _evaluate(bf16_dir, eval_tokens, None)
+    eval_tokens, eval_mask = ids(held)
+    base, ref_logp = _evaluate(bf16_dir, eval_tokens, eval_mask, None)
     rows = [{"format": "bf16", **base, "kl": 0.0, "top1": 1.0, "MB": _dir_bytes(bf16_dir) / 1e6, "convert_s": 0.0}]
     for name, convert in variants.items():
         d = out / name.replace(" ", "-")
         t0 = time.perf_counter()
         convert(d)
         secs = time.perf_counter() - t0
-        row, _ = _evaluate(d, eval_tokens, ref_logp)
+        row, _ = _evaluate(d, eval_tokens, eval_mask, ref_logp)
         rows.append({"format": name, **row, "MB": _dir_bytes(d) / 1e6, "convert_s": secs})
     (out / "summary.json").write_text(json.dumps({"config": asdict(cfg), "results": rows}, indent=2) + "\n")
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'format':<16}{'held-out ppl':>13}{'KL(bf16||q)':>13}{'top-1 agree':>13}{'MB on disk':>12}{'convert s':>11}")
+    print(f"{'format':<16}{'solution ppl':>13}{'KL(bf16||q)':>13}{'top-1 agree':>13}{'MB on disk':>12}{'convert s':>11}")
     for r in rows:
         print(f"{r['format']:<16}{r['ppl']:>13.3f}{r['kl']:>13.2e}{r['top1']:>13.1%}{r['MB']:>12.2f}{r['convert_s']:>11.2f}")
 
@@ -118,6 +127,6 @@ def _main(args: argparse.Namespace) -> int:
 
     cfg = from_args(DemoConfig, args)
     rows = run_demo(cfg, progress=not args.no_progress)
-    print(f"\nheld-out task text, checkpoints in {cfg.out_dir}:")
+    print(f"\nheld-out problems (solution tokens), checkpoints in {cfg.out_dir}:")
     print_table(rows)
     return 0
