@@ -77,19 +77,11 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _train_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from _tiny_models import bpe_tokenizer
 
     from quantrl.checkpoint.calibration import default_calibration_texts
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(default_calibration_texts(64, seed=1), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
+    return bpe_tokenizer(default_calibration_texts(64, seed=1))
 
 
 def _randomize(model, seed: int) -> None:

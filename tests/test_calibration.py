@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from _tiny_models import bpe_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from quantrl.checkpoint.calibration import (
@@ -21,14 +21,7 @@ WIKI_ROWS = ["", " = Valkyria Chronicles = \n", "", " Senjō no Valkyria is a ta
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE trained here on the default corpus: a real HF fast tokenizer, nothing downloaded."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(default_calibration_texts(64, seed=1), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
+    return bpe_tokenizer(default_calibration_texts(64, seed=1))
 
 
 def token_stream(tokenizer, texts: list[str]) -> list[int]:

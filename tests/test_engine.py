@@ -207,9 +207,9 @@ def test_quantized_engine_update(kind):
 
 def test_generate_command(tmp_path, capsys):
     from quantrl.cli import main
-    from quantrl.tiny import build_tokenizer
+    from _tiny_models import bpe_tokenizer
 
-    tok = build_tokenizer(["the quick brown fox jumps over the lazy dog"] * 4, vocab_size=300)
+    tok = bpe_tokenizer(["the quick brown fox jumps over the lazy dog"] * 4, vocab_size=300)
     save_model(qwen3_config(vocab_size=len(tok)), tmp_path)
     tok.save_pretrained(tmp_path)
     rc = main(["generate", "--model", str(tmp_path), "--prompt", "the quick", "--max-new-tokens", "5", "--n", "2",
