@@ -34,33 +34,45 @@ def lm_loss(model, micro):
     return -(logp * micro["loss_mask"][:, 1:]).sum(), {}
 
 
+SMOKE_CONFIG = {**QWEN3_06B, "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "num_key_value_heads": 1}  # --smoke: the same code path on CPU in seconds
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def step_times(mode: str, args) -> dict:
     from quantrl.model import build_model, random_init_
     from quantrl.train.trainer import TrainConfig, Trainer
 
     torch.manual_seed(0)
-    model = random_init_(build_model(QWEN3_06B, dtype=torch.bfloat16, device="cuda"), seed=0).train()
+    config = SMOKE_CONFIG if args.smoke else QWEN3_06B
+    dev = "cpu" if args.smoke else "cuda"
+    model = random_init_(build_model(config, dtype=torch.bfloat16, device=dev), seed=0).train()
     params = sum(p.numel() for p in model.parameters())
     trainer = Trainer(model, TrainConfig(mode=mode, lr=1e-6, micro_batch_size=args.micro_batch, qat_group_size=128))
-    g = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(0, QWEN3_06B["vocab_size"], (args.batch, args.seq_len), device="cuda", generator=g)
+    g = torch.Generator(device=dev).manual_seed(0)
+    ids = torch.randint(0, config["vocab_size"], (args.batch, args.seq_len), device=dev, generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
     times = []
     for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
+        _sync(dev)
         t0 = time.perf_counter()
         trainer.train_step(batch, lm_loss)
-        torch.cuda.synchronize()
+        _sync(dev)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     flops = 6 * params * args.batch * args.seq_len
     out = {"step_s": med, "steps": times, "params": params, "tokens_per_s": args.batch * args.seq_len / med,
            "gemm_flops": flops, "pct_of_peak": 100 * flops / med / PEAK_FLOPS[mode],
-           "peak_mem_GB": torch.cuda.max_memory_allocated() / 1e9}
+           "peak_mem_GB": torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else 0.0}
     del trainer, model
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     return out
 
 
@@ -72,7 +84,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=["bf16", "int4-qat", "fp8"])
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, writes no results")
     args = ap.parse_args()
+    if args.smoke:
+        for m in args.modes:
+            r = step_times(m, args)
+            print(f"smoke {m}: {r['step_s']:.3f} s/step")
+        return
     if not torch.cuda.is_available():
         sys.exit("bench/train_gpu.py needs a CUDA device (it times GPU training steps); none is available")
     rows = {m: step_times(m, args) for m in args.modes}
