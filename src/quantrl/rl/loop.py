@@ -238,11 +238,19 @@ class RLRun:
         texts = [self.tok.decode(r.tokens, skip_special_tokens=True) for r in results]
         return sum(self.reward(t, self.held_out[r.prompt_index]) for t, r in zip(texts, results)) / len(results)
 
+    def _logprobs(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, T-1] logprobs of the batch's tokens under ``model``, micro-batch by micro-batch (no grad)."""
+        from quantrl.train.logprobs import token_logprobs
+
+        mb, t = self.cfg.micro_batch_size, self.cfg.temperature
+        ids, am = batch["input_ids"], batch["attention_mask"]
+        return torch.cat([token_logprobs(model, ids[i : i + mb], am[i : i + mb], temperature=t)[0]
+                          for i in range(0, ids.shape[0], mb)])  # fmt: skip
+
     def step(self) -> dict:
         from quantrl.rl.grpo import group_advantages, reduce_metrics
         from quantrl.rl.mismatch import mismatch_metrics
         from quantrl.rollout import SamplingParams
-        from quantrl.train.logprobs import token_logprobs
 
         cfg, step = self.cfg, self.step_idx + 1
         prompts = self.dataset.next_batch(cfg.prompts_per_step)
@@ -259,15 +267,9 @@ class RLRun:
         mask = batch["loss_mask"][:, 1:]
         with torch.no_grad():
             self.trainer.model.eval()
-            train_logp = torch.cat([
-                token_logprobs(self.trainer.model, batch["input_ids"][i : i + cfg.micro_batch_size],
-                               batch["attention_mask"][i : i + cfg.micro_batch_size], temperature=cfg.temperature)[0]
-                for i in range(0, len(results), cfg.micro_batch_size)])  # fmt: skip
+            train_logp = self._logprobs(self.trainer.model, batch)
             if self.ref is not None:
-                batch["ref_logp"] = torch.cat([
-                    token_logprobs(self.ref, batch["input_ids"][i : i + cfg.micro_batch_size],
-                                   batch["attention_mask"][i : i + cfg.micro_batch_size], temperature=cfg.temperature)[0]
-                    for i in range(0, len(results), cfg.micro_batch_size)])  # fmt: skip
+                batch["ref_logp"] = self._logprobs(self.ref, batch)
         mismatch = mismatch_metrics(train_logp, batch["rollout_logp"], mask)
         t0 = time.perf_counter()
         train_metrics = reduce_metrics(self.trainer.train_step(batch, self.loss_fn))

@@ -26,6 +26,15 @@ def _smooth(xs: list[float], k: int) -> list[float]:
     return out
 
 
+def _save(fig, path: Path, paths: list[Path]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+
+
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) -> list[Path]:
     import matplotlib
 
@@ -54,10 +63,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) 
     for ax in (ax_r, ax_e):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "reward.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    _save(fig, out / "reward.png", paths)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run, rows in runs:
@@ -66,10 +72,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) 
     ax.set(title="train-rollout mismatch: mean |logp_train - logp_rollout|", xlabel="step", ylabel="mean |Δ logprob|", yscale="log")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "mismatch.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    _save(fig, out / "mismatch.png", paths)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels, rates = [], []
@@ -81,8 +84,5 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) 
     ax.barh(labels, rates)
     ax.set(title="rollout throughput (median over steps)", xlabel="generated tokens / s")
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    paths.append(out / "throughput.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    _save(fig, out / "throughput.png", paths)
     return paths
