@@ -33,7 +33,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, defaults: Any
     for f in dataclasses.fields(cls):
         default = getattr(base, f.name)
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{docs.get(f.name, '')} (default: {default!r})"
+        help_ = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")  # argparse %-formats help
         if isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif isinstance(default, (int, float, str)):
