@@ -1,5 +1,13 @@
+import importlib.util
+import os
+
 import pytest
 import torch
+
+# quantrl.kernels' Triton kernels run in Triton's CPU interpreter when there is no GPU (tests/test_kernels_*).
+# TRITON_INTERPRET is read when @triton.jit decorates a kernel, so it must be set before anything imports them.
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,6 +33,21 @@ def _one_thread():
 def gen():
     """A fresh, seeded generator per test: random inputs, reproducible failures."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """``torch.empty`` fills every byte with 0xFF (NaN for float dtypes, fp8 included; -1 for ints), so an output
+    element a kernel forgets to write cannot pass for a right answer."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        if t.numel():
+            t.reshape(-1).view(torch.uint8).fill_(0xFF)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,588 @@
+"""quantrl.kernels on one GPU: W4A16 GEMM, FP8 block linear and the quantization kernels, against
+baselines timed in the same process.
+
+Correctness first: every kernel is compared with the ``formats`` reference (quantizers bit for bit; GEMMs
+against an fp64 product of the exact dequantized operands: relative error < 3e-3 and within two output
+ulps plus the fp32 summation-order term), and the script exits 1 before timing anything if one fails.
+Baselines are checked too (a failing baseline is timed but marked, never used for a target).
+
+Figures. Each time is the median over ``--reps`` CUDA-graph replays (events) of one call per weight copy:
+every method cycles through enough copies of its weight to exceed the 50 MB L2 (so decode reads DRAM, as
+it does in a real model), divided by the number of copies. Beside every time: bytes moved (each input
+read once, each output written once) / time as % of the 3.0 TB/s copy bandwidth (also measured here), and
+2MNK / time as % of 800 TFLOP/s (bf16) or 1260 TFLOP/s (fp8). Ratios are baseline time / our time.
+
+  W4A16   ours (``w4a16_linear``, group 128, path by M) vs ``F.linear`` bf16 (cuBLAS) and
+          ``torch.ops.aten._weight_int4pack_mm`` (tinygemm; same codes and scales, zero points 0)
+  FP8     ``fp8_block_linear`` (Triton 1x128 activation quantization included) through
+          ``torch._scaled_mm`` blockwise and through the Triton block GEMM, vs ``F.linear`` bf16
+  quant   8192 x 8192 bf16 (128 MB) through each quantizer vs the ``formats`` reference on the GPU and a
+          plain ``copy_`` (the measured copy bandwidth)
+
+Shapes (N x K): 4096x4096, 14336x4096, 4096x14336, 8192x8192 and the linears of the ~0.5B Qwen3-shaped
+model of ``rollout_gpu.py``. M: 1..256 (+1024, 4096 for FP8).
+
+Targets (issue 5): W4A16 at M=1 >= 3.0x BF16 on the three largest shapes; >= 1.5x _weight_int4pack_mm at
+M=1..16; never slower than BF16 at M=32..256; FP8 block linear >= 1.4x BF16 at M>=4096 on 8192x8192;
+quantize / pack / fake-quant kernels >= 80% of copy bandwidth.
+
+Run on the GPU machine: ``python bench/kernels_gpu.py`` (~3-5 minutes; writes bench/results/kernels_gpu.json).
+Without a GPU: ``--dry-run`` prints the plan (bytes, FLOPs, roofline floors); ``--tiny`` runs the checks
+and the timing code on tiny shapes through Triton's CPU interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+from _common import write_results
+from rollout_gpu import QWEN3_06B
+
+COPY_BW = 3.0e12  # B/s, H100 copy bandwidth
+PEAK_BF16 = 800e12  # FLOP/s
+PEAK_FP8 = 1260e12
+L2_BYTES = 50 * 2**20
+W4A16_MS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+FP8_MS = W4A16_MS + [1024, 4096]
+GROUP = 128
+QUANT_SHAPE = (8192, 8192)
+
+
+def _model_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    return {"0.6b.q_proj": (q, h), "0.6b.k_v_proj": (kv, h), "0.6b.o_proj": (h, q), "0.6b.gate_up": (inter, h),
+            "0.6b.down_proj": (h, inter)}  # fmt: skip
+
+
+SHAPES = {"4096x4096": (4096, 4096), "14336x4096": (14336, 4096), "4096x14336": (4096, 14336),
+          "8192x8192": (8192, 8192), **_model_shapes(QWEN3_06B)}  # fmt: skip
+LARGEST = ("14336x4096", "4096x14336", "8192x8192")
+TINY_SHAPES = {"tiny.256x384": (256, 384), "tiny.200x256": (200, 256)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bookkeeping: bytes, FLOPs, roofline
+# ---------------------------------------------------------------------------------------------------------
+def w4a16_bytes(m: int, n: int, k: int, g: int = GROUP) -> int:
+    return m * k * 2 + n * k // 2 + (n * k // g) * 2 + m * n * 2
+
+
+def bf16_bytes(m: int, n: int, k: int) -> int:
+    return m * k * 2 + n * k * 2 + m * n * 2
+
+
+def int4pack_bytes(m: int, n: int, k: int, g: int = GROUP) -> int:
+    return m * k * 2 + n * k // 2 + (n * k // g) * 4 + m * n * 2  # scales and zeros: 2 bf16 per group
+
+
+def fp8_linear_bytes(m: int, n: int, k: int) -> int:
+    """x read once (bf16), weight fp8 + block scales, output bf16 (the fp8 activations round-trip ignored)."""
+    return m * k * 2 + n * k + math.ceil(n / 128) * math.ceil(k / 128) * 4 + m * n * 2
+
+
+def floor_us(nbytes: int, flops: int, peak: float) -> float:
+    return 1e6 * max(nbytes / COPY_BW, flops / peak)
+
+
+def pct_bw(nbytes: int, t: float | None) -> float | None:
+    return None if not t else nbytes / t / COPY_BW
+
+
+def pct_flops(flops: int, t: float | None, peak: float) -> float | None:
+    return None if not t else flops / t / peak
+
+
+# ---------------------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------------------
+class Timer:
+    """Seconds per call of a list of zero-argument callables (one per weight copy)."""
+
+    def __init__(self, device: torch.device, reps: int):
+        self.device, self.reps = device, reps
+
+    def __call__(self, fns: list, capture: bool = True) -> float:
+        """``capture=False`` for code with host syncs (eager launches, launch gaps included)."""
+        if self.device.type != "cuda":
+            for f in fns:
+                f()
+            t0 = time.perf_counter()
+            for f in fns:
+                f()
+            return (time.perf_counter() - t0) / len(fns)
+        for f in fns:  # compile / autotune / allocate outside the graph
+            f()
+        torch.cuda.synchronize()
+
+        def run():
+            for f in fns:
+                f()
+
+        if capture:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            run = graph.replay
+
+        run()
+        times = []
+        for _ in range(self.reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            run()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        return statistics.median(times) / len(fns)
+
+
+def copies_for(nbytes: int, device: torch.device) -> int:
+    """Weight copies to cycle through so that one pass exceeds ~3x the L2 (1 on CPU)."""
+    if device.type != "cuda":
+        return 1
+    return int(min(256, max(1, math.ceil(3 * L2_BYTES / max(nbytes, 1)))))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# correctness helpers
+# ---------------------------------------------------------------------------------------------------------
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y, ref = y.double(), ref.to(y.device).double()
+    return float((y - ref).norm() / ref.norm())
+
+
+def gemm_ok(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias=None, ulps: float = 2.0) -> tuple[bool, float]:
+    """(passes, relative error) against an fp64 x @ w.T (+ bias) on y's device (see the module note)."""
+    mant = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[y.dtype]
+    xd, wd = x.to(y.device, torch.float64), w.to(y.device, torch.float64)
+    ref = xd @ wd.T + (0 if bias is None else bias.to(y.device, torch.float64))
+    allow = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(2.0**-100))) - mant) + 2.0**-20 * (
+        xd.abs() @ wd.abs().T
+    )
+    err = ((y.double() - ref).abs() / allow).nan_to_num(nan=float("inf"))
+    rel = rel_error(y, ref)
+    return bool(err.max() <= ulps and rel < 3e-3), rel
+
+
+def bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def rand(shape, dtype, device, seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator(device).manual_seed(seed)
+    return (torch.randn(shape, generator=g, device=device) * scale).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# weights in every format
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Weights:
+    n: int
+    k: int
+    bf16: torch.Tensor  # [N, K], the quantized weight dequantized (so every method multiplies the same numbers)
+    qt: torch.Tensor  # int32 [K/8, N]
+    st: torch.Tensor  # bf16 [K/G, N]
+    w_deq: torch.Tensor  # bf16 [N, K]: formats.dequantize_int4
+    fp8_q: torch.Tensor
+    fp8_s: torch.Tensor
+    fp8_deq: torch.Tensor  # fp32
+
+
+def make_weights(n: int, k: int, device, seed: int) -> Weights:
+    from quantrl import formats as fm
+    from quantrl import kernels
+
+    w = rand((n, k), torch.bfloat16, device, seed, 1 / math.sqrt(k))
+    q, s = fm.quantize_int4(w, GROUP, 7)
+    qt, st = kernels.w4a16_repack(fm.pack_int4(q), s)
+    w_deq = fm.dequantize_int4(q, s, GROUP, torch.bfloat16)
+    fq, fs = fm.quantize_fp8(w, "block")
+    return Weights(n, k, w_deq, qt, st, w_deq, fq, fs, fm.dequantize_fp8(fq, fs, dtype=torch.float32))
+
+
+def int4pack_weight(wt: Weights):
+    """tinygemm operands for the same codes: (packed, scales_and_zeros) or None if this torch lacks it."""
+    if wt.qt.device.type != "cuda" or not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+        return None
+    from quantrl import formats as fm
+    from quantrl import kernels
+
+    packed, scale = kernels.w4a16_unrepack(wt.qt, wt.st)
+    u = fm.unpack_int4(packed, wt.k).to(torch.int32) + 8  # [N, K] in 0..15
+    try:
+        w_uint8 = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)
+        packed_tg = torch.ops.aten._convert_weight_to_int4pack(w_uint8, 8)
+    except RuntimeError:
+        try:  # older signature: int32 [N, K] codes
+            packed_tg = torch.ops.aten._convert_weight_to_int4pack(u, 8)
+        except RuntimeError:
+            return None
+    # tinygemm dequantizes (u - 8) * scale + zero; zero = 0 gives q * scale
+    sz = torch.stack([scale.t(), torch.zeros_like(scale.t())], dim=-1).contiguous()  # [K/G, N, 2]
+    return packed_tg, sz
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------------------------
+def run_checks(shapes: dict, device, tiny: bool) -> tuple[list[str], dict]:
+    from quantrl import formats as fm
+    from quantrl import kernels
+    from quantrl.kernels.w4a16 import W4A16Config, w4a16_gemm
+
+    failures: list[str] = []
+    notes: dict = {"w4a16_rel_error_max": 0.0, "fp8_rel_error_max": 0.0, "int4pack_verified": {}, "scaled_mm": {}}
+    ms_w = [1, 3, 17] if tiny else [1, 3, 16, 64, 256]
+    ms_f = [1, 20] if tiny else [1, 256, 4096]
+    for name, (n, k) in shapes.items():
+        wt = make_weights(n, k, device, zlib.crc32(name.encode()) % 1000)
+        tg = int4pack_weight(wt)
+        for m in ms_w:
+            x = rand((m, k), torch.bfloat16, device, m)
+            bias = rand((n,), torch.bfloat16, device, 7) if m == 3 else None
+            y = kernels.w4a16_linear(x, wt.qt, wt.st, bias, backend="triton")
+            ok, rel = gemm_ok(y, x, wt.w_deq, bias)
+            notes["w4a16_rel_error_max"] = max(notes["w4a16_rel_error_max"], rel)
+            if not ok:
+                failures.append(f"w4a16 {name} M={m}: rel error {rel:.2e}")
+            if m <= 16:  # the other path too (the benchmark's sweep uses both)
+                cfg = W4A16Config("mma", bm=16, bn=64, bk=128) if m == 1 else W4A16Config("gemv", bn=64, bk=128)
+                ok, rel = gemm_ok(w4a16_gemm(x, wt.qt, wt.st, GROUP, None, cfg), x, wt.w_deq)
+                if not ok:
+                    failures.append(f"w4a16 {name} M={m} path {cfg.path}: rel error {rel:.2e}")
+            if tg is not None:
+                try:
+                    yt = torch.ops.aten._weight_int4pack_mm(x, tg[0], GROUP, tg[1])
+                    notes["int4pack_verified"][f"{name} M={m}"] = gemm_ok(yt, x, wt.w_deq, ulps=1e9)[1] < 1e-2
+                except RuntimeError as e:
+                    notes["int4pack_verified"][f"{name} M={m}"] = f"error: {str(e).splitlines()[0]}"
+        for m in ms_f:
+            x = rand((m, k), torch.bfloat16, device, 100 + m)
+            xq, xs = kernels.quantize_fp8_activation(x, backend="triton")
+            xq_r, xs_r = fm.quantize_fp8_activation(x)
+            if not (bitwise(xq, xq_r) and bitwise(xs, xs_r)):
+                failures.append(f"fp8 activation quant {name} M={m}: not bit-exact")
+            xd = fm.dequantize_fp8_activation(xq_r, xs_r, 128, torch.float32)
+            y = kernels.fp8_block_linear(x, wt.fp8_q, wt.fp8_s, backend="triton", gemm="triton")
+            ok, rel = gemm_ok(y, xd, wt.fp8_deq)
+            notes["fp8_rel_error_max"] = max(notes["fp8_rel_error_max"], rel)
+            if not ok:
+                failures.append(f"fp8 triton gemm {name} M={m}: rel error {rel:.2e}")
+            if device.type == "cuda":
+                try:
+                    ym = kernels.fp8_block_linear(x, wt.fp8_q, wt.fp8_s, gemm="scaled_mm")
+                    ok_mm, rel_mm = gemm_ok(ym, xd, wt.fp8_deq, ulps=4.0)
+                    notes["scaled_mm"][f"{name} M={m}"] = rel_mm
+                    if not ok_mm:
+                        failures.append(f"torch._scaled_mm blockwise {name} M={m}: rel error {rel_mm:.2e}")
+                except (RuntimeError, ValueError) as e:
+                    notes["scaled_mm"][f"{name} M={m}"] = f"unavailable: {str(e).splitlines()[0]}"
+    # quantizers, bit for bit, on the benchmark's large input
+    qn, qk = (300, 384) if tiny else QUANT_SHAPE
+    w = rand((qn, qk), torch.bfloat16, device, 5)
+    if not all(map(bitwise, kernels.quantize_fp8_block(w, backend="triton"), fm.quantize_fp8(w, "block"))):
+        failures.append("quantize_fp8_block: not bit-exact")
+    for g, qmax in ((128, 7), (32, 8)):
+        p, s = kernels.quantize_pack_int4(w, g, qmax, backend="triton")
+        q_r, s_r = fm.quantize_int4(w, g, qmax)
+        if not (bitwise(p, fm.pack_int4(q_r)) and bitwise(s, s_r)):
+            failures.append(f"quantize_pack_int4 G={g} qmax={qmax}: not bit-exact")
+        if not bitwise(kernels.fake_quantize_int4(w, g, qmax, backend="triton"), fm.fake_quantize_int4(w, g, qmax)):
+            failures.append(f"fake_quantize_int4 G={g} qmax={qmax}: not bit-exact")
+    return failures, notes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# timing runs
+# ---------------------------------------------------------------------------------------------------------
+def _cycle(make_one, count: int) -> list:
+    return [make_one(i) for i in range(count)]
+
+
+def bench_gemms(shapes: dict, ms_w: list[int], ms_f: list[int], device, timer: Timer, notes: dict) -> list[dict]:
+    import torch.nn.functional as F
+
+    from quantrl import kernels
+
+    rows = []
+    for name, (n, k) in shapes.items():
+        wt = make_weights(n, k, device, 1)
+        tg = int4pack_weight(wt)
+        c_bf = copies_for(n * k * 2, device)
+        c_i4 = copies_for(n * k // 2, device)
+        c_f8 = copies_for(n * k, device)
+        bf_w = [wt.bf16.clone() for _ in range(c_bf)]
+        i4_w = [(wt.qt.clone(), wt.st.clone()) for _ in range(c_i4)]
+        tg_w = [(tg[0].clone(), tg[1].clone()) for _ in range(c_i4)] if tg is not None else []
+        f8_w = [(wt.fp8_q.clone(), wt.fp8_s.clone()) for _ in range(c_f8)]
+        tg_ok = all(v is True for key, v in notes.get("int4pack_verified", {}).items() if key.startswith(name + " "))
+        for m in sorted(set(ms_w) | set(ms_f)):
+            x = rand((m, k), torch.bfloat16, device, m, 0.5)
+            flops = 2 * m * n * k
+            t_bf = timer([lambda w=w, x=x: F.linear(x, w) for w in bf_w])
+            base = {"shape": name, "n": n, "k": k, "m": m, "flops": flops}
+            rows.append({**base, "kernel": "bf16", "method": "F.linear", "time_s": t_bf, "bytes": bf16_bytes(m, n, k)})
+            if m in ms_w:
+                t = timer(
+                    [lambda qt=qt, st=st, x=x: kernels.w4a16_linear(x, qt, st, backend="triton") for qt, st in i4_w]
+                )
+                rows.append({**base, "kernel": "w4a16", "method": "quantrl", "time_s": t,
+                             "bytes": w4a16_bytes(m, n, k), "x_bf16": t_bf / t})  # fmt: skip
+                if tg_w:
+                    try:
+                        t_tg = timer([lambda p=p, sz=sz, x=x: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz)
+                                      for p, sz in tg_w])  # fmt: skip
+                        rows.append({**base, "kernel": "w4a16", "method": "_weight_int4pack_mm", "time_s": t_tg,
+                                     "bytes": int4pack_bytes(m, n, k), "x_bf16": t_bf / t_tg, "verified": tg_ok})  # fmt: skip
+                        rows[-2]["x_int4pack"] = t_tg / t
+                    except RuntimeError as e:
+                        notes.setdefault("int4pack_errors", {})[f"{name} M={m}"] = str(e).splitlines()[0]
+            if m in ms_f:
+                for gemm in ("scaled_mm", "triton"):
+                    if gemm == "scaled_mm" and (device.type != "cuda" or n % 128 or k % 128):
+                        continue
+                    try:
+                        t = timer([lambda q=q, s=s, g=gemm, x=x: kernels.fp8_block_linear(
+                        x, q, s, backend="triton", gemm=g, check=False) for q, s in f8_w])  # fmt: skip
+                    except (RuntimeError, ValueError) as e:
+                        notes.setdefault("fp8_errors", {})[f"{name} M={m} {gemm}"] = str(e).splitlines()[0]
+                        continue
+                    rows.append({**base, "kernel": "fp8", "method": f"act_quant+{gemm}", "time_s": t,
+                                 "bytes": fp8_linear_bytes(m, n, k), "x_bf16": t_bf / t})  # fmt: skip
+        del bf_w, i4_w, tg_w, f8_w, wt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_sweep(device, timer: Timer) -> list[dict]:
+    """A few alternative W4A16 tile configs at small M on the largest shapes (for tuning the defaults)."""
+    from quantrl.kernels.w4a16 import W4A16Config, pick_config, sm_count, w4a16_gemm
+
+    configs = [W4A16Config("gemv", bn=64, bk=128), W4A16Config("gemv", bn=128, bk=64), W4A16Config("gemv", bn=32, bk=256),
+               W4A16Config("gemv", bn=128, bk=128, num_warps=8), W4A16Config("mma", bm=16, bn=64, bk=128),
+               W4A16Config("mma", bm=16, bn=128, bk=64), W4A16Config("mma", bm=16, bn=128, bk=128, num_warps=8)]  # fmt: skip
+    rows = []
+    for name in LARGEST:
+        n, k = SHAPES[name]
+        wt = make_weights(n, k, device, 2)
+        ws = [(wt.qt.clone(), wt.st.clone()) for _ in range(copies_for(n * k // 2, device))]
+        for m in (1, 4, 16):
+            x = rand((m, k), torch.bfloat16, device, m, 0.5)
+            default = pick_config(m, n, k, sm_count(device))
+            for cfg in configs:
+                t = timer([lambda qt=qt, st=st, x=x, cfg=cfg: w4a16_gemm(x, qt, st, GROUP, None, cfg) for qt, st in ws])
+                rows.append({"shape": name, "m": m, "config": repr(cfg), "default": repr(default), "time_s": t,
+                             "pct_bw": pct_bw(w4a16_bytes(m, n, k), t)})  # fmt: skip
+    return rows
+
+
+def bench_quant(device, timer: Timer, tiny: bool) -> list[dict]:
+    from quantrl import formats as fm
+    from quantrl import kernels
+
+    n, k = (300, 384) if tiny else QUANT_SHAPE
+    w = rand((n, k), torch.bfloat16, device, 3)
+    el = n * k
+    dst = torch.empty_like(w)
+    t_copy = timer([lambda: dst.copy_(w)])
+    rows = [{"kernel": "copy_", "method": "torch", "time_s": t_copy, "bytes": 4 * el}]
+    cases = {  # name: (ours, reference, bytes moved)
+        "fp8 block 128x128": (lambda: kernels.quantize_fp8_block(w, backend="triton", check=False), lambda: fm.quantize_fp8(w, "block"),
+                              el * 3 + 4 * math.ceil(n / 128) * math.ceil(k / 128)),
+        "fp8 activation 1x128": (lambda: kernels.quantize_fp8_activation(w, backend="triton", check=False),
+                                 lambda: fm.quantize_fp8_activation(w), el * 3 + 4 * n * math.ceil(k / 128)),
+        "int4 quantize+pack G128": (lambda: kernels.quantize_pack_int4(w, 128, backend="triton", check=False),
+                                    lambda: fm.pack_int4(fm.quantize_int4(w, 128)[0]), el * 2 + el // 2 + el // 64),
+        "int4 quantize+pack G32": (lambda: kernels.quantize_pack_int4(w, 32, backend="triton", check=False),
+                                   lambda: fm.pack_int4(fm.quantize_int4(w, 32)[0]), el * 2 + el // 2 + el // 16),
+        "int4 fake quant G128": (lambda: kernels.fake_quantize_int4(w, 128, backend="triton", check=False),
+                                 lambda: fm.fake_quantize_int4(w, 128), el * 4 + el // 64),
+    }  # fmt: skip
+    for name, (ours, ref, nbytes) in cases.items():
+        t = timer([ours])
+        t_ref = timer([ref], capture=False)  # formats checks for NaN with a host sync: not capturable
+        rows.append({"kernel": name, "method": "quantrl", "time_s": t, "bytes": nbytes, "time_ref_s": t_ref,
+                     "x_reference": None if not t_ref else t_ref / t, "pct_measured_copy": (nbytes / t) / (4 * el / t_copy)})  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------------------------
+def _f(v, fmt: str, width: int) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
+
+
+def print_plan(shapes: dict, ms_w: list[int], ms_f: list[int]) -> None:
+    print("planned measurements (floor = max(bytes / 3.0 TB/s, FLOPs / peak)):")
+    print(f"{'shape':<18}{'M':>6}{'w4a16 MB':>10}{'floor us':>10}{'bf16 MB':>10}{'floor us':>10}{'fp8 MB':>10}"
+          f"{'floor us':>10}{'GFLOP':>9}")  # fmt: skip
+    for name, (n, k) in shapes.items():
+        for m in sorted(set(ms_w) | set(ms_f)):
+            fl = 2 * m * n * k
+            w4 = (
+                f"{w4a16_bytes(m, n, k) / 1e6:>10.2f}{floor_us(w4a16_bytes(m, n, k), fl, PEAK_BF16):>10.2f}"
+                if m in ms_w
+                else f"{'':>20}"
+            )
+            print(f"{name:<18}{m:>6}{w4}{bf16_bytes(m, n, k) / 1e6:>10.2f}{floor_us(bf16_bytes(m, n, k), fl, PEAK_BF16):>10.2f}"
+                  f"{fp8_linear_bytes(m, n, k) / 1e6:>10.2f}{floor_us(fp8_linear_bytes(m, n, k), fl, PEAK_FP8):>10.2f}"
+                  f"{fl / 1e9:>9.3f}")  # fmt: skip
+    n, k = QUANT_SHAPE
+    print(f"quantizers on {n}x{k} bf16 ({n * k * 2 / 2**20:.0f} MiB): fp8 block / 1x128, int4 pack G128 / G32, "
+          "int4 fake quant; copy_ of the same tensor for the measured bandwidth")  # fmt: skip
+
+
+def annotate(rows: list[dict]) -> None:
+    for r in rows:
+        t = r.get("time_s")
+        r["time_us"] = None if t is None else t * 1e6
+        if "bytes" in r:
+            r["pct_copy_bw"] = pct_bw(r["bytes"], t)
+        if "flops" in r:
+            r["pct_peak_flops"] = pct_flops(r["flops"], t, PEAK_FP8 if r["kernel"] == "fp8" else PEAK_BF16)
+
+
+def print_tables(rows: list[dict], quant: list[dict], sweep: list[dict]) -> None:
+    by = {(r["kernel"], r["method"], r["shape"], r["m"]): r for r in rows if "shape" in r}
+    print("\nW4A16 (group 128): time us, ratio vs baseline, % of 3.0 TB/s copy bandwidth, % of 800 TFLOP/s")
+    print(f"{'shape':<18}{'M':>5}{'ours us':>9}{'%BW':>6}{'%FL':>6}{'bf16 us':>9}{'%BW':>6}{'x bf16':>8}"
+          f"{'i4pk us':>9}{'%BW':>6}{'x i4pk':>8}")  # fmt: skip
+    for (kern, meth, shape, m), r in by.items():
+        if kern != "w4a16" or meth != "quantrl":
+            continue
+        bf = by.get(("bf16", "F.linear", shape, m), {})
+        tg = by.get(("w4a16", "_weight_int4pack_mm", shape, m), {})
+        print(f"{shape:<18}{m:>5}{_f(r['time_us'], '.1f', 9)}{_f(r['pct_copy_bw'], '.0%', 6)}"
+              f"{_f(r['pct_peak_flops'], '.0%', 6)}{_f(bf.get('time_us'), '.1f', 9)}{_f(bf.get('pct_copy_bw'), '.0%', 6)}"
+              f"{_f(r.get('x_bf16'), '.2f', 8)}{_f(tg.get('time_us'), '.1f', 9)}{_f(tg.get('pct_copy_bw'), '.0%', 6)}"
+              f"{_f(r.get('x_int4pack'), '.2f', 8)}")  # fmt: skip
+    print("\nFP8 block linear (1x128 activation quantization included): % of 1260 TFLOP/s fp8")
+    print(f"{'shape':<18}{'M':>5}{'bf16 us':>9}{'mm us':>9}{'x bf16':>8}{'%BW':>6}{'%FL':>6}{'triton us':>10}"
+          f"{'x bf16':>8}{'%BW':>6}{'%FL':>6}")  # fmt: skip
+    for (kern, meth, shape, m), bf in by.items():
+        if kern != "bf16":
+            continue
+        mm = by.get(("fp8", "act_quant+scaled_mm", shape, m), {})
+        tr = by.get(("fp8", "act_quant+triton", shape, m), {})
+        if not (mm or tr):
+            continue
+        print(f"{shape:<18}{m:>5}{_f(bf['time_us'], '.1f', 9)}{_f(mm.get('time_us'), '.1f', 9)}"
+              f"{_f(mm.get('x_bf16'), '.2f', 8)}{_f(mm.get('pct_copy_bw'), '.0%', 6)}{_f(mm.get('pct_peak_flops'), '.0%', 6)}"
+              f"{_f(tr.get('time_us'), '.1f', 10)}{_f(tr.get('x_bf16'), '.2f', 8)}{_f(tr.get('pct_copy_bw'), '.0%', 6)}"
+              f"{_f(tr.get('pct_peak_flops'), '.0%', 6)}")  # fmt: skip
+    if sweep:
+        print("\nW4A16 config sweep (time us, % of copy bandwidth)")
+        for r in sweep:
+            print(f"  {r['shape']:<12} M={r['m']:<3} {r['time_s'] * 1e6:8.1f} us {r['pct_bw']:6.0%}  {r['config']}")
+    print("\nquantizers (GB/s of bytes moved; % of 3.0 TB/s and of the copy_ measured here; x formats on the GPU)")
+    for r in quant:
+        gbs = r["bytes"] / r["time_s"] / 1e9
+        print(f"  {r['kernel']:<26}{r['time_us']:>9.1f} us{gbs:>9.0f} GB/s{r['pct_copy_bw']:>6.0%}"
+              f"{_f(r.get('pct_measured_copy'), '.0%', 6)}{_f(r.get('x_reference'), '.1f', 7)}x")  # fmt: skip
+
+
+def evaluate_targets(rows: list[dict], quant: list[dict]) -> dict:
+    by = {(r["kernel"], r["method"], r["shape"], r["m"]): r for r in rows if "shape" in r}
+    t: dict[str, bool] = {}
+    ours = {(s, m): r for (k, me, s, m), r in by.items() if k == "w4a16" and me == "quantrl"}
+    if all((s, 1) in ours for s in LARGEST):
+        t["w4a16_m1_ge_3x_bf16_largest"] = all(ours[(s, 1)]["x_bf16"] >= 3.0 for s in LARGEST)
+    vs_tg = [r["x_int4pack"] for (s, m), r in ours.items() if m <= 16 and "x_int4pack" in r
+             and by[("w4a16", "_weight_int4pack_mm", s, m)].get("verified")]  # fmt: skip
+    if vs_tg:
+        t["w4a16_m1_16_ge_1.5x_int4pack"] = min(vs_tg) >= 1.5
+    mid = [r["x_bf16"] for (s, m), r in ours.items() if 32 <= m <= 256]
+    if mid:
+        t["w4a16_m32_256_not_slower_than_bf16"] = min(mid) >= 1.0
+    fp8 = [r["x_bf16"] for (k, me, s, m), r in by.items() if k == "fp8" and s == "8192x8192" and m >= 4096]
+    if fp8:
+        t["fp8_m4096_8192_ge_1.4x_bf16"] = max(fp8) >= 1.4
+    qk = [r for r in quant if r["method"] == "quantrl"]
+    if qk:
+        t["quant_kernels_ge_80pct_copy_bw"] = all(r["pct_copy_bw"] >= 0.8 for r in qk)
+    return t
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="print the planned table (bytes, FLOPs, floors) and exit")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes; on CPU through Triton's interpreter")
+    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="subset of shapes (default: all)")
+    p.add_argument("--ms", type=int, nargs="+", help="subset of M (default: 1..256, +1024/4096 for FP8)")
+    p.add_argument("--reps", type=int, default=7, help="graph replays per figure (median)")
+    p.add_argument("--sweep", action="store_true", help="also time alternative W4A16 configs at M=1/4/16")
+    p.add_argument("--skip-checks", action="store_true", help="time without the correctness gate (debugging only)")
+    p.add_argument("--no-write", action="store_true", help="do not write bench/results/kernels_gpu.json")
+    args = p.parse_args()
+    shapes = TINY_SHAPES if args.tiny else {s: SHAPES[s] for s in (args.shapes or SHAPES)}
+    ms_w = [m for m in (args.ms or ([1, 3, 17] if args.tiny else W4A16_MS)) if m <= 256]
+    ms_f = args.ms or ([1, 20] if args.tiny else FP8_MS)
+    if args.dry_run:
+        print_plan(shapes, ms_w, ms_f)
+        return 0
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        print("bench/kernels_gpu.py times GPU kernels and needs a CUDA device; use --dry-run or --tiny here.",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before quantrl.kernels' @triton.jit run
+    from quantrl import kernels
+
+    if not kernels.triton_available():
+        print("triton is not installed", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    notes: dict = {}
+    if not args.skip_checks:
+        failures, notes = run_checks(shapes, device, args.tiny)
+        print(f"correctness: {len(failures)} failure(s) ({time.perf_counter() - t0:.0f} s); "
+              f"max rel error w4a16 {notes['w4a16_rel_error_max']:.2e}, fp8 {notes['fp8_rel_error_max']:.2e}")  # fmt: skip
+        for f in failures:
+            print(f"  FAIL {f}")
+        for key in ("scaled_mm", "int4pack_verified"):
+            bad = {k: v for k, v in notes[key].items() if isinstance(v, str) or v is False}
+            if bad:
+                print(f"  note: {key}: {dict(list(bad.items())[:3])}{' ...' if len(bad) > 3 else ''}")
+        if failures:
+            return 1
+    timer = Timer(device, args.reps)
+    rows = bench_gemms(shapes, ms_w, ms_f, device, timer, notes)
+    sweep = bench_sweep(device, timer) if args.sweep and cuda else []
+    quant = bench_quant(device, timer, args.tiny)
+    annotate(rows)
+    annotate(quant)
+    print_tables(rows, quant, sweep)
+    targets = evaluate_targets(rows, quant) if cuda else {}
+    for name, ok in targets.items():
+        print(f"target {name}: {'met' if ok else 'NOT met'}")
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    if cuda and not args.no_write:
+        import triton
+
+        path = write_results("kernels_gpu", {
+            "method": {"copy_bandwidth_Bps": COPY_BW, "peak_bf16_flops": PEAK_BF16, "peak_fp8_flops": PEAK_FP8,
+                       "reps": args.reps, "timing": "median of CUDA-graph replays, weight copies cycled past L2",
+                       "group_size": GROUP, "triton": triton.__version__},
+            "checks": notes, "rows": rows, "quant": quant, "sweep": sweep, "targets": targets,
+        })  # fmt: skip
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

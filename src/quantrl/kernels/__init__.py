@@ -1,0 +1,42 @@
+"""GPU kernels (Triton) for quantrl's number formats; each has the ``formats`` reference as its oracle.
+
+    w4a16_linear / w4a16_repack / w4a16_unrepack   INT4 weight-only GEMM and its weight layout
+    quantize_fp8_activation / fp8_block_gemm / fp8_block_linear
+                                                   1x128 activation quantization, block-scaled FP8 GEMM
+    quantize_fp8_block                             BF16 -> FP8 128x128 blocks (weight sync)
+    quantize_pack_int4 / fake_quantize_int4        INT4 quantize + pack (sync), fused fake quant (QAT)
+
+Every function runs the Triton kernel for CUDA tensors when Triton is installed and the ``formats``
+reference otherwise (``dispatch.py``); Triton is optional, this package imports without it.
+"""
+
+from quantrl.kernels.dispatch import (
+    fake_quantize_int4,
+    fp8_block_gemm,
+    fp8_block_linear,
+    interpreted,
+    quantize_fp8_activation,
+    quantize_fp8_block,
+    quantize_pack_int4,
+    triton_available,
+    use_triton,
+    w4a16_dequantize,
+    w4a16_linear,
+)
+from quantrl.kernels.layout import w4a16_repack, w4a16_unrepack
+
+__all__ = [
+    "fake_quantize_int4",
+    "fp8_block_gemm",
+    "fp8_block_linear",
+    "interpreted",
+    "quantize_fp8_activation",
+    "quantize_fp8_block",
+    "quantize_pack_int4",
+    "triton_available",
+    "use_triton",
+    "w4a16_dequantize",
+    "w4a16_linear",
+    "w4a16_repack",
+    "w4a16_unrepack",
+]

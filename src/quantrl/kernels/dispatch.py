@@ -1,0 +1,341 @@
+"""One function per kernel: Triton when the tensor is on CUDA and Triton is importable, else the
+``formats`` reference. Same arguments, same results (bit for bit for the quantizers; GEMMs agree to
+rounding), same validation and error messages either way.
+
+``backend``: ``"auto"`` (the rule above), ``"reference"`` (always ``formats``), ``"triton"`` (the kernel,
+or an error saying why not; CPU tensors are accepted when the process runs Triton's interpreter,
+TRITON_INTERPRET=1, which is how the CPU tests exercise the kernels). Shapes or options a kernel does
+not cover (e.g. a non-power-of-two group) silently use the reference under ``"auto"``.
+
+Layering: this module depends on ``formats`` only (never on ``model``), and imports the kernel modules
+lazily, so ``quantrl.kernels`` imports on machines without Triton.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from quantrl.formats import (
+    FP8_DTYPE,
+    dequantize_fp8,
+    dequantize_fp8_activation,
+    dequantize_int,
+    pack_int4,
+    quantize_fp8,
+    quantize_int4,
+    unpack_int4,
+)
+from quantrl.formats import fake_quantize_int4 as _ref_fake_quantize_int4
+from quantrl.formats import (
+    quantize_fp8_activation as _ref_quantize_fp8_activation,
+)
+from quantrl.formats._checks import cdiv, check_block_size, check_float_tensor
+from quantrl.formats.fp8 import _check_scale_fmt
+from quantrl.formats.int4 import _check_weight, int_range
+from quantrl.formats.ste import straight_through
+from quantrl.kernels._triton import HAVE_TRITON
+from quantrl.kernels.layout import group_size_of, w4a16_unrepack
+
+Backend = Literal["auto", "triton", "reference"]
+_BACKENDS = ("auto", "triton", "reference")
+
+
+def triton_available() -> bool:
+    return HAVE_TRITON
+
+
+def interpreted() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    if not HAVE_TRITON:
+        return False
+    from quantrl.kernels._numerics import INTERPRETED
+
+    return INTERPRETED
+
+
+def use_triton(t: torch.Tensor, backend: str, supported: bool = True, what: str = "kernel", why: str = "") -> bool:
+    """Decide the path for tensor ``t`` (see the module note); raises for an impossible ``"triton"``."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"{what}: backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return False
+    if backend == "auto":
+        return HAVE_TRITON and t.is_cuda and supported
+    if not HAVE_TRITON:
+        raise RuntimeError(f"{what}: backend='triton' but triton is not installed")
+    if not (t.is_cuda or interpreted()):
+        raise RuntimeError(f"{what}: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1), got {t.device}")
+    if not supported:
+        raise ValueError(f"{what}: the Triton kernel does not support this input ({why})")
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------
+# FP8
+# ------------------------------------------------------------------------------------------------------
+def quantize_fp8_block(
+    w: torch.Tensor,
+    block_size: tuple[int, int] = (128, 128),
+    scale_fmt: str | None = None,
+    *,
+    backend: Backend = "auto",
+    check: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``formats.quantize_fp8(w, "block", block_size, scale_fmt)``: ``(q [N, K] e4m3, scale_inv fp32
+    [ceil(N/bn), ceil(K/bk)])``. ``check=False`` skips the kernel's NaN/Inf host sync."""
+    _check_scale_fmt(scale_fmt)
+    check_float_tensor(w, what="quantize_fp8", ndim=2)
+    bs = check_block_size(block_size)
+    ok = False
+    if HAVE_TRITON:
+        from quantrl.kernels.fp8_quant import block_quant_supported
+
+        ok = block_quant_supported(bs)
+    if use_triton(w, backend, ok, "quantize_fp8_block", f"block_size={bs}"):
+        from quantrl.kernels.fp8_quant import quantize_fp8_block_triton
+
+        return quantize_fp8_block_triton(w, bs, scale_fmt, check=check)
+    return quantize_fp8(w, "block", bs, scale_fmt)
+
+
+def quantize_fp8_activation(
+    x: torch.Tensor,
+    group_size: int = 128,
+    scale_fmt: str | None = None,
+    *,
+    backend: Backend = "auto",
+    check: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``formats.quantize_fp8_activation``: 1 x ``group_size`` per-token groups along the last dim."""
+    _check_scale_fmt(scale_fmt)
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    check_float_tensor(x, what="quantize_fp8_activation")
+    ok = False
+    if HAVE_TRITON:
+        from quantrl.kernels.fp8_quant import act_quant_supported
+
+        ok = act_quant_supported(group_size)
+    if use_triton(x, backend, ok, "quantize_fp8_activation", f"group_size={group_size}"):
+        from quantrl.kernels.fp8_quant import quantize_fp8_activation_triton
+
+        return quantize_fp8_activation_triton(x, group_size, scale_fmt, check=check)
+    return _ref_quantize_fp8_activation(x, group_size, scale_fmt)
+
+
+def _check_fp8_operands(xq, xs, wq, ws) -> None:
+    if xq.dtype != FP8_DTYPE or wq.dtype != FP8_DTYPE or xq.ndim != 2 or wq.ndim != 2:
+        raise TypeError(
+            f"fp8_block_gemm: expected 2-D {FP8_DTYPE} operands, got {xq.dtype} {tuple(xq.shape)} and "
+            f"{wq.dtype} {tuple(wq.shape)}"
+        )
+    (m, k), (n, k2) = xq.shape, wq.shape
+    if k != k2:
+        raise ValueError(f"fp8_block_gemm: K differs: activations {tuple(xq.shape)}, weight {tuple(wq.shape)}")
+    kb = cdiv(k, 128)
+    if tuple(xs.shape) != (m, kb) or tuple(ws.shape) != (cdiv(n, 128), kb):
+        raise ValueError(
+            f"fp8_block_gemm: scales {tuple(xs.shape)} / {tuple(ws.shape)} do not fit 1x128 activation blocks "
+            f"({m}, {kb}) and 128x128 weight blocks ({cdiv(n, 128)}, {kb})"
+        )
+
+
+def fp8_block_gemm(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """``[M, N]`` = (xq, 1x128 scales xs) @ (wq [N, K], 128x128 scales ws).T + bias, fp32 accumulate.
+
+    Reference: ``fp32(dequant(x)) @ fp32(dequant(w)).T`` rounded once (``Fp8Linear``'s CPU numbers)."""
+    _check_fp8_operands(xq, xs, wq, ws)
+    if use_triton(xq, backend, True, "fp8_block_gemm"):
+        from quantrl.kernels.block_gemm import fp8_block_gemm_triton
+
+        return fp8_block_gemm_triton(xq, xs, wq, ws, bias, out_dtype)
+    xf = dequantize_fp8_activation(xq, xs, 128, dtype=torch.float32)
+    wf = dequantize_fp8(wq, ws.float(), (128, 128), dtype=torch.float32)
+    return F.linear(xf, wf, None if bias is None else bias.float()).to(out_dtype)
+
+
+_SCALED_MM_OK: dict[tuple[str, int | None], bool] = {}  # device -> blockwise torch._scaled_mm works
+
+
+def _scaled_mm_block(xq, xs, wq, ws, out_dtype) -> torch.Tensor:
+    """cuBLAS blockwise FP8 (1x128 x 128x128): scale_a column-major [M, K/128], scale_b [K/128, N/128]."""
+    return torch._scaled_mm(xq, wq.t(), scale_a=xs.t().contiguous().t(), scale_b=ws.float().t(),
+                            out_dtype=out_dtype)  # fmt: skip
+
+
+def scaled_mm_block_supported(n: int, k: int, device: torch.device) -> bool:
+    """Shapes cuBLAS's blockwise recipe takes (exact 128 tiles) on an SM89+ device with ``_scaled_mm``."""
+    return (
+        device.type == "cuda"
+        and hasattr(torch, "_scaled_mm")
+        and n % 128 == 0
+        and k % 128 == 0
+        and torch.cuda.get_device_capability(device) >= (8, 9)
+        and _SCALED_MM_OK.get((device.type, device.index), True)
+    )
+
+
+def fp8_block_linear(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: Backend = "auto",
+    gemm: Literal["auto", "scaled_mm", "triton"] = "auto",
+    check: bool = True,
+) -> torch.Tensor:
+    """W8A8 blockwise linear: quantize ``x [..., K]`` to 1x128 e4m3 groups, multiply by the 128x128-block
+    weight ``(wq [N, K], ws)``, output in x's dtype. On CUDA: Triton activation quantization, then
+    ``torch._scaled_mm`` with blockwise scales (primary; ``gemm="auto"`` remembers per device if cuBLAS
+    rejects it) or the Triton block GEMM (fallback, or ``gemm="triton"``)."""
+    if gemm not in ("auto", "scaled_mm", "triton"):
+        raise ValueError(f"fp8_block_linear: gemm must be 'auto', 'scaled_mm' or 'triton', got {gemm!r}")
+    k = x.shape[-1]
+    n = wq.shape[0]
+    xq, xs = quantize_fp8_activation(x.reshape(-1, k), 128, backend=backend, check=check)
+    if not use_triton(xq, backend, True, "fp8_block_linear"):
+        y = fp8_block_gemm(xq, xs, wq, ws, bias, x.dtype, backend="reference")
+        return y.view(*x.shape[:-1], n)
+    _check_fp8_operands(xq, xs, wq, ws)
+    key = (xq.device.type, xq.device.index)
+    want_mm = gemm == "scaled_mm" or (gemm == "auto" and scaled_mm_block_supported(n, k, xq.device))
+    if want_mm:
+        try:
+            y = _scaled_mm_block(xq, xs, wq, ws, x.dtype)
+            y = y if bias is None else y + bias
+            return y.view(*x.shape[:-1], n)
+        except (RuntimeError, NotImplementedError, ValueError):
+            if gemm == "scaled_mm":
+                raise
+            _SCALED_MM_OK[key] = False  # this torch/cuBLAS has no blockwise FP8: Triton from now on
+    from quantrl.kernels.block_gemm import fp8_block_gemm_triton
+
+    return fp8_block_gemm_triton(xq, xs, wq, ws, bias, x.dtype).view(*x.shape[:-1], n)
+
+
+# ------------------------------------------------------------------------------------------------------
+# INT4
+# ------------------------------------------------------------------------------------------------------
+def _int4_kernel_ok(group_size: int) -> bool:
+    if not HAVE_TRITON:
+        return False
+    from quantrl.kernels.int4_quant import supported
+
+    return supported(group_size)
+
+
+def quantize_pack_int4(
+    w: torch.Tensor, group_size: int = 128, qmax: int = 7, *, backend: Backend = "auto", check: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pack_int4(q), s)`` for ``q, s = formats.quantize_int4(w, group_size, qmax)``: compressed-tensors
+    ``weight_packed`` int32 ``[N, K/8]`` and ``weight_scale`` bf16 ``[N, K/G]``, in one pass on CUDA."""
+    int_range(4, qmax)
+    _check_weight(w, group_size, "quantize_int4")
+    if use_triton(w, backend, _int4_kernel_ok(group_size), "quantize_pack_int4", f"group_size={group_size}"):
+        from quantrl.kernels.int4_quant import quantize_pack_int4_triton
+
+        return quantize_pack_int4_triton(w, group_size, qmax, check=check)
+    q, s = quantize_int4(w, group_size, qmax)
+    return pack_int4(q), s
+
+
+def _fake_int4_kernel(w: torch.Tensor, group_size: int, qmax: int, dtype: torch.dtype, check: bool) -> torch.Tensor:
+    from quantrl.kernels.int4_quant import fake_quantize_int4_triton
+
+    return fake_quantize_int4_triton(w, group_size, qmax, dtype, check=check)
+
+
+def fake_quantize_int4(
+    w: torch.Tensor,
+    group_size: int = 128,
+    qmax: int = 7,
+    dtype: torch.dtype | None = None,
+    *,
+    backend: Backend = "auto",
+    check: bool = True,
+) -> torch.Tensor:
+    """``formats.fake_quantize_int4`` (bf16 scales, straight-through gradient); fused on CUDA.
+    ``check=False`` skips the kernel's NaN/Inf host sync."""
+    int_range(4, qmax)
+    _check_weight(w, group_size, "fake_quantize_int4")
+    if use_triton(w, backend, _int4_kernel_ok(group_size), "fake_quantize_int4", f"group_size={group_size}"):
+        return straight_through(w, _fake_int4_kernel, group_size, qmax, dtype or w.dtype, check)
+    return _ref_fake_quantize_int4(w, group_size, qmax, dtype=dtype)
+
+
+def _check_w4a16(x: torch.Tensor, qweight_t: torch.Tensor, scale_t: torch.Tensor, group_size: int | None) -> int:
+    check_float_tensor(x, what="w4a16_linear")
+    if qweight_t.dtype != torch.int32 or qweight_t.ndim != 2:
+        raise ValueError(
+            f"w4a16_linear: qweight_t must be 2-D int32 [K/8, N], got {qweight_t.dtype} {tuple(qweight_t.shape)}"
+        )
+    k = qweight_t.shape[0] * 8
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"w4a16_linear: x has K={x.shape[-1]} but the weight holds K={k} (qweight_t {tuple(qweight_t.shape)})"
+        )
+    g = group_size_of(qweight_t, scale_t)
+    if group_size is not None and g != group_size:
+        raise ValueError(f"w4a16_linear: scale_t {tuple(scale_t.shape)} implies group size {g}, not {group_size}")
+    if g % 8 or tuple(scale_t.shape) != (k // g, qweight_t.shape[1]):
+        raise ValueError(
+            f"w4a16_linear: scale_t {tuple(scale_t.shape)} does not fit qweight_t {tuple(qweight_t.shape)}"
+        )
+    return g
+
+
+def w4a16_dequantize(
+    qweight_t: torch.Tensor, scale_t: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """The ``[N, K]`` weight the kernel multiplies by (``formats.dequantize_int`` of the checkpoint form)."""
+    packed, scale = w4a16_unrepack(qweight_t, scale_t)
+    k = packed.shape[1] * 8
+    return dequantize_int(unpack_int4(packed, k), scale, group_size_of(qweight_t, scale_t), dtype)
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    qweight_t: torch.Tensor,
+    scale_t: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    group_size: int | None = None,
+    backend: Backend = "auto",
+    config=None,
+) -> torch.Tensor:
+    """``y [..., N] = x [..., K] @ W.T + bias`` with the INT4 weight in the kernel layout
+    (``w4a16_repack``). Reference: ``formats.dequantize_int(...)`` in x's dtype, then a GEMM with fp32
+    accumulation rounded once (what ``W4A16Linear`` computes on CPU). Kernel: bf16/fp16 activations; ``config`` overrides the tiles."""
+    g = _check_w4a16(x, qweight_t, scale_t, group_size)
+    ok = x.dtype in (torch.bfloat16, torch.float16)
+    if use_triton(x, backend, ok, "w4a16_linear", f"activation dtype {x.dtype}"):
+        from quantrl.kernels.w4a16 import w4a16_gemm
+
+        k, n = x.shape[-1], qweight_t.shape[1]
+        x2 = x.reshape(-1, k)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = w4a16_gemm(x2, qweight_t.contiguous(), scale_t.contiguous(), g, bias, config)
+        return y.view(*x.shape[:-1], n)
+    return _linear_fp32_acc(x, w4a16_dequantize(qweight_t, scale_t, x.dtype), bias)
+
+
+def _linear_fp32_acc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` with a low-precision GEMM's numbers: fp32 accumulation rounded once to x's dtype (what
+    cuBLAS and the kernels do; on CPU an fp32 GEMM of the same values, like ``model.linear.linear``)."""
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, w, bias)

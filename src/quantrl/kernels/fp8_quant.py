@@ -1,0 +1,127 @@
+"""One-pass FP8 (e4m3) quantization kernels: 1xG per-token activations and 128x128 weight blocks.
+
+Numbers: exactly ``formats.fp8`` (module note there): amax in fp32 (exact), ``s = amax / 448`` (IEEE
+division; ``ue8m0`` rounds s up to a power of two, capped at 2^119), ``s = 1`` where that gives 0,
+``q = e4m3(clamp(x / s, -448, 448))`` with round-to-nearest-even. Edge tiles use only their real
+elements: masked loads read 0, which never raises a max-abs.
+
+Layout. Each program loads its whole tile once, reduces the max-abs in registers and writes the codes and
+the scale: 2 bytes read and 1 byte written per element (bf16 in), the minimum.
+  activations  x [M, K] -> q [M, K], s [M, ceil(K/G)] fp32; tile = ROWS rows x GPP groups x G
+               (3-D so that each group's amax is one reduction over the last axis)
+  weights      w [N, K] -> q [N, K], s [ceil(N/BN), ceil(K/BK)] fp32; tile = one BN x BK block
+Codes are stored through a uint8 view of the fp8 output (see ``_numerics`` for why).
+
+NaN/Inf: the max-abs is taken over integer bit patterns, so a tile holding NaN/Inf gets a non-finite
+scale; the Python wrapper checks all scales with one reduction and raises naming the tensor
+(``check=False`` skips that host sync, e.g. inside CUDA-graph capture).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantrl.formats._checks import cdiv, check_amax
+from quantrl.kernels._numerics import abs_bits, div_rn, fp8_scale, native_default, to_e4m3_bits, widen
+from quantrl.kernels._triton import tl, triton
+
+
+@triton.jit
+def _fp8_act_quant_kernel(
+    x_ptr, q_ptr, s_ptr, M, K, stride_xm, n_groups,
+    ROWS: tl.constexpr, GPP: tl.constexpr, GROUP: tl.constexpr, UE8M0: tl.constexpr, NATIVE: tl.constexpr,
+):  # fmt: skip
+    rm = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    g = tl.program_id(1) * GPP + tl.arange(0, GPP)
+    c = tl.arange(0, GROUP)
+    k = g[None, :, None] * GROUP + c[None, None, :]  # [1, GPP, GROUP]
+    mask = (rm < M)[:, None, None] & (k < K)
+    x = tl.load(x_ptr + rm[:, None, None] * stride_xm + k, mask=mask, other=0.0)
+    xf = widen(x, NATIVE)
+    s = fp8_scale(tl.max(abs_bits(xf), axis=2), UE8M0)  # [ROWS, GPP]
+    y = tl.minimum(tl.maximum(div_rn(xf, s[:, :, None]), -448.0), 448.0)
+    tl.store(q_ptr + rm[:, None, None] * K + k, to_e4m3_bits(y, NATIVE), mask=mask)
+    tl.store(s_ptr + rm[:, None] * n_groups + g[None, :], s, mask=(rm < M)[:, None] & (g < n_groups)[None, :])
+
+
+@triton.jit
+def _fp8_block_quant_kernel(
+    x_ptr, q_ptr, s_ptr, N, K, stride_xn, n_kb,
+    BN: tl.constexpr, BK: tl.constexpr, UE8M0: tl.constexpr, NATIVE: tl.constexpr,
+):  # fmt: skip
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = pid_k * BK + tl.arange(0, BK)
+    mask = (rn < N)[:, None] & (rk < K)[None, :]
+    x = tl.load(x_ptr + rn[:, None] * stride_xn + rk[None, :], mask=mask, other=0.0)
+    xf = widen(x, NATIVE)
+    s = fp8_scale(tl.max(tl.max(abs_bits(xf), axis=1), axis=0), UE8M0)  # scalar
+    y = tl.minimum(tl.maximum(div_rn(xf, s), -448.0), 448.0)
+    tl.store(q_ptr + rn[:, None] * K + rk[None, :], to_e4m3_bits(y, NATIVE), mask=mask)
+    tl.store(s_ptr + pid_n * n_kb + pid_k, s)
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def act_quant_supported(group_size: int) -> bool:
+    return _pow2(group_size) and 16 <= group_size <= 1024
+
+
+def block_quant_supported(block_size: tuple[int, int]) -> bool:
+    bn, bk = block_size
+    return _pow2(bn) and _pow2(bk) and bn * bk <= 1 << 15 and bk >= 16
+
+
+def _check_scales(s: torch.Tensor, x: torch.Tensor, what: str) -> None:
+    check_amax(s, x, what)  # raises (with NaN/Inf counts) iff a scale is non-finite
+
+
+def quantize_fp8_activation_triton(
+    x: torch.Tensor, group_size: int = 128, scale_fmt: str | None = None, check: bool = True,
+    native: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``x [..., K]`` -> ``(q [..., K] e4m3, s [..., ceil(K/G)] fp32)``, bit-exact with
+    ``formats.quantize_fp8_activation``."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    n_groups = cdiv(k, group_size)
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(m, n_groups, dtype=torch.float32, device=x.device)
+    gpp = max(1, min(triton.next_power_of_2(n_groups), 2048 // group_size))
+    rows = max(1, min(triton.next_power_of_2(m), 4096 // (gpp * group_size)))
+    grid = (triton.cdiv(m, rows), triton.cdiv(n_groups, gpp))
+    if m:
+        _fp8_act_quant_kernel[grid](x2, q.view(torch.uint8), s, m, k, x2.stride(0), n_groups, ROWS=rows, GPP=gpp,
+                                    GROUP=group_size, UE8M0=scale_fmt == "ue8m0", NATIVE=native_default(native),
+                                    num_warps=4)  # fmt: skip
+    if check:
+        _check_scales(s, x, "quantize_fp8_activation")
+    return q.view(x.shape), s.view(*x.shape[:-1], n_groups)
+
+
+def quantize_fp8_block_triton(
+    w: torch.Tensor, block_size: tuple[int, int] = (128, 128), scale_fmt: str | None = None, check: bool = True,
+    native: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``w [N, K]`` -> ``(q [N, K] e4m3, s [ceil(N/bn), ceil(K/bk)] fp32)``, bit-exact with
+    ``formats.quantize_fp8(w, "block", block_size)``."""
+    n, k = w.shape
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    bn, bk = block_size
+    nb, kb = cdiv(n, bn), cdiv(k, bk)
+    q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=w.device)
+    s = torch.empty(nb, kb, dtype=torch.float32, device=w.device)
+    warps = 8 if bn * bk >= 8192 else 4
+    _fp8_block_quant_kernel[(kb, nb)](w, q.view(torch.uint8), s, n, k, w.stride(0), kb, BN=bn, BK=bk,
+                                      UE8M0=scale_fmt == "ue8m0", NATIVE=native_default(native),
+                                      num_warps=warps)  # fmt: skip
+    if check:
+        _check_scales(s, w, "quantize_fp8")
+    return q, s

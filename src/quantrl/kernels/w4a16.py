@@ -1,0 +1,280 @@
+"""W4A16 GEMM: bf16/fp16 activations ``[M, K]`` x INT4 group-quantized weights -> ``[M, N]`` (Triton).
+
+Weights arrive in the kernel layout of ``layout.py``: ``qweight_t`` int32 ``[K/8, N]`` (word ``[w, n]`` =
+codes k = 8w..8w+7 of column n, nibble i = code + 8) and ``scale_t`` ``[K/G, N]`` (bf16). The dequantized
+weight is exactly the ``formats`` one, ``w[k, n] = dtype(fp32(q) * fp32(s))`` rounded once to the
+activation dtype, so the engine multiplies by the same weights QAT trained with; only the fp32
+accumulation order differs from the reference ``F.linear(x, dequantize_int(...))``.
+
+Unpacking. A ``[BK/8, BN]`` word tile becomes ``[BK/8, 8, BN]`` nibbles by shift-and-mask with the 8 shifts
+broadcast on the middle axis; ``(u | 0x4B000000)`` reinterpreted as fp32 is exactly ``2^23 + u``, so one
+subtraction gives ``q = u - 8`` as fp32 without an int-to-float conversion. Merging the two leading axes
+(``tl.reshape``) gives the K-major ``[BK, BN]`` tile (row k = 8 * word row + nibble).
+
+Two paths, chosen by M (``pick_config``):
+  gemv  M tiny (decode): no tensor cores. Program = (BN columns, one K slice, one row); it keeps a
+        ``[BK/8, BN]`` fp32 accumulator of ``x * w`` summed over the 8 nibbles of each word and reduces it
+        once at the end. Grid (N/BN, S, M): the M programs sharing a weight tile are adjacent in launch
+        order, so the weight is read from DRAM about once.
+  mma   M >= 2: dequantize the tile into registers (activation dtype) and ``tl.dot`` (fp32 accumulate);
+        BM = 16..128 by M, GROUP_M swizzle so neighbouring programs share weight tiles in L2.
+Both split K over S programs when the ``[M, N]`` tile grid alone cannot fill the GPU. Split-K writes fp32
+partials ``[S, M, N]`` and a second small kernel sums them in a fixed order, adds the bias and rounds once
+(deterministic, unlike atomics: reruns give identical rollouts). K must be a multiple of G and of 8; any
+N, and K not a multiple of BK, are handled by masks (masked words/scales load as 0, so a padded
+weight is exactly 0).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+
+from quantrl.kernels._numerics import cast_out, native_default, round_bf16, widen
+from quantrl.kernels._triton import tl, triton
+
+# Rows at or below this use the gemv path (M = 1 is the decode case; the benchmark reports both paths at
+# small M so this crossover can be tuned on the device).
+GEMV_MAX_M = 1
+
+
+@triton.jit
+def _nibbles(words):
+    """int32 words [R, C] -> fp32 codes [R, 8, C] in [-8, 7]; [r, j, c] = nibble j of words[r, c] minus 8."""
+    j = tl.arange(0, 8)
+    u = (words[:, None, :] >> (4 * j)[None, :, None]) & 0xF
+    return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def _load_scales(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP: tl.constexpr, BK: tl.constexpr, NATIVE: tl.constexpr):
+    """Scales for a [BK/8, BN] word tile as fp32, broadcastable to [BK/8, 8, BN]."""
+    if GROUP % BK == 0:  # the whole tile is inside one group: one contiguous row of BN scales
+        s = tl.load(st_ptr + (k0 // GROUP) * N + rn, mask=n_mask, other=0.0)
+        sf = widen(s, NATIVE)[None, None, :]
+    else:  # several groups per tile: one scale row per word row (repeated addresses hit L1)
+        s = tl.load(st_ptr + (rkw // (GROUP // 8))[:, None] * N + rn[None, :], mask=mask2d, other=0.0)
+        sf = widen(s, NATIVE)[:, None, :]
+    return sf
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
+    """fp32 -> nearest DTYPE value, in DTYPE (NATIVE) or as fp32 (interpreter path)."""
+    if NATIVE:
+        y = x.to(DTYPE)
+    else:
+        if DTYPE == tl.bfloat16:
+            y = round_bf16(x, NATIVE)
+        else:
+            y = x.to(DTYPE).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr, qt_ptr, st_ptr, bias_ptr, out_ptr, part_ptr,
+    M, N, K, stride_xm, kw_per_split,
+    GROUP: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    m = tl.program_id(2)
+    KW = K // 8
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_mask = rn < N
+    j = tl.arange(0, 8)
+    kw_lo = pid_s * kw_per_split
+    kw_hi = tl.minimum(kw_lo + kw_per_split, KW)
+    acc = tl.zeros((BKW, BN), dtype=tl.float32)
+    x_row = x_ptr + m * stride_xm
+    for kw0 in range(kw_lo, kw_hi, BKW):
+        rkw = kw0 + tl.arange(0, BKW)
+        kw_mask = rkw < kw_hi
+        mask2d = kw_mask[:, None] & n_mask[None, :]
+        words = tl.load(qt_ptr + rkw[:, None] * N + rn[None, :], mask=mask2d, other=0)
+        sf = _load_scales(st_ptr, rkw, kw0 * 8, rn, mask2d, n_mask, N, GROUP, BKW * 8, NATIVE)
+        xv = tl.load(x_row + rkw[:, None] * 8 + j[None, :], mask=kw_mask[:, None], other=0.0)
+        xf = widen(xv, NATIVE)  # [BKW, 8]
+        w = _round_to(_nibbles(words) * sf, x_ptr.dtype.element_ty, NATIVE).to(tl.float32)
+        acc += tl.sum(xf[:, :, None] * w, axis=1)
+    y = tl.sum(acc, axis=0)  # [BN]
+    if SPLIT:
+        tl.store(part_ptr + (pid_s * M + m) * N + rn, y, mask=n_mask)
+    else:
+        if HAS_BIAS:
+            y += widen(tl.load(bias_ptr + rn, mask=n_mask, other=0.0), NATIVE)
+        tl.store(out_ptr + m * N + rn, cast_out(y, out_ptr.dtype.element_ty, NATIVE), mask=n_mask)
+
+
+@triton.jit
+def _w4a16_mma_kernel(
+    x_ptr, qt_ptr, st_ptr, bias_ptr, out_ptr, part_ptr,
+    M, N, K, stride_xm, k_per_split,
+    GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n  # programs per band of GROUP_M row tiles
+    first_m = (pid // width) * GROUP_M
+    band = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % band
+    pid_n = (pid % width) // band
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_mask = rm < M
+    n_mask = rn < N
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        rk = k0 + tl.arange(0, BK)
+        rkw = k0 // 8 + tl.arange(0, BK // 8)
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & (rk < k_hi)[None, :],
+                    other=0.0)  # fmt: skip
+        mask2d = (rkw < k_hi // 8)[:, None] & n_mask[None, :]
+        words = tl.load(qt_ptr + rkw[:, None] * N + rn[None, :], mask=mask2d, other=0)
+        sf = _load_scales(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK, NATIVE)
+        w = tl.reshape(_round_to(_nibbles(words) * sf, dt, NATIVE), (BK, BN))
+        if NATIVE:
+            acc = tl.dot(a, w, acc)
+        else:  # interpreter: fp32 operands holding the same bf16/fp16 values (its bf16 dot is broken)
+            acc = tl.dot(widen(a, NATIVE), w, acc, input_precision="ieee")
+    out_off = rm[:, None] * N + rn[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT:
+        tl.store(part_ptr + pid_s * M * N + out_off, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += widen(tl.load(bias_ptr + rn, mask=n_mask, other=0.0), NATIVE)[None, :]
+        tl.store(out_ptr + out_off, cast_out(acc, out_ptr.dtype.element_ty, NATIVE), mask=mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, S, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                          NATIVE: tl.constexpr):  # fmt: skip
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(S):  # fixed order: deterministic
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += widen(tl.load(bias_ptr + offs % N, mask=mask, other=0.0), NATIVE)
+    tl.store(out_ptr + offs, cast_out(acc, out_ptr.dtype.element_ty, NATIVE), mask=mask)
+
+
+@dataclass(frozen=True)
+class W4A16Config:
+    """One launch configuration. ``split_k=None``: chosen from the SM count (``pick_config``)."""
+
+    path: str  # "gemv" | "mma"
+    bn: int
+    bk: int  # K elements per loop step (gemv: 8 * words per step)
+    bm: int = 16  # mma only
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+    split_k: int | None = None
+
+
+# Starting points for an H100 (132 SMs, ~3 TB/s); the benchmark sweeps a few alternatives.
+GEMV_CONFIG = W4A16Config("gemv", bn=64, bk=128, num_warps=4, num_stages=2)
+MMA_CONFIGS = (  # (max M, config): more, smaller tiles while M is small, so the grid fills 132 SMs
+    (16, W4A16Config("mma", bm=16, bn=64, bk=128, num_warps=4, num_stages=4)),
+    (32, W4A16Config("mma", bm=32, bn=64, bk=128, num_warps=4, num_stages=4)),
+    (64, W4A16Config("mma", bm=64, bn=64, bk=64, num_warps=4, num_stages=4)),
+    (256, W4A16Config("mma", bm=64, bn=128, bk=64, num_warps=4, num_stages=4)),
+    (1 << 62, W4A16Config("mma", bm=128, bn=128, bk=64, num_warps=8, num_stages=3)),
+)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: small grids
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def auto_split(cfg: W4A16Config, m: int, n: int, k: int, n_sm: int) -> int:
+    """Split-K so that about two (gemv: four) waves of programs cover the SMs.
+
+    Split-K costs ``S * M * N * 8`` bytes of fp32 partials (written, then read back by the reduction); it
+    is capped at a quarter of the weight's ``N * K / 2`` bytes, so at larger M it never costs more than it
+    saves.
+    """
+    if cfg.path == "gemv":
+        tiles, target = -(-n // cfg.bn) * m, 4 * n_sm
+    else:
+        tiles, target = -(-m // cfg.bm) * -(-n // cfg.bn), 2 * n_sm
+    k_steps = -(-k // cfg.bk)
+    return max(1, min(k_steps, target // max(tiles, 1), k // (64 * m)))
+
+
+def pick_config(m: int, n: int, k: int, n_sm: int) -> W4A16Config:
+    """Path and tiles by M (``GEMV_MAX_M``, ``MMA_CONFIGS``), then ``auto_split``."""
+    cfg = GEMV_CONFIG if m <= GEMV_MAX_M else next(c for limit, c in MMA_CONFIGS if m <= limit)
+    return replace(cfg, split_k=auto_split(cfg, m, n, k, n_sm))
+
+
+def _split_ranges(k: int, bk: int, split: int) -> tuple[int, int]:
+    """(K elements per split, a multiple of bk; number of non-empty splits)."""
+    steps = -(-k // bk)
+    per = -(-steps // max(1, min(split, steps)))
+    return per * bk, -(-steps // per)
+
+
+def w4a16_gemm(
+    x2d: torch.Tensor,
+    qweight_t: torch.Tensor,
+    scale_t: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    config: W4A16Config | None = None,
+    native: bool | None = None,
+) -> torch.Tensor:
+    """``x2d [M, K] @ dequant(qweight_t, scale_t) + bias`` -> ``[M, N]`` in x2d's dtype (Triton launch).
+
+    Inputs are validated by the dispatcher (``quantrl.kernels.w4a16_linear``); this expects x2d with a
+    unit inner stride, contiguous kernel-layout weights and ``K % group_size == 0``.
+    """
+    m, k = x2d.shape
+    n = qweight_t.shape[1]
+    out = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    if m == 0:
+        return out
+    cfg = config or pick_config(m, n, k, sm_count(x2d.device))
+    if cfg.split_k is None:
+        cfg = replace(cfg, split_k=auto_split(cfg, m, n, k, sm_count(x2d.device)))
+    per, split = _split_ranges(k, cfg.bk, cfg.split_k)
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x2d.device) if split > 1 else out
+    has_bias = bias is not None
+    b = bias if has_bias else out
+    nat = native_default(native)
+    common = {"GROUP": group_size, "HAS_BIAS": has_bias, "SPLIT": split > 1, "NATIVE": nat,
+              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}  # fmt: skip
+    if cfg.path == "gemv":
+        grid = (triton.cdiv(n, cfg.bn), split, m)
+        _w4a16_gemv_kernel[grid](x2d, qweight_t, scale_t, b, out, part, m, n, k, x2d.stride(0), per // 8,
+                                 BN=cfg.bn, BKW=cfg.bk // 8, **common)  # fmt: skip
+    elif cfg.path == "mma":
+        grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), split)
+        _w4a16_mma_kernel[grid](x2d, qweight_t, scale_t, b, out, part, m, n, k, x2d.stride(0), per,
+                                BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m, **common)  # fmt: skip
+    else:
+        raise ValueError(f"w4a16_gemm: unknown path {cfg.path!r} (expected 'gemv' or 'mma')")
+    if split > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](part, b, out, m * n, n, split, HAS_BIAS=has_bias,
+                                                            BLOCK=block, NATIVE=nat, num_warps=4)  # fmt: skip
+    return out

@@ -1,0 +1,156 @@
+"""quantrl.kernels without a GPU: the W4A16 kernel layout (pure torch) and the dispatchers' reference path.
+
+The dispatchers must compute exactly the ``formats`` numbers on CPU (bitwise), accept the same inputs and
+raise the same errors, and the package must import on a machine without Triton.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quantrl import formats as fm
+from quantrl import kernels
+from quantrl.kernels import w4a16_repack, w4a16_unrepack
+from quantrl.model.linear import Fp8Linear, W4A16Linear
+from quantrl.model.quant_scheme import QuantScheme
+
+
+def rand(shape, dtype, gen):
+    return (torch.randn(shape, generator=gen) * torch.exp(torch.randn(shape, generator=gen))).to(dtype)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("n,k,g", [(1, 32, 32), (37, 256, 64), (300, 384, 128), (64, 4096, 32)])
+def test_repack_is_exactly_reversible(n, k, g, gen):
+    # arbitrary words (all 32 bits, negative included) and scales (any bf16 bit pattern, NaN too):
+    # the repack must move bits, never reinterpret them
+    words = torch.randint(-(2**31), 2**31 - 1, (n, k // 8), generator=gen, dtype=torch.int32)
+    scale = torch.randint(-(2**15), 2**15 - 1, (n, k // g), generator=gen, dtype=torch.int16).view(torch.bfloat16)
+    qt, st = w4a16_repack(words, scale)
+    assert qt.shape == (k // 8, n) and st.shape == (k // g, n) and qt.is_contiguous() and st.is_contiguous()
+    assert qt.dtype == torch.int32 and st.dtype == torch.bfloat16
+    back_w, back_s = w4a16_unrepack(qt, st)
+    assert torch.equal(back_w, words) and torch.equal(bits(back_s), bits(scale))
+    # kernel layout: word [w, n] is the checkpoint's word [n, w]; scale row = one group of all columns
+    assert torch.equal(qt[3 % (k // 8)], words[:, 3 % (k // 8)]) and torch.equal(bits(st[0]), bits(scale[:, 0]))
+
+
+def test_repack_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="int32"):
+        w4a16_repack(torch.zeros(4, 4, dtype=torch.int64), torch.ones(4, 1, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="disagree on N"):
+        w4a16_repack(torch.zeros(4, 4, dtype=torch.int32), torch.ones(5, 1, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        w4a16_repack(torch.zeros(4, 4, dtype=torch.int32), torch.ones(4, 8, dtype=torch.bfloat16))  # G = 4
+    with pytest.raises(ValueError, match="disagree on N"):
+        w4a16_unrepack(torch.zeros(4, 4, dtype=torch.int32), torch.ones(1, 5, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("qmax", [7, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_dispatch_reference_equals_formats(group_size, qmax, dtype, gen):
+    w = rand((33, 256), dtype, gen)
+    packed, s = kernels.quantize_pack_int4(w, group_size, qmax)
+    q, s_ref = fm.quantize_int4(w, group_size, qmax)
+    assert torch.equal(packed, fm.pack_int4(q)) and torch.equal(bits(s), bits(s_ref))
+    for out in (None, torch.bfloat16, torch.float32):
+        fq = kernels.fake_quantize_int4(w, group_size, qmax, out)
+        assert torch.equal(bits(fq), bits(fm.fake_quantize_int4(w, group_size, qmax, dtype=out)))
+    wr = w.clone().requires_grad_()
+    kernels.fake_quantize_int4(wr, group_size, qmax, torch.bfloat16).float().mul(3.0).sum().backward()
+    assert torch.equal(wr.grad, torch.full_like(w, 3.0))  # straight-through
+
+
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_fp8_dispatch_reference_equals_formats(scale_fmt, gen):
+    w = rand((200, 300), torch.bfloat16, gen)
+    q, s = kernels.quantize_fp8_block(w, (128, 128), scale_fmt)
+    q_ref, s_ref = fm.quantize_fp8(w, "block", (128, 128), scale_fmt)
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+    x = rand((2, 3, 300), torch.bfloat16, gen)
+    q, s = kernels.quantize_fp8_activation(x, 128, scale_fmt)
+    q_ref, s_ref = fm.quantize_fp8_activation(x, 128, scale_fmt)
+    assert q.shape == x.shape and s.shape == (2, 3, 3)
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+
+
+def _w4a16_layer(n, k, g, gen, bias=True):
+    layer = W4A16Linear(k, n, bias, QuantScheme.int4(g))
+    w = rand((n, k), torch.float32, gen)
+    q, s = fm.quantize_int4(w, g, 7)
+    t = {"weight_packed": fm.pack_int4(q), "weight_scale": s}
+    if bias:
+        t["bias"] = rand((n,), torch.bfloat16, gen)
+    layer.load_(t)
+    return layer
+
+
+@pytest.mark.parametrize("g", [32, 128])
+def test_w4a16_linear_reference_equals_the_engine_layer(g, gen):
+    layer = _w4a16_layer(96, 256, g, gen)
+    qt, st = w4a16_repack(layer.weight_packed, layer.weight_scale)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = rand((2, 5, 256), dtype, gen)
+        y = kernels.w4a16_linear(x, qt, st, None if layer.bias is None else layer.bias.to(dtype), group_size=g)
+        assert y.shape == (2, 5, 96) and torch.equal(y, layer.to(dtype)(x))
+    assert torch.equal(kernels.w4a16_dequantize(qt, st, torch.bfloat16), layer.dequantized_weight(torch.bfloat16))
+
+
+def test_fp8_block_linear_reference_equals_the_engine_layer(gen):
+    layer = Fp8Linear(256, 192, True, QuantScheme.fp8_block())
+    wq, ws = fm.quantize_fp8(rand((192, 256), torch.float32, gen) / 8, "block")
+    layer.load_({"weight": wq, "weight_scale_inv": ws, "bias": rand((192,), torch.bfloat16, gen)})
+    x = rand((7, 256), torch.bfloat16, gen)
+    y = kernels.fp8_block_linear(x, layer.weight, layer.weight_scale_inv, layer.bias)
+    assert torch.equal(y, layer(x))
+    xq, xs = fm.quantize_fp8_activation(x)
+    assert torch.equal(kernels.fp8_block_gemm(xq, xs, wq, ws, layer.bias), layer(x))
+
+
+def test_dispatch_errors_name_the_problem(gen):
+    w = rand((16, 96), torch.bfloat16, gen)
+    with pytest.raises(ValueError, match="not divisible by group_size=64"):
+        kernels.quantize_pack_int4(w, 64)
+    with pytest.raises(ValueError, match="qmax"):
+        kernels.fake_quantize_int4(w, 32, qmax=6)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.quantize_pack_int4(w, 32, backend="cuda")
+    bad = w.clone()
+    bad[3, 5] = float("nan")
+    for fn in (lambda: kernels.quantize_pack_int4(bad, 32), lambda: kernels.quantize_fp8_block(bad),
+               lambda: kernels.quantize_fp8_activation(bad), lambda: kernels.fake_quantize_int4(bad, 32)):  # fmt: skip
+        with pytest.raises(ValueError, match="1 NaN"):
+            fn()
+    qt, st = w4a16_repack(*kernels.quantize_pack_int4(w, 32))
+    with pytest.raises(ValueError, match="K=64 but the weight holds K=96"):
+        kernels.w4a16_linear(torch.zeros(2, 64, dtype=torch.bfloat16), qt, st)
+    with pytest.raises(ValueError, match="group size 32, not 128"):
+        kernels.w4a16_linear(w[:2], qt, st, group_size=128)
+
+
+def test_package_imports_and_falls_back_without_triton():
+    """A machine without Triton: ``quantrl.kernels`` imports and every dispatcher takes the reference path."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch, quantrl.kernels as K\n"
+        "from quantrl import formats as fm\n"
+        "assert not K.triton_available() and not K.interpreted()\n"
+        "w = torch.randn(8, 64, dtype=torch.bfloat16)\n"
+        "p, s = K.quantize_pack_int4(w, 32)\n"
+        "q, s2 = fm.quantize_int4(w, 32)\n"
+        "assert torch.equal(p, fm.pack_int4(q)) and torch.equal(s, s2)\n"
+        "try:\n"
+        "    K.quantize_pack_int4(w, 32, backend='triton')\n"
+        "    raise SystemExit('backend=triton should fail without triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'triton is not installed' in str(e)\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
