@@ -37,22 +37,10 @@ from quantrl.formats import (
     unpack_int,
 )
 from quantrl.formats._checks import cdiv
+from quantrl.kernels import linear_fp32_acc as linear
+from quantrl.kernels import triton_available, w4a16_linear, w4a16_repack
 from quantrl.model import fp8_gemm
 from quantrl.model.quant_scheme import QuantScheme
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with a low-precision GEMM's numbers on every device: fp32 accumulation, rounded once to x's dtype.
-
-    On CUDA that is what cuBLAS does for bf16. On CPU, bf16 GEMMs run natively only where the CPU has
-    AVX512-BF16/AMX; elsewhere torch's fallback is ~7x slower than fp32 (measured: 1280x256x768, 115 ms
-    vs 15 ms on a 2-core Xeon without AVX-512). An fp32 GEMM of the same bf16 values, rounded once, is the
-    same function (up to summation order), so the CPU always takes it: tiny-model RL on any laptop.
-    """
-    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-        b = None if bias is None else bias.float()
-        return F.linear(x.float(), weight.float(), b).to(x.dtype)
-    return F.linear(x, weight, bias)
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -241,14 +229,20 @@ class Fp8Linear(QLinear):
 class W4A16Linear(QLinear):
     """Weight-only group INT4 (or INT8): packed codes + scales, activations in the model dtype.
 
-    CPU: the weight is unpacked and dequantized through ``formats`` (to x's dtype) on every call, then
-    ``F.linear``. CUDA: ``post_process_weights`` derives the "kernel layout", for now a cached dequantized
-    weight (correct, as fast as BF16, but holds BF16 memory too); a packed W4A16 Triton kernel plugs in
-    here later, with ``restore_weights_before_loading`` undoing its repacking. The checkpoint-layout
-    buffers are always kept, so restore only invalidates the cache, and post-process refills it in place.
+    CPU: the weight is unpacked and dequantized through ``formats`` (to x's dtype) on every call, then a
+    GEMM with fp32 accumulation. CUDA, INT4: ``post_process_weights`` repacks into the W4A16 Triton
+    kernel's layout (``kernels.w4a16_repack``: a transpose of the same words and scales), and the kernel
+    unpacks on the fly; its first call is compared with the reference, and on disagreement (or without
+    Triton, or for INT8) the layer falls back to a cached dequantized weight (correct, BF16 speed and
+    memory). The checkpoint-layout buffers are always kept, so ``restore_weights_before_loading`` only
+    invalidates the derived copies, and post-process refills them in place (same addresses: captured
+    CUDA graphs keep reading the right memory).
     """
 
-    cache_on_cuda = True  # class switch: False dequantizes per call on CUDA too
+    cache_on_cuda = True  # class switch: False dequantizes per call on CUDA too (when the kernel is off)
+    kernel_enabled = True  # class switch: False keeps CUDA on the dequantized-cache path
+    kernel_backend = "auto"  # "triton": the kernel on CPU tensors too (Triton's interpreter, for tests)
+    PROBE_RTOL = 1e-2  # the kernel's only difference from the reference is fp32 summation order (~1e-3)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):  # fmt: skip
@@ -266,6 +260,9 @@ class W4A16Linear(QLinear):
         self.register_buffer("weight_shape", torch.tensor([n, k], dtype=torch.int64, device=device))
         self._cache: torch.Tensor | None = None
         self._cache_valid = False
+        self._kernel_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (qweight_t, scale_t)
+        self._kernel_valid = False
+        self._kernel_ok: bool | None = None  # None: not yet compared against the reference on this device
 
     def specs(self) -> dict[str, WeightSpec]:
         return {
@@ -283,24 +280,74 @@ class W4A16Linear(QLinear):
 
     def restore_weights_before_loading(self) -> None:
         self._cache_valid = False
+        self._kernel_valid = False
 
-    def post_process_weights(self) -> None:
-        if not (self.cache_on_cuda and self.weight_packed.is_cuda):
-            return
+    def _wants_kernel(self) -> bool:
+        on_device = self.weight_packed.is_cuda or self.kernel_backend == "triton"
+        return self.kernel_enabled and self._kernel_ok is not False and self.num_bits == 4 and on_device \
+            and triton_available()  # fmt: skip
+
+    @staticmethod
+    def _refill(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+        if old is not None and old.shape == new.shape and old.dtype == new.dtype:
+            return old.copy_(new)
+        return new
+
+    def _fill_cache(self) -> None:
         with torch.no_grad():
-            w = self.dequantized_weight(self.compute_dtype)
-            if self._cache is not None and self._cache.shape == w.shape and self._cache.dtype == w.dtype:
-                self._cache.copy_(w)  # same address: captured CUDA graphs keep reading the right memory
-            else:
-                self._cache = w
+            self._cache = self._refill(self._cache, self.dequantized_weight(self.compute_dtype))
         self._cache_valid = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def post_process_weights(self) -> None:
+        if self._wants_kernel():
+            q, s = w4a16_repack(self.weight_packed, self.weight_scale)
+            old = self._kernel_weights or (None, None)
+            self._kernel_weights = (self._refill(old[0], q), self._refill(old[1], s))
+            self._kernel_valid = True
+        elif self.cache_on_cuda and self.weight_packed.is_cuda:
+            self._fill_cache()
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._cache_valid and self._cache is not None and self._cache.dtype == x.dtype:
             w = self._cache
         else:
             w = self.dequantized_weight(x.dtype)
         return linear(x, w, self.bias)
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, s = self._kernel_weights
+        return w4a16_linear(x, q, s, self.bias, group_size=self.group_size, backend="triton")
+
+    def _probe(self, x: torch.Tensor) -> torch.Tensor:
+        """First kernel call: keep the kernel only if it agrees with the reference on these activations."""
+        ref = self.reference_forward(x)
+        try:
+            got = self._kernel_forward(x)
+            with torch.no_grad():
+                err = float((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+            ok, why = err <= self.PROBE_RTOL, f"relative error {err:.2e} against the reference"
+        except (RuntimeError, ValueError, NotImplementedError) as e:  # a Triton compile / launch failure
+            ok, why = False, str(e).splitlines()[0] if str(e) else type(e).__name__
+        self._kernel_ok = ok
+        if not ok:
+            warnings.warn(
+                f"W4A16Linear [{self.out_features}x{self.in_features}]: W4A16 kernel disabled ({why}); "
+                "using the cached dequantized weight",
+                stacklevel=3,
+            )
+            if self.cache_on_cuda and self.weight_packed.is_cuda:
+                self._fill_cache()
+        return ref
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        usable = self._kernel_valid and self._kernel_ok is not False and x.dtype in (torch.bfloat16, torch.float16)
+        if not usable:
+            return self.reference_forward(x)
+        if self._kernel_ok:
+            return self._kernel_forward(x)
+        if _capturing(x):  # never probe (host sync) inside a CUDA graph
+            return self.reference_forward(x)
+        return self._probe(x)
 
 
 def make_linear(name: str, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,

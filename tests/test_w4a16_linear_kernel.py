@@ -1,0 +1,84 @@
+"""W4A16Linear on the Triton kernel path: repack at post-process, kernel forward equal to the reference
+within the bf16 rounding floor, new weights after restore/load/post-process, and a fallback with a warning
+when the first-call comparison fails. Runs on CUDA, or on CPU through Triton's interpreter."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from quantrl import formats as fm
+from quantrl import kernels
+from quantrl.model import QuantScheme
+from quantrl.model.linear import W4A16Linear
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+pytestmark = [
+    pytest.mark.skipif(not (CUDA or kernels.interpreted()), reason="needs CUDA or TRITON_INTERPRET=1"),
+    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),  # numpy inside the interpreter
+]
+
+
+def _load(lin, w, g):
+    q, s = fm.quantize_int4(w, g, 7)
+    lin.restore_weights_before_loading()
+    lin.load_({"weight_packed": fm.pack_int4(q).to(DEV), "weight_scale": s.to(DEV)})
+    lin.post_process_weights()
+
+
+def _layer(n, k, g, gen, bias=True):
+    lin = W4A16Linear(k, n, bias, QuantScheme.int4(g), torch.bfloat16, DEV)
+    lin.kernel_backend = "triton"  # on CPU: the interpreter
+    if bias:
+        with torch.no_grad():
+            lin.bias.copy_(torch.randn(n, generator=gen).to(torch.bfloat16))
+    return lin
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_kernel_path_matches_reference_and_follows_updates(m, gen):
+    n, k, g = 80, 256, 128
+    lin = _layer(n, k, g, gen)
+    _load(lin, torch.randn(n, k, generator=gen), g)
+    assert lin._kernel_valid and lin._kernel_weights[0].shape == (k // 8, n)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
+    y = lin(x)  # first call: compared with the reference, which it returns
+    assert lin._kernel_ok is True and torch.equal(y, lin.reference_forward(x))
+    y = lin(x)  # the kernel itself
+    assert _rel(y, lin.reference_forward(x)) < 3e-3
+    addr = lin._kernel_weights[0].data_ptr()
+    _load(lin, torch.randn(n, k, generator=gen), g)  # an update: same buffers, new numbers
+    assert lin._kernel_weights[0].data_ptr() == addr
+    y2 = lin(x)
+    ref2 = lin.reference_forward(x)
+    assert _rel(y2, ref2) < 3e-3 and _rel(y2, y) > 0.1
+
+
+def test_failed_probe_falls_back_to_the_reference(gen, monkeypatch):
+    n, k, g = 64, 128, 128
+    lin = _layer(n, k, g, gen, bias=False)
+    _load(lin, torch.randn(n, k, generator=gen), g)
+    monkeypatch.setattr(lin, "_kernel_forward", lambda x: torch.zeros(x.shape[0], n, dtype=x.dtype, device=x.device))
+    x = torch.randn(3, k, generator=gen).to(torch.bfloat16).to(DEV)
+    with pytest.warns(UserWarning, match="W4A16 kernel disabled"):
+        y = lin(x)
+    assert lin._kernel_ok is False and torch.equal(y, lin.reference_forward(x))
+    assert torch.equal(lin(x), lin.reference_forward(x))  # stays on the reference, no second warning
+    _load(lin, torch.randn(n, k, generator=gen), g)
+    assert not lin._kernel_valid or lin._kernel_ok is False
+
+
+def test_int8_and_fp32_activations_never_take_the_kernel(gen):
+    lin8 = W4A16Linear(128, 32, False, QuantScheme(method="int", num_bits=8), torch.bfloat16, DEV)
+    lin8.kernel_backend = "triton"
+    lin8.post_process_weights()
+    assert not lin8._kernel_valid
+    lin = _layer(32, 128, 128, gen, bias=False)
+    _load(lin, torch.randn(32, 128, generator=gen), 128)
+    x = torch.randn(2, 128, generator=gen).to(DEV)
+    assert torch.equal(lin(x), lin.reference_forward(x)) and lin._kernel_ok is None  # fp32: reference, no probe
