@@ -79,7 +79,8 @@ def test_fake_quant_computed_once_per_optimizer_step(model, monkeypatch):
     import quantrl.train.qat as qat
 
     real = qat.fake_quantize_int4
-    monkeypatch.setattr(qat, "fake_quantize_int4", lambda *a, **k: calls.append(1) or real(*a, **k))
+    count = qat.fake_quantize
+    monkeypatch.setattr(qat, "fake_quantize", lambda *a, **k: calls.append(1) or count(*a, **k))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.randint(0, 50, (4, 7))
     for _step in range(2):

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantrl import kernels
 from quantrl.checkpoint.layout import is_quantizable
 from quantrl.formats import FP8_DTYPE, pack_int, quantize_fp8, quantize_int
 from quantrl.formats.int4 import int_range
@@ -239,15 +240,21 @@ def _convert_linear(name: str, module: str, w: torch.Tensor, target: SyncTarget,
     if target.method == "fp8":
         if _reuse_fp8(mod, target):
             q, s = mod.fp8_weight()  # the cached fp8_param_gather copy: the very numbers the forward used
+        elif target.strategy == "block":  # one pass on CUDA (kernels), formats itself elsewhere
+            q, s = kernels.quantize_fp8_block(w, target.block_size, target.scale_fmt)
         else:
             q, s = quantize_fp8(w, target.strategy, target.block_size, target.scale_fmt)
         # formats' FP8 scales are fp32; an engine holding other scale dtypes (a checkpoint's choice) gets
         # them rounded, as loading that checkpoint's scales would.
         return [(name, q), (f"{module}.{target.scale_name}", s.to(target.scale_dtype))]
-    q, s = quantize_int(w, target.num_bits, target.group_size, target.qmax, target.scale_dtype)
+    if target.num_bits == 4 and target.scale_dtype == torch.bfloat16:  # quantize + pack in one pass on CUDA
+        packed, s = kernels.quantize_pack_int4(w, target.group_size, target.qmax)
+    else:
+        q, s = quantize_int(w, target.num_bits, target.group_size, target.qmax, target.scale_dtype)
+        packed = pack_int(q, target.num_bits)
     shape = torch.tensor(list(w.shape), dtype=torch.int64, device=w.device)
     return [
-        (f"{module}.weight_packed", pack_int(q, target.num_bits)),
+        (f"{module}.weight_packed", packed),
         (f"{module}.weight_scale", s),
         (f"{module}.weight_shape", shape),
     ]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from quantrl import kernels
 from quantrl.checkpoint.layout import is_quantizable
 from quantrl.formats.int4 import fake_quantize_int4, quantize_int4
 from quantrl.model.linear import linear
@@ -53,6 +54,13 @@ class QATConfig:
         return cls(**overrides)
 
 
+def fake_quantize(w: torch.Tensor, cfg: QATConfig) -> torch.Tensor:
+    """The QAT forward weight (scales in cfg.dtype, STE): the fused kernel on CUDA for bf16, formats otherwise."""
+    if cfg.dtype == torch.bfloat16:
+        return kernels.fake_quantize_int4(w, cfg.group_size, cfg.qmax, cfg.dtype)
+    return fake_quantize_int4(w, cfg.group_size, cfg.qmax, scale_dtype=cfg.dtype, dtype=cfg.dtype)
+
+
 class QATLinear(nn.Linear):
     """``nn.Linear`` with an INT4 fake-quantized forward weight; same parameters and state-dict names."""
 
@@ -79,7 +87,7 @@ class QATLinear(nn.Linear):
         grad = torch.is_grad_enabled() and self.weight.requires_grad
         key = (self.weight._version, self.weight.data_ptr(), grad)
         if self._cache is None or self._cache[0] != key:
-            w = fake_quantize_int4(self.weight, self.cfg.group_size, self.cfg.qmax, scale_dtype=self.cfg.dtype, dtype=self.cfg.dtype)
+            w = fake_quantize(self.weight, self.cfg)
             self._cache = (key, w)
         return self._cache[1]
 
