@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--n-samples-per-prompt", type=int, default=8)
     ap.add_argument("--eval-interval", type=int, default=10)
     ap.add_argument("--lr", type=float, default=RLConfig.lr)
+    ap.add_argument("--num-prompts", type=int, default=RLConfig.num_prompts, help="synthetic task: training prompts")
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES))
     ap.add_argument("--out", default="runs/rl_recipes")
     args = ap.parse_args()
@@ -66,6 +67,7 @@ def main() -> None:
             RLConfig(), recipe=recipe, model=args.model, run_dir=str(run), num_steps=args.num_steps,
             prompts_per_step=args.prompts_per_step, n_samples_per_prompt=args.n_samples_per_prompt,
             eval_interval=args.eval_interval, save_interval=0, device=args.device, lr=args.lr,
+            num_prompts=args.num_prompts,
         )
         summary[recipe] = summarize(train(cfg, progress=True))
     base = summary.get("bf16", {}).get("mismatch_mean")

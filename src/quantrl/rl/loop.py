@@ -50,6 +50,8 @@ class RLConfig:
     "held-out prompts for --eval-interval accuracy"
     difficulty: str = "medium"
     "synthetic task difficulty: easy | medium | hard"
+    num_prompts: int = 64
+    "synthetic task: distinct training prompts, revisited every few steps (RL goes over its prompt set in epochs)"
     num_steps: int = 40
     "RL steps"
     prompts_per_step: int = 16
@@ -62,7 +64,7 @@ class RLConfig:
     "nucleus sampling"
     max_new_tokens: int = 48
     "response length limit (slime --rollout-max-response-len)"
-    lr: float = 2e-5
+    lr: float = 1e-4
     "learning rate"
     micro_batch_size: int = 32
     "sequences per forward/backward"
@@ -132,7 +134,7 @@ def _task(cfg: RLConfig, tok):
         return ds, held, reward
     from quantrl.tasks.arithmetic import make_split
 
-    train, held = make_split(20_000, cfg.eval_size, cfg.seed + 1, cfg.difficulty)
+    train, held = make_split(cfg.num_prompts, cfg.eval_size, cfg.seed + 1, cfg.difficulty)
     to_prompt = lambda i, p: Prompt(text=p.prompt, label=p.answer, index=i)  # noqa: E731
     return PromptDataset([to_prompt(i, p) for i, p in enumerate(train)], seed=cfg.seed), [to_prompt(i, p) for i, p in enumerate(held)], reward
 
