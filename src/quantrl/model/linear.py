@@ -37,8 +37,8 @@ from quantrl.formats import (
     unpack_int,
 )
 from quantrl.formats._checks import cdiv
+from quantrl.kernels import fp8_block_linear, triton_available, w4a16_linear, w4a16_repack
 from quantrl.kernels import linear_fp32_acc as linear
-from quantrl.kernels import triton_available, w4a16_linear, w4a16_repack
 from quantrl.model import fp8_gemm
 from quantrl.model.quant_scheme import QuantScheme
 
@@ -111,10 +111,14 @@ class Fp8Linear(QLinear):
     recipe), one scale per token for channel weights, one per call for tensor weights.
     CPU (and any shape cuBLAS cannot take): q_x, s_x = formats.quantize_fp8_activation(x); the output is
     fp32(dequant(q_x, s_x)) @ fp32(dequant(q_w, s_w)).T rounded once to x's dtype.
-    CUDA (SM89+): ``torch._scaled_mm`` on the same fp8 operands and scales (see ``fp8_gemm``).
+    CUDA (SM89+): ``torch._scaled_mm`` on the same fp8 operands and scales (see ``fp8_gemm``); the
+    128x128-block recipe goes through ``kernels.fp8_block_linear`` (Triton activation quantization, then
+    blockwise ``_scaled_mm`` or the Triton block GEMM, which also takes ragged shapes). Either way the first
+    CUDA call is compared with the reference, and a disagreeing fast path is warned about and never used.
     """
 
     fast_path_enabled = True  # class switch (benchmarks / debugging)
+    kernel_backend = "auto"  # "triton": the Triton path on CPU tensors too (Triton's interpreter, for tests)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):  # fmt: skip
@@ -168,12 +172,27 @@ class Fp8Linear(QLinear):
         y = F.linear(self.quantize_dequantize_input(x2d), self.dequantized_weight(torch.float32), bias)
         return y.to(x2d.dtype)
 
+    def _kernel_path(self, x2d: torch.Tensor) -> bool:
+        """128x128 blocks with 1x128 activations go through ``kernels.fp8_block_linear``: Triton activation
+        quantization, then blockwise ``torch._scaled_mm`` or, where cuBLAS refuses (or for ragged shapes),
+        the Triton block-scaled GEMM."""
+        recipe = (self.strategy, self.block_size, self.act_strategy, self.act_group, self.scale_fmt)
+        on_device = x2d.is_cuda or self.kernel_backend == "triton"
+        return recipe == ("block", (128, 128), "group", 128, None) and on_device and triton_available()
+
     def _fast_forward(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self._kernel_path(x2d):
+            backend = "triton" if self.kernel_backend == "triton" else "auto"
+            return fp8_block_linear(x2d, self.weight, self.weight_scale_tensor, self.bias, backend=backend, check=False)
         return fp8_gemm.scaled_mm(x2d, self.weight, self.weight_scale_tensor, self.strategy, self.act_strategy,
                                   self.act_group, self.scale_fmt, self.bias)  # fmt: skip
 
     def _fast_usable(self, x2d: torch.Tensor) -> bool:
-        if not (self.fast_path_enabled and x2d.is_cuda and self._fast is not False):
+        if not (self.fast_path_enabled and self._fast is not False):
+            return False
+        if self._kernel_path(x2d):
+            return True
+        if not x2d.is_cuda:
             return False
         shape_ok = fp8_gemm.fast_path_supported(
             self.strategy, self.act_strategy, self.out_features, self.in_features, self.block_size, self.act_group

@@ -328,7 +328,9 @@ class RLRun:
             self.run_dir.append_metrics(row)
             rows.append(row)
             bar.update(1)
-            shown = {"reward": f"{row['reward']:.3f}", "|dlogp|": f"{row['mismatch_abs_mean']:.4f}"}
+            recent = [r["reward"] for r in rows[-10:] if "reward" in r]  # one step's reward is mostly its prompts
+            shown = {"reward": f"{row['reward']:.3f}", "reward(10)": f"{sum(recent) / len(recent):.3f}",
+                     "|dlogp|": f"{row['mismatch_abs_mean']:.4f}"}
             if "eval_accuracy" in row:
                 shown["eval"] = f"{row['eval_accuracy']:.3f}"
             bar.set_postfix(shown)

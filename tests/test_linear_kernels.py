@@ -1,6 +1,8 @@
-"""W4A16Linear on the Triton kernel path: repack at post-process, kernel forward equal to the reference
-within the bf16 rounding floor, new weights after restore/load/post-process, and a fallback with a warning
-when the first-call comparison fails. Runs on CUDA, or on CPU through Triton's interpreter."""
+"""The engine Linears on their Triton kernel paths (CUDA, or CPU through Triton's interpreter).
+
+W4A16Linear: repack at post-process, kernel output within the bf16 rounding floor of the reference, new
+weights after restore/load/post-process in the same buffers, and a warned fallback when the first-call
+comparison fails. Fp8Linear (128x128 blocks): the kernels.fp8_block_linear path, exact tiles and ragged."""
 
 import pytest
 import torch
@@ -82,3 +84,20 @@ def test_int8_and_fp32_activations_never_take_the_kernel(gen):
     _load(lin, torch.randn(32, 128, generator=gen), 128)
     x = torch.randn(2, 128, generator=gen).to(DEV)
     assert torch.equal(lin(x), lin.reference_forward(x)) and lin._kernel_ok is None  # fp32: reference, no probe
+
+
+@pytest.mark.parametrize("n,k,m", [(256, 384, 3), (200, 320, 1)])  # exact tiles, and ragged N and K
+def test_fp8_block_linear_kernel_path_matches_reference(n, k, m, gen):
+    from quantrl.model.linear import Fp8Linear
+
+    lin = Fp8Linear(k, n, True, QuantScheme.fp8_block(), torch.bfloat16, DEV)
+    lin.kernel_backend = "triton"
+    q, s = fm.quantize_fp8(torch.randn(n, k, generator=gen), "block", (128, 128))
+    with torch.no_grad():
+        lin.load_({"weight": q.to(DEV), "weight_scale_inv": s.to(DEV)})
+        lin.bias.copy_(torch.randn(n, generator=gen).to(torch.bfloat16))
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
+    with torch.no_grad():
+        ref = lin.reference_forward(x)
+        assert torch.equal(lin(x), ref) and lin._fast is True  # probed against the reference, kept
+        assert _rel(lin(x), ref) < 3e-3  # now the kernel itself
