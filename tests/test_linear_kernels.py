@@ -39,7 +39,7 @@ def _layer(n, k, g, gen, bias=True):
 
 
 def _rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
 
 @pytest.mark.parametrize("m", [1, 5])
