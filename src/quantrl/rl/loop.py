@@ -64,7 +64,7 @@ class RLConfig:
     "nucleus sampling"
     max_new_tokens: int = 48
     "response length limit (slime --rollout-max-response-len)"
-    lr: float = 1e-4
+    lr: float = 5e-5
     "learning rate"
     micro_batch_size: int = 32
     "sequences per forward/backward"
