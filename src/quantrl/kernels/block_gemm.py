@@ -21,6 +21,7 @@ import torch
 
 from quantrl.formats._checks import cdiv
 from quantrl.kernels._numerics import cast_out, native_default, widen
+from quantrl.kernels._tiles import swizzled_tile
 from quantrl.kernels._triton import tl, triton
 
 SCALE_BLOCK = 128
@@ -32,14 +33,7 @@ def _fp8_block_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
     NATIVE: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    band = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % band
-    pid_n = (pid % width) // band
+    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     m_mask = rm < M

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from quantrl.kernels._numerics import cast_out, native_default, round_bf16, widen
+from quantrl.kernels._tiles import swizzled_tile
 from quantrl.kernels._triton import tl, triton
 
 # Rows at or below this use the gemv path (M = 1 is the decode case; the benchmark reports both paths at
@@ -117,15 +118,8 @@ def _w4a16_mma_kernel(
     GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    width = GROUP_M * num_n  # programs per band of GROUP_M row tiles
-    first_m = (pid // width) * GROUP_M
-    band = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % band
-    pid_n = (pid % width) // band
+    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     m_mask = rm < M

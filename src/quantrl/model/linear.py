@@ -134,6 +134,8 @@ class Fp8Linear(QLinear):
         self.register_buffer("weight", torch.zeros(n, k, dtype=FP8_DTYPE, device=device))
         self.register_buffer(self.scale_name, torch.ones(sshape, dtype=scheme.scale_dtype, device=device))
         self._fast: bool | None = None  # None: not yet compared against the reference on this device
+        recipe = (self.strategy, self.block_size, self.act_strategy, self.act_group, self.scale_fmt)
+        self._blockwise_recipe = recipe == ("block", (128, 128), "group", 128, None)  # what the kernels take
 
     @property
     def weight_scale_tensor(self) -> torch.Tensor:
@@ -176,9 +178,8 @@ class Fp8Linear(QLinear):
         """128x128 blocks with 1x128 activations go through ``kernels.fp8_block_linear``: Triton activation
         quantization, then blockwise ``torch._scaled_mm`` or, where cuBLAS refuses (or for ragged shapes),
         the Triton block-scaled GEMM."""
-        recipe = (self.strategy, self.block_size, self.act_strategy, self.act_group, self.scale_fmt)
         on_device = x2d.is_cuda or self.kernel_backend == "triton"
-        return recipe == ("block", (128, 128), "group", 128, None) and on_device and triton_available()
+        return self._blockwise_recipe and on_device and triton_available()
 
     def _fast_forward(self, x2d: torch.Tensor) -> torch.Tensor:
         if self._kernel_path(x2d):
