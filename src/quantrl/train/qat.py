@@ -24,7 +24,6 @@ import torch.nn as nn
 from quantrl import kernels
 from quantrl.checkpoint.layout import is_quantizable
 from quantrl.formats.int4 import fake_quantize_int4, quantize_int4
-from quantrl.model.linear import linear
 from quantrl.train.swap import swap_linears
 
 ENV_FLAG = "OPEN_TRAINING_INT4_FAKE_QAT_FLAG"
@@ -99,7 +98,7 @@ class QATLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.fake_quantized_weight()
         bias = None if self.bias is None else self.bias.to(w.dtype)
-        return linear(x.to(w.dtype), w, bias)
+        return kernels.linear_fp32_acc(x.to(w.dtype), w, bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, int4 g{self.cfg.group_size} qmax={self.cfg.qmax}"
