@@ -1,8 +1,10 @@
 """FP8 blockwise training linear: quantized operands as specified, error vs BF16 autograd, training."""
 
+import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
+from quantrl import kernels
 from quantrl.formats import dequantize_fp8, dequantize_fp8_activation, fake_quantize_fp8, quantize_fp8_activation
 from quantrl.train.fp8_linear import Fp8BlockTrainLinear, prepare_fp8_training
 
@@ -21,7 +23,10 @@ def test_forward_is_the_product_of_the_quantized_operands():
     lin, f = make()
     x = torch.randn(3, 70, 256)
     xq, xs = quantize_fp8_activation(x.reshape(-1, 256))
-    ref = dequantize_fp8_activation(xq, xs, 128, torch.float32) @ fake_quantize_fp8(lin.weight.detach(), dtype=torch.float32).t()
+    ref = (
+        dequantize_fp8_activation(xq, xs, 128, torch.float32)
+        @ fake_quantize_fp8(lin.weight.detach(), dtype=torch.float32).t()
+    )
     y = f(x)
     torch.testing.assert_close(y.reshape(-1, 384) - lin.bias, ref, rtol=1e-5, atol=1e-5)
 
@@ -37,7 +42,10 @@ def test_gradients_use_quantized_operands_along_the_reduced_dim():
     torch.testing.assert_close(x.grad, dx_ref, rtol=1e-5, atol=1e-5)
     dytq, dyts = quantize_fp8_activation(dy.t())
     xtq, xts = quantize_fp8_activation(x.detach().t())
-    dw_ref = dequantize_fp8_activation(dytq, dyts, 128, torch.float32) @ dequantize_fp8_activation(xtq, xts, 128, torch.float32).t()
+    dw_ref = (
+        dequantize_fp8_activation(dytq, dyts, 128, torch.float32)
+        @ dequantize_fp8_activation(xtq, xts, 128, torch.float32).t()
+    )
     torch.testing.assert_close(lin.weight.grad, dw_ref, rtol=1e-5, atol=1e-4)
 
 
@@ -59,7 +67,7 @@ def test_within_stated_error_of_bf16_autograd():
 
 
 def test_param_gather_caches_once_per_step_and_follows_the_optimizer():
-    lin, f = make()
+    _, f = make()
     f.fp8_param_gather = True
     a = f.fp8_weight()
     assert f.fp8_weight() is a
@@ -84,3 +92,37 @@ def test_fp8_param_gather_works_with_cpu_adam():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_param_gather_caches_the_transposed_weight_for_dgrad():
+    _, f = make()
+    f.fp8_param_gather = True
+    (wq, ws), (wtq, wts) = f.fp8_weight(), f.fp8_weight_t()
+    assert f.fp8_weight_t() is f.fp8_weight_t()
+    assert torch.equal(wtq.float(), wq.float().t()) and torch.equal(wts, ws.t())
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or kernels.interpreted()), reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("param_gather", [False, True])
+def test_triton_kernels_compute_the_reference_function(param_gather):
+    """The kernel path (Triton quantizers + block-scaled GEMMs: 1x128 x 128x128 for fprop/dgrad, 1x128 x 1x128
+    for wgrad) against the formats path, bf16, ragged token count: quantized operands are bit-identical, so
+    the GEMMs differ only in fp32 summation order (y and dx: bf16 rounding; dW: fp32)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    lin, _ = make(n=384, k=256, bias=False)
+    lin = lin.to(dev, torch.bfloat16)
+    ref = Fp8BlockTrainLinear.from_linear(lin)
+    ker = Fp8BlockTrainLinear.from_linear(nn.Linear(256, 384, bias=False, device=dev, dtype=torch.bfloat16))
+    ker.weight = nn.Parameter(lin.weight.detach().clone())
+    ker.kernel_backend, ker.fp8_param_gather = "triton", param_gather
+    ref.kernel_backend = "reference"
+    x = torch.randn(200, 256, device=dev).to(torch.bfloat16)
+    dy = torch.randn(200, 384, device=dev).to(torch.bfloat16)
+    out = []
+    for layer in (ref, ker):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        out.append((y.float(), xi.grad.float(), layer.weight.grad.float()))
+    (y0, dx0, dw0), (y1, dx1, dw1) = out
+    assert rel(y1, y0) < 4e-3 and rel(dx1, dx0) < 4e-3 and rel(dw1, dw0) < 4e-3

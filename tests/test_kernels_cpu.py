@@ -154,3 +154,15 @@ def test_package_imports_and_falls_back_without_triton():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_fp8_block_gemm_checks_b_scale_layout():
+    xq, xs = fm.quantize_fp8_activation(torch.randn(4, 256))
+    bq, bs = fm.quantize_fp8_activation(torch.randn(200, 256))  # 1x128 scales [200, 2]
+    assert kernels.fp8_block_gemm(xq, xs, bq, bs, b_scale="row").shape == (4, 200)
+    with pytest.raises(ValueError, match=r"128x128 b blocks \(2, 2\)"):
+        kernels.fp8_block_gemm(xq, xs, bq, bs)  # read as a weight, the scales have the wrong shape
+    with pytest.raises(ValueError, match="b_scale must be"):
+        kernels.fp8_block_gemm(xq, xs, bq, bs, b_scale="column")
+    with pytest.raises(ValueError, match="gemm must be"):
+        kernels.fp8_block_gemm(xq, xs, bq, bs, b_scale="row", gemm="cublas")

@@ -134,6 +134,51 @@ def test_fp8_block_gemm(m, n, k):
         assert rel_error(ref_mm, y) < 4e-3
 
 
+@pytest.mark.parametrize("m", [128, 1000, 4096])
+def test_fp8_wgrad_gemm_row_scales(m):
+    """FP8 training's wgrad shape: dy^T [N, M] @ x^T [K, M]^T, both 1x128 along the M (token) axis."""
+    n, k = 4096, 1024
+    a = rand((n, m), torch.bfloat16, m)
+    b = rand((k, m), torch.bfloat16, m + 1)
+    aq, as_ = fm.quantize_fp8_activation(a)
+    bq, bs = fm.quantize_fp8_activation(b)
+    ad = fm.dequantize_fp8_activation(aq, as_, 128, torch.float32)
+    bd = fm.dequantize_fp8_activation(bq, bs, 128, torch.float32)
+    y = fp8_block_gemm_triton(aq, as_, bq, bs, None, torch.float32, b_scale="row")
+    assert gemm_ulps(y, ad, bd) <= 2.0
+    if m % 128 == 0 and torch.cuda.get_device_capability() >= (9, 0):
+        try:
+            ym = kernels.fp8_block_gemm(aq, as_, bq, bs, out_dtype=torch.float32, b_scale="row", gemm="scaled_mm")
+        except RuntimeError as e:  # no 1x128 x 1x128 cuBLAS recipe in this torch: Triton is the path then
+            pytest.skip(f"torch._scaled_mm 1x128 x 1x128 unavailable: {e}")
+        assert rel_error(ym, y) < 1e-4
+
+
+def test_fp8_training_linear_on_cuda_matches_the_reference():
+    """Fp8BlockTrainLinear on CUDA (auto: blockwise _scaled_mm where cuBLAS has it, else the Triton GEMM) vs
+    the same layer on CPU (formats + fp32 matmuls): forward and both gradients."""
+    from torch import nn
+
+    from quantrl.kernels import dispatch
+    from quantrl.train.fp8_linear import Fp8BlockTrainLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(1024, 2048, bias=False).to(torch.bfloat16)
+    x = torch.randn(1000, 1024).to(torch.bfloat16)
+    dy = torch.randn(1000, 2048).to(torch.bfloat16)
+    res = []
+    for dev in ("cpu", DEV):
+        layer = Fp8BlockTrainLinear.from_linear(nn.Linear(1024, 2048, bias=False, device=dev, dtype=torch.bfloat16))
+        layer.weight = nn.Parameter(lin.weight.detach().to(dev).clone())
+        xi = x.detach().to(dev).requires_grad_()
+        y = layer(xi)
+        y.backward(dy.to(dev))
+        res.append([t.float().cpu() for t in (y, xi.grad, layer.weight.grad)])
+    for name, a, b in zip(("y", "dx", "dW"), *res):
+        assert rel_error(b, a) < 4e-3, name
+    print("scaled_mm recipes:", dispatch._SCALED_MM_OK)
+
+
 def test_kernels_replay_in_cuda_graphs():
     qt, st, _ = _int4_weight(4096, 4096, 128, 3)
     x = rand((4, 4096), torch.bfloat16, 4)

@@ -3,11 +3,13 @@
     y[m, n] = sum_kb  sa[m, kb] * sb[n // 128, kb] * sum_{k in block kb} a[m, k] * b[n, k]
 
 a: e4m3 ``[M, K]`` with 1x128 dequant scales ``sa [M, ceil(K/128)]`` (``quantize_fp8_activation``);
-b: the weight, e4m3 ``[N, K]`` as stored, with 128x128 scales ``sb [ceil(N/128), ceil(K/128)]``
-(``weight_scale_inv``); fp32 accumulate, output bf16 (or the requested dtype), optional bias.
+b: e4m3 ``[N, K]`` with either 128x128 scales ``sb [ceil(N/128), ceil(K/128)]`` (a weight as stored, its
+``weight_scale_inv``: ``b_scale="block"``) or 1x128 scales ``sb [N, ceil(K/128)]`` (a second activation,
+as FP8 training's wgrad ``dy^T @ x`` has: ``b_scale="row"``); fp32 accumulate, output bf16 (or the
+requested dtype), optional bias.
 
-Layout. One program = a BM x BN output tile; its weight scales are loaded per column (``n // 128``), so
-any BN works. The K loop steps exactly one scale block (BK = 128): each step is one fp8 ``tl.dot`` (K-major operands: b is read from the row-major weight as a
+Layout. One program = a BM x BN output tile; its b scales are loaded per column (``n // 128``, or ``n`` for
+row scales), so any BN works. The K loop steps exactly one scale block (BK = 128): each step is one fp8 ``tl.dot`` (K-major operands: b is read from the row-major weight as a
 [BK, BN] tile whose K axis is contiguous, which is what fp8 tensor cores want), whose fp32 result is
 scaled by the outer product of the two scale vectors and added to the accumulator. Promoting every
 128-long partial sum to fp32 is also what keeps the tensor cores' limited fp8 accumulation precision
@@ -31,13 +33,14 @@ SCALE_BLOCK = 128
 def _fp8_block_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, stride_am, stride_bn, n_kb,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
-    NATIVE: tl.constexpr,
+    B_ROWWISE: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     m_mask = rm < M
     n_mask = rn < N
+    sb_row = rn if B_ROWWISE else rn // BK  # b's scale row: per column (1x128) or per 128 columns
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(n_kb):
         rk = kb * BK + tl.arange(0, BK)
@@ -45,7 +48,7 @@ def _fp8_block_gemm_kernel(
         a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptr + rn[None, :] * stride_bn + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         sa = tl.load(as_ptr + rm * n_kb + kb, mask=m_mask, other=0.0)
-        sb = tl.load(bs_ptr + (rn // BK) * n_kb + kb, mask=n_mask, other=0.0)
+        sb = tl.load(bs_ptr + sb_row * n_kb + kb, mask=n_mask, other=0.0)
         acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
     if HAS_BIAS:
         acc += widen(tl.load(bias_ptr + rn, mask=n_mask, other=0.0), NATIVE)[None, :]
@@ -67,10 +70,11 @@ def pick_tiles(m: int) -> tuple[int, int, int, int]:
 def fp8_block_gemm_triton(
     xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16, tiles: tuple[int, int, int, int] | None = None,
-    native: bool | None = None,
+    native: bool | None = None, b_scale: str = "block",
 ) -> torch.Tensor:  # fmt: skip
     """``xq [M, K]`` e4m3 with ``xs [M, ceil(K/128)]``, ``wq [N, K]`` e4m3 with ``ws [ceil(N/128),
-    ceil(K/128)]`` -> ``[M, N]`` in ``out_dtype`` (plus bias), fp32 accumulation."""
+    ceil(K/128)]`` (``b_scale="block"``) or ``[N, ceil(K/128)]`` (``"row"``) -> ``[M, N]`` in
+    ``out_dtype`` (plus bias), fp32 accumulation."""
     m, k = xq.shape
     n = wq.shape[0]
     n_kb = cdiv(k, SCALE_BLOCK)
@@ -84,5 +88,6 @@ def fp8_block_gemm_triton(
     has_bias = bias is not None
     _fp8_block_gemm_kernel[grid](xq, xs, wq, ws, bias if has_bias else out, out, m, n, k, xq.stride(0),
                                  wq.stride(0), n_kb, BM=bm, BN=bn, BK=SCALE_BLOCK, GROUP_M=8, HAS_BIAS=has_bias,
-                                 NATIVE=native_default(native), num_warps=warps, num_stages=stages)  # fmt: skip
+                                 B_ROWWISE=b_scale == "row", NATIVE=native_default(native), num_warps=warps,
+                                 num_stages=stages)  # fmt: skip
     return out

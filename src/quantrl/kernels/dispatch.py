@@ -13,6 +13,7 @@ lazily, so ``quantrl.kernels`` imports on machines without Triton.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -126,7 +127,13 @@ def quantize_fp8_activation(
     return _ref_quantize_fp8_activation(x, group_size, scale_fmt)
 
 
-def _check_fp8_operands(xq, xs, wq, ws) -> None:
+BScale = Literal["block", "row"]
+Gemm = Literal["auto", "scaled_mm", "triton"]
+
+
+def _check_fp8_operands(xq, xs, wq, ws, b_scale: str = "block") -> None:
+    if b_scale not in ("block", "row"):
+        raise ValueError(f"fp8_block_gemm: b_scale must be 'block' (128x128) or 'row' (1x128), got {b_scale!r}")
     if xq.dtype != FP8_DTYPE or wq.dtype != FP8_DTYPE or xq.ndim != 2 or wq.ndim != 2:
         raise TypeError(
             f"fp8_block_gemm: expected 2-D {FP8_DTYPE} operands, got {xq.dtype} {tuple(xq.shape)} and "
@@ -136,11 +143,71 @@ def _check_fp8_operands(xq, xs, wq, ws) -> None:
     if k != k2:
         raise ValueError(f"fp8_block_gemm: K differs: activations {tuple(xq.shape)}, weight {tuple(wq.shape)}")
     kb = cdiv(k, 128)
-    if tuple(xs.shape) != (m, kb) or tuple(ws.shape) != (cdiv(n, 128), kb):
+    want_ws = (cdiv(n, 128), kb) if b_scale == "block" else (n, kb)
+    if tuple(xs.shape) != (m, kb) or tuple(ws.shape) != want_ws:
         raise ValueError(
             f"fp8_block_gemm: scales {tuple(xs.shape)} / {tuple(ws.shape)} do not fit 1x128 activation blocks "
-            f"({m}, {kb}) and 128x128 weight blocks ({cdiv(n, 128)}, {kb})"
+            f"({m}, {kb}) and {'128x128' if b_scale == 'block' else '1x128'} b blocks {want_ws}"
         )
+
+
+def _reference_block_gemm(xq, xs, wq, ws, bias, out_dtype, b_scale: str) -> torch.Tensor:
+    xf = dequantize_fp8_activation(xq, xs, 128, dtype=torch.float32)
+    if b_scale == "block":
+        wf = dequantize_fp8(wq, ws.float(), (128, 128), dtype=torch.float32)
+    else:
+        wf = dequantize_fp8_activation(wq, ws.float(), 128, dtype=torch.float32)
+    return F.linear(xf, wf, None if bias is None else bias.float()).to(out_dtype)
+
+
+# (device type, index, b_scale) -> blockwise torch._scaled_mm works here (absent: not yet probed)
+_SCALED_MM_OK: dict[tuple[str, int | None, str], bool] = {}
+
+
+def scaled_mm_block(xq, xs, wq, ws, out_dtype, b_scale: str = "block") -> torch.Tensor:
+    """cuBLAS blockwise FP8 (DeepSeek-V3 recipes). scale_a [M, K/128] column-major (1x128); b = wq.t()
+    [K, N] column-major with scale_b [K/128, N/128] (128x128: ``ws.t()``) or [K/128, N] row-major (1x128)."""
+    sb = ws.float().t() if b_scale == "block" else ws.float().t().contiguous()
+    return torch._scaled_mm(xq, wq.t(), scale_a=xs.t().contiguous().t(), scale_b=sb, out_dtype=out_dtype)
+
+
+def scaled_mm_block_supported(n: int, k: int, device: torch.device, b_scale: str = "block") -> bool:
+    """Shapes cuBLAS's blockwise recipes take (exact 128 tiles) on an SM89+ device with ``_scaled_mm``,
+    unless this process found it missing or wrong there."""
+    return (
+        device.type == "cuda"
+        and hasattr(torch, "_scaled_mm")
+        and n % 128 == 0
+        and k % 128 == 0
+        and torch.cuda.get_device_capability(device) >= (8, 9)
+        and _SCALED_MM_OK.get((device.type, device.index, b_scale), True)
+    )
+
+
+PROBE_RTOL = 2e-2  # _scaled_mm vs the Triton/reference GEMM on their first call (both bf16-rounded fp32 sums)
+
+
+def _try_scaled_mm(xq, xs, wq, ws, out_dtype, b_scale: str, fallback) -> torch.Tensor | None:
+    """``_scaled_mm`` for ``gemm="auto"``: the first call per (device, recipe) is compared with ``fallback()``
+    and the result remembered, so a cuBLAS that rejects the recipe or reads the scales differently costs one
+    warning, not wrong numbers. Under CUDA-graph capture (no host syncs allowed) nothing is probed."""
+    key = (xq.device.type, xq.device.index, b_scale)
+    try:
+        y = scaled_mm_block(xq, xs, wq, ws, out_dtype, b_scale)
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        _SCALED_MM_OK[key] = False
+        warnings.warn(f"torch._scaled_mm has no blockwise FP8 ({b_scale}) here ({e}); using the Triton GEMM",
+                      stacklevel=3)  # fmt: skip
+        return None
+    if key not in _SCALED_MM_OK and not torch.cuda.is_current_stream_capturing():
+        ref = fallback().float()
+        err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+        _SCALED_MM_OK[key] = err <= PROBE_RTOL
+        if not _SCALED_MM_OK[key]:
+            warnings.warn(f"torch._scaled_mm blockwise FP8 ({b_scale}) disagrees with the Triton GEMM (rel err "
+                          f"{err:.2e}); not using it", stacklevel=3)  # fmt: skip
+            return None
+    return y
 
 
 def fp8_block_gemm(
@@ -151,40 +218,37 @@ def fp8_block_gemm(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     *,
+    b_scale: BScale = "block",
     backend: Backend = "auto",
+    gemm: Gemm = "auto",
 ) -> torch.Tensor:
-    """``[M, N]`` = (xq, 1x128 scales xs) @ (wq [N, K], 128x128 scales ws).T + bias, fp32 accumulate.
+    """``[M, N]`` = (xq, 1x128 scales xs) @ (wq [N, K], scales ws).T + bias, fp32 accumulate. ``ws`` is
+    128x128 blocks ``[N/128, K/128]`` (a weight) or, with ``b_scale="row"``, 1x128 ``[N, K/128]``.
 
-    Reference: ``fp32(dequant(x)) @ fp32(dequant(w)).T`` rounded once (``Fp8Linear``'s CPU numbers)."""
-    _check_fp8_operands(xq, xs, wq, ws)
-    if use_triton(xq, backend, True, "fp8_block_gemm"):
-        from quantrl.kernels.block_gemm import fp8_block_gemm_triton
+    Reference: ``fp32(dequant(x)) @ fp32(dequant(w)).T`` rounded once (``Fp8Linear``'s CPU numbers). On
+    CUDA ``gemm="auto"`` takes blockwise ``torch._scaled_mm`` where cuBLAS has it (exact 128 tiles; checked
+    once against the Triton GEMM), else the Triton GEMM; ``gemm`` forces one of them."""
+    if gemm not in ("auto", "scaled_mm", "triton"):
+        raise ValueError(f"fp8_block_gemm: gemm must be 'auto', 'scaled_mm' or 'triton', got {gemm!r}")
+    _check_fp8_operands(xq, xs, wq, ws, b_scale)
+    triton_ok = use_triton(xq, backend, True, "fp8_block_gemm")
 
-        return fp8_block_gemm_triton(xq, xs, wq, ws, bias, out_dtype)
-    xf = dequantize_fp8_activation(xq, xs, 128, dtype=torch.float32)
-    wf = dequantize_fp8(wq, ws.float(), (128, 128), dtype=torch.float32)
-    return F.linear(xf, wf, None if bias is None else bias.float()).to(out_dtype)
+    def fallback() -> torch.Tensor:
+        if triton_ok:
+            from quantrl.kernels.block_gemm import fp8_block_gemm_triton
 
+            return fp8_block_gemm_triton(xq, xs, wq, ws, bias, out_dtype, b_scale=b_scale)
+        return _reference_block_gemm(xq, xs, wq, ws, bias, out_dtype, b_scale)
 
-_SCALED_MM_OK: dict[tuple[str, int | None], bool] = {}  # device -> blockwise torch._scaled_mm works
-
-
-def _scaled_mm_block(xq, xs, wq, ws, out_dtype) -> torch.Tensor:
-    """cuBLAS blockwise FP8 (1x128 x 128x128): scale_a column-major [M, K/128], scale_b [K/128, N/128]."""
-    return torch._scaled_mm(xq, wq.t(), scale_a=xs.t().contiguous().t(), scale_b=ws.float().t(),
-                            out_dtype=out_dtype)  # fmt: skip
-
-
-def scaled_mm_block_supported(n: int, k: int, device: torch.device) -> bool:
-    """Shapes cuBLAS's blockwise recipe takes (exact 128 tiles) on an SM89+ device with ``_scaled_mm``."""
-    return (
-        device.type == "cuda"
-        and hasattr(torch, "_scaled_mm")
-        and n % 128 == 0
-        and k % 128 == 0
-        and torch.cuda.get_device_capability(device) >= (8, 9)
-        and _SCALED_MM_OK.get((device.type, device.index), True)
-    )
+    if gemm == "scaled_mm":
+        y = scaled_mm_block(xq, xs, wq, ws, out_dtype, b_scale)
+        return y if bias is None else y + bias
+    n, k = wq.shape
+    if gemm == "auto" and backend == "auto" and scaled_mm_block_supported(n, k, xq.device, b_scale):
+        y = _try_scaled_mm(xq, xs, wq, ws, out_dtype, b_scale, fallback)
+        if y is not None:
+            return y if bias is None else y + bias
+    return fallback()
 
 
 def fp8_block_linear(
@@ -194,36 +258,15 @@ def fp8_block_linear(
     bias: torch.Tensor | None = None,
     *,
     backend: Backend = "auto",
-    gemm: Literal["auto", "scaled_mm", "triton"] = "auto",
+    gemm: Gemm = "auto",
     check: bool = True,
 ) -> torch.Tensor:
-    """W8A8 blockwise linear: quantize ``x [..., K]`` to 1x128 e4m3 groups, multiply by the 128x128-block
-    weight ``(wq [N, K], ws)``, output in x's dtype. On CUDA: Triton activation quantization, then
-    ``torch._scaled_mm`` with blockwise scales (primary; ``gemm="auto"`` remembers per device if cuBLAS
-    rejects it) or the Triton block GEMM (fallback, or ``gemm="triton"``)."""
-    if gemm not in ("auto", "scaled_mm", "triton"):
-        raise ValueError(f"fp8_block_linear: gemm must be 'auto', 'scaled_mm' or 'triton', got {gemm!r}")
+    """W8A8 blockwise linear: quantize ``x [..., K]`` to 1x128 e4m3 groups (Triton on CUDA), multiply by the
+    128x128-block weight ``(wq [N, K], ws)`` with ``fp8_block_gemm``, output in x's dtype."""
     k = x.shape[-1]
-    n = wq.shape[0]
     xq, xs = quantize_fp8_activation(x.reshape(-1, k), 128, backend=backend, check=check)
-    if not use_triton(xq, backend, True, "fp8_block_linear"):
-        y = fp8_block_gemm(xq, xs, wq, ws, bias, x.dtype, backend="reference")
-        return y.view(*x.shape[:-1], n)
-    _check_fp8_operands(xq, xs, wq, ws)
-    key = (xq.device.type, xq.device.index)
-    want_mm = gemm == "scaled_mm" or (gemm == "auto" and scaled_mm_block_supported(n, k, xq.device))
-    if want_mm:
-        try:
-            y = _scaled_mm_block(xq, xs, wq, ws, x.dtype)
-            y = y if bias is None else y + bias
-            return y.view(*x.shape[:-1], n)
-        except (RuntimeError, NotImplementedError, ValueError):
-            if gemm == "scaled_mm":
-                raise
-            _SCALED_MM_OK[key] = False  # this torch/cuBLAS has no blockwise FP8: Triton from now on
-    from quantrl.kernels.block_gemm import fp8_block_gemm_triton
-
-    return fp8_block_gemm_triton(xq, xs, wq, ws, bias, x.dtype).view(*x.shape[:-1], n)
+    y = fp8_block_gemm(xq, xs, wq, ws, bias, x.dtype, backend=backend, gemm=gemm)
+    return y.view(*x.shape[:-1], wq.shape[0])
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ multipliers in fp32:
   tensor  scale_a, scale_b scalars
 It is not bit-identical to the dequantize-then-fp32-matmul reference (different accumulation order, bf16
 output), so each layer compares both once on its first CUDA call and keeps the fast path only if they
-agree to a relative error of ``PROBE_RTOL``; otherwise it warns and stays on the reference path.
+agree to a relative error of ``kernels.dispatch.PROBE_RTOL``; otherwise it warns and stays on the reference path.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import torch.nn.functional as F
 
 from quantrl.formats import FP8_DTYPE, FP8_MAX
 from quantrl.formats.fp8 import scale_from_amax
-
-PROBE_RTOL = 2e-2
+from quantrl.kernels.dispatch import scaled_mm_block
 
 
 def quantize_act_graph_safe(
@@ -89,11 +88,10 @@ def scaled_mm_quantized(
 ) -> torch.Tensor:
     """``torch._scaled_mm`` on already-quantized operands: xq [M, K] fp8 with its dequant scales, weight
     [N, K] fp8 with ``weight_scale`` (layouts in the module note) -> [M, N] in ``out_dtype``."""
-    ws = weight_scale.float()
     if strategy == "block":
-        sa = xs.t().contiguous().t()  # [M, K/128], column-major as cuBLAS's 1x128 recipe wants
-        sb = ws.t()  # [K/128, N/128]
-    elif strategy == "channel":
+        return scaled_mm_block(xq, xs, weight, weight_scale, out_dtype)
+    ws = weight_scale.float()
+    if strategy == "channel":
         sa, sb = xs.reshape(-1, 1), ws.reshape(1, -1)  # [M, 1], [1, N]
     else:
         sa, sb = xs.reshape(()), ws.reshape(())

@@ -39,6 +39,7 @@ from quantrl.formats import (
 from quantrl.formats._checks import cdiv
 from quantrl.kernels import fp8_block_linear, triton_available, w4a16_linear, w4a16_repack
 from quantrl.kernels import linear_fp32_acc as linear
+from quantrl.kernels.dispatch import PROBE_RTOL as SCALED_MM_PROBE_RTOL
 from quantrl.model import fp8_gemm
 from quantrl.model.quant_scheme import QuantScheme
 
@@ -209,7 +210,7 @@ class Fp8Linear(QLinear):
         try:
             fast = self._fast_forward(x2d)
             err = float((fast.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
-            ok = err <= fp8_gemm.PROBE_RTOL
+            ok = err <= SCALED_MM_PROBE_RTOL
             why = f"relative error {err:.2e} against the reference"
         except (RuntimeError, ValueError, NotImplementedError) as e:  # no blockwise cuBLAS, unsupported M, ...
             ok, why = False, str(e).splitlines()[0]

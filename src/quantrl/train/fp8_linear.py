@@ -12,105 +12,67 @@ BF16/FP32 masters; with ``fp8_param_gather`` the quantized weight is cached once
 (keyed on the master's version counter) and reused by every micro-batch and by the FP8 weight sync,
 which stays correct with any optimizer, CPU-offloaded Adam included, because the cache is derived state.
 
-On CPU (and whenever the fused path is unavailable) each GEMM is emulated: the quantized operands are
-dequantized with ``formats`` and multiplied in fp32 - the same quantized numbers an FP8 tensor-core GEMM
-consumes, accumulated in fp32. On CUDA ``torch._scaled_mm`` with blockwise scales is tried once per
-process and kept only if it agrees with the emulation.
+Every quantization and GEMM goes through ``quantrl.kernels``, so the numbers are ``formats``' on every
+device: on CPU each GEMM is the exact product of the dequantized operands, accumulated in fp32 (the same
+quantized numbers an FP8 tensor-core GEMM consumes); on CUDA the Triton quantizers (bit-exact with
+``formats``) feed blockwise ``torch._scaled_mm`` (1x128 x 128x128 for fprop and dgrad, 1x128 x 1x128 for
+wgrad; each recipe checked once per process against the Triton GEMM) or the Triton block-scaled GEMM
+where cuBLAS lacks the recipe or the shape is not whole 128 tiles.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
-from quantrl.formats.fp8 import (
-    dequantize_fp8,
-    dequantize_fp8_activation,
-    quantize_fp8,
-    quantize_fp8_activation,
-)
-from quantrl.model import fp8_gemm
+from quantrl import kernels
 
 BLOCK = 128
 
 
-def _deq_rows(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return dequantize_fp8_activation(q, s, BLOCK, torch.float32)
+def _quant_rows(t: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """1x128 groups along the last dim of a 2-D tensor (``t`` may be a transposed view)."""
+    return kernels.quantize_fp8_activation(t.contiguous(), BLOCK, backend=backend, check=False)
 
 
-def _deq_blocks(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return dequantize_fp8(q, s, (BLOCK, BLOCK), torch.float32)
-
-
-def _emulated_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a [M, R] fp32, b [N, R] fp32 (already dequantized) -> a @ b^T in ``out_dtype``, fp32 accumulate."""
-    return (a @ b.t()).to(out_dtype)
-
-
-_SCALED_MM_OK: bool | None = None
-
-
-def _scaled_mm_fprop(xq, xs, wq, ws, out_dtype) -> torch.Tensor | None:
-    """x [M, K] (1×128) @ W^T with W [N, K] (128×128) through ``torch._scaled_mm``; None if unsupported.
-
-    The call itself is the rollout engine's (``model.fp8_gemm``); the first use per process is checked
-    against the emulation and kept only if they agree.
-    """
-    global _SCALED_MM_OK
-    if _SCALED_MM_OK is False or not xq.is_cuda:
-        return None
-    n, k = wq.shape
-    if not (fp8_gemm.fast_path_supported("block", "group", n, k, (BLOCK, BLOCK), BLOCK)
-            and fp8_gemm.device_supports_fp8(xq.device)):  # fmt: skip
-        return None
-    try:
-        y = fp8_gemm.scaled_mm_quantized(xq, xs, wq, ws, "block", out_dtype)
-    except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
-        _SCALED_MM_OK = False
-        warnings.warn(f"torch._scaled_mm blockwise FP8 unavailable ({e}); using the emulated FP8 GEMM", stacklevel=2)
-        return None
-    if _SCALED_MM_OK is None:
-        ref = _emulated_gemm(_deq_rows(xq, xs), _deq_blocks(wq, ws), torch.float32)
-        err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
-        _SCALED_MM_OK = err <= fp8_gemm.PROBE_RTOL
-        if not _SCALED_MM_OK:
-            warnings.warn(f"torch._scaled_mm blockwise FP8 disagrees with the emulation (rel err {err:.2e}); not using it",
-                          stacklevel=2)  # fmt: skip
-            return None
-    return y
+def _transpose_blocks(wq: torch.Tensor, ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W^T of a 128x128-block weight, ``([K, N], [K/128, N/128])``: a block's transpose is a block, so
+    dgrad multiplies by exactly the numbers fprop did (no requantization)."""
+    return wq.t().contiguous(), ws.t().contiguous()
 
 
 class _Fp8BlockLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
-        out_dtype = x.dtype
-        xq, xs = quantize_fp8_activation(x, BLOCK)  # per token, along K
-        y = _scaled_mm_fprop(xq, xs, wq, ws, out_dtype)
-        if y is None:
-            y = _emulated_gemm(_deq_rows(xq, xs), _deq_blocks(wq, ws), out_dtype)
-        xtq, xts = quantize_fp8_activation(x.t(), BLOCK)  # [K, M]: per channel, along tokens (for wgrad)
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, layer: Fp8BlockTrainLinear) -> torch.Tensor:
+        be = layer.kernel_backend
+        wq, ws = layer.fp8_weight()
+        xq, xs = _quant_rows(x, be)  # per token, along K
+        y = kernels.fp8_block_gemm(xq, xs, wq, ws, out_dtype=x.dtype, backend=be)  # [M, K] @ [N, K]^T
+        xtq, xts = _quant_rows(x.t(), be)  # [K, M]: per channel, along tokens (for wgrad)
         ctx.save_for_backward(xtq, xts, wq, ws)
-        ctx.w_dtype = weight.dtype
+        ctx.layer, ctx.w_dtype = layer, weight.dtype
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
         xtq, xts, wq, ws = ctx.saved_tensors
-        dy = dy.contiguous()
-        dyq, dys = quantize_fp8_activation(dy, BLOCK)  # [M, N] along N
-        dx = _emulated_gemm(_deq_rows(dyq, dys), _deq_blocks(wq, ws).t(), dy.dtype)  # [M, N] @ [N, K]
-        dytq, dyts = quantize_fp8_activation(dy.t(), BLOCK)  # [N, M] along M
-        dw = _emulated_gemm(_deq_rows(dytq, dyts), _deq_rows(xtq, xts), torch.float32)  # [N, M] @ [M, K]
-        return dx, dw.to(ctx.w_dtype), None, None
+        layer, be = ctx.layer, ctx.layer.kernel_backend
+        wtq, wts = layer.fp8_weight_t() if layer.fp8_param_gather else _transpose_blocks(wq, ws)
+        dyq, dys = _quant_rows(dy, be)  # [M, N] along N
+        dx = kernels.fp8_block_gemm(dyq, dys, wtq, wts, out_dtype=dy.dtype, backend=be)  # [M, N] @ ([K, N] = W^T)^T
+        dytq, dyts = _quant_rows(dy.t(), be)  # [N, M] along M
+        dw = kernels.fp8_block_gemm(dytq, dyts, xtq, xts, out_dtype=torch.float32, b_scale="row",
+                                    backend=be)  # [N, M] @ [K, M]^T  # fmt: skip
+        return dx, dw.to(ctx.w_dtype), None
 
 
 class Fp8BlockTrainLinear(nn.Linear):
     """``nn.Linear`` whose three GEMMs run in FP8 (1×128 activations/gradients, 128×128 weights)."""
 
     fp8_param_gather: bool = False
+    kernel_backend: str = "auto"  # quantrl.kernels backend; "triton" runs the kernels in the CPU tests
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, fp8_param_gather: bool = False) -> Fp8BlockTrainLinear:
@@ -122,23 +84,32 @@ class Fp8BlockTrainLinear(nn.Linear):
         new._cache = None
         return new
 
-    def fp8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q fp8 [N, K], scale_inv fp32 [N/128, K/128]) of the current master: the FP8 engine's weight."""
+    def _cached(self, slot: str, make) -> tuple[torch.Tensor, torch.Tensor]:
+        """``make()`` of the current master, kept (with ``fp8_param_gather``) until the optimizer changes it."""
         key = (self.weight._version, self.weight.data_ptr())
-        cache = getattr(self, "_cache", None)
+        cache = self._cache.get(slot) if self._cache else None
         if cache is not None and cache[0] == key:
             return cache[1]
         with torch.no_grad():
-            qs = quantize_fp8(self.weight.detach(), "block", (BLOCK, BLOCK))
+            qs = make()
         if self.fp8_param_gather:
-            self._cache = (key, qs)
+            self._cache = {k: v for k, v in (self._cache or {}).items() if v[0] == key}
+            self._cache[slot] = (key, qs)
         return qs
+
+    def fp8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q fp8 [N, K], scale_inv fp32 [N/128, K/128]) of the current master: the FP8 engine's weight."""
+        w = self.weight.detach()
+        return self._cached("w", lambda: kernels.quantize_fp8_block(w, (BLOCK, BLOCK), backend=self.kernel_backend))
+
+    def fp8_weight_t(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fp8_weight()`` transposed for dgrad (cached alongside it with ``fp8_param_gather``)."""
+        return self._cached("wt", lambda: _transpose_blocks(*self.fp8_weight()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-        wq, ws = self.fp8_weight()
-        y = _Fp8BlockLinearFn.apply(x2, self.weight, wq, ws).view(*lead, self.out_features)
+        y = _Fp8BlockLinearFn.apply(x2, self.weight, self).view(*lead, self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
