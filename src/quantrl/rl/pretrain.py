@@ -45,6 +45,8 @@ class PretrainConfig:
     "seed of init, problems and batch order"
     threads: int = 0
     "torch CPU threads (0: torch's default)"
+    device: str = "cpu"
+    "cpu | cuda (the init is drawn on CPU either way, so a seed gives the same start on both)"
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int) -> dict:
@@ -110,7 +112,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     tok = build_tokenizer()
     hf_cfg = model_config(cfg, len(tok))
-    model = random_init_(build_model(hf_cfg, dtype=torch.float32), seed=cfg.seed, std=0.02).train()
+    model = random_init_(build_model(hf_cfg, dtype=torch.float32), seed=cfg.seed, std=0.02).to(cfg.device).train()
     train, held = make_split(cfg.num_problems, 256, cfg.seed, cfg.difficulty)
     examples = encode_examples(train, tok)
     trainer = Trainer(model, TrainConfig(mode="bf16", lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01,
@@ -124,7 +126,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         lr = cfg.lr * (step + 1) / warm if step < warm else cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / (cfg.steps - warm)))
         trainer.optimizer.set_lr(lr)
         idx = torch.randint(0, len(examples), (cfg.batch_size,), generator=gen).tolist()
-        m = trainer.train_step(collate([examples[i] for i in idx], tok.pad_token_id), sft_loss)
+        batch = collate([examples[i] for i in idx], tok.pad_token_id)
+        m = trainer.train_step({k: v.to(cfg.device) for k, v in batch.items()}, sft_loss)
         losses.append(m["loss"])
         bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{lr:.1e}")
     train_s = time.perf_counter() - t0
@@ -135,7 +138,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         trainer.save_checkpoint(cfg.out_dir, src)
     from quantrl.model import load_model
 
-    acc = greedy_accuracy(load_model(cfg.out_dir, dtype=torch.bfloat16), tok, held[:128])  # what RL starts from
+    acc = greedy_accuracy(load_model(cfg.out_dir, dtype=torch.bfloat16, device=cfg.device), tok, held[:128])  # what RL starts from
     summary = {"config": asdict(cfg), "final_loss": sum(losses[-20:]) / min(20, len(losses)),
                "held_out_greedy_accuracy": acc, "train_seconds": train_s,
                "params": sum(p.numel() for p in model.parameters())}
