@@ -18,7 +18,11 @@ from test_kernels_triton import gemm_ulps, rel_error
 from quantrl import formats as fm
 from quantrl import kernels
 from quantrl.kernels.block_gemm import fp8_block_gemm_triton
-from quantrl.kernels.fp8_quant import quantize_fp8_activation_triton, quantize_fp8_block_triton
+from quantrl.kernels.fp8_quant import (
+    quantize_fp8_activation_2d_triton,
+    quantize_fp8_activation_triton,
+    quantize_fp8_block_triton,
+)
 from quantrl.kernels.int4_quant import fake_quantize_int4_triton, quantize_pack_int4_triton
 from quantrl.kernels.w4a16 import W4A16Config, w4a16_gemm
 
@@ -70,6 +74,10 @@ def test_fp8_quant_bitwise(shape, native, scale_fmt):
         q, s = quantize_fp8_activation_triton(x, 128, scale_fmt, native=native)
         q_ref, s_ref = fm.quantize_fp8_activation(x, 128, scale_fmt)
         assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+        q2, s2, qt, st = quantize_fp8_activation_2d_triton(x, 128, scale_fmt, native=native)
+        qt_ref, st_ref = fm.quantize_fp8_activation(x.t().contiguous(), 128, scale_fmt)
+        assert torch.equal(bits(q2), bits(q_ref)) and torch.equal(s2, s_ref)
+        assert torch.equal(bits(qt), bits(qt_ref)) and torch.equal(st, st_ref)
 
 
 def _int4_weight(n, k, g, seed, act=torch.bfloat16):

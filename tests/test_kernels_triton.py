@@ -208,6 +208,29 @@ def test_fp8_activation_quant_extremes_and_other_groups(scale_fmt, gen):
 
 @pytest.mark.parametrize("shape", [(200, 300), (128, 256), (1, 20), (300, 129)])
 @pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_fp8_activation_quant_2d_is_both_directions_bitwise(shape, scale_fmt, gen):
+    """One pass, two quantizations: of x along K and of x^T along M, ragged on both axes."""
+    for dtype, g in ((torch.bfloat16, 128), (torch.float32, 32)):
+        x = rand(shape, dtype, gen)
+        x[: min(g, shape[0]), : min(g, shape[1])] = 0  # an all-zero tile: scale 1 both ways
+        q, s, qt, st = kernels.quantize_fp8_activation_2d(x, g, scale_fmt, backend="triton")
+        q_ref, s_ref = fm.quantize_fp8_activation(x.cpu(), g, scale_fmt)
+        qt_ref, st_ref = fm.quantize_fp8_activation(x.cpu().t().contiguous(), g, scale_fmt)
+        assert torch.equal(bits(q.cpu()), bits(q_ref)) and torch.equal(s.cpu(), s_ref)
+        assert torch.equal(bits(qt.cpu()), bits(qt_ref)) and torch.equal(st.cpu(), st_ref)
+    ref = kernels.quantize_fp8_activation_2d(x.cpu(), g, scale_fmt, backend="reference")
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(ref, (q_ref, s_ref, qt_ref, st_ref)))
+
+
+def test_fp8_activation_quant_2d_rejects_nonfinite(gen):
+    x = rand((130, 256), torch.bfloat16, gen)
+    x[129, 3] = float("inf")
+    with pytest.raises(ValueError, match="1 Inf"):
+        kernels.quantize_fp8_activation_2d(x, backend="triton")
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (128, 256), (1, 20), (300, 129)])
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
 def test_fp8_block_quant_bitwise(shape, scale_fmt, gen):
     for dtype in (torch.bfloat16, torch.float32):
         w = rand(shape, dtype, gen)

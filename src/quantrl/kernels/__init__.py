@@ -3,6 +3,7 @@
     w4a16_linear / w4a16_repack / w4a16_unrepack   INT4 weight-only GEMM and its weight layout
     quantize_fp8_activation / fp8_block_gemm / fp8_block_linear
                                                    1x128 activation quantization, block-scaled FP8 GEMM
+    quantize_fp8_activation_2d                     x and x^T in 1x128 groups at once (FP8 training)
     quantize_fp8_block                             BF16 -> FP8 128x128 blocks (weight sync)
     quantize_pack_int4 / fake_quantize_int4        INT4 quantize + pack (sync), fused fake quant (QAT)
 
@@ -17,6 +18,7 @@ from quantrl.kernels.dispatch import (
     interpreted,
     linear_fp32_acc,
     quantize_fp8_activation,
+    quantize_fp8_activation_2d,
     quantize_fp8_block,
     quantize_pack_int4,
     triton_available,
@@ -33,6 +35,7 @@ __all__ = [
     "interpreted",
     "linear_fp32_acc",
     "quantize_fp8_activation",
+    "quantize_fp8_activation_2d",
     "quantize_fp8_block",
     "quantize_pack_int4",
     "triton_available",

@@ -127,6 +127,33 @@ def quantize_fp8_activation(
     return _ref_quantize_fp8_activation(x, group_size, scale_fmt)
 
 
+def quantize_fp8_activation_2d(
+    x: torch.Tensor,
+    group_size: int = 128,
+    scale_fmt: str | None = None,
+    *,
+    backend: Backend = "auto",
+    check: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both 1 x ``group_size`` quantizations of a 2-D ``x [M, K]`` that FP8 training needs:
+    ``quantize_fp8_activation(x)`` (groups along K) and ``quantize_fp8_activation(x.t())`` (along M,
+    codes ``[K, M]``), as ``(q, s, qt, st)``. One pass over x on CUDA."""
+    _check_scale_fmt(scale_fmt)
+    check_float_tensor(x, what="quantize_fp8_activation_2d", ndim=2)
+    ok = False
+    if HAVE_TRITON:
+        from quantrl.kernels.fp8_quant import act_quant_2d_supported
+
+        ok = act_quant_2d_supported(group_size)
+    if use_triton(x, backend, ok, "quantize_fp8_activation_2d", f"group_size={group_size}"):
+        from quantrl.kernels.fp8_quant import quantize_fp8_activation_2d_triton
+
+        return quantize_fp8_activation_2d_triton(x, group_size, scale_fmt, check=check)
+    q, s = _ref_quantize_fp8_activation(x, group_size, scale_fmt)
+    qt, st = _ref_quantize_fp8_activation(x.t().contiguous(), group_size, scale_fmt)
+    return q, s, qt, st
+
+
 BScale = Literal["block", "row"]
 Gemm = Literal["auto", "scaled_mm", "triton"]
 

@@ -10,6 +10,11 @@ the scale: 2 bytes read and 1 byte written per element (bf16 in), the minimum.
   activations  x [M, K] -> q [M, K], s [M, ceil(K/G)] fp32; tile = ROWS rows x GPP groups x G
                (3-D so that each group's amax is one reduction over the last axis)
   weights      w [N, K] -> q [N, K], s [ceil(N/BN), ceil(K/BK)] fp32; tile = one BN x BK block
+  both axes    x [M, K] -> the activation quantization of x (1xG along K) *and* of x^T (1xG along M,
+               stored transposed [K, M]), from one read of x; tile = one G x G square, whose row and
+               column max-abs are those two quantizations' scales. FP8 training needs both for every
+               activation and gradient (fprop/dgrad reduce over K, wgrad over M): one pass moves 2 + 2
+               bytes per element instead of 2 + 1 + (2 + 2) + (2 + 1) with a separate transpose copy.
 Codes are stored through a uint8 view of the fp8 output (see ``_numerics`` for why).
 
 NaN/Inf: the max-abs is taken over integer bit patterns, so a tile holding NaN/Inf gets a non-finite
@@ -62,12 +67,41 @@ def _fp8_block_quant_kernel(
     tl.store(s_ptr + pid_n * n_kb + pid_k, s)
 
 
+@triton.jit
+def _fp8_act_quant_2d_kernel(
+    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, n_kg, n_mg,
+    GROUP: tl.constexpr, UE8M0: tl.constexpr, NATIVE: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = pid_m * GROUP + tl.arange(0, GROUP)
+    rk = pid_k * GROUP + tl.arange(0, GROUP)
+    m_ok = rm < M
+    k_ok = rk < K
+    mask = m_ok[:, None] & k_ok[None, :]
+    xf = widen(tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0), NATIVE)  # [G, G]
+    a = abs_bits(xf)
+    s_row = fp8_scale(tl.max(a, axis=1), UE8M0)  # [G]: token m's group pid_k along K
+    s_col = fp8_scale(tl.max(a, axis=0), UE8M0)  # [G]: channel k's group pid_m along M
+    q = to_e4m3_bits(tl.minimum(tl.maximum(div_rn(xf, s_row[:, None]), -448.0), 448.0), NATIVE)
+    tl.store(q_ptr + rm[:, None] * K + rk[None, :], q, mask=mask)
+    tl.store(s_ptr + rm * n_kg + pid_k, s_row, mask=m_ok)
+    qt = to_e4m3_bits(tl.minimum(tl.maximum(div_rn(xf, s_col[None, :]), -448.0), 448.0), NATIVE)
+    # [K, M] output: transpose in registers so the store runs along M, its contiguous axis
+    tl.store(qt_ptr + rk[:, None] * M + rm[None, :], tl.trans(qt), mask=k_ok[:, None] & m_ok[None, :])
+    tl.store(st_ptr + rk * n_mg + pid_m, s_col, mask=k_ok)
+
+
 def _pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
 def act_quant_supported(group_size: int) -> bool:
     return _pow2(group_size) and 16 <= group_size <= 1024
+
+
+def act_quant_2d_supported(group_size: int) -> bool:
+    return _pow2(group_size) and 16 <= group_size <= 128  # a G x G fp32 tile in registers
 
 
 def block_quant_supported(block_size: tuple[int, int]) -> bool:
@@ -125,3 +159,27 @@ def quantize_fp8_block_triton(
     if check:
         _check_scales(s, w, "quantize_fp8")
     return q, s
+
+
+def quantize_fp8_activation_2d_triton(
+    x: torch.Tensor, group_size: int = 128, scale_fmt: str | None = None, check: bool = True,
+    native: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``x [M, K]`` -> ``(q [M, K], s [M, ceil(K/G)], qt [K, M], st [K, ceil(M/G)])``: bit-exact with
+    ``formats.quantize_fp8_activation`` of ``x`` and of ``x.t()``, in one pass over x."""
+    m, k = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n_kg, n_mg = cdiv(k, group_size), cdiv(m, group_size)
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(m, n_kg, dtype=torch.float32, device=x.device)
+    qt = torch.empty(k, m, dtype=torch.float8_e4m3fn, device=x.device)
+    st = torch.empty(k, n_mg, dtype=torch.float32, device=x.device)
+    if m and k:
+        _fp8_act_quant_2d_kernel[(n_mg, n_kg)](x, q.view(torch.uint8), s, qt.view(torch.uint8), st, m, k,
+                                               x.stride(0), n_kg, n_mg, GROUP=group_size,
+                                               UE8M0=scale_fmt == "ue8m0", NATIVE=native_default(native),
+                                               num_warps=8 if group_size >= 128 else 4)  # fmt: skip
+    if check:
+        _check_scales(s, x, "quantize_fp8_activation_2d")
+    return q, s, qt, st

@@ -32,9 +32,9 @@ from quantrl import kernels
 BLOCK = 128
 
 
-def _quant_rows(t: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """1x128 groups along the last dim of a 2-D tensor (``t`` may be a transposed view)."""
-    return kernels.quantize_fp8_activation(t.contiguous(), BLOCK, backend=backend, check=False)
+def _quant_both(t: torch.Tensor, backend: str):
+    """``t [M, K]`` in 1x128 groups along K and along M (codes of t^T ``[K, M]``), one pass on CUDA."""
+    return kernels.quantize_fp8_activation_2d(t.contiguous(), BLOCK, backend=backend, check=False)
 
 
 def _transpose_blocks(wq: torch.Tensor, ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,9 +48,9 @@ class _Fp8BlockLinearFn(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, layer: Fp8BlockTrainLinear) -> torch.Tensor:
         be = layer.kernel_backend
         wq, ws = layer.fp8_weight()
-        xq, xs = _quant_rows(x, be)  # per token, along K
+        # per token along K (fprop); per channel along tokens, as x^T [K, M] (wgrad)
+        xq, xs, xtq, xts = _quant_both(x, be)
         y = kernels.fp8_block_gemm(xq, xs, wq, ws, out_dtype=x.dtype, backend=be)  # [M, K] @ [N, K]^T
-        xtq, xts = _quant_rows(x.t(), be)  # [K, M]: per channel, along tokens (for wgrad)
         ctx.save_for_backward(xtq, xts, wq, ws)
         ctx.layer, ctx.w_dtype = layer, weight.dtype
         return y
@@ -60,9 +60,8 @@ class _Fp8BlockLinearFn(torch.autograd.Function):
         xtq, xts, wq, ws = ctx.saved_tensors
         layer, be = ctx.layer, ctx.layer.kernel_backend
         wtq, wts = layer.fp8_weight_t() if layer.fp8_param_gather else _transpose_blocks(wq, ws)
-        dyq, dys = _quant_rows(dy, be)  # [M, N] along N
+        dyq, dys, dytq, dyts = _quant_both(dy, be)  # [M, N] along N (dgrad); dy^T [N, M] along M (wgrad)
         dx = kernels.fp8_block_gemm(dyq, dys, wtq, wts, out_dtype=dy.dtype, backend=be)  # [M, N] @ ([K, N] = W^T)^T
-        dytq, dyts = _quant_rows(dy.t(), be)  # [N, M] along M
         dw = kernels.fp8_block_gemm(dytq, dyts, xtq, xts, out_dtype=torch.float32, b_scale="row",
                                     backend=be)  # [N, M] @ [K, M]^T  # fmt: skip
         return dx, dw.to(ctx.w_dtype), None

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from quantrl import kernels
 from quantrl.checkpoint.layout import is_quantizable
