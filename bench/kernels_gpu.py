@@ -9,8 +9,10 @@ Baselines are checked too (a failing baseline is timed but marked, never used fo
 Figures. Each time is the median over ``--reps`` CUDA-graph replays (events) of one call per weight copy:
 every method cycles through enough copies of its weight to exceed the 50 MB L2 (so decode reads DRAM, as
 it does in a real model), divided by the number of copies. Beside every time: bytes moved (each input
-read once, each output written once) / time as % of the 3.0 TB/s copy bandwidth (also measured here), and
-2MNK / time as % of 800 TFLOP/s (bf16) or 1260 TFLOP/s (fp8). Ratios are baseline time / our time.
+read once, each output written once) / time as % of the copy bandwidth measured on this device (a 1 GiB
+``copy_``, ``_common.roofline``) and of the H100's 3.0 TB/s, and 2MNK / time as % of the H100's 800 TFLOP/s
+(bf16) or 1260 TFLOP/s (fp8). Ratios are baseline time / our time. The bandwidth target is evaluated
+against the measured copy bandwidth.
 
   W4A16   ours (``w4a16_linear``, group 128, path by M) vs ``F.linear`` bf16 (cuBLAS) and
           ``torch.ops.aten._weight_int4pack_mm`` (tinygemm; same codes and scales, zero points 0)
@@ -24,11 +26,12 @@ model of ``rollout_gpu.py``. M: 1..256 (+1024, 4096 for FP8).
 
 Targets (issue 5): W4A16 at M=1 >= 3.0x BF16 on the three largest shapes; >= 1.5x _weight_int4pack_mm at
 M=1..16; never slower than BF16 at M=32..256; FP8 block linear >= 1.4x BF16 at M>=4096 on 8192x8192;
-quantize / pack / fake-quant kernels >= 80% of copy bandwidth.
+quantize / pack / fake-quant kernels >= 80% of the (measured) copy bandwidth.
 
 Run on the GPU machine: ``python bench/kernels_gpu.py`` (~3-5 minutes; writes bench/results/kernels_gpu.json).
-Without a GPU: ``--dry-run`` prints the plan (bytes, FLOPs, roofline floors); ``--tiny`` runs the checks
-and the timing code on tiny shapes through Triton's CPU interpreter.
+Without a GPU: ``--dry-run`` prints the plan (bytes, FLOPs, H100 roofline floors); ``--smoke`` (or ``--tiny``,
+which also runs on a GPU) runs the checks, the timing, the tables and the target code on tiny shapes
+through Triton's CPU interpreter and writes nothing.
 """
 
 from __future__ import annotations
@@ -43,12 +46,9 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-from _common import write_results
+from _common import H100_COPY_BW, H100_PEAK_BF16, H100_PEAK_FP8, describe_roofline, roofline, write_results
 from rollout_gpu import QWEN3_06B
 
-COPY_BW = 3.0e12  # B/s, H100 copy bandwidth
-PEAK_BF16 = 800e12  # FLOP/s
-PEAK_FP8 = 1260e12
 L2_BYTES = 50 * 2**20
 W4A16_MS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 FP8_MS = W4A16_MS + [1024, 4096]
@@ -67,6 +67,20 @@ SHAPES = {"4096x4096": (4096, 4096), "14336x4096": (14336, 4096), "4096x14336": 
           "8192x8192": (8192, 8192), **_model_shapes(QWEN3_06B)}  # fmt: skip
 LARGEST = ("14336x4096", "4096x14336", "8192x8192")
 TINY_SHAPES = {"tiny.256x384": (256, 384), "tiny.200x256": (200, 256)}
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Which rows the issue's targets read. ``--smoke`` points them at the tiny shapes, so every branch of
+    ``evaluate_targets`` runs on CPU (its verdicts are then meaningless and printed as such)."""
+
+    largest: tuple[str, ...] = LARGEST
+    fp8_shape: str = "8192x8192"
+    fp8_min_m: int = 4096
+    mid_ms: tuple[int, int] = (32, 256)
+
+
+SMOKE_TARGETS = TargetSpec(largest=tuple(TINY_SHAPES), fp8_shape="tiny.256x384", fp8_min_m=20, mid_ms=(17, 256))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -90,11 +104,12 @@ def fp8_linear_bytes(m: int, n: int, k: int) -> int:
 
 
 def floor_us(nbytes: int, flops: int, peak: float) -> float:
-    return 1e6 * max(nbytes / COPY_BW, flops / peak)
+    """The plan's floor on an H100 (the device is not known before it runs)."""
+    return 1e6 * max(nbytes / H100_COPY_BW, flops / peak)
 
 
-def pct_bw(nbytes: int, t: float | None) -> float | None:
-    return None if not t else nbytes / t / COPY_BW
+def pct_bw(nbytes: int, t: float | None, bw: float) -> float | None:
+    return None if not t else nbytes / t / bw
 
 
 def pct_flops(flops: int, t: float | None, peak: float) -> float | None:
@@ -310,80 +325,100 @@ def _cycle(make_one, count: int) -> list:
 
 
 def bench_gemms(shapes: dict, ms_w: list[int], ms_f: list[int], device, timer: Timer, notes: dict) -> list[dict]:
-    import torch.nn.functional as F
-
-    from quantrl import kernels
-
+    """Every method at every M, shape by shape. A shape that raises (e.g. a kernel that cannot be captured in a
+    CUDA graph) is recorded in ``notes["gemm_errors"]`` and skipped, so the other shapes' figures survive."""
     rows = []
     for name, (n, k) in shapes.items():
-        wt = make_weights(n, k, device, 1)
-        tg = int4pack_weight(wt)
-        c_bf = copies_for(n * k * 2, device)
-        c_i4 = copies_for(n * k // 2, device)
-        c_f8 = copies_for(n * k, device)
-        bf_w = [wt.bf16.clone() for _ in range(c_bf)]
-        i4_w = [(wt.qt.clone(), wt.st.clone()) for _ in range(c_i4)]
-        tg_w = [(tg[0].clone(), tg[1].clone()) for _ in range(c_i4)] if tg is not None else []
-        f8_w = [(wt.fp8_q.clone(), wt.fp8_s.clone()) for _ in range(c_f8)]
-        tg_ok = all(v is True for key, v in notes.get("int4pack_verified", {}).items() if key.startswith(name + " "))
-        for m in sorted(set(ms_w) | set(ms_f)):
-            x = rand((m, k), torch.bfloat16, device, m, 0.5)
-            flops = 2 * m * n * k
-            t_bf = timer([lambda w=w, x=x: F.linear(x, w) for w in bf_w])
-            base = {"shape": name, "n": n, "k": k, "m": m, "flops": flops}
-            rows.append({**base, "kernel": "bf16", "method": "F.linear", "time_s": t_bf, "bytes": bf16_bytes(m, n, k)})
-            if m in ms_w:
-                t = timer(
-                    [lambda qt=qt, st=st, x=x: kernels.w4a16_linear(x, qt, st, backend="triton") for qt, st in i4_w]
-                )
-                rows.append({**base, "kernel": "w4a16", "method": "quantrl", "time_s": t,
-                             "bytes": w4a16_bytes(m, n, k), "x_bf16": t_bf / t})  # fmt: skip
-                if tg_w:
-                    try:
-                        t_tg = timer([lambda p=p, sz=sz, x=x: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz)
-                                      for p, sz in tg_w])  # fmt: skip
-                        rows.append({**base, "kernel": "w4a16", "method": "_weight_int4pack_mm", "time_s": t_tg,
-                                     "bytes": int4pack_bytes(m, n, k), "x_bf16": t_bf / t_tg, "verified": tg_ok})  # fmt: skip
-                        rows[-2]["x_int4pack"] = t_tg / t
-                    except RuntimeError as e:
-                        notes.setdefault("int4pack_errors", {})[f"{name} M={m}"] = str(e).splitlines()[0]
-            if m in ms_f:
-                for gemm in ("scaled_mm", "triton"):
-                    if gemm == "scaled_mm" and (device.type != "cuda" or n % 128 or k % 128):
-                        continue
-                    try:
-                        t = timer([lambda q=q, s=s, g=gemm, x=x: kernels.fp8_block_linear(
-                        x, q, s, backend="triton", gemm=g, check=False) for q, s in f8_w])  # fmt: skip
-                    except (RuntimeError, ValueError) as e:
-                        notes.setdefault("fp8_errors", {})[f"{name} M={m} {gemm}"] = str(e).splitlines()[0]
-                        continue
-                    rows.append({**base, "kernel": "fp8", "method": f"act_quant+{gemm}", "time_s": t,
-                                 "bytes": fp8_linear_bytes(m, n, k), "x_bf16": t_bf / t})  # fmt: skip
-        del bf_w, i4_w, tg_w, f8_w, wt
+        t0 = time.perf_counter()
+        try:
+            got = bench_shape(name, n, k, ms_w, ms_f, device, timer, notes)
+        except RuntimeError as e:
+            notes.setdefault("gemm_errors", {})[name] = str(e).splitlines()[0]
+            print(f"  {name}: ERROR {notes['gemm_errors'][name]}", flush=True)
+            got = []
+        rows += got
+        print(f"  timed {name}: {len(got)} figures in {time.perf_counter() - t0:.1f} s", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
-def bench_sweep(device, timer: Timer) -> list[dict]:
-    """A few alternative W4A16 tile configs at small M on the largest shapes (for tuning the defaults)."""
-    from quantrl.kernels.w4a16 import W4A16Config, pick_config, sm_count, w4a16_gemm
+def bench_shape(name: str, n: int, k: int, ms_w: list[int], ms_f: list[int], device, timer: Timer,
+                notes: dict) -> list[dict]:  # fmt: skip
+    import torch.nn.functional as F
 
-    configs = [W4A16Config("gemv", bn=64, bk=128), W4A16Config("gemv", bn=128, bk=64), W4A16Config("gemv", bn=32, bk=256),
-               W4A16Config("gemv", bn=128, bk=128, num_warps=8), W4A16Config("mma", bm=16, bn=64, bk=128),
-               W4A16Config("mma", bm=16, bn=128, bk=64), W4A16Config("mma", bm=16, bn=128, bk=128, num_warps=8)]  # fmt: skip
+    from quantrl import kernels
+
     rows = []
-    for name in LARGEST:
-        n, k = SHAPES[name]
+    wt = make_weights(n, k, device, 1)
+    tg = int4pack_weight(wt)
+    c_bf = copies_for(n * k * 2, device)
+    c_i4 = copies_for(n * k // 2, device)
+    c_f8 = copies_for(n * k, device)
+    bf_w = [wt.bf16.clone() for _ in range(c_bf)]
+    i4_w = [(wt.qt.clone(), wt.st.clone()) for _ in range(c_i4)]
+    tg_w = [(tg[0].clone(), tg[1].clone()) for _ in range(c_i4)] if tg is not None else []
+    f8_w = [(wt.fp8_q.clone(), wt.fp8_s.clone()) for _ in range(c_f8)]
+    # verified only if checked (with --skip-checks there is nothing to go on: all([]) would say True)
+    checked = [v for key, v in notes.get("int4pack_verified", {}).items() if key.startswith(name + " ")]
+    tg_ok = bool(checked) and all(v is True for v in checked)
+    for m in sorted(set(ms_w) | set(ms_f)):
+        x = rand((m, k), torch.bfloat16, device, m, 0.5)
+        flops = 2 * m * n * k
+        t_bf = timer([lambda w=w, x=x: F.linear(x, w) for w in bf_w])
+        base = {"shape": name, "n": n, "k": k, "m": m, "flops": flops}
+        rows.append({**base, "kernel": "bf16", "method": "F.linear", "time_s": t_bf, "bytes": bf16_bytes(m, n, k)})
+        if m in ms_w:
+            t = timer([lambda qt=qt, st=st, x=x: kernels.w4a16_linear(x, qt, st, backend="triton") for qt, st in i4_w])
+            rows.append({**base, "kernel": "w4a16", "method": "quantrl", "time_s": t,
+                         "bytes": w4a16_bytes(m, n, k), "x_bf16": t_bf / t})  # fmt: skip
+            if tg_w:
+                try:
+                    t_tg = timer([lambda p=p, sz=sz, x=x: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz)
+                                  for p, sz in tg_w])  # fmt: skip
+                    rows.append({**base, "kernel": "w4a16", "method": "_weight_int4pack_mm", "time_s": t_tg,
+                                 "bytes": int4pack_bytes(m, n, k), "x_bf16": t_bf / t_tg, "verified": tg_ok})  # fmt: skip
+                    rows[-2]["x_int4pack"] = t_tg / t
+                except RuntimeError as e:
+                    notes.setdefault("int4pack_errors", {})[f"{name} M={m}"] = str(e).splitlines()[0]
+        if m in ms_f:
+            for gemm in ("scaled_mm", "triton"):
+                if gemm == "scaled_mm" and (device.type != "cuda" or n % 128 or k % 128):
+                    continue
+                try:
+                    t = timer([lambda q=q, s=s, g=gemm, x=x: kernels.fp8_block_linear(
+                    x, q, s, backend="triton", gemm=g, check=False) for q, s in f8_w])  # fmt: skip
+                except (RuntimeError, ValueError) as e:
+                    notes.setdefault("fp8_errors", {})[f"{name} M={m} {gemm}"] = str(e).splitlines()[0]
+                    continue
+                rows.append({**base, "kernel": "fp8", "method": f"act_quant+{gemm}", "time_s": t,
+                             "bytes": fp8_linear_bytes(m, n, k), "x_bf16": t_bf / t})  # fmt: skip
+    return rows
+
+
+def sweep_configs() -> list:
+    from quantrl.kernels.w4a16 import W4A16Config
+
+    return [W4A16Config("gemv", bn=64, bk=128), W4A16Config("gemv", bn=128, bk=64), W4A16Config("gemv", bn=32, bk=256),
+            W4A16Config("gemv", bn=128, bk=128, num_warps=8), W4A16Config("mma", bm=16, bn=64, bk=128),
+            W4A16Config("mma", bm=16, bn=128, bk=64), W4A16Config("mma", bm=16, bn=128, bk=128, num_warps=8)]  # fmt: skip
+
+
+def bench_sweep(device, timer: Timer, shapes: dict, ms: tuple[int, ...], configs: list, bw: float) -> list[dict]:
+    """Alternative W4A16 tile configs at small M (for tuning the defaults; the GPU run: the largest shapes)."""
+    from quantrl.kernels.w4a16 import pick_config, sm_count, w4a16_gemm
+
+    rows = []
+    for name, (n, k) in shapes.items():
         wt = make_weights(n, k, device, 2)
         ws = [(wt.qt.clone(), wt.st.clone()) for _ in range(copies_for(n * k // 2, device))]
-        for m in (1, 4, 16):
+        for m in ms:
             x = rand((m, k), torch.bfloat16, device, m, 0.5)
             default = pick_config(m, n, k, sm_count(device))
             for cfg in configs:
                 t = timer([lambda qt=qt, st=st, x=x, cfg=cfg: w4a16_gemm(x, qt, st, GROUP, None, cfg) for qt, st in ws])
                 rows.append({"shape": name, "m": m, "config": repr(cfg), "default": repr(default), "time_s": t,
-                             "pct_bw": pct_bw(w4a16_bytes(m, n, k), t)})  # fmt: skip
+                             "pct_bw": pct_bw(w4a16_bytes(m, n, k), t, bw)})  # fmt: skip
     return rows
 
 
@@ -413,7 +448,7 @@ def bench_quant(device, timer: Timer, tiny: bool) -> list[dict]:
         t = timer([ours])
         t_ref = timer([ref], capture=False)  # formats checks for NaN with a host sync: not capturable
         rows.append({"kernel": name, "method": "quantrl", "time_s": t, "bytes": nbytes, "time_ref_s": t_ref,
-                     "x_reference": None if not t_ref else t_ref / t, "pct_measured_copy": (nbytes / t) / (4 * el / t_copy)})  # fmt: skip
+                     "x_reference": None if not t_ref else t_ref / t, "pct_same_size_copy": (nbytes / t) / (4 * el / t_copy)})  # fmt: skip
     return rows
 
 
@@ -425,50 +460,62 @@ def _f(v, fmt: str, width: int) -> str:
 
 
 def print_plan(shapes: dict, ms_w: list[int], ms_f: list[int]) -> None:
-    print("planned measurements (floor = max(bytes / 3.0 TB/s, FLOPs / peak)):")
+    print("planned measurements on an H100 (floor = max(bytes / 3.0 TB/s, FLOPs / peak)):")
     print(f"{'shape':<18}{'M':>6}{'w4a16 MB':>10}{'floor us':>10}{'bf16 MB':>10}{'floor us':>10}{'fp8 MB':>10}"
           f"{'floor us':>10}{'GFLOP':>9}")  # fmt: skip
     for name, (n, k) in shapes.items():
         for m in sorted(set(ms_w) | set(ms_f)):
             fl = 2 * m * n * k
             w4 = (
-                f"{w4a16_bytes(m, n, k) / 1e6:>10.2f}{floor_us(w4a16_bytes(m, n, k), fl, PEAK_BF16):>10.2f}"
+                f"{w4a16_bytes(m, n, k) / 1e6:>10.2f}{floor_us(w4a16_bytes(m, n, k), fl, H100_PEAK_BF16):>10.2f}"
                 if m in ms_w
                 else f"{'':>20}"
             )
-            print(f"{name:<18}{m:>6}{w4}{bf16_bytes(m, n, k) / 1e6:>10.2f}{floor_us(bf16_bytes(m, n, k), fl, PEAK_BF16):>10.2f}"
-                  f"{fp8_linear_bytes(m, n, k) / 1e6:>10.2f}{floor_us(fp8_linear_bytes(m, n, k), fl, PEAK_FP8):>10.2f}"
+            print(f"{name:<18}{m:>6}{w4}{bf16_bytes(m, n, k) / 1e6:>10.2f}{floor_us(bf16_bytes(m, n, k), fl, H100_PEAK_BF16):>10.2f}"
+                  f"{fp8_linear_bytes(m, n, k) / 1e6:>10.2f}{floor_us(fp8_linear_bytes(m, n, k), fl, H100_PEAK_FP8):>10.2f}"
                   f"{fl / 1e9:>9.3f}")  # fmt: skip
     n, k = QUANT_SHAPE
     print(f"quantizers on {n}x{k} bf16 ({n * k * 2 / 2**20:.0f} MiB): fp8 block / 1x128, int4 pack G128 / G32, "
           "int4 fake quant; copy_ of the same tensor for the measured bandwidth")  # fmt: skip
 
 
-def annotate(rows: list[dict]) -> None:
+def annotate(rows: list[dict], bw: float) -> None:
+    """Per row: time in us, % of the measured copy bandwidth ``bw`` and of the H100's, % of the H100's peak FLOPs."""
     for r in rows:
         t = r.get("time_s")
         r["time_us"] = None if t is None else t * 1e6
         if "bytes" in r:
-            r["pct_copy_bw"] = pct_bw(r["bytes"], t)
+            r["pct_bw_measured"] = pct_bw(r["bytes"], t, bw)
+            r["pct_bw_h100"] = pct_bw(r["bytes"], t, H100_COPY_BW)
         if "flops" in r:
-            r["pct_peak_flops"] = pct_flops(r["flops"], t, PEAK_FP8 if r["kernel"] == "fp8" else PEAK_BF16)
+            r["pct_peak_flops_h100"] = pct_flops(
+                r["flops"], t, H100_PEAK_FP8 if r["kernel"] == "fp8" else H100_PEAK_BF16
+            )
 
 
-def print_tables(rows: list[dict], quant: list[dict], sweep: list[dict]) -> None:
-    by = {(r["kernel"], r["method"], r["shape"], r["m"]): r for r in rows if "shape" in r}
-    print("\nW4A16 (group 128): time us, ratio vs baseline, % of 3.0 TB/s copy bandwidth, % of 800 TFLOP/s")
-    print(f"{'shape':<18}{'M':>5}{'ours us':>9}{'%BW':>6}{'%FL':>6}{'bf16 us':>9}{'%BW':>6}{'x bf16':>8}"
+def _by_key(rows: list[dict]) -> dict:
+    return {(r["kernel"], r["method"], r["shape"], r["m"]): r for r in rows if "shape" in r}
+
+
+def print_w4a16_table(by: dict) -> None:
+    print("\nW4A16 (group 128): time us, ratio vs baseline; %BW: of the measured copy bandwidth, %H100: of 3.0 TB/s; "
+          "%FL: of the H100's 800 TFLOP/s")  # fmt: skip
+    print(f"{'shape':<18}{'M':>5}{'ours us':>9}{'%BW':>6}{'%H100':>6}{'%FL':>6}{'bf16 us':>9}{'%BW':>6}{'x bf16':>8}"
           f"{'i4pk us':>9}{'%BW':>6}{'x i4pk':>8}")  # fmt: skip
     for (kern, meth, shape, m), r in by.items():
         if kern != "w4a16" or meth != "quantrl":
             continue
         bf = by.get(("bf16", "F.linear", shape, m), {})
         tg = by.get(("w4a16", "_weight_int4pack_mm", shape, m), {})
-        print(f"{shape:<18}{m:>5}{_f(r['time_us'], '.1f', 9)}{_f(r['pct_copy_bw'], '.0%', 6)}"
-              f"{_f(r['pct_peak_flops'], '.0%', 6)}{_f(bf.get('time_us'), '.1f', 9)}{_f(bf.get('pct_copy_bw'), '.0%', 6)}"
-              f"{_f(r.get('x_bf16'), '.2f', 8)}{_f(tg.get('time_us'), '.1f', 9)}{_f(tg.get('pct_copy_bw'), '.0%', 6)}"
-              f"{_f(r.get('x_int4pack'), '.2f', 8)}")  # fmt: skip
-    print("\nFP8 block linear (1x128 activation quantization included): % of 1260 TFLOP/s fp8")
+        print(f"{shape:<18}{m:>5}{_f(r['time_us'], '.1f', 9)}{_f(r['pct_bw_measured'], '.0%', 6)}"
+              f"{_f(r['pct_bw_h100'], '.0%', 6)}{_f(r['pct_peak_flops_h100'], '.0%', 6)}{_f(bf.get('time_us'), '.1f', 9)}"
+              f"{_f(bf.get('pct_bw_measured'), '.0%', 6)}{_f(r.get('x_bf16'), '.2f', 8)}{_f(tg.get('time_us'), '.1f', 9)}"
+              f"{_f(tg.get('pct_bw_measured'), '.0%', 6)}{_f(r.get('x_int4pack'), '.2f', 8)}")  # fmt: skip
+
+
+def print_fp8_table(by: dict) -> None:
+    print("\nFP8 block linear (1x128 activation quantization included): %BW of the measured copy bandwidth, "
+          "%FL of the H100's 1260 TFLOP/s fp8")  # fmt: skip
     print(f"{'shape':<18}{'M':>5}{'bf16 us':>9}{'mm us':>9}{'x bf16':>8}{'%BW':>6}{'%FL':>6}{'triton us':>10}"
           f"{'x bf16':>8}{'%BW':>6}{'%FL':>6}")  # fmt: skip
     for (kern, meth, shape, m), bf in by.items():
@@ -479,66 +526,114 @@ def print_tables(rows: list[dict], quant: list[dict], sweep: list[dict]) -> None
         if not (mm or tr):
             continue
         print(f"{shape:<18}{m:>5}{_f(bf['time_us'], '.1f', 9)}{_f(mm.get('time_us'), '.1f', 9)}"
-              f"{_f(mm.get('x_bf16'), '.2f', 8)}{_f(mm.get('pct_copy_bw'), '.0%', 6)}{_f(mm.get('pct_peak_flops'), '.0%', 6)}"
-              f"{_f(tr.get('time_us'), '.1f', 10)}{_f(tr.get('x_bf16'), '.2f', 8)}{_f(tr.get('pct_copy_bw'), '.0%', 6)}"
-              f"{_f(tr.get('pct_peak_flops'), '.0%', 6)}")  # fmt: skip
+              f"{_f(mm.get('x_bf16'), '.2f', 8)}{_f(mm.get('pct_bw_measured'), '.0%', 6)}"
+              f"{_f(mm.get('pct_peak_flops_h100'), '.0%', 6)}{_f(tr.get('time_us'), '.1f', 10)}"
+              f"{_f(tr.get('x_bf16'), '.2f', 8)}{_f(tr.get('pct_bw_measured'), '.0%', 6)}"
+              f"{_f(tr.get('pct_peak_flops_h100'), '.0%', 6)}")  # fmt: skip
+
+
+def print_tables(rows: list[dict], quant: list[dict], sweep: list[dict], roof: dict) -> None:
+    print(f"\n{describe_roofline(roof)}")
+    by = _by_key(rows)
+    print_w4a16_table(by)
+    print_fp8_table(by)
     if sweep:
-        print("\nW4A16 config sweep (time us, % of copy bandwidth)")
+        print("\nW4A16 config sweep (time us, % of the measured copy bandwidth)")
         for r in sweep:
-            print(f"  {r['shape']:<12} M={r['m']:<3} {r['time_s'] * 1e6:8.1f} us {r['pct_bw']:6.0%}  {r['config']}")
-    print("\nquantizers (GB/s of bytes moved; % of 3.0 TB/s and of the copy_ measured here; x formats on the GPU)")
+            print(
+                f"  {r['shape']:<12} M={r['m']:<3} {r['time_s'] * 1e6:8.1f} us {_f(r['pct_bw'], '.0%', 6)}  {r['config']}"
+            )
+    print("\nquantizers (GB/s of bytes moved; % of the measured copy bandwidth, of 3.0 TB/s, and of a copy_ of the "
+          "same tensor; x formats on the same device)")  # fmt: skip
+    print(f"  {'kernel':<26}{'us':>9}   {'GB/s':>9}     {'%BW':>6}{'%H100':>6}{'%same':>6}{'x ref':>7}")
     for r in quant:
         gbs = r["bytes"] / r["time_s"] / 1e9
-        print(f"  {r['kernel']:<26}{r['time_us']:>9.1f} us{gbs:>9.0f} GB/s{r['pct_copy_bw']:>6.0%}"
-              f"{_f(r.get('pct_measured_copy'), '.0%', 6)}{_f(r.get('x_reference'), '.1f', 7)}x")  # fmt: skip
+        print(f"  {r['kernel']:<26}{r['time_us']:>9.1f} us{gbs:>9.0f} GB/s{_f(r['pct_bw_measured'], '.0%', 6)}"
+              f"{_f(r['pct_bw_h100'], '.0%', 6)}{_f(r.get('pct_same_size_copy'), '.0%', 6)}"
+              f"{_f(r.get('x_reference'), '.1f', 7)}x")  # fmt: skip
 
 
-def evaluate_targets(rows: list[dict], quant: list[dict]) -> dict:
-    by = {(r["kernel"], r["method"], r["shape"], r["m"]): r for r in rows if "shape" in r}
+def evaluate_targets(rows: list[dict], quant: list[dict], spec: TargetSpec = TargetSpec()) -> dict:
+    """Issue 5's targets; the bandwidth one against the copy bandwidth measured on this device."""
+    by = _by_key(rows)
     t: dict[str, bool] = {}
     ours = {(s, m): r for (k, me, s, m), r in by.items() if k == "w4a16" and me == "quantrl"}
-    if all((s, 1) in ours for s in LARGEST):
-        t["w4a16_m1_ge_3x_bf16_largest"] = all(ours[(s, 1)]["x_bf16"] >= 3.0 for s in LARGEST)
+    if all((s, 1) in ours for s in spec.largest):
+        t["w4a16_m1_ge_3x_bf16_largest"] = all(ours[(s, 1)]["x_bf16"] >= 3.0 for s in spec.largest)
     vs_tg = [r["x_int4pack"] for (s, m), r in ours.items() if m <= 16 and "x_int4pack" in r
              and by[("w4a16", "_weight_int4pack_mm", s, m)].get("verified")]  # fmt: skip
     if vs_tg:
         t["w4a16_m1_16_ge_1.5x_int4pack"] = min(vs_tg) >= 1.5
-    mid = [r["x_bf16"] for (s, m), r in ours.items() if 32 <= m <= 256]
+    lo, hi = spec.mid_ms
+    mid = [r["x_bf16"] for (s, m), r in ours.items() if lo <= m <= hi]
     if mid:
         t["w4a16_m32_256_not_slower_than_bf16"] = min(mid) >= 1.0
-    fp8 = [r["x_bf16"] for (k, me, s, m), r in by.items() if k == "fp8" and s == "8192x8192" and m >= 4096]
+    fp8 = [r["x_bf16"] for (k, me, s, m), r in by.items() if k == "fp8" and s == spec.fp8_shape and m >= spec.fp8_min_m]
     if fp8:
         t["fp8_m4096_8192_ge_1.4x_bf16"] = max(fp8) >= 1.4
     qk = [r for r in quant if r["method"] == "quantrl"]
     if qk:
-        t["quant_kernels_ge_80pct_copy_bw"] = all(r["pct_copy_bw"] >= 0.8 for r in qk)
+        t["quant_kernels_ge_80pct_measured_copy_bw"] = all(r["pct_bw_measured"] >= 0.8 for r in qk)
     return t
 
 
-def main() -> int:
+def print_targets(targets: dict, smoke: bool) -> None:
+    for name, ok in targets.items():
+        verdict = "met" if ok else "NOT met"
+        print(f"{'smoke (meaningless on tiny shapes): ' if smoke else ''}target {name}: {verdict}")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="print the planned table (bytes, FLOPs, floors) and exit")
     p.add_argument("--tiny", action="store_true", help="tiny shapes; on CPU through Triton's interpreter")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes on CPU through Triton's interpreter, every stage incl. sweep, tables, targets; "
+                        "writes nothing")  # fmt: skip
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="subset of shapes (default: all)")
     p.add_argument("--ms", type=int, nargs="+", help="subset of M (default: 1..256, +1024/4096 for FP8)")
     p.add_argument("--reps", type=int, default=7, help="graph replays per figure (median)")
     p.add_argument("--sweep", action="store_true", help="also time alternative W4A16 configs at M=1/4/16")
     p.add_argument("--skip-checks", action="store_true", help="time without the correctness gate (debugging only)")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results/kernels_gpu.json")
-    args = p.parse_args()
-    shapes = TINY_SHAPES if args.tiny else {s: SHAPES[s] for s in (args.shapes or SHAPES)}
-    ms_w = [m for m in (args.ms or ([1, 3, 17] if args.tiny else W4A16_MS)) if m <= 256]
-    ms_f = args.ms or ([1, 20] if args.tiny else FP8_MS)
+    return p
+
+
+def run_correctness(shapes: dict, device, tiny: bool) -> tuple[bool, dict]:
+    """(passed, notes) of the correctness gate, printed."""
+    t0 = time.perf_counter()
+    failures, notes = run_checks(shapes, device, tiny)
+    print(f"correctness: {len(failures)} failure(s) ({time.perf_counter() - t0:.0f} s); "
+          f"max rel error w4a16 {notes['w4a16_rel_error_max']:.2e}, fp8 {notes['fp8_rel_error_max']:.2e}", flush=True)  # fmt: skip
+    for f in failures:
+        print(f"  FAIL {f}")
+    for key in ("scaled_mm", "int4pack_verified"):
+        bad = {k: v for k, v in notes[key].items() if isinstance(v, str) or v is False}
+        if bad:
+            print(f"  note: {key}: {dict(list(bad.items())[:3])}{' ...' if len(bad) > 3 else ''}")
+    return not failures, notes
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    tiny = args.tiny or args.smoke
+    shapes = TINY_SHAPES if tiny else {s: SHAPES[s] for s in (args.shapes or SHAPES)}
+    ms_w = [m for m in (args.ms or ([1, 3, 17] if tiny else W4A16_MS)) if m <= 256]
+    ms_f = args.ms or ([1, 20] if tiny else FP8_MS)
     if args.dry_run:
         print_plan(shapes, ms_w, ms_f)
         return 0
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.tiny:
-        print("bench/kernels_gpu.py times GPU kernels and needs a CUDA device; use --dry-run or --tiny here.",
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not tiny:
+        print("bench/kernels_gpu.py times GPU kernels and needs a CUDA device; use --dry-run or --smoke here.",
               file=sys.stderr)  # fmt: skip
         return 2
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before quantrl.kernels' @triton.jit run
+    if args.smoke:
+        print(
+            "smoke run: tiny shapes on CPU through Triton's interpreter; the figures mean nothing, nothing is written"
+        )
     from quantrl import kernels
 
     if not kernels.triton_available():
@@ -547,40 +642,42 @@ def main() -> int:
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
     t0 = time.perf_counter()
+    roof = roofline(device, smoke=not cuda)
+    print(describe_roofline(roof), flush=True)
     notes: dict = {}
     if not args.skip_checks:
-        failures, notes = run_checks(shapes, device, args.tiny)
-        print(f"correctness: {len(failures)} failure(s) ({time.perf_counter() - t0:.0f} s); "
-              f"max rel error w4a16 {notes['w4a16_rel_error_max']:.2e}, fp8 {notes['fp8_rel_error_max']:.2e}")  # fmt: skip
-        for f in failures:
-            print(f"  FAIL {f}")
-        for key in ("scaled_mm", "int4pack_verified"):
-            bad = {k: v for k, v in notes[key].items() if isinstance(v, str) or v is False}
-            if bad:
-                print(f"  note: {key}: {dict(list(bad.items())[:3])}{' ...' if len(bad) > 3 else ''}")
-        if failures:
+        passed, notes = run_correctness(shapes, device, tiny)
+        if not passed:
             return 1
     timer = Timer(device, args.reps)
     rows = bench_gemms(shapes, ms_w, ms_f, device, timer, notes)
-    sweep = bench_sweep(device, timer) if args.sweep and cuda else []
-    quant = bench_quant(device, timer, args.tiny)
-    annotate(rows)
-    annotate(quant)
-    print_tables(rows, quant, sweep)
-    targets = evaluate_targets(rows, quant) if cuda else {}
-    for name, ok in targets.items():
-        print(f"target {name}: {'met' if ok else 'NOT met'}")
+    sweep = []
+    if args.smoke:  # one tiny shape, two configs: the sweep's code, not its figures
+        sweep = bench_sweep(device, timer, dict(list(TINY_SHAPES.items())[:1]), (1,), sweep_configs()[::4][:2],
+                            roof["measured_copy_Bps"])  # fmt: skip
+    elif args.sweep and cuda:
+        sweep = bench_sweep(device, timer, {s: SHAPES[s] for s in LARGEST}, (1, 4, 16), sweep_configs(),
+                            roof["measured_copy_Bps"])  # fmt: skip
+    quant = bench_quant(device, timer, tiny)
+    annotate(rows, roof["measured_copy_Bps"])
+    annotate(quant, roof["measured_copy_Bps"])
+    print_tables(rows, quant, sweep, roof)
+    targets = evaluate_targets(rows, quant, SMOKE_TARGETS if args.smoke else TargetSpec()) if cuda or args.smoke else {}
+    print_targets(targets, args.smoke)
     print(f"total {time.perf_counter() - t0:.0f} s")
-    if cuda and not args.no_write:
+    if (cuda and not args.no_write and not tiny) or args.smoke:
         import triton
 
         path = write_results("kernels_gpu", {
-            "method": {"copy_bandwidth_Bps": COPY_BW, "peak_bf16_flops": PEAK_BF16, "peak_fp8_flops": PEAK_FP8,
-                       "reps": args.reps, "timing": "median of CUDA-graph replays, weight copies cycled past L2",
+            "roofline": roof,
+            "method": {"reps": args.reps, "timing": "median of CUDA-graph replays, weight copies cycled past L2",
+                       "pct_bw_measured": "bytes moved / time / roofline.measured_copy_Bps (targets use this)",
+                       "pct_bw_h100": "bytes moved / time / 3.0 TB/s", "pct_peak_flops_h100": "2MNK / time / H100 peak",
                        "group_size": GROUP, "triton": triton.__version__},
             "checks": notes, "rows": rows, "quant": quant, "sweep": sweep, "targets": targets,
-        })  # fmt: skip
-        print(f"wrote {path}")
+        }, smoke=args.smoke)  # fmt: skip
+        if path:
+            print(f"wrote {path}")
     return 0
 
 

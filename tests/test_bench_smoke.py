@@ -1,0 +1,169 @@
+"""The GPU benchmarks and the GPU-session script, checked on CPU so that the scarce GPU minutes are not spent
+on a Python error: every bench's ``--smoke`` mode runs its whole code path (measurement, result assembly,
+tables, targets) on a tiny model in seconds and writes nothing; ``bench/gpu_session.sh`` parses, every
+flag it passes to a bench is accepted by that bench's argparse, and its step plumbing (timeouts, logs,
+status lines, continuing past a failure) works with a stub interpreter."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+SESSION = BENCH / "gpu_session.sh"
+GPU_BENCHES = ("kernels_gpu", "rollout_gpu", "train_gpu", "sync_gpu")
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # each bench decides for itself
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(BENCH), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"  # tiny tensors: a second thread only adds barrier waits on a 2-core machine
+    env.update(extra)
+    return env
+
+
+def _results_snapshot() -> dict:
+    results = BENCH / "results"
+    return {n: (results / f"{n}.json").stat().st_mtime_ns for n in GPU_BENCHES if (results / f"{n}.json").exists()}
+
+
+def _smoke(name: str) -> str:
+    before = _results_snapshot()
+    proc = subprocess.run([sys.executable, f"bench/{name}.py", "--smoke"], check=False, cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    out = proc.stdout
+    assert proc.returncode == 0, f"{name} --smoke exited {proc.returncode}\n{out[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "smoke run:" in out
+    assert f"smoke run: {name} results assembled" in out  # the JSON was built and serialized ...
+    assert _results_snapshot() == before  # ... and nothing was written
+    assert "roofline: measured copy bandwidth" in out
+    return out
+
+
+@pytest.mark.slow
+def test_kernels_gpu_smoke():
+    pytest.importorskip("triton")
+    out = _smoke("kernels_gpu")
+    assert "correctness: 0 failure(s)" in out
+    for line in ("W4A16 (group 128)", "FP8 block linear", "W4A16 config sweep", "quantizers (GB/s"):
+        assert line in out
+    # every target's code ran (on the tiny shapes the verdicts are meaningless)
+    for target in ("w4a16_m1_ge_3x_bf16_largest", "w4a16_m32_256_not_slower_than_bf16", "fp8_m4096_8192_ge_1.4x_bf16",
+                   "quant_kernels_ge_80pct_measured_copy_bw"):  # fmt: skip
+        assert f"target {target}:" in out
+
+
+def test_rollout_gpu_smoke():
+    out = _smoke("rollout_gpu")
+    assert re.search(r"^bf16\s+1\s", out, re.MULTILINE) and re.search(r"^int4\s+2\s", out, re.MULTILINE)
+    for target in ("bf16_b1_ge_50pct_measured_roofline", "bf16_b1_ge_20x_hf", "int4_b1_ge_1.8x_bf16"):
+        assert f"target {target}:" in out
+
+
+def test_train_gpu_smoke():
+    out = _smoke("train_gpu")
+    for mode in ("bf16", "int4-qat", "fp8"):
+        assert re.search(rf"^{mode}\s+\d", out, re.MULTILINE)
+    assert "target int4_qat_step_le_1.10x_bf16:" in out
+
+
+def test_sync_gpu_smoke():
+    out = _smoke("sync_gpu")
+    for fmt in ("bf16", "fp8", "fp8-param-gather", "int4-qat"):
+        assert f"target {fmt}_sync_le_50ms:" in out
+    assert "floor: flat copy" in out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench/gpu_session.sh
+# ---------------------------------------------------------------------------------------------------------
+def _session_commands() -> dict[str, list[str]]:
+    """step -> argv of every ``CMD=(...)`` in the script's ``set_cmd`` ("$PY" and "$OUT" left as written)."""
+    text = SESSION.read_text()
+    body = text[text.index("set_cmd() {") :]
+    body = body[: body.index("\n}\n")]
+    cmds = {
+        step: shlex.split(args.replace("\n", " "))
+        for step, args in re.findall(r"([\w-]+)\) CMD=\((.*?)\) ;;", body, re.DOTALL)
+    }
+    assert cmds, "no CMD=(...) found in set_cmd"
+    return cmds
+
+
+def test_session_script_parses():
+    subprocess.run(["bash", "-n", str(SESSION)], check=True)
+
+
+def test_session_bench_flags_are_accepted():
+    cmds = _session_commands()
+    order = re.search(r"^ORDER=\((.*?)\)", SESSION.read_text(), re.MULTILINE).group(1).split()
+    assert set(order) - {"env"} == set(cmds), "every step but env has a command"
+    benches = {}
+    sys.path.insert(0, str(BENCH))
+    try:
+        for step, argv in cmds.items():
+            assert argv[0] == "$PY", step
+            if argv[1] == "-m":  # pytest: the test files it names exist
+                assert argv[2] == "pytest"
+                for a in argv[3:]:
+                    if a.startswith("tests/"):
+                        assert (ROOT / a).exists(), a
+                continue
+            script = Path(argv[1])
+            assert script.parent.name == "bench" and script.stem in GPU_BENCHES, step
+            parser = importlib.import_module(script.stem).build_parser()
+            try:
+                parser.parse_args(argv[2:])
+            except SystemExit as e:  # argparse's exit on an unknown flag or a bad value
+                pytest.fail(f"step {step}: {script.name} rejects {argv[2:]} (exit {e.code})")
+            benches[script.stem] = step
+    finally:
+        sys.path.remove(str(BENCH))
+    assert set(benches) == set(GPU_BENCHES), "the session runs every GPU bench"
+
+
+def _stub(tmp_path: Path) -> Path:
+    """A stand-in interpreter: sync_gpu fails, train_gpu hangs, everything else succeeds."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/usr/bin/env bash\necho "stub: $*"\ncase "$*" in\n  *sync_gpu.py*) echo "boom: a Python error"; '
+                    'exit 3 ;;\n  *train_gpu.py*) exec sleep 60 ;;\nesac\nexit 0\n')  # fmt: skip
+    stub.chmod(0o755)
+    return stub
+
+
+def _session(tmp_path: Path, *steps: str, budget: int = 540) -> subprocess.CompletedProcess:
+    env = _env(PYTHON=str(_stub(tmp_path)), OUT=str(tmp_path / "out"), GPU_SESSION_BUDGET_S=str(budget),
+               GPU_SESSION_MIN_STEP_S="1")  # fmt: skip
+    return subprocess.run(
+        ["bash", str(SESSION), *steps], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_session_continues_past_a_failure_and_reports_every_step(tmp_path):
+    proc = _session(tmp_path, "kernels", "sync", "rollout")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = proc.stdout[proc.stdout.index("=== gpu_session summary") :]
+    assert re.search(r"kernels\s+ok", summary) and re.search(r"rollout\s+ok", summary)
+    assert re.search(r"sync\s+FAILED rc=3 .*boom: a Python error", summary)
+    logs = tmp_path / "out" / "logs"
+    assert "stub: bench/kernels_gpu.py --reps 7" in (logs / "kernels.log").read_text()
+    assert (tmp_path / "out" / "summary.txt").read_text() in proc.stdout
+
+
+def test_session_step_times_out_within_its_slot(tmp_path):
+    proc = _session(tmp_path, "train", budget=8)  # deadline 3 s: train's stub sleeps 60 s
+    assert proc.returncode == 1
+    assert re.search(r"train\s+TIMEOUT after [0-9] s", proc.stdout), proc.stdout
+
+
+def test_session_rejects_an_unknown_step(tmp_path):
+    proc = _session(tmp_path, "nonsense")
+    assert proc.returncode == 2 and "unknown step" in proc.stderr
