@@ -7,22 +7,25 @@ to ``bench/results/rl_recipes_<device>.json`` and the ``quantrl plot`` figures n
 
 Expected from the published runs: int4-qat mismatch <= 1.2x bf16; int4-ptq and int4-qat-bf16-rollout
 >= 2x; final reward of int4-qat and fp8 within noise of bf16.
-Run: ``python bench/rl_recipes.py --device cuda --num-steps 200`` (H100), or on CPU with the embedded model.
+Run: on CPU with the embedded model, ``python bench/rl_recipes.py --device cpu --num-steps 40``; on a GPU with a
+warm-started tens-of-millions-parameter model, ``bash bench/gpu_session_rl.sh`` (pretrain, then this).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 import statistics
 from pathlib import Path
 
 import torch
-
 from _common import RESULTS, write_results
+
 from quantrl.rl.loop import RLConfig, train
 from quantrl.rl.plot import plot_runs
+from quantrl.rl.pretrain import DEFAULT_MODEL_DIR
 from quantrl.rl.recipes import RECIPES
 
 
@@ -45,7 +48,7 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", default="", help="HF model dir (default: the embedded model)")
@@ -57,7 +60,12 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=RLConfig.num_prompts, help="synthetic task: training prompts")
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES))
     ap.add_argument("--out", default="runs/rl_recipes")
-    args = ap.parse_args()
+    ap.add_argument("--no-write", action="store_true", help="keep bench/results/ untouched (trial runs)")
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     out = Path(args.out)
     summary = {}
     for recipe in args.recipes:
@@ -79,8 +87,14 @@ def main() -> None:
         print(f"{recipe:<24}{s['reward_first']:>10.3f}->{s['reward_last']:<8.3f}{ev:>18}{s['mismatch_mean']:>10.5f}"
               f"{ratio:>8}{s['rollout_tokens_per_s_median']:>15.0f}")
     name = f"rl_recipes_{args.device}"
-    path = write_results(name, {"config": vars(args), "results": summary})
-    figs = plot_runs([out / r for r in args.recipes], RESULTS / name)
+    fig_dir = (out / "plots") if args.no_write else RESULTS / name
+    figs = plot_runs([out / r for r in args.recipes], fig_dir)
+    if args.no_write:
+        print(f"--no-write: plots in {fig_dir}, nothing under bench/results/")
+        return
+    warm = Path(args.model or DEFAULT_MODEL_DIR) / "pretrain_summary.json"  # what the runs started from
+    path = write_results(name, {"config": vars(args), "warm_start": json.loads(warm.read_text()) if warm.exists() else None,
+                                "results": summary})  # fmt: skip
     print(f"wrote {path} and {', '.join(str(f) for f in figs)}")
 
 

@@ -167,3 +167,26 @@ def test_session_step_times_out_within_its_slot(tmp_path):
 def test_session_rejects_an_unknown_step(tmp_path):
     proc = _session(tmp_path, "nonsense")
     assert proc.returncode == 2 and "unknown step" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench/gpu_session_rl.sh (issue 7's GPU experiment: pretrain, then rl_recipes)
+# ---------------------------------------------------------------------------------------------------------
+def test_rl_session_script_parses_and_its_flags_are_accepted():
+    script = BENCH / "gpu_session_rl.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text().replace("\\\n", " ")
+    pre = re.search(r'"\$PY" -m quantrl\.cli (pretrain .*?)(?:;|$)', text, re.MULTILINE).group(1)
+    rl = re.search(r'"\$PY" bench/rl_recipes\.py (.*?)$', text, re.MULTILINE).group(1)
+    from quantrl.cli import build_parser
+
+    args = build_parser().parse_args(shlex.split(pre.replace('"$WARM"', "runs/w")))
+    assert args.device == "cuda" and args.hidden_size == 512
+    sys.path.insert(0, str(BENCH))
+    try:
+        rl_args = importlib.import_module("rl_recipes").build_parser().parse_args(
+            shlex.split(rl.replace('"$WARM"', "runs/w"))
+        )
+    finally:
+        sys.path.remove(str(BENCH))
+    assert rl_args.device == "cuda" and rl_args.model == "runs/w"
