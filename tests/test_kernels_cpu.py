@@ -166,3 +166,53 @@ def test_fp8_block_gemm_checks_b_scale_layout():
         kernels.fp8_block_gemm(xq, xs, bq, bs, b_scale="column")
     with pytest.raises(ValueError, match="gemm must be"):
         kernels.fp8_block_gemm(xq, xs, bq, bs, b_scale="row", gemm="cublas")
+
+
+def test_scaled_mm_probe_keeps_only_an_agreeing_cublas(monkeypatch):
+    """The once-per-recipe check behind gemm="auto" (its CUDA call is replaced by stand-ins here)."""
+    from quantrl.kernels import dispatch
+
+    xq, xs = fm.quantize_fp8_activation(torch.randn(4, 256))
+    wq, ws = fm.quantize_fp8(torch.randn(256, 256), "block")
+    good = dispatch._reference_block_gemm(xq, xs, wq, ws, None, torch.float32, "block")
+    calls = []
+
+    def fallback():
+        calls.append(1)
+        return good
+
+    cases = {"agrees": lambda *a: good * (1 + 1e-3), "wrong": lambda *a: good * 1.5, "raises": None}
+    for name, fake in cases.items():
+        monkeypatch.setattr(dispatch, "_SCALED_MM_OK", {})
+
+        def stand_in(*a, fake=fake):
+            if fake is None:
+                raise RuntimeError("Invalid scaling configuration")
+            return fake(*a)
+
+        monkeypatch.setattr(dispatch, "scaled_mm_block", stand_in)
+        calls.clear()
+        if name == "agrees":
+            y = dispatch._try_scaled_mm(xq, xs, wq, ws, torch.float32, "row", fallback)
+            assert y is not None and dispatch._SCALED_MM_OK == {("cpu", None, "row"): True} and len(calls) == 1
+            dispatch._try_scaled_mm(xq, xs, wq, ws, torch.float32, "row", fallback)
+            assert len(calls) == 1, "probed once per recipe, not per call"
+        else:
+            with pytest.warns(UserWarning, match="disagrees" if name == "wrong" else "no blockwise FP8"):
+                assert dispatch._try_scaled_mm(xq, xs, wq, ws, torch.float32, "row", fallback) is None
+            assert dispatch._SCALED_MM_OK == {("cpu", None, "row"): False}
+
+
+def test_scaled_mm_probe_compares_like_with_like_when_there_is_a_bias(monkeypatch, recwarn):
+    from quantrl.kernels import dispatch
+
+    xq, xs = fm.quantize_fp8_activation(torch.randn(4, 256))
+    wq, ws = fm.quantize_fp8(torch.randn(256, 256), "block")
+    bias = torch.full((256,), 100.0)
+    monkeypatch.setattr(dispatch, "_SCALED_MM_OK", {})
+    monkeypatch.setattr(dispatch, "scaled_mm_block_supported", lambda *a: True)
+    monkeypatch.setattr(dispatch, "scaled_mm_block", lambda xq, xs, wq, ws, dt, b: dispatch._reference_block_gemm(
+        xq, xs, wq, ws, None, dt, b))  # fmt: skip  # what cuBLAS returns: no bias
+    y = kernels.fp8_block_gemm(xq, xs, wq, ws, bias, torch.float32)
+    assert dispatch._SCALED_MM_OK == {("cpu", None, "block"): True} and not recwarn.list
+    assert torch.equal(y, dispatch._reference_block_gemm(xq, xs, wq, ws, None, torch.float32, "block") + bias)

@@ -226,7 +226,7 @@ def _try_scaled_mm(xq, xs, wq, ws, out_dtype, b_scale: str, fallback) -> torch.T
         warnings.warn(f"torch._scaled_mm has no blockwise FP8 ({b_scale}) here ({e}); using the Triton GEMM",
                       stacklevel=3)  # fmt: skip
         return None
-    if key not in _SCALED_MM_OK and not torch.cuda.is_current_stream_capturing():
+    if key not in _SCALED_MM_OK and not (xq.is_cuda and torch.cuda.is_current_stream_capturing()):
         ref = fallback().float()
         err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
         _SCALED_MM_OK[key] = err <= PROBE_RTOL
@@ -260,22 +260,22 @@ def fp8_block_gemm(
     _check_fp8_operands(xq, xs, wq, ws, b_scale)
     triton_ok = use_triton(xq, backend, True, "fp8_block_gemm")
 
-    def fallback() -> torch.Tensor:
+    def fallback(b: torch.Tensor | None) -> torch.Tensor:
         if triton_ok:
             from quantrl.kernels.block_gemm import fp8_block_gemm_triton
 
-            return fp8_block_gemm_triton(xq, xs, wq, ws, bias, out_dtype, b_scale=b_scale)
-        return _reference_block_gemm(xq, xs, wq, ws, bias, out_dtype, b_scale)
+            return fp8_block_gemm_triton(xq, xs, wq, ws, b, out_dtype, b_scale=b_scale)
+        return _reference_block_gemm(xq, xs, wq, ws, b, out_dtype, b_scale)
 
     if gemm == "scaled_mm":
         y = scaled_mm_block(xq, xs, wq, ws, out_dtype, b_scale)
         return y if bias is None else y + bias
     n, k = wq.shape
     if gemm == "auto" and backend == "auto" and scaled_mm_block_supported(n, k, xq.device, b_scale):
-        y = _try_scaled_mm(xq, xs, wq, ws, out_dtype, b_scale, fallback)
+        y = _try_scaled_mm(xq, xs, wq, ws, out_dtype, b_scale, lambda: fallback(None))  # bias-free compare
         if y is not None:
             return y if bias is None else y + bias
-    return fallback()
+    return fallback(bias)
 
 
 def fp8_block_linear(
