@@ -130,7 +130,7 @@ def _gpu() -> dict:
 
 def environment() -> dict:
     env = {
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (device Python may be < 3.11)
         "cpu": environment_cpu(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
