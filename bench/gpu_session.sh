@@ -16,7 +16,7 @@
 #                        no slot of its own: its commands are capped at 20 + 20 + 45 s, an overrun delays pytest-gpu
 #   pytest-gpu    120 s  -m gpu over tests/ (72 tests: test_kernels_gpu at full size, gptq on CUDA); mostly
 #                        Triton compiles (~40 variants x ~1.5 s) plus fp64 references; warms Triton's cache
-#   pytest-triton  60 s  test_kernels_triton + test_linear_kernels on CUDA (155 small tests, both native paths)
+#   pytest-triton  60 s  test_kernels_triton + test_linear_kernels + test_fp8_training on CUDA (~170 small tests)
 #   kernels       130 s  kernels_gpu.py, all 9 shapes, --reps 7: correctness gate (9 shapes x ~8 kernel calls,
 #                        compiles mostly cached by now), then 9 shapes x 51 graph-timed figures (~30 ms each)
 #                        + 6 quantizers; ~100 s expected
@@ -122,7 +122,7 @@ set_cmd() {
   case $1 in
     pytest-gpu) CMD=("$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests/
       "--junitxml=$OUT/results/pytest-gpu.xml") ;;
-    pytest-triton) CMD=("$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_linear_kernels.py
+    pytest-triton) CMD=("$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_linear_kernels.py tests/test_fp8_training.py
       "--junitxml=$OUT/results/pytest-triton.xml") ;;
     kernels) CMD=("$PY" bench/kernels_gpu.py --reps 7) ;;
     rollout) CMD=("$PY" bench/rollout_gpu.py --batches 1 8 64 256 --repeats 2 --hf-batches 1 8) ;;
