@@ -159,7 +159,7 @@ def test_fp8_wgrad_gemm_row_scales(m):
             ym = kernels.fp8_block_gemm(aq, as_, bq, bs, out_dtype=torch.float32, b_scale="row", gemm="scaled_mm")
         except RuntimeError as e:  # no 1x128 x 1x128 cuBLAS recipe in this torch: Triton is the path then
             pytest.skip(f"torch._scaled_mm 1x128 x 1x128 unavailable: {e}")
-        assert rel_error(ym, y) < 1e-4
+        assert rel_error(ym, y) < 1e-3  # fp8 tensor cores accumulate a 128-block in reduced precision
 
 
 def test_fp8_training_linear_on_cuda_matches_the_reference():
