@@ -76,7 +76,23 @@ def decode_rate(run, batch: int, n_short: int, n_long: int, repeats: int, device
     return batch * (n_long - n_short) / max(t_long - t_short, 1e-9)
 
 
-def engine_rate(model, prompts: list[list[int]], args) -> float:
+def linear_paths(model) -> dict[str, int]:
+    """Quantized Linears by the path their first-call check left them on: ``fast`` (Triton W4A16 kernel /
+    FP8 kernels or ``_scaled_mm``), ``reference`` (fell back, with a warning) or ``unprobed``. A row's speed
+    means nothing for its format unless every layer is ``fast``."""
+    from quantrl.model.linear import Fp8Linear, W4A16Linear
+
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, (W4A16Linear, Fp8Linear)):
+            state = m._kernel_ok if isinstance(m, W4A16Linear) else m._fast
+            key = {True: "fast", False: "reference", None: "unprobed"}[state]
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+def engine_rate(model, prompts: list[list[int]], args) -> tuple[float, bool]:
+    """(decode tok/s, whether CUDA graphs were still in use at the end: a failed capture falls back to eager)."""
     from quantrl.rollout import Engine, SamplingParams
 
     batch, seq_len = len(prompts), args.prompt_len + args.n_long
@@ -89,7 +105,7 @@ def engine_rate(model, prompts: list[list[int]], args) -> float:
 
     rate = decode_rate(run, batch, args.n_short, args.n_long, args.repeats, model.device)
     engine.cache.free()
-    return rate
+    return rate, engine._graphs is not None
 
 
 def hf_model(bf16_model, config: dict):
@@ -163,10 +179,13 @@ def measure(args, config: dict, device: str, bw: float) -> list[dict]:
         hf = hf_model(model, config) if fmt == "bf16" and not args.no_hf and hf_batches & set(args.batches) else None
         for batch in args.batches:
             prompts = prompts_all[:batch]
-            rate = engine_rate(model, prompts, args)
+            rate, graphed = engine_rate(model, prompts, args)
             roof, roof_h100 = batch * bw / wbytes, batch * H100_COPY_BW / wbytes
             row = {"format": fmt, "batch": batch, "tok_s": rate, "weight_bytes": wbytes, "roofline_tok_s": roof,
-                   "frac_roofline": rate / roof, "roofline_tok_s_h100": roof_h100, "frac_roofline_h100": rate / roof_h100}  # fmt: skip
+                   "frac_roofline": rate / roof, "roofline_tok_s_h100": roof_h100, "frac_roofline_h100": rate / roof_h100,
+                   "cuda_graph": graphed, "linear_paths": linear_paths(model)}  # fmt: skip
+            if set(row["linear_paths"]) - {"fast"} or (graphed != (not args.no_cuda_graph)):
+                print(f"  note: {fmt} batch {batch}: linear paths {row['linear_paths']}, CUDA graphs {graphed}")
             if hf is not None and batch in hf_batches:
                 row["hf_tok_s"] = hf_rate(hf, prompts, args)
             rows.append(row)
