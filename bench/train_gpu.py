@@ -77,6 +77,10 @@ def step_times(mode: str, args) -> dict:
         "pct_of_peak_h100": 100 * flops / med / PEAK_FLOPS_H100[mode],
         "peak_mem_GB": torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else 0.0,
     }
+    if mode == "fp8":  # which FP8 GEMM recipes ran in cuBLAS (True) or fell back to the Triton GEMM (False)
+        from quantrl.kernels import dispatch
+
+        out["scaled_mm_recipes"] = {b_scale: ok for (_, _, b_scale), ok in dispatch._SCALED_MM_OK.items()}
     del trainer, model
     return out
 
