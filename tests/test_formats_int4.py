@@ -2,7 +2,12 @@
 
 import pytest
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+try:  # the GPU machine has no compressed-tensors: only the comparisons with it skip there (CI installs it)
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+except ImportError:
+    pack_to_int32 = unpack_from_int32 = None
+needs_ct = pytest.mark.skipif(pack_to_int32 is None, reason="compressed-tensors is not installed")
 
 from quantrl.formats.int4 import (
     dequantize_int,
@@ -71,6 +76,7 @@ def test_quantization_divides_by_the_stored_bf16_scale(gen):
 
 
 @pytest.mark.parametrize("qmax", [127, 128])
+@needs_ct
 def test_int8_group_quant_round_trip(qmax, gen):
     w = rand((40, 256), torch.bfloat16, gen)
     q, s = quantize_int(w, 8, 128, qmax)
@@ -82,6 +88,7 @@ def test_int8_group_quant_round_trip(qmax, gen):
 
 
 @pytest.mark.parametrize("k", [8, 16, 24, 128, 77, 1, 4095])
+@needs_ct
 def test_pack_int4_matches_compressed_tensors_bitwise(k, gen):
     q = torch.randint(-8, 8, (13, k), generator=gen, dtype=torch.int8)
     ours = pack_int4(q)
@@ -98,6 +105,7 @@ def test_pack_layout_element_i_in_bits_4i():
 
 
 @pytest.mark.parametrize("k", [4, 77, 256])
+@needs_ct
 def test_pack_int8_matches_compressed_tensors(k, gen):
     q = torch.randint(-128, 128, (5, k), generator=gen, dtype=torch.int8)
     assert torch.equal(pack_int(q, 8), pack_to_int32(q, 8))
@@ -121,7 +129,9 @@ def test_fp16_scale_saturates_instead_of_inf():
     w[1] = 1e-9
     q, s = quantize_int4(w, 32, 7, scale_dtype=torch.float16)
     assert bool(torch.isfinite(s.float()).all()) and bool((s > 0).all())
-    assert torch.equal(fake_quantize_int4(w, 32, 7, scale_dtype=torch.float16), dequantize_int4(q, s, 32, torch.float32))
+    assert torch.equal(
+        fake_quantize_int4(w, 32, 7, scale_dtype=torch.float16), dequantize_int4(q, s, 32, torch.float32)
+    )
 
 
 def test_straight_through_gradient_reaches_master_weight(gen):
