@@ -14,13 +14,14 @@
 # estimates from the scripts' loops on an H100/H200, with Triton's first compiles included:
 #   env            15 s  nvidia-smi, versions, environment() + the 1 GiB copy_ roofline (results/environment.json);
 #                        no slot of its own: its commands are capped at 20 + 20 + 45 s, an overrun delays pytest-gpu
-#   pytest-gpu    120 s  -m gpu over tests/ (72 tests: test_kernels_gpu at full size, gptq on CUDA); mostly
+#   pytest-gpu    140 s  -m gpu over tests/ (~80 tests: test_kernels_gpu at full size, gptq, the engine's CUDA
+#                        graphs and three short RL runs on CUDA); mostly
 #                        Triton compiles (~40 variants x ~1.5 s) plus fp64 references; warms Triton's cache
 #   pytest-triton  60 s  test_kernels_triton + test_linear_kernels + test_fp8_training on CUDA (~170 small tests)
-#   kernels       130 s  kernels_gpu.py, all 9 shapes, --reps 7: correctness gate (9 shapes x ~8 kernel calls,
+#   kernels       120 s  kernels_gpu.py, all 9 shapes, --reps 7: correctness gate (9 shapes x ~8 kernel calls,
 #                        compiles mostly cached by now), then 9 shapes x 51 graph-timed figures (~30 ms each)
 #                        + 6 quantizers; ~100 s expected
-#   rollout        95 s  rollout_gpu.py, batches 1/8/64/256 x bf16/fp8/int4 with CUDA graphs: 12 engines x
+#   rollout        85 s  rollout_gpu.py, batches 1/8/64/256 x bf16/fp8/int4 with CUDA graphs: 12 engines x
 #                        (warm 16+144 steps + 2 x (16+144)) = 480 decode steps each at ~1-5 ms, 3 model builds,
 #                        ~15 kernel compiles; --repeats 2 (best of 2, not 3) and the transformers baseline at
 #                        batches 1 and 8 only (the target needs batch 1; each HF batch is ~480 eager steps at
@@ -43,7 +44,7 @@ unset TRITON_INTERPRET    # the kernels must compile for the GPU, not run in the
 mkdir -p "$OUT/logs" "$OUT/results"
 
 ORDER=(env pytest-gpu pytest-triton kernels rollout sync train kernels-sweep)
-declare -A SLOT=([env]=15 [pytest-gpu]=120 [pytest-triton]=60 [kernels]=130 [rollout]=95 [sync]=50 [train]=70
+declare -A SLOT=([env]=15 [pytest-gpu]=140 [pytest-triton]=60 [kernels]=120 [rollout]=85 [sync]=50 [train]=70
   [kernels-sweep]=0)
 declare -A STATUS=()
 MIN_STEP_S=${GPU_SESSION_MIN_STEP_S:-20} # below this a step cannot even import torch: skip it, say so

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-prompts", type=int, default=RLConfig.num_prompts, help="synthetic task: training prompts")
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES))
     ap.add_argument("--out", default="runs/rl_recipes")
+    ap.add_argument("--cuda-graph", action="store_true", help="rollout decode under CUDA graphs (CUDA only)")
     ap.add_argument("--no-write", action="store_true", help="keep bench/results/ untouched (trial runs)")
     return ap
 
@@ -75,7 +76,7 @@ def main() -> None:
             RLConfig(), recipe=recipe, model=args.model, run_dir=str(run), num_steps=args.num_steps,
             prompts_per_step=args.prompts_per_step, n_samples_per_prompt=args.n_samples_per_prompt,
             eval_interval=args.eval_interval, save_interval=0, device=args.device, lr=args.lr,
-            num_prompts=args.num_prompts,
+            num_prompts=args.num_prompts, cuda_graph=args.cuda_graph,
         )
         summary[recipe] = summarize(train(cfg, progress=True))
     base = summary.get("bf16", {}).get("mismatch_mean")

@@ -5,6 +5,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from quantrl.rl.loop import RLConfig, RLRun, train
 from quantrl.rl.pretrain import PretrainConfig, pretrain
@@ -111,3 +112,21 @@ def test_cli_resume_reuses_the_saved_config(tiny_model, tmp_path, capsys):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert "fp8" in capsys.readouterr().out  # the saved recipe, not the default one
+
+
+def test_cuda_graph_needs_cuda(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="--cuda-graph needs --device cuda"):
+        train(cfg(tiny_model, tmp_path / "g", cuda_graph=True), progress=False)
+    assert not (tmp_path / "g").exists()  # refused before the run directory is made
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("recipe", "cuda_graph"), [("bf16", False), ("fp8", True), ("int4-qat", True)])
+def test_recipes_run_on_cuda(recipe, cuda_graph, tiny_model, tmp_path):
+    """The whole loop on the GPU: kernels in trainer and engine, sync to CUDA buffers, graphs across updates."""
+    rows = train(cfg(tiny_model, tmp_path / recipe, recipe=recipe, device="cuda", cuda_graph=cuda_graph,
+                     num_steps=3), progress=False)  # fmt: skip
+    steps = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and all(r["weight_version"] == r["step"] for r in steps)
+    assert all(0 <= r["mismatch_abs_mean"] < 0.5 for r in steps), [r["mismatch_abs_mean"] for r in steps]

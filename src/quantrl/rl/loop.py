@@ -96,6 +96,8 @@ class RLConfig:
     "seed of data order, sampling and init"
     device: str = "cpu"
     "cpu or cuda"
+    cuda_graph: bool = False
+    "rollout decode under CUDA graphs (CUDA only; the KV layout is then fixed at 512 positions a sample)"
     threads: int = 0
     "torch CPU threads (0: default)"
 
@@ -173,6 +175,8 @@ class RLRun:
             torch.set_num_threads(cfg.threads)
         self.cfg, self.progress = cfg, progress
         self.recipe = get_recipe(cfg.recipe)
+        if cfg.cuda_graph and torch.device(cfg.device).type != "cuda":
+            raise ValueError(f"--cuda-graph needs --device cuda, got {cfg.device!r}")
         self.run_dir = RunDir(cfg.run_dir)
         self.run_dir.prepare(asdict(cfg), cfg.resume)
         resume_from = self.run_dir.latest_checkpoint() if cfg.resume else None
@@ -197,7 +201,8 @@ class RLRun:
         engine_model = build_model(self.hf_config, scheme, dtype=torch.bfloat16, device=cfg.device)
         max_len = 512
         self.engine = Engine(engine_model, kv_cache_tokens=cfg.prompts_per_step * cfg.n_samples_per_prompt * max_len,
-                             max_batch_size=cfg.prompts_per_step * cfg.n_samples_per_prompt)  # fmt: skip
+                             max_batch_size=cfg.prompts_per_step * cfg.n_samples_per_prompt,
+                             max_seq_len=max_len if cfg.cuda_graph else None, use_cuda_graph=cfg.cuda_graph)  # fmt: skip
         from quantrl.sync.convert import SyncTarget
 
         self.sync_target = SyncTarget.for_engine(self.engine, qmax=cfg.qmax)  # PTQ too uses --qmax
