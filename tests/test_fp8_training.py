@@ -128,22 +128,26 @@ def test_triton_kernels_compute_the_reference_function(param_gather):
     assert rel(y1, y0) < 4e-3 and rel(dx1, dx0) < 4e-3 and rel(dw1, dw0) < 4e-3
 
 
-def _train_and_engine_layers(dev: str):
+def _train_and_engine_layers(dev: str, bias: bool):
     from quantrl.model.linear import Fp8Linear
     from quantrl.model.quant_scheme import QuantScheme
 
     torch.manual_seed(0)
-    train = Fp8BlockTrainLinear.from_linear(nn.Linear(512, 384, bias=False, device=dev, dtype=torch.bfloat16))
-    engine = Fp8Linear(512, 384, False, QuantScheme.fp8_block()).to(dev)
+    train = Fp8BlockTrainLinear.from_linear(nn.Linear(512, 384, bias=bias, device=dev, dtype=torch.bfloat16))
+    engine = Fp8Linear(512, 384, bias, QuantScheme.fp8_block()).to(dev)
     wq, ws = train.fp8_weight()
-    engine.load_({"weight": wq, "weight_scale_inv": ws})
+    engine.load_({"weight": wq, "weight_scale_inv": ws, **({"bias": train.bias.detach() * 40} if bias else {})})
+    if bias:
+        with torch.no_grad():
+            train.bias.mul_(40)  # a bias large next to y, so that where it is added (before or after rounding) shows
     return train, engine
 
 
-def test_fp8_training_forward_equals_the_fp8_engine_layer_bitwise():
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_training_forward_equals_the_fp8_engine_layer_bitwise(bias):
     """The same quantized numbers through the same GEMM: after sync, the FP8 trainer's forward and the FP8
     rollout engine's are one function, so FP8-on-FP8 mismatch comes only from outside the Linears."""
-    train, engine = _train_and_engine_layers("cpu")
+    train, engine = _train_and_engine_layers("cpu", bias)
     x = torch.randn(3, 70, 512).to(torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(train(x), engine(x))
@@ -151,11 +155,19 @@ def test_fp8_training_forward_equals_the_fp8_engine_layer_bitwise():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fp8_training_forward_equals_the_fp8_engine_layer_bitwise_on_cuda():
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_training_forward_equals_the_fp8_engine_layer_bitwise_on_cuda(bias):
     """On CUDA both go through kernels.fp8_block_gemm (blockwise _scaled_mm or the Triton GEMM, whichever the
     probe kept) with bit-identical Triton-quantized activations."""
-    train, engine = _train_and_engine_layers("cuda")
+    train, engine = _train_and_engine_layers("cuda", bias)
     x = torch.randn(3, 128, 512, device="cuda").to(torch.bfloat16)
     with torch.no_grad():
         engine(x)  # first call: the engine layer's own probe
         assert torch.equal(train(x), engine(x))
+
+
+def test_bias_gradient_is_the_sum_of_dy():
+    lin, f = make(n=256, k=128, bias=True)
+    dy = torch.randn(2, 50, 256)
+    f(torch.randn(2, 50, 128)).backward(dy)
+    torch.testing.assert_close(lin.bias.grad, dy.sum((0, 1)), rtol=1e-6, atol=1e-5)

@@ -45,14 +45,18 @@ def _transpose_blocks(wq: torch.Tensor, ws: torch.Tensor) -> tuple[torch.Tensor,
 
 class _Fp8BlockLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, layer: Fp8BlockTrainLinear) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                layer: Fp8BlockTrainLinear) -> torch.Tensor:  # fmt: skip
         be = layer.kernel_backend
         wq, ws = layer.fp8_weight()
         # per token along K (fprop); per channel along tokens, as x^T [K, M] (wgrad)
         xq, xs, xtq, xts = _quant_both(x, be)
-        y = kernels.fp8_block_gemm(xq, xs, wq, ws, out_dtype=x.dtype, backend=be)  # [M, K] @ [N, K]^T
+        # the bias goes in where the FP8 engine's Fp8Linear puts it (same call), so the two stay one function
+        b = None if bias is None else bias.to(x.dtype)
+        y = kernels.fp8_block_gemm(xq, xs, wq, ws, b, out_dtype=x.dtype, backend=be)  # [M, K] @ [N, K]^T
         ctx.save_for_backward(xtq, xts, wq, ws)
         ctx.layer, ctx.w_dtype = layer, weight.dtype
+        ctx.b_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
@@ -64,7 +68,8 @@ class _Fp8BlockLinearFn(torch.autograd.Function):
         dx = kernels.fp8_block_gemm(dyq, dys, wtq, wts, out_dtype=dy.dtype, backend=be)  # [M, N] @ ([K, N] = W^T)^T
         dw = kernels.fp8_block_gemm(dytq, dyts, xtq, xts, out_dtype=torch.float32, b_scale="row",
                                     backend=be)  # [N, M] @ [K, M]^T  # fmt: skip
-        return dx, dw.to(ctx.w_dtype), None
+        db = None if ctx.b_dtype is None else dy.float().sum(0).to(ctx.b_dtype)
+        return dx, dw.to(ctx.w_dtype), db, None
 
 
 class Fp8BlockTrainLinear(nn.Linear):
@@ -108,8 +113,7 @@ class Fp8BlockTrainLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-        y = _Fp8BlockLinearFn.apply(x2, self.weight, self).view(*lead, self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return _Fp8BlockLinearFn.apply(x2, self.weight, self.bias, self).view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8 blockwise, param_gather={self.fp8_param_gather}"
