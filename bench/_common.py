@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,8 +38,8 @@ def best_of(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> floa
     return min(times)
 
 
-def _cuda_best_of(fn: Callable[[], object], repeats: int) -> float:
-    """Best seconds of ``fn`` between two CUDA events (one warm-up call first)."""
+def cuda_event_times(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` between two CUDA events (one warm-up call first)."""
     fn()
     times = []
     for _ in range(repeats):
@@ -48,7 +49,19 @@ def _cuda_best_of(fn: Callable[[], object], repeats: int) -> float:
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
-    return min(times)
+    return times
+
+
+def smoke_or_cuda(args, smoke_banner: str, needs: str) -> int | None:
+    """The GPU benches' common start: ``--smoke`` shrinks the run (``args.apply_smoke``) and says so; without
+    it and without CUDA, explain and return exit code 2 (nothing measured); else None (go on)."""
+    if args.smoke:
+        print(f"smoke run: {smoke_banner}; the figures mean nothing, nothing is written")
+        return None
+    if not torch.cuda.is_available():
+        print(f"{needs}; no CUDA device is visible, so nothing was measured.", file=sys.stderr)
+        return 2
+    return None
 
 
 def measure_copy_bandwidth(device: torch.device | str | None = None, nbytes: int = COPY_BW_BYTES,
@@ -67,7 +80,7 @@ def _copy_seconds(device: torch.device, nbytes: int, repeats: int) -> float:
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)  # written once: no lazily mapped zero pages
     dst = torch.empty_like(src)
     if device.type == "cuda":
-        return _cuda_best_of(lambda: dst.copy_(src), repeats)
+        return min(cuda_event_times(lambda: dst.copy_(src), repeats))
     return best_of(lambda: dst.copy_(src), repeats)
 
 

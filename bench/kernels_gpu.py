@@ -46,7 +46,15 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-from _common import H100_COPY_BW, H100_PEAK_BF16, H100_PEAK_FP8, describe_roofline, roofline, write_results
+from _common import (
+    H100_COPY_BW,
+    H100_PEAK_BF16,
+    H100_PEAK_FP8,
+    cuda_event_times,
+    describe_roofline,
+    roofline,
+    write_results,
+)
 from rollout_gpu import QWEN3_06B
 
 L2_BYTES = 50 * 2**20
@@ -148,16 +156,7 @@ class Timer:
                 run()
             run = graph.replay
 
-        run()
-        times = []
-        for _ in range(self.reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            run()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        return statistics.median(times) / len(fns)
+        return statistics.median(cuda_event_times(run, self.reps)) / len(fns)
 
 
 def copies_for(nbytes: int, device: torch.device) -> int:

@@ -30,7 +30,7 @@ import sys
 import time
 
 import torch
-from _common import H100_COPY_BW, describe_roofline, roofline, write_results
+from _common import H100_COPY_BW, describe_roofline, roofline, smoke_or_cuda, write_results
 
 QWEN3_06B = {
     "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
@@ -241,11 +241,10 @@ def main() -> int:
     args = build_parser().parse_args()
     if args.smoke:
         apply_smoke(args)
-        print("smoke run: tiny model on CPU, eager decode; the figures mean nothing, nothing is written")
-    elif not torch.cuda.is_available():
-        print("bench/rollout_gpu.py measures GPU decode throughput and needs a CUDA device (the issue's targets are "
-              "for an H100); no CUDA device is visible, so nothing was measured.", file=sys.stderr)  # fmt: skip
-        return 2
+    rc = smoke_or_cuda(args, "tiny model on CPU, eager decode", "bench/rollout_gpu.py measures GPU decode "
+                       "throughput and needs a CUDA device (the issue's targets are for an H100)")  # fmt: skip
+    if rc is not None:
+        return rc
     torch.manual_seed(0)
     device = "cpu" if args.smoke else "cuda"
     config = SMOKE_CONFIG if args.smoke else QWEN3_06B

@@ -36,7 +36,7 @@ import sys
 import time
 
 import torch
-from _common import H100_COPY_BW, describe_roofline, roofline, write_results
+from _common import H100_COPY_BW, describe_roofline, roofline, smoke_or_cuda, write_results
 from rollout_gpu import QWEN3_06B, SMOKE_CONFIG
 
 TARGET_MS = 50.0
@@ -229,11 +229,10 @@ def main() -> int:
     args = build_parser().parse_args()
     if args.smoke:
         apply_smoke(args)
-        print("smoke run: tiny model on CPU; the figures mean nothing, nothing is written")
-    elif not torch.cuda.is_available():
-        print("bench/sync_gpu.py measures GPU weight-sync time and needs a CUDA device (the issue's target is for an "
-              "H100); no CUDA device is visible, so nothing was measured.", file=sys.stderr)  # fmt: skip
-        return 2
+    rc = smoke_or_cuda(args, "tiny model on CPU", "bench/sync_gpu.py measures GPU weight-sync time and needs a "
+                       "CUDA device (the issue's target is for an H100)")  # fmt: skip
+    if rc is not None:
+        return rc
     torch.manual_seed(0)
     dev = torch.device("cpu") if args.smoke else torch.device("cuda", torch.cuda.current_device())
     config = SMOKE_CONFIG if args.smoke else QWEN3_06B

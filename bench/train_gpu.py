@@ -23,7 +23,7 @@ import sys
 import time
 
 import torch
-from _common import H100_PEAK_BF16, H100_PEAK_FP8, describe_roofline, roofline, write_results
+from _common import H100_PEAK_BF16, H100_PEAK_FP8, describe_roofline, roofline, smoke_or_cuda, write_results
 from rollout_gpu import QWEN3_06B, SMOKE_CONFIG
 
 PEAK_FLOPS_H100 = {"bf16": H100_PEAK_BF16, "int4-qat": H100_PEAK_BF16, "fp8": H100_PEAK_FP8}
@@ -128,12 +128,10 @@ def main() -> int:
     args = build_parser().parse_args()
     if args.smoke:
         apply_smoke(args)
-        print("smoke run: tiny model and batch on CPU; the figures mean nothing, nothing is written")
-    elif not torch.cuda.is_available():
-        print(
-            "bench/train_gpu.py needs a CUDA device (it times GPU training steps); none is available", file=sys.stderr
-        )
-        return 2
+    rc = smoke_or_cuda(args, "tiny model and batch on CPU",
+                       "bench/train_gpu.py times GPU training steps and needs a CUDA device")  # fmt: skip
+    if rc is not None:
+        return rc
     roof = roofline("cpu" if args.smoke else "cuda", smoke=args.smoke)
     print(describe_roofline(roof), flush=True)
     rows = {}
