@@ -171,3 +171,15 @@ def test_bias_gradient_is_the_sum_of_dy():
     dy = torch.randn(2, 50, 256)
     f(torch.randn(2, 50, 128)).backward(dy)
     torch.testing.assert_close(lin.bias.grad, dy.sum((0, 1)), rtol=1e-6, atol=1e-5)
+
+
+def test_inference_forward_equals_the_training_forward_and_skips_the_transposed_quantization(monkeypatch):
+    _, f = make(n=256, k=256, bias=True)
+    x = torch.randn(40, 256)
+    y_train = f(x.clone().requires_grad_())
+    calls = []
+    real = kernels.quantize_fp8_activation_2d
+    monkeypatch.setattr(kernels, "quantize_fp8_activation_2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        y_eval = f(x)
+    assert torch.equal(y_eval, y_train.detach()) and calls == []

@@ -43,6 +43,13 @@ def _transpose_blocks(wq: torch.Tensor, ws: torch.Tensor) -> tuple[torch.Tensor,
     return wq.t().contiguous(), ws.t().contiguous()
 
 
+def _fprop(xq, xs, wq, ws, bias: torch.Tensor | None, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W^T + bias on the quantized operands. The bias goes in where the FP8 engine's
+    ``Fp8Linear`` puts it (the same call), so trainer and engine stay one function."""
+    b = None if bias is None else bias.to(dtype)
+    return kernels.fp8_block_gemm(xq, xs, wq, ws, b, out_dtype=dtype, backend=backend)
+
+
 class _Fp8BlockLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -51,9 +58,7 @@ class _Fp8BlockLinearFn(torch.autograd.Function):
         wq, ws = layer.fp8_weight()
         # per token along K (fprop); per channel along tokens, as x^T [K, M] (wgrad)
         xq, xs, xtq, xts = _quant_both(x, be)
-        # the bias goes in where the FP8 engine's Fp8Linear puts it (same call), so the two stay one function
-        b = None if bias is None else bias.to(x.dtype)
-        y = kernels.fp8_block_gemm(xq, xs, wq, ws, b, out_dtype=x.dtype, backend=be)  # [M, K] @ [N, K]^T
+        y = _fprop(xq, xs, wq, ws, bias, x.dtype, be)
         ctx.save_for_backward(xtq, xts, wq, ws)
         ctx.layer, ctx.w_dtype = layer, weight.dtype
         ctx.b_dtype = None if bias is None else bias.dtype
@@ -113,7 +118,13 @@ class Fp8BlockTrainLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-        return _Fp8BlockLinearFn.apply(x2, self.weight, self.bias, self).view(*lead, self.out_features)
+        if torch.is_grad_enabled() and (x2.requires_grad or self.weight.requires_grad):
+            y = _Fp8BlockLinearFn.apply(x2, self.weight, self.bias, self)
+        else:  # no backward (logprob recomputation, eval): x^T, quantized only for wgrad, is not needed
+            be = self.kernel_backend
+            xq, xs = kernels.quantize_fp8_activation(x2.contiguous(), BLOCK, backend=be, check=False)
+            y = _fprop(xq, xs, *self.fp8_weight(), self.bias, x2.dtype, be)
+        return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8 blockwise, param_gather={self.fp8_param_gather}"
