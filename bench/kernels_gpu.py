@@ -269,11 +269,14 @@ def run_checks(shapes: dict, device, tiny: bool) -> tuple[list[str], dict]:
             notes["w4a16_rel_error_max"] = max(notes["w4a16_rel_error_max"], rel)
             if not ok:
                 failures.append(f"w4a16 {name} M={m}: rel error {rel:.2e}")
-            if m <= 16:  # the other path too (the benchmark's sweep uses both)
-                cfg = W4A16Config("mma", bm=16, bn=64, bk=128) if m == 1 else W4A16Config("gemv", bn=64, bk=128)
-                ok, rel = gemm_ok(w4a16_gemm(x, wt.qt, wt.st, GROUP, None, cfg), x, wt.w_deq)
-                if not ok:
-                    failures.append(f"w4a16 {name} M={m} path {cfg.path}: rel error {rel:.2e}")
+            if m <= 16:  # the other path and the other gemv unpacking too (the tables and the sweep time them)
+                others = [W4A16Config("gemv", bn=64, bk=128, unpack=u) for u in ("magic", "bf16x2")]
+                if m == 1:
+                    others.append(W4A16Config("mma", bm=16, bn=64, bk=128))
+                for cfg in others:
+                    ok, rel = gemm_ok(w4a16_gemm(x, wt.qt, wt.st, GROUP, None, cfg), x, wt.w_deq)
+                    if not ok:
+                        failures.append(f"w4a16 {name} M={m} {cfg}: rel error {rel:.2e}")
             if tg is not None:
                 try:
                     yt = torch.ops.aten._weight_int4pack_mm(x, tg[0], GROUP, tg[1])
@@ -344,9 +347,12 @@ def bench_gemms(shapes: dict, ms_w: list[int], ms_f: list[int], device, timer: T
 
 def bench_shape(name: str, n: int, k: int, ms_w: list[int], ms_f: list[int], device, timer: Timer,
                 notes: dict) -> list[dict]:  # fmt: skip
+    from dataclasses import replace
+
     import torch.nn.functional as F
 
     from quantrl import kernels
+    from quantrl.kernels.w4a16 import GEMV_MAX_M, pick_config, sm_count, w4a16_gemm
 
     rows = []
     wt = make_weights(n, k, device, 1)
@@ -369,15 +375,22 @@ def bench_shape(name: str, n: int, k: int, ms_w: list[int], ms_f: list[int], dev
         rows.append({**base, "kernel": "bf16", "method": "F.linear", "time_s": t_bf, "bytes": bf16_bytes(m, n, k)})
         if m in ms_w:
             t = timer([lambda qt=qt, st=st, x=x: kernels.w4a16_linear(x, qt, st, backend="triton") for qt, st in i4_w])
-            rows.append({**base, "kernel": "w4a16", "method": "quantrl", "time_s": t,
-                         "bytes": w4a16_bytes(m, n, k), "x_bf16": t_bf / t})  # fmt: skip
+            ours = {**base, "kernel": "w4a16", "method": "quantrl", "time_s": t, "bytes": w4a16_bytes(m, n, k),
+                    "x_bf16": t_bf / t}  # fmt: skip
+            rows.append(ours)
+            if m <= GEMV_MAX_M:  # the gemv's other unpacking, same tiles: the bf16x2 PTX vs the fp32 magic number
+                cfg = replace(pick_config(m, n, k, sm_count(device)), unpack="magic")
+                t_mg = timer([lambda qt=qt, st=st, x=x: w4a16_gemm(x, qt, st, GROUP, None, cfg) for qt, st in i4_w])
+                rows.append({**base, "kernel": "w4a16", "method": "quantrl magic unpack", "time_s": t_mg,
+                             "bytes": w4a16_bytes(m, n, k), "x_bf16": t_bf / t_mg, "config": repr(cfg)})  # fmt: skip
+                ours["x_magic_unpack"] = t_mg / t
             if tg_w:
                 try:
                     t_tg = timer([lambda p=p, sz=sz, x=x: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz)
                                   for p, sz in tg_w])  # fmt: skip
                     rows.append({**base, "kernel": "w4a16", "method": "_weight_int4pack_mm", "time_s": t_tg,
                                  "bytes": int4pack_bytes(m, n, k), "x_bf16": t_bf / t_tg, "verified": tg_ok})  # fmt: skip
-                    rows[-2]["x_int4pack"] = t_tg / t
+                    ours["x_int4pack"] = t_tg / t
                 except RuntimeError as e:
                     notes.setdefault("int4pack_errors", {})[f"{name} M={m}"] = str(e).splitlines()[0]
         if m in ms_f:
@@ -399,7 +412,9 @@ def sweep_configs() -> list:
     from quantrl.kernels.w4a16 import W4A16Config
 
     return [W4A16Config("gemv", bn=64, bk=128), W4A16Config("gemv", bn=128, bk=64), W4A16Config("gemv", bn=32, bk=256),
-            W4A16Config("gemv", bn=128, bk=128, num_warps=8), W4A16Config("mma", bm=16, bn=64, bk=128),
+            W4A16Config("gemv", bn=128, bk=128, num_warps=8), W4A16Config("gemv", bn=64, bk=256, unpack="bf16x2"),
+            W4A16Config("gemv", bn=128, bk=128, unpack="bf16x2"), W4A16Config("gemv", bn=64, bk=128, unpack="magic"),
+            W4A16Config("mma", bm=16, bn=64, bk=128),
             W4A16Config("mma", bm=16, bn=128, bk=64), W4A16Config("mma", bm=16, bn=128, bk=128, num_warps=8)]  # fmt: skip
 
 
@@ -503,7 +518,7 @@ def print_w4a16_table(by: dict) -> None:
     print("\nW4A16 (group 128): time us, ratio vs baseline; %BW: of the measured copy bandwidth, %H100: of 3.0 TB/s; "
           "%FL: of the H100's 800 TFLOP/s")  # fmt: skip
     print(f"{'shape':<18}{'M':>5}{'ours us':>9}{'%BW':>6}{'%H100':>6}{'%FL':>6}{'bf16 us':>9}{'%BW':>6}{'x bf16':>8}"
-          f"{'i4pk us':>9}{'%BW':>6}{'x i4pk':>8}")  # fmt: skip
+          f"{'i4pk us':>9}{'%BW':>6}{'x i4pk':>8}{'x magic':>8}")  # fmt: skip
     for (kern, meth, shape, m), r in by.items():
         if kern != "w4a16" or meth != "quantrl":
             continue
@@ -512,7 +527,8 @@ def print_w4a16_table(by: dict) -> None:
         print(f"{shape:<18}{m:>5}{_f(r['time_us'], '.1f', 9)}{_f(r['pct_bw_measured'], '.0%', 6)}"
               f"{_f(r['pct_bw_h100'], '.0%', 6)}{_f(r['pct_peak_flops_h100'], '.0%', 6)}{_f(bf.get('time_us'), '.1f', 9)}"
               f"{_f(bf.get('pct_bw_measured'), '.0%', 6)}{_f(r.get('x_bf16'), '.2f', 8)}{_f(tg.get('time_us'), '.1f', 9)}"
-              f"{_f(tg.get('pct_bw_measured'), '.0%', 6)}{_f(r.get('x_int4pack'), '.2f', 8)}")  # fmt: skip
+              f"{_f(tg.get('pct_bw_measured'), '.0%', 6)}{_f(r.get('x_int4pack'), '.2f', 8)}"
+              f"{_f(r.get('x_magic_unpack'), '.2f', 8)}")  # fmt: skip
 
 
 def print_fp8_table(by: dict) -> None:

@@ -75,6 +75,21 @@ def test_failed_probe_falls_back_to_the_reference(gen, monkeypatch):
     assert not lin._kernel_valid or lin._kernel_ok is False
 
 
+def test_probe_on_a_prefill_also_checks_the_one_row_path(gen, monkeypatch):
+    """The first call is usually a prefill (many rows: the mma path); decode steps then take the gemv path.
+    A kernel wrong only at M = 1 must be caught by that first probe, not silently used for decoding."""
+    n, k, g = 64, 128, 128
+    lin = _layer(n, k, g, gen, bias=False)
+    _load(lin, torch.randn(n, k, generator=gen), g)
+    real = lin._kernel_forward
+    monkeypatch.setattr(lin, "_kernel_forward", lambda x: real(x) if x.shape[0] > 1 else -real(x))
+    x = torch.randn(6, k, generator=gen).to(torch.bfloat16).to(DEV)
+    with pytest.warns(UserWarning, match="W4A16 kernel disabled"):
+        lin(x)
+    x1 = x[:1]
+    assert lin._kernel_ok is False and torch.equal(lin(x1), lin.reference_forward(x1))
+
+
 def test_int8_and_fp32_activations_never_take_the_kernel(gen):
     lin8 = W4A16Linear(128, 32, False, QuantScheme(method="int", num_bits=8), torch.bfloat16, DEV)
     lin8.kernel_backend = "triton"

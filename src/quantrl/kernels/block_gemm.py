@@ -11,7 +11,7 @@ requested dtype), optional bias.
 Layout. One program = a BM x BN output tile; its b scales are loaded per column (``n // 128``, or ``n`` for
 row scales), so any BN works. The K loop steps exactly one scale block (BK = 128): each step is one fp8 ``tl.dot`` (K-major operands: b is read from the row-major weight as a
 [BK, BN] tile whose K axis is contiguous, which is what fp8 tensor cores want), whose fp32 result is
-scaled by the outer product of the two scale vectors and added to the accumulator. Promoting every
+scaled by the two scale vectors (rows by a's, columns by b's) and added to the accumulator. Promoting every
 128-long partial sum to fp32 is also what keeps the tensor cores' limited fp8 accumulation precision
 from growing with K (DeepSeek-V3's recipe). Ragged M, N and a ragged last K block are masked (masked
 codes load as 0). GROUP_M swizzling keeps neighbouring programs on shared weight tiles.
@@ -32,6 +32,7 @@ SCALE_BLOCK = 128
 @triton.jit
 def _fp8_block_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, stride_am, stride_bn, n_kb,
+    stride_sam, stride_sak, stride_sbn, stride_sbk,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
     B_ROWWISE: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
@@ -47,9 +48,11 @@ def _fp8_block_gemm_kernel(
         k_mask = rk < K
         a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptr + rn[None, :] * stride_bn + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        sa = tl.load(as_ptr + rm * n_kb + kb, mask=m_mask, other=0.0)
-        sb = tl.load(bs_ptr + sb_row * n_kb + kb, mask=n_mask, other=0.0)
-        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        sa = tl.load(as_ptr + rm * stride_sam + kb * stride_sak, mask=m_mask, other=0.0)
+        sb = tl.load(bs_ptr + sb_row * stride_sbn + kb * stride_sbk, mask=n_mask, other=0.0)
+        # two broadcast multiplies, not one by the [BM, BN] outer product: that tile would be a third
+        # BM x BN fp32 register set beside acc and the dot (it spilled at 128 x 128 with row scales)
+        acc += (tl.dot(a, b) * sa[:, None]) * sb[None, :]
     if HAS_BIAS:
         acc += widen(tl.load(bias_ptr + rn, mask=n_mask, other=0.0), NATIVE)[None, :]
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], cast_out(acc, out_ptr.dtype.element_ty, NATIVE),
@@ -82,12 +85,15 @@ def fp8_block_gemm_triton(
     if m == 0:
         return out
     bm, bn, warps, stages = tiles or pick_tiles(m)
-    xs = xs.float().contiguous()
-    ws = ws.float().contiguous()
+    # Per-row scales are read K-block-major ([n_kb, M] in memory; a column-major [M, n_kb] view), so that a
+    # K step's BM (BN) scales are contiguous from one scalar base: with [M, n_kb] row-major each thread
+    # kept a 64-bit pointer per row it holds, and the 128 x 128 row-scaled tile spilled on sm_90.
+    xs = xs.float().t().contiguous().t()
+    ws = ws.float().t().contiguous().t() if b_scale == "row" else ws.float().contiguous()
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     has_bias = bias is not None
     _fp8_block_gemm_kernel[grid](xq, xs, wq, ws, bias if has_bias else out, out, m, n, k, xq.stride(0),
-                                 wq.stride(0), n_kb, BM=bm, BN=bn, BK=SCALE_BLOCK, GROUP_M=8, HAS_BIAS=has_bias,
+                                 wq.stride(0), n_kb, *xs.stride(), *ws.stride(), BM=bm, BN=bn, BK=SCALE_BLOCK, GROUP_M=8, HAS_BIAS=has_bias,
                                  B_ROWWISE=b_scale == "row", NATIVE=native_default(native), num_warps=warps,
                                  num_stages=stages)  # fmt: skip
     return out

@@ -11,6 +11,16 @@ broadcast on the middle axis; ``(u | 0x4B000000)`` reinterpreted as fp32 is exac
 subtraction gives ``q = u - 8`` as fp32 without an int-to-float conversion. Merging the two leading axes
 (``tl.reshape``) gives the K-major ``[BK, BN]`` tile (row k = 8 * word row + nibble).
 
+A second gemv unpacking (``W4A16Config.unpack="bf16x2"``, bf16 activations only) dequantizes two weights per
+instruction with inline PTX, because at M = 1 the magic-number path is ALU-bound on Hopper (~8 fp32 ops
+per weight; see NOTES.md). Per int32 word and shift s in 0..3: ``lop3`` with mask 0x000F000F and bias
+0x43004300 gives the bf16 pair (128 + nibble s, 128 + nibble s+4); one ``fma.rn.bf16x2`` by 1.0 and -136.0
+gives the codes q = nibble - 8 exactly; one ``fma.rn.bf16x2`` by the scale pair and -0.0 rounds q * s to
+bf16 once, which is ``formats``' weight (q * s is exact in fp32, so its nearest bf16 is the same number).
+The pair is then widened to two fp32 (shift / mask) for the fp32 FMA with x: ~4 ops per weight. Off the GPU
+(``NATIVE=False``) the same integer steps run as Triton ops, so the interpreter tests the tiling, order of
+the nibbles and the magic constants; only the PTX text itself needs the device.
+
 Two paths, chosen by M (``pick_config``):
   gemv  M tiny (decode): no tensor cores. Program = (BN columns, one K slice, one row); it keeps a
         ``[BK/8, BN]`` fp32 accumulator of ``x * w`` summed over the 8 nibbles of each word and reduces it
@@ -50,15 +60,89 @@ def _nibbles(words):
 
 
 @triton.jit
-def _load_scales(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP: tl.constexpr, BK: tl.constexpr, NATIVE: tl.constexpr):
-    """Scales for a [BK/8, BN] word tile as fp32, broadcastable to [BK/8, 8, BN]."""
+def _load_scale_tile(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP: tl.constexpr, BK: tl.constexpr):
+    """Scales (storage dtype) for a [BK/8, BN] word tile: [1, BN] or [BK/8, BN], broadcastable to it."""
     if GROUP % BK == 0:  # the whole tile is inside one group: one contiguous row of BN scales
-        s = tl.load(st_ptr + (k0 // GROUP) * N + rn, mask=n_mask, other=0.0)
-        sf = widen(s, NATIVE)[None, None, :]
+        s = tl.load(st_ptr + (k0 // GROUP) * N + rn, mask=n_mask, other=0.0)[None, :]
     else:  # several groups per tile: one scale row per word row (repeated addresses hit L1)
         s = tl.load(st_ptr + (rkw // (GROUP // 8))[:, None] * N + rn[None, :], mask=mask2d, other=0.0)
-        sf = widen(s, NATIVE)[:, None, :]
-    return sf
+    return s
+
+
+@triton.jit
+def _load_scales(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP: tl.constexpr, BK: tl.constexpr, NATIVE: tl.constexpr):
+    """Scales for a [BK/8, BN] word tile as fp32, broadcastable to [BK/8, 8, BN]."""
+    return widen(_load_scale_tile(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK), NATIVE)[:, None, :]
+
+
+@triton.jit
+def _bf16_pair(s):
+    """bf16 scales -> int32 words holding the scale's bits twice (the bf16x2 multiplier)."""
+    b = s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return b | (b << 16)
+
+
+# $0..$7: fp32 weights for nibbles 0..7 of word $8; $9: the scale as a bf16 pair. Pair s holds nibbles s
+# (low half) and s + 4 (high half), so outputs come in the order 0, 4, 1, 5, ... and are placed by index.
+_DEQUANT8_PTX = tl.constexpr("""
+{
+.reg .b32 one, m136, nz, t, v, q, p;
+mov.b32 one, 0x3F803F80;
+mov.b32 m136, 0xC308C308;
+mov.b32 nz, 0x80008000;
+""" + "".join(
+    f"""{"mov.b32 t, $8;" if i == 0 else f"shr.u32 t, $8, {4 * i};"}
+lop3.b32 v, t, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 q, v, one, m136;
+fma.rn.bf16x2 p, q, $9, nz;
+shl.b32 ${i}, p, 16;
+and.b32 ${i + 4}, p, 0xFFFF0000;
+"""
+    for i in range(4)
+) + "}")
+
+
+@triton.jit
+def _pair_half(v, HIGH: tl.constexpr):
+    """One bf16 of a bf16x2 word, as the fp32 with the same value."""
+    if HIGH:
+        y = (v & -65536).to(tl.float32, bitcast=True)  # -65536 == 0xFFFF0000
+    else:
+        y = (v << 16).to(tl.float32, bitcast=True)
+    return y
+
+
+@triton.jit
+def _emulated_pair(words, s_pair, SHIFT: tl.constexpr, HIGH: tl.constexpr):
+    """The PTX of ``_DEQUANT8_PTX`` for one output, in integer Triton ops (interpreter / NATIVE=False)."""
+    v = ((words >> SHIFT) & 0x000F000F) | 0x43004300
+    q = _pair_half(v, HIGH) - 136.0  # exact: 128 + nibble - 136
+    return round_bf16(q * _pair_half(s_pair, False), False)
+
+
+@triton.jit
+def _dequant8_bf16x2(words, s_pair, NATIVE: tl.constexpr):
+    """int32 words [R, C] + bf16 scale pairs (broadcastable) -> 8 fp32 tensors [R, C]: weights of nibbles 0..7."""
+    if NATIVE:
+        w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+            _DEQUANT8_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words, s_pair], dtype=(tl.float32,) * 8,
+            is_pure=True, pack=1)  # fmt: skip
+    else:
+        w0 = _emulated_pair(words, s_pair, 0, False)
+        w1 = _emulated_pair(words, s_pair, 4, False)
+        w2 = _emulated_pair(words, s_pair, 8, False)
+        w3 = _emulated_pair(words, s_pair, 12, False)
+        w4 = _emulated_pair(words, s_pair, 0, True)
+        w5 = _emulated_pair(words, s_pair, 4, True)
+        w6 = _emulated_pair(words, s_pair, 8, True)
+        w7 = _emulated_pair(words, s_pair, 12, True)
+    return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.jit
+def _x_col(xw, j: tl.constexpr, kw_mask, NATIVE: tl.constexpr):
+    """x[8 * word + j] for the tile's word rows, as an fp32 column [BKW, 1]."""
+    return widen(tl.load(xw + j, mask=kw_mask, other=0.0), NATIVE)[:, None]
 
 
 @triton.jit
@@ -79,7 +163,7 @@ def _w4a16_gemv_kernel(
     x_ptr, qt_ptr, st_ptr, bias_ptr, out_ptr, part_ptr,
     M, N, K, stride_xm, kw_per_split,
     GROUP: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr, BF16X2: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -97,11 +181,20 @@ def _w4a16_gemv_kernel(
         kw_mask = rkw < kw_hi
         mask2d = kw_mask[:, None] & n_mask[None, :]
         words = tl.load(qt_ptr + rkw[:, None] * N + rn[None, :], mask=mask2d, other=0)
-        sf = _load_scales(st_ptr, rkw, kw0 * 8, rn, mask2d, n_mask, N, GROUP, BKW * 8, NATIVE)
-        xv = tl.load(x_row + rkw[:, None] * 8 + j[None, :], mask=kw_mask[:, None], other=0.0)
-        xf = widen(xv, NATIVE)  # [BKW, 8]
-        w = _round_to(_nibbles(words) * sf, x_ptr.dtype.element_ty, NATIVE).to(tl.float32)
-        acc += tl.sum(xf[:, :, None] * w, axis=1)
+        if BF16X2:
+            sp = _bf16_pair(_load_scale_tile(st_ptr, rkw, kw0 * 8, rn, mask2d, n_mask, N, GROUP, BKW * 8))
+            w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_bf16x2(words, sp, NATIVE)  # each [BKW, BN]
+            xw = x_row + rkw * 8
+            acc += (_x_col(xw, 0, kw_mask, NATIVE) * w0 + _x_col(xw, 1, kw_mask, NATIVE) * w1
+                    + _x_col(xw, 2, kw_mask, NATIVE) * w2 + _x_col(xw, 3, kw_mask, NATIVE) * w3
+                    + _x_col(xw, 4, kw_mask, NATIVE) * w4 + _x_col(xw, 5, kw_mask, NATIVE) * w5
+                    + _x_col(xw, 6, kw_mask, NATIVE) * w6 + _x_col(xw, 7, kw_mask, NATIVE) * w7)  # fmt: skip
+        else:
+            sf = _load_scales(st_ptr, rkw, kw0 * 8, rn, mask2d, n_mask, N, GROUP, BKW * 8, NATIVE)
+            xv = tl.load(x_row + rkw[:, None] * 8 + j[None, :], mask=kw_mask[:, None], other=0.0)
+            xf = widen(xv, NATIVE)  # [BKW, 8]
+            w = _round_to(_nibbles(words) * sf, x_ptr.dtype.element_ty, NATIVE).to(tl.float32)
+            acc += tl.sum(xf[:, :, None] * w, axis=1)
     y = tl.sum(acc, axis=0)  # [BN]
     if SPLIT:
         tl.store(part_ptr + (pid_s * M + m) * N + rn, y, mask=n_mask)
@@ -176,10 +269,14 @@ class W4A16Config:
     num_stages: int = 3
     group_m: int = 8
     split_k: int | None = None
+    unpack: str = "magic"  # gemv only: "magic" (fp32 magic number) | "bf16x2" (inline PTX, bf16 activations)
 
 
-# Starting points for an H100 (132 SMs, ~3 TB/s); the benchmark sweeps a few alternatives.
-GEMV_CONFIG = W4A16Config("gemv", bn=64, bk=128, num_warps=4, num_stages=2)
+# Starting points for an H100 (132 SMs, ~3 TB/s); the benchmark sweeps a few alternatives. The gemv default
+# unpacks with bf16x2 PTX (bf16 activations; fp16 takes "magic"): compiled offline for sm_90
+# (bench/compile_sm90.py) its hot loop has ~half the instructions of the magic-number path and no shared-memory
+# round trips or barriers (360 vs 689 per 8192 weights, 0 vs 26 BAR); kernels_gpu.py times both at M = 1.
+GEMV_CONFIG = W4A16Config("gemv", bn=64, bk=128, num_warps=4, num_stages=2, unpack="bf16x2")
 MMA_CONFIGS = (  # (max M, config): more, smaller tiles while M is small, so the grid fills 132 SMs
     (16, W4A16Config("mma", bm=16, bn=64, bk=128, num_warps=4, num_stages=4)),
     (32, W4A16Config("mma", bm=32, bn=64, bk=128, num_warps=4, num_stages=4)),
@@ -248,6 +345,8 @@ def w4a16_gemm(
     if m == 0:
         return out
     cfg = config or pick_config(m, n, k, sm_count(x2d.device))
+    if config is None and cfg.unpack == "bf16x2" and not (x2d.dtype == scale_t.dtype == torch.bfloat16):
+        cfg = replace(cfg, unpack="magic")  # bf16x2 rounds weights to bf16; fp16 activations need fp16(q * s)
     if cfg.split_k is None:
         cfg = replace(cfg, split_k=auto_split(cfg, m, n, k, sm_count(x2d.device)))
     per, split = _split_ranges(k, cfg.bk, cfg.split_k)
@@ -257,10 +356,15 @@ def w4a16_gemm(
     nat = native_default(native)
     common = {"GROUP": group_size, "HAS_BIAS": has_bias, "SPLIT": split > 1, "NATIVE": nat,
               "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}  # fmt: skip
+    if cfg.unpack not in ("magic", "bf16x2") or (cfg.unpack == "bf16x2" and cfg.path != "gemv"):
+        raise ValueError(f"w4a16_gemm: unpack {cfg.unpack!r} (expected 'magic', or 'bf16x2' on the gemv path)")
+    if cfg.unpack == "bf16x2" and not (x2d.dtype == scale_t.dtype == torch.bfloat16):
+        raise ValueError(f"w4a16_gemm: unpack 'bf16x2' needs bf16 activations and scales, got "
+                         f"{x2d.dtype} / {scale_t.dtype}")  # fmt: skip
     if cfg.path == "gemv":
         grid = (triton.cdiv(n, cfg.bn), split, m)
         _w4a16_gemv_kernel[grid](x2d, qweight_t, scale_t, b, out, part, m, n, k, x2d.stride(0), per // 8,
-                                 BN=cfg.bn, BKW=cfg.bk // 8, **common)  # fmt: skip
+                                 BN=cfg.bn, BKW=cfg.bk // 8, BF16X2=cfg.unpack == "bf16x2", **common)  # fmt: skip
     elif cfg.path == "mma":
         grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), split)
         _w4a16_mma_kernel[grid](x2d, qweight_t, scale_t, b, out, part, m, n, k, x2d.stride(0), per,

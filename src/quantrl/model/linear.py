@@ -208,8 +208,7 @@ class Fp8Linear(QLinear):
         """First CUDA call: run both paths, keep the fast one only if it agrees with the reference."""
         ref = self.reference_forward(x2d)
         try:
-            fast = self._fast_forward(x2d)
-            err = float((fast.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+            err = _rel_err(self._fast_forward(x2d), ref)
             ok = err <= SCALED_MM_PROBE_RTOL
             why = f"relative error {err:.2e} against the reference"
         except (RuntimeError, ValueError, NotImplementedError) as e:  # no blockwise cuBLAS, unsupported M, ...
@@ -340,12 +339,15 @@ class W4A16Linear(QLinear):
         return w4a16_linear(x, q, s, self.bias, group_size=self.group_size, backend="triton")
 
     def _probe(self, x: torch.Tensor) -> torch.Tensor:
-        """First kernel call: keep the kernel only if it agrees with the reference on these activations."""
+        """First kernel call: keep the kernel only if it agrees with the reference on these activations, and
+        on their first row alone: one row takes the gemv path, more rows the mma path (the first call is
+        usually a prefill, the calls after it decode steps), so both paths are checked before either runs."""
         ref = self.reference_forward(x)
         try:
-            got = self._kernel_forward(x)
+            x1 = x.reshape(-1, x.shape[-1])[:1]
             with torch.no_grad():
-                err = float((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+                err = max(_rel_err(self._kernel_forward(x), ref),
+                          _rel_err(self._kernel_forward(x1), self.reference_forward(x1)))
             ok, why = err <= self.PROBE_RTOL, f"relative error {err:.2e} against the reference"
         except (RuntimeError, ValueError, NotImplementedError) as e:  # a Triton compile / launch failure
             ok, why = False, str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -369,6 +371,10 @@ class W4A16Linear(QLinear):
         if _capturing(x):  # never probe (host sync) inside a CUDA graph
             return self.reference_forward(x)
         return self._probe(x)
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
 def make_linear(name: str, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
