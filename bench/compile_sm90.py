@@ -28,7 +28,7 @@ import sys
 import tempfile
 import traceback
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -113,15 +113,16 @@ def _cases() -> list[Case]:
     for unpack in ("magic", "bf16x2"):
         for g in (128, 32):
             for split in (1, 8):
-                cfg = W4A16Config("gemv", GEMV_CONFIG.bn, GEMV_CONFIG.bk, num_warps=GEMV_CONFIG.num_warps,
-                                  num_stages=GEMV_CONFIG.num_stages, split_k=split, unpack=unpack)  # fmt: skip
+                cfg = replace(GEMV_CONFIG, split_k=split, unpack=unpack)
                 cases.append(Case(f"w4a16 gemv {unpack} G={g} split={split}", w4(1, cfg, g, bias=split == 1)))
     cases.append(Case("w4a16 gemv fp16", w4(1, W4A16Config("gemv", 64, 128, split_k=1), 64, torch.float16)))
     for limit, cfg in MMA_CONFIGS:
         m = min(limit, 4096)
         for g in (128, 32):
-            cases.append(Case(f"w4a16 mma bm={cfg.bm} bn={cfg.bn} bk={cfg.bk} G={g}", w4(m, replace_split(cfg, 1), g)))
-    cases.append(Case("w4a16 mma split-K + reduce", w4(16, replace_split(MMA_CONFIGS[0][1], 4), 128, bias=True)))
+            for unpack in ("magic", "bf16x2"):
+                c = replace(cfg, split_k=1, unpack=unpack)
+                cases.append(Case(f"w4a16 mma {unpack} bm={cfg.bm} bn={cfg.bn} bk={cfg.bk} G={g}", w4(m, c, g)))
+    cases.append(Case("w4a16 mma split-K + reduce", w4(16, replace(MMA_CONFIGS[0][1], split_k=4), 128, bias=True)))
 
     x = torch.empty(256, k, dtype=bf)
     w = torch.empty(n, k, dtype=bf)
@@ -156,12 +157,6 @@ def _cases() -> list[Case]:
                               lambda xq=xq, xs=xs, wq=wq, ws=ws, bias=bias, b=b_scale: block_gemm.fp8_block_gemm_triton(
                                   xq, xs, wq, ws, bias, native=True, b_scale=b)))  # fmt: skip
     return cases
-
-
-def replace_split(cfg, split: int):
-    from dataclasses import replace
-
-    return replace(cfg, split_k=split)
 
 
 def _jit_functions() -> list:

@@ -352,7 +352,7 @@ def bench_shape(name: str, n: int, k: int, ms_w: list[int], ms_f: list[int], dev
     import torch.nn.functional as F
 
     from quantrl import kernels
-    from quantrl.kernels.w4a16 import GEMV_MAX_M, pick_config, sm_count, w4a16_gemm
+    from quantrl.kernels.w4a16 import pick_config, sm_count, w4a16_gemm
 
     rows = []
     wt = make_weights(n, k, device, 1)
@@ -378,12 +378,12 @@ def bench_shape(name: str, n: int, k: int, ms_w: list[int], ms_f: list[int], dev
             ours = {**base, "kernel": "w4a16", "method": "quantrl", "time_s": t, "bytes": w4a16_bytes(m, n, k),
                     "x_bf16": t_bf / t}  # fmt: skip
             rows.append(ours)
-            if m <= GEMV_MAX_M:  # the gemv's other unpacking, same tiles: the bf16x2 PTX vs the fp32 magic number
-                cfg = replace(pick_config(m, n, k, sm_count(device)), unpack="magic")
-                t_mg = timer([lambda qt=qt, st=st, x=x: w4a16_gemm(x, qt, st, GROUP, None, cfg) for qt, st in i4_w])
-                rows.append({**base, "kernel": "w4a16", "method": "quantrl magic unpack", "time_s": t_mg,
-                             "bytes": w4a16_bytes(m, n, k), "x_bf16": t_bf / t_mg, "config": repr(cfg)})  # fmt: skip
-                ours["x_magic_unpack"] = t_mg / t
+            # the other unpacking on the same tiles: the bf16x2 PTX (default) against the fp32 magic number
+            cfg = replace(pick_config(m, n, k, sm_count(device)), unpack="magic")
+            t_mg = timer([lambda qt=qt, st=st, x=x: w4a16_gemm(x, qt, st, GROUP, None, cfg) for qt, st in i4_w])
+            rows.append({**base, "kernel": "w4a16", "method": "quantrl magic unpack", "time_s": t_mg,
+                         "bytes": w4a16_bytes(m, n, k), "x_bf16": t_bf / t_mg, "config": repr(cfg)})  # fmt: skip
+            ours["x_magic_unpack"] = t_mg / t
             if tg_w:
                 try:
                     t_tg = timer([lambda p=p, sz=sz, x=x: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz)

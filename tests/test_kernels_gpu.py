@@ -8,6 +8,8 @@ term of an fp64 reference on the exact dequantized operands (``gemm_ulps``), and
 CUDA graphs, and the Triton FP8 GEMM agrees with ``torch._scaled_mm``.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -107,12 +109,25 @@ def test_w4a16_both_paths_at_small_m(m):
     n, k, g = 4096, 4096, 128
     qt, st, w = _int4_weight(n, k, g, 5)
     x = rand((m, k), torch.bfloat16, 6) / 4
-    for cfg in (W4A16Config("gemv", bn=64, bk=128), W4A16Config("gemv", bn=128, bk=64, split_k=1),
-                W4A16Config("mma", bm=16, bn=64, bk=128), W4A16Config("mma", bm=16, bn=128, bk=64, split_k=4)):  # fmt: skip
+    configs = [W4A16Config("gemv", bn=64, bk=128), W4A16Config("gemv", bn=128, bk=64, split_k=1),
+               W4A16Config("mma", bm=16, bn=64, bk=128), W4A16Config("mma", bm=16, bn=128, bk=64, split_k=4)]  # fmt: skip
+    for cfg in configs + [replace(c, unpack=u) for c in configs for u in ("magic", "bf16x2")]:
         y = w4a16_gemm(x, qt, st, g, None, cfg)
         assert gemm_ulps(y, x, w) <= 2.0, cfg
         y2 = w4a16_gemm(x, qt, st, g, None, cfg)
         assert torch.equal(y, y2), f"split-K must be deterministic: {cfg}"
+
+
+@pytest.mark.parametrize("path", ["gemv", "mma"])
+@pytest.mark.parametrize("unpack", ["magic", "bf16x2"])
+def test_w4a16_unpackings_give_the_formats_weights_bitwise(path, unpack):
+    """x = identity rows reads every dequantized weight out in place: the PTX unpacking (and the joins that
+    rebuild the K-major tile) must give formats' bf16 weights bit for bit, not merely close ones."""
+    n, k, g = 1000, 512, 32
+    qt, st, w = _int4_weight(n, k, g, 11)
+    eye = torch.eye(k, dtype=torch.bfloat16, device="cuda")
+    cfg = W4A16Config(path, bn=64, bk=128, bm=64, split_k=1, unpack=unpack)
+    assert torch.equal(w4a16_gemm(eye, qt, st, g, None, cfg).float(), w.T.float())
 
 
 def test_w4a16_fp16_activations():

@@ -285,6 +285,8 @@ CONFIGS = {
     "mma64": W4A16Config("mma", bm=64, bn=64, bk=32, split_k=1),
     "gemv-bf16x2": W4A16Config("gemv", bn=32, bk=64, split_k=1, unpack="bf16x2"),
     "gemv-bf16x2-split3": W4A16Config("gemv", bn=64, bk=128, split_k=3, unpack="bf16x2"),
+    "mma16-bf16x2-split2": W4A16Config("mma", bm=16, bn=32, bk=64, split_k=2, unpack="bf16x2"),
+    "mma64-bf16x2": W4A16Config("mma", bm=64, bn=64, bk=128, split_k=1, unpack="bf16x2"),
 }
 
 
@@ -292,7 +294,8 @@ CONFIGS = {
     "m,g,config",
     [(1, 128, "auto"), (1, 32, "gemv-split3"), (3, 64, "gemv-split3"), (3, 32, "auto"), (3, 128, "mma16"),
      (17, 64, "mma16-split2"), (17, 32, "auto"), (64, 128, "mma64"), (64, 32, "auto"), (1, 128, "gemv-bf16x2"),
-     (1, 32, "gemv-bf16x2"), (2, 64, "gemv-bf16x2-split3"), (3, 128, "gemv-bf16x2-split3")],
+     (1, 32, "gemv-bf16x2"), (2, 64, "gemv-bf16x2-split3"), (3, 128, "gemv-bf16x2-split3"),
+     (5, 32, "mma16-bf16x2-split2"), (17, 128, "mma16-bf16x2-split2"), (64, 64, "mma64-bf16x2")],
 )  # fmt: skip
 def test_w4a16_gemm_matches_reference(m, g, config, gen):
     n, k = 200, 384  # N not a multiple of any tile; K = 3 x 128
@@ -305,14 +308,14 @@ def test_w4a16_gemm_matches_reference(m, g, config, gen):
     assert rel_error(y, x.cpu().float() @ w.T + bias.float()) < 3e-3  # bf16 output rounding: ~1.7e-3
 
 
-@pytest.mark.parametrize("config", ["auto", "gemv-split3", "mma16-split2", "gemv-bf16x2"])
+@pytest.mark.parametrize("config", ["auto", "gemv-split3", "mma16-split2", "gemv-bf16x2", "mma16-bf16x2-split2"])
 def test_w4a16_gemm_ragged_k_and_fp16(config, gen):
     n, k, g = 72, 320, 64  # K = 2.5 x 128: the last K tile is partial
     for act in (torch.bfloat16, torch.float16):
         qt, st, w = _int4_weight(n, k, g, 7, gen, act)
-        m = 1 if config != "mma16-split2" else 5
+        m = 5 if config.startswith("mma") else 1
         x = rand((m, k), act, gen) / 4
-        if config == "gemv-bf16x2" and act == torch.float16:  # its weights are bf16(q * s), not fp16(q * s)
+        if "bf16x2" in config and act == torch.float16:  # its weights are bf16(q * s), not fp16(q * s)
             with pytest.raises(ValueError, match="bf16 activations"):
                 w4a16_gemm(x, qt, st, g, None, CONFIGS[config])
             continue
@@ -320,22 +323,23 @@ def test_w4a16_gemm_ragged_k_and_fp16(config, gen):
         assert y.dtype == act and gemm_ulps(y, x, w) <= 1.0
 
 
+@pytest.mark.parametrize("path", ["gemv", "mma"])
 @pytest.mark.parametrize("unpack", ["magic", "bf16x2"])
 @pytest.mark.parametrize("g", [32, 128])
-def test_w4a16_gemv_unpacks_the_formats_weights_exactly(unpack, g, gen):
-    """Rows of the identity as x read out every dequantized weight: both unpackings give formats' bits."""
+def test_w4a16_unpacks_the_formats_weights_exactly(path, unpack, g, gen):
+    """Rows of the identity as x read out every dequantized weight, in place: each path and unpacking gives
+    formats' bits (a K-order slip in the bf16x2 tile's joins would permute rows here)."""
     n, k = 40, 128
     qt, st, w = _int4_weight(n, k, g, 8, gen)  # qmax 8: codes -8..7, every nibble value
     eye = torch.eye(k, dtype=torch.bfloat16, device=DEV)
-    y = w4a16_gemm(eye, qt, st, g, None, W4A16Config("gemv", bn=32, bk=64, split_k=1, unpack=unpack))
+    cfg = W4A16Config(path, bn=32, bk=64, bm=64, split_k=1, unpack=unpack)
+    y = w4a16_gemm(eye, qt, st, g, None, cfg)
     assert torch.equal(y.cpu().float(), w.T)
 
 
 def test_w4a16_unpack_option_is_checked(gen):
     qt, st, _ = _int4_weight(32, 128, 32, 7, gen)
     x = rand((20, 128), torch.bfloat16, gen)
-    with pytest.raises(ValueError, match="gemv path"):
-        w4a16_gemm(x, qt, st, 32, None, W4A16Config("mma", bm=16, bn=32, bk=64, unpack="bf16x2"))
     with pytest.raises(ValueError, match="unpack 'lut'"):
         w4a16_gemm(x, qt, st, 32, None, W4A16Config("gemv", bn=32, bk=64, unpack="lut"))
 

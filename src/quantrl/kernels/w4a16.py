@@ -6,20 +6,22 @@ weight is exactly the ``formats`` one, ``w[k, n] = dtype(fp32(q) * fp32(s))`` ro
 activation dtype, so the engine multiplies by the same weights QAT trained with; only the fp32
 accumulation order differs from the reference ``F.linear(x, dequantize_int(...))``.
 
-Unpacking. A ``[BK/8, BN]`` word tile becomes ``[BK/8, 8, BN]`` nibbles by shift-and-mask with the 8 shifts
+Unpacking ("magic", also the fp16 path). A ``[BK/8, BN]`` word tile becomes ``[BK/8, 8, BN]`` nibbles by shift-and-mask with the 8 shifts
 broadcast on the middle axis; ``(u | 0x4B000000)`` reinterpreted as fp32 is exactly ``2^23 + u``, so one
 subtraction gives ``q = u - 8`` as fp32 without an int-to-float conversion. Merging the two leading axes
 (``tl.reshape``) gives the K-major ``[BK, BN]`` tile (row k = 8 * word row + nibble).
 
-A second gemv unpacking (``W4A16Config.unpack="bf16x2"``, bf16 activations only) dequantizes two weights per
-instruction with inline PTX, because at M = 1 the magic-number path is ALU-bound on Hopper (~8 fp32 ops
-per weight; see NOTES.md). Per int32 word and shift s in 0..3: ``lop3`` with mask 0x000F000F and bias
+A second unpacking (``W4A16Config.unpack="bf16x2"``, the default for bf16 activations) dequantizes two
+weights per instruction with inline PTX, because the magic-number path is ALU-bound on Hopper (~8 fp32
+ops per weight; see NOTES.md). Per int32 word and shift s in 0..3: ``lop3`` with mask 0x000F000F and bias
 0x43004300 gives the bf16 pair (128 + nibble s, 128 + nibble s+4); one ``fma.rn.bf16x2`` by 1.0 and -136.0
 gives the codes q = nibble - 8 exactly; one ``fma.rn.bf16x2`` by the scale pair and -0.0 rounds q * s to
 bf16 once, which is ``formats``' weight (q * s is exact in fp32, so its nearest bf16 is the same number).
-The pair is then widened to two fp32 (shift / mask) for the fp32 FMA with x: ~4 ops per weight. Off the GPU
-(``NATIVE=False``) the same integer steps run as Triton ops, so the interpreter tests the tiling, order of
-the nibbles and the magic constants; only the PTX text itself needs the device.
+The gemv widens the pair to two fp32 (shift / mask) for its fp32 FMAs with x: ~4 ops per weight; the mma
+path keeps the bf16 halves and joins the 8 nibble tensors back into the K-major tile (``_k_major_tile``),
+2 ops per weight before the tensor cores. Off the GPU (``NATIVE=False``) the same integer steps run as
+Triton ops, so the interpreter tests the tiling, the order of the nibbles and the constants; the PTX is
+compiled by ptxas on CPU (``bench/compile_sm90.py``) and only its results need the device.
 
 Two paths, chosen by M (``pick_config``):
   gemv  M tiny (decode): no tensor cores. Program = (BN columns, one K slice, one row); it keeps a
@@ -82,24 +84,25 @@ def _bf16_pair(s):
     return b | (b << 16)
 
 
-# $0..$7: fp32 weights for nibbles 0..7 of word $8; $9: the scale as a bf16 pair. Pair s holds nibbles s
-# (low half) and s + 4 (high half), so outputs come in the order 0, 4, 1, 5, ... and are placed by index.
-_DEQUANT8_PTX = tl.constexpr("""
-{
-.reg .b32 one, m136, nz, t, v, q, p;
-mov.b32 one, 0x3F803F80;
-mov.b32 m136, 0xC308C308;
-mov.b32 nz, 0x80008000;
-""" + "".join(
-    f"""{"mov.b32 t, $8;" if i == 0 else f"shr.u32 t, $8, {4 * i};"}
-lop3.b32 v, t, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 q, v, one, m136;
-fma.rn.bf16x2 p, q, $9, nz;
-shl.b32 ${i}, p, 16;
-and.b32 ${i + 4}, p, 0xFFFF0000;
-"""
-    for i in range(4)
-) + "}")
+def _dequant8_ptx(out: str) -> str:
+    """PTX for one int32 word ($8) and its scale as a bf16 pair ($9) -> the 8 weights $0..$7 (nibbles 0..7),
+    as fp32 (``out="f32"``, for the gemv's fp32 FMAs) or bf16 (``"bf16"``, a tensor-core operand). Shift s
+    in 0..3 gives the pair (nibble s, nibble s + 4): the low and high halves of one bf16x2 word."""
+    body = ""
+    for i in range(4):
+        body += "mov.b32 t, $8;\n" if i == 0 else f"shr.u32 t, $8, {4 * i};\n"
+        body += "lop3.b32 v, t, 0x000F000F, 0x43004300, 0xEA;\n"  # (t & mask) | bias: bf16x2 (128 + nibble)
+        body += "fma.rn.bf16x2 q, v, one, m136;\nfma.rn.bf16x2 p, q, $9, nz;\n"  # q = nibble - 8; p = bf16(q*s)
+        if out == "f32":
+            body += f"shl.b32 ${i}, p, 16;\nand.b32 ${i + 4}, p, 0xFFFF0000;\n"
+        else:
+            body += f"mov.b32 {{${i}, ${i + 4}}}, p;\n"
+    consts = "mov.b32 one, 0x3F803F80;\nmov.b32 m136, 0xC308C308;\nmov.b32 nz, 0x80008000;\n"
+    return "{\n.reg .b32 one, m136, nz, t, v, q, p;\n" + consts + body + "}"
+
+
+_DEQUANT8_F32 = tl.constexpr(_dequant8_ptx("f32"))
+_DEQUANT8_BF16 = tl.constexpr(_dequant8_ptx("bf16"))
 
 
 @triton.jit
@@ -114,19 +117,25 @@ def _pair_half(v, HIGH: tl.constexpr):
 
 @triton.jit
 def _emulated_pair(words, s_pair, SHIFT: tl.constexpr, HIGH: tl.constexpr):
-    """The PTX of ``_DEQUANT8_PTX`` for one output, in integer Triton ops (interpreter / NATIVE=False)."""
+    """The PTX of ``_dequant8_ptx`` for one output, in integer Triton ops (interpreter / NATIVE=False)."""
     v = ((words >> SHIFT) & 0x000F000F) | 0x43004300
     q = _pair_half(v, HIGH) - 136.0  # exact: 128 + nibble - 136
     return round_bf16(q * _pair_half(s_pair, False), False)
 
 
 @triton.jit
-def _dequant8_bf16x2(words, s_pair, NATIVE: tl.constexpr):
-    """int32 words [R, C] + bf16 scale pairs (broadcastable) -> 8 fp32 tensors [R, C]: weights of nibbles 0..7."""
+def _dequant8_bf16x2(words, s_pair, NATIVE: tl.constexpr, BF16_OUT: tl.constexpr = False):
+    """int32 words [R, C] + bf16 scale pairs (broadcastable) -> 8 tensors [R, C], the weights of nibbles
+    0..7: fp32 (or bf16 with ``BF16_OUT``) on the GPU; fp32 holding the same values under NATIVE=False."""
     if NATIVE:
-        w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
-            _DEQUANT8_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words, s_pair], dtype=(tl.float32,) * 8,
-            is_pure=True, pack=1)  # fmt: skip
+        if BF16_OUT:
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _DEQUANT8_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, s_pair], dtype=(tl.bfloat16,) * 8,
+                is_pure=True, pack=1)  # fmt: skip
+        else:
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _DEQUANT8_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words, s_pair], dtype=(tl.float32,) * 8,
+                is_pure=True, pack=1)  # fmt: skip
     else:
         w0 = _emulated_pair(words, s_pair, 0, False)
         w1 = _emulated_pair(words, s_pair, 4, False)
@@ -137,6 +146,18 @@ def _dequant8_bf16x2(words, s_pair, NATIVE: tl.constexpr):
         w6 = _emulated_pair(words, s_pair, 8, True)
         w7 = _emulated_pair(words, s_pair, 12, True)
     return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.jit
+def _k_major_tile(words, s_pair, NATIVE: tl.constexpr):
+    """int32 words [BKW, BN] -> the dequantized K-major tile [8 * BKW, BN] (row 8w + j = nibble j of word
+    row w), bf16 on the GPU. Nested joins put the 8 nibbles on a trailing [2, 2, 2] axis whose flat index is
+    j: the innermost join pairs (j, j + 4), the halves of one bf16x2 word, so it costs no data movement."""
+    w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_bf16x2(words, s_pair, NATIVE, True)
+    # F[..., a, b, c] = w_{4a + 2b + c}: the last join picks c, the middle b, the first a
+    f = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
+    t = tl.permute(tl.reshape(f, (words.shape[0], words.shape[1], 8)), (0, 2, 1))  # [BKW, 8, BN]
+    return tl.reshape(t, (words.shape[0] * 8, words.shape[1]))
 
 
 @triton.jit
@@ -209,7 +230,7 @@ def _w4a16_mma_kernel(
     x_ptr, qt_ptr, st_ptr, bias_ptr, out_ptr, part_ptr,
     M, N, K, stride_xm, k_per_split,
     GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr, BF16X2: tl.constexpr,
 ):  # fmt: skip
     pid_s = tl.program_id(1)
     pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
@@ -228,8 +249,12 @@ def _w4a16_mma_kernel(
                     other=0.0)  # fmt: skip
         mask2d = (rkw < k_hi // 8)[:, None] & n_mask[None, :]
         words = tl.load(qt_ptr + rkw[:, None] * N + rn[None, :], mask=mask2d, other=0)
-        sf = _load_scales(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK, NATIVE)
-        w = tl.reshape(_round_to(_nibbles(words) * sf, dt, NATIVE), (BK, BN))
+        if BF16X2:
+            w = _k_major_tile(words, _bf16_pair(_load_scale_tile(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK)),
+                              NATIVE)  # fmt: skip
+        else:
+            sf = _load_scales(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK, NATIVE)
+            w = tl.reshape(_round_to(_nibbles(words) * sf, dt, NATIVE), (BK, BN))
         if NATIVE:
             acc = tl.dot(a, w, acc)
         else:  # interpreter: fp32 operands holding the same bf16/fp16 values (its bf16 dot is broken)
@@ -269,20 +294,23 @@ class W4A16Config:
     num_stages: int = 3
     group_m: int = 8
     split_k: int | None = None
-    unpack: str = "magic"  # gemv only: "magic" (fp32 magic number) | "bf16x2" (inline PTX, bf16 activations)
+    unpack: str = "magic"  # "magic" (fp32 magic number) | "bf16x2" (inline PTX; bf16 activations only)
 
 
-# Starting points for an H100 (132 SMs, ~3 TB/s); the benchmark sweeps a few alternatives. The gemv default
-# unpacks with bf16x2 PTX (bf16 activations; fp16 takes "magic"): compiled offline for sm_90
-# (bench/compile_sm90.py) its hot loop has ~half the instructions of the magic-number path and no shared-memory
-# round trips or barriers (360 vs 689 per 8192 weights, 0 vs 26 BAR); kernels_gpu.py times both at M = 1.
-GEMV_CONFIG = W4A16Config("gemv", bn=64, bk=128, num_warps=4, num_stages=2, unpack="bf16x2")
+# Starting points for an H100 (132 SMs, ~3 TB/s); the benchmark sweeps a few alternatives. Every default
+# unpacks with the bf16x2 PTX (bf16 activations; fp16 falls back to "magic"): compiled offline for sm_90 with
+# Triton 3.6 (bench/compile_sm90.py), the hot loop has about half the instructions of the magic-number path
+# (gemv 360 vs 795 per 8192 weights, and no shared-memory round trips or barriers against 81 and 13; mma
+# tiles 35-45% fewer). Dequantization is what bounds W4A16 on Hopper (NOTES.md), so fewer instructions per
+# weight is the speed; kernels_gpu.py times both unpackings at every M to confirm it on the device.
+_FAST = {"unpack": "bf16x2"}
+GEMV_CONFIG = W4A16Config("gemv", bn=64, bk=128, num_warps=4, num_stages=2, **_FAST)
 MMA_CONFIGS = (  # (max M, config): more, smaller tiles while M is small, so the grid fills 132 SMs
-    (16, W4A16Config("mma", bm=16, bn=64, bk=128, num_warps=4, num_stages=4)),
-    (32, W4A16Config("mma", bm=32, bn=64, bk=128, num_warps=4, num_stages=4)),
-    (64, W4A16Config("mma", bm=64, bn=64, bk=64, num_warps=4, num_stages=4)),
-    (256, W4A16Config("mma", bm=64, bn=128, bk=64, num_warps=4, num_stages=4)),
-    (1 << 62, W4A16Config("mma", bm=128, bn=128, bk=64, num_warps=8, num_stages=3)),
+    (16, W4A16Config("mma", bm=16, bn=64, bk=128, num_warps=4, num_stages=4, **_FAST)),
+    (32, W4A16Config("mma", bm=32, bn=64, bk=128, num_warps=4, num_stages=4, **_FAST)),
+    (64, W4A16Config("mma", bm=64, bn=64, bk=64, num_warps=4, num_stages=4, **_FAST)),
+    (256, W4A16Config("mma", bm=64, bn=128, bk=64, num_warps=4, num_stages=4, **_FAST)),
+    (1 << 62, W4A16Config("mma", bm=128, bn=128, bk=64, num_warps=8, num_stages=3, **_FAST)),
 )
 
 
@@ -356,8 +384,8 @@ def w4a16_gemm(
     nat = native_default(native)
     common = {"GROUP": group_size, "HAS_BIAS": has_bias, "SPLIT": split > 1, "NATIVE": nat,
               "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}  # fmt: skip
-    if cfg.unpack not in ("magic", "bf16x2") or (cfg.unpack == "bf16x2" and cfg.path != "gemv"):
-        raise ValueError(f"w4a16_gemm: unpack {cfg.unpack!r} (expected 'magic', or 'bf16x2' on the gemv path)")
+    if cfg.unpack not in ("magic", "bf16x2"):
+        raise ValueError(f"w4a16_gemm: unpack {cfg.unpack!r} (expected 'magic' or 'bf16x2')")
     if cfg.unpack == "bf16x2" and not (x2d.dtype == scale_t.dtype == torch.bfloat16):
         raise ValueError(f"w4a16_gemm: unpack 'bf16x2' needs bf16 activations and scales, got "
                          f"{x2d.dtype} / {scale_t.dtype}")  # fmt: skip
@@ -368,7 +396,8 @@ def w4a16_gemm(
     elif cfg.path == "mma":
         grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), split)
         _w4a16_mma_kernel[grid](x2d, qweight_t, scale_t, b, out, part, m, n, k, x2d.stride(0), per,
-                                BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m, **common)  # fmt: skip
+                                BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m, BF16X2=cfg.unpack == "bf16x2",
+                                **common)  # fmt: skip
     else:
         raise ValueError(f"w4a16_gemm: unknown path {cfg.path!r} (expected 'gemv' or 'mma')")
     if split > 1:
