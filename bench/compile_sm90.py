@@ -222,7 +222,7 @@ def compile_all(cases: list[Case]) -> tuple[list[dict], list[str]]:
     for case in cases:
         try:
             case.run()
-        except Exception as e:  # a compile error: name the case, keep going
+        except Exception as e:  # noqa: BLE001 - any compile error: name the case, keep going
             tb = traceback.format_exception_only(type(e), e)
             failures.append(f"{case.name}: {''.join(tb).strip()[-1500:]}")
             continue

@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from _common import write_results
 
 CHILD = r"""

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _common import best_of, write_results
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-from _common import best_of, write_results
 from quantrl.formats import pack_int4, quantize_fp8, quantize_int4
 from quantrl.formats.fp8 import FP8_MAX
 

@@ -380,7 +380,7 @@ def bench_shape(name: str, n: int, k: int, ms_w: list[int], ms_f: list[int], dev
             rows.append(ours)
             # the other unpacking on the same tiles: the bf16x2 PTX (default) against the fp32 magic number
             cfg = replace(pick_config(m, n, k, sm_count(device)), unpack="magic")
-            t_mg = timer([lambda qt=qt, st=st, x=x: w4a16_gemm(x, qt, st, GROUP, None, cfg) for qt, st in i4_w])
+            t_mg = timer([lambda qt=qt, st=st, x=x, c=cfg: w4a16_gemm(x, qt, st, GROUP, None, c) for qt, st in i4_w])
             rows.append({**base, "kernel": "w4a16", "method": "quantrl magic unpack", "time_s": t_mg,
                          "bytes": w4a16_bytes(m, n, k), "x_bf16": t_bf / t_mg, "config": repr(cfg)})  # fmt: skip
             ours["x_magic_unpack"] = t_mg / t

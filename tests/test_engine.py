@@ -206,8 +206,9 @@ def test_quantized_engine_update(kind):
 
 
 def test_generate_command(tmp_path, capsys):
-    from quantrl.cli import main
     from _tiny_models import bpe_tokenizer
+
+    from quantrl.cli import main
 
     tok = bpe_tokenizer(["the quick brown fox jumps over the lazy dog"] * 4, vocab_size=300)
     save_model(qwen3_config(vocab_size=len(tok)), tmp_path)

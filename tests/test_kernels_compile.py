@@ -24,7 +24,7 @@ def test_every_kernel_compiles_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])
     env["TRITON_CACHE_DIR"] = str(ROOT / ".pytest_cache" / "triton-sm90")  # not the user's ~/.triton
-    proc = subprocess.run([sys.executable, "bench/compile_sm90.py", "--no-write"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "bench/compile_sm90.py", "--no-write"], cwd=ROOT, env=env, check=False,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from quantrl.formats import dequantize_int4, fake_quantize_int4, pack_int4, unpack_int4
 from quantrl.train.qat import QATConfig, QATLinear, prepare_qat, qat_modules
@@ -76,7 +76,7 @@ def test_straight_through_gradient_reaches_master(model):
 def test_fake_quant_computed_once_per_optimizer_step(model, monkeypatch):
     prepare_qat(model, QATConfig(group_size=32))
     calls = []
-    import quantrl.train.qat as qat
+    from quantrl.train import qat
 
     real = qat.fake_quantize_int4
     count = qat.fake_quantize

@@ -90,7 +90,11 @@ def packed_tensors(name: str, q: torch.Tensor, s: torch.Tensor, num_bits: int) -
 
 
 def _calibration_batches(model_dir: str | Path, opts: IntConvertOptions) -> list[torch.Tensor]:
-    from quantrl.checkpoint.calibration import build_calibration_batches, default_calibration_texts, load_calibration_texts
+    from quantrl.checkpoint.calibration import (
+        build_calibration_batches,
+        default_calibration_texts,
+        load_calibration_texts,
+    )
 
     if not opts.data_dir:
         raise CheckpointError(

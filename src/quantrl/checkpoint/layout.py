@@ -19,7 +19,7 @@ QUANTIZED_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".weight_packed", ".
 
 
 def module_of(weight_name: str) -> str:
-    return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
+    return weight_name.removesuffix(".weight")
 
 
 def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:

@@ -8,7 +8,8 @@ floating point, and the forward must equal what the rollout engine dequantizes, 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -137,7 +137,7 @@ def _task(cfg: RLConfig, tok):
     from quantrl.tasks.arithmetic import make_split
 
     train, held = make_split(cfg.num_prompts, cfg.eval_size, cfg.seed + 1, cfg.difficulty)
-    to_prompt = lambda i, p: Prompt(text=p.prompt, label=p.answer, index=i)  # noqa: E731
+    to_prompt = lambda i, p: Prompt(text=p.prompt, label=p.answer, index=i)
     return PromptDataset([to_prompt(i, p) for i, p in enumerate(train)], seed=cfg.seed), [to_prompt(i, p) for i, p in enumerate(held)], reward
 
 
