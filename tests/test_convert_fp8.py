@@ -107,6 +107,7 @@ def test_kept_tensors_are_byte_identical(conv):
 
 
 def test_config(conv):
+    pytest.importorskip("compressed_tensors")
     from compressed_tensors.quantization import QuantizationConfig
 
     config = json.loads((conv.out / "config.json").read_text())

@@ -5,7 +5,6 @@ in-process sync of the same trainer puts it, with ``check_equal=True`` passing; 
 rejects, and a conversion the trainer cannot do, must raise on both ranks and leave the engine as it was.
 """
 
-import socket
 from datetime import timedelta
 
 import pytest
@@ -21,12 +20,6 @@ from quantrl.train.qat import QATConfig, prepare_qat
 
 BF16 = torch.bfloat16
 SCHEME = QuantScheme.int4(128)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _qat_trainer():
@@ -73,15 +66,16 @@ def _engine_rank() -> None:
     assert engine.weight_version == 3 and unchanged(engine, before)
 
 
-def _worker(rank: int, world: int, port: int) -> None:
+def _worker(rank: int, world: int, store_file: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))  # fmt: skip
+    # a file rendezvous, not a TCP port: a port picked free here can be taken before the workers bind it
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))  # fmt: skip
     try:
         (_trainer_rank if rank == 0 else _engine_rank)()
     finally:
         dist.destroy_process_group()
 
 
-def test_gloo_broadcast_sync_equals_in_process_sync():
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+def test_gloo_broadcast_sync_equals_in_process_sync(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
