@@ -8,8 +8,9 @@ pipeline (Python -> TTIR -> TTGIR -> LLVM -> PTX -> ptxas -> cubin) runs on any 
 ``triton.runtime.driver`` answers "cuda, sm_90". This script installs such a stand-in driver (compile: yes,
 launch: no-op), calls the real launchers (``w4a16_gemm``, the quantizers, the block GEMM) with CPU tensors
 for every specialization the GPU paths use, and reports per compiled kernel: registers, spilled bytes,
-shared memory, and the instruction mix of the hot loop (the longest backward branch in the SASS), with the
-tensor-core instruction used (HGMMA = wgmma, HMMA = mma.sync, QGMMA = fp8 wgmma).
+shared memory, and the instruction mix of the hot loop (the longest backward branch in the SASS) with its
+ALU issue-cycle estimate per warp (``alu~``: max(2 x INT-pipe ops, FMA-pipe ops)), and the tensor-core
+instruction used (HGMMA = wgmma, HMMA = mma.sync, QGMMA = fp8 wgmma).
 
 Caveat: this is the local Triton (``triton.__version__`` is in the JSON), not necessarily the device's
 (3.6 there); the SASS is indicative, the compile errors are real.
@@ -41,6 +42,11 @@ from triton.runtime.driver import driver
 
 ARCH = 90
 TENSOR_CORE_OPS = ("HGMMA", "QGMMA", "HMMA", "IMMA")
+# Hopper's per-partition pipes: 16 INT32 lanes (logic, shifts, byte permutes, compares, address adds) against
+# 32 on the FMA pipe (fp32/packed-half math, and IMAD, which ptxas uses for moves and left shifts to balance
+# them). A warp's INT op therefore takes 2 issue cycles, so an ALU-bound loop costs ~max(2 INT, FMA) cycles.
+INT_PIPE = {"LOP3", "SHF", "PRMT", "IADD3", "LEA", "ISETP", "SEL", "SGXT", "BMSK", "VIADD", "IMNMX", "VIMNMX", "IABS"}
+FMA_PIPE = {"FFMA", "FMUL", "FADD", "HFMA2", "HMUL2", "HADD2", "IMAD", "FSEL", "FSETP", "F2FP", "MOV", "CS2R"}
 
 
 class _NoLaunch:
@@ -205,10 +211,13 @@ def analyze_cubin(cubin: bytes) -> dict:
     lo, hi = max(loops, key=lambda r: r[1] - r[0]) if loops else (0, -1)
     body = [(op, mods) for a, op, mods in instrs if lo <= a <= hi]
     mix = Counter(op for op, _ in body)
+    int_ops = sum(v for op, v in mix.items() if op in INT_PIPE)
+    fma_ops = sum(v for op, v in mix.items() if op in FMA_PIPE)
     return {
         "regs": int(usage.get("REG", 0)), "spill_bytes": int(usage.get("LOCAL", 0)) + int(usage.get("STACK", 0)),
         "shared_static": int(usage.get("SHARED", 0)), "sass_instructions": len(instrs),
         "loop_instructions": len(body), "loop_mix": dict(mix.most_common(12)),
+        "loop_int_pipe": int_ops, "loop_fma_pipe": fma_ops, "loop_alu_cycles_per_warp": max(2 * int_ops, fma_ops),
         "loop_barriers": mix.get("BAR", 0), "loop_shared_ld_st": mix.get("LDS", 0) + mix.get("STS", 0),
         "tensor_core": sorted({op for _, op, _ in instrs if op in TENSOR_CORE_OPS}),
     }  # fmt: skip
@@ -241,11 +250,12 @@ def compile_all(cases: list[Case]) -> tuple[list[dict], list[str]]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'case':46} {'kernel':28} {'regs':>4} {'spill':>5} {'smem':>6} {'loop':>5} {'bar':>3} {'lds/sts':>7}  tc")
+    print(f"{'case':46} {'kernel':28} {'regs':>4} {'spill':>5} {'smem':>6} {'loop':>5} {'alu~':>5} {'bar':>3} "
+          f"{'lds/sts':>7}  tc")  # fmt: skip
     for r in rows:
         top = ", ".join(f"{k} {v}" for k, v in list(r["loop_mix"].items())[:6])
         print(f"{r['case'][:46]:46} {r['kernel'][:28]:28} {r['regs']:4d} {r['spill_bytes']:5d} {r['shared']:6d} "
-              f"{r['loop_instructions']:5d} {r['loop_barriers']:3d} {r['loop_shared_ld_st']:7d}  "
+              f"{r['loop_instructions']:5d} {r['loop_alu_cycles_per_warp']:5d} {r['loop_barriers']:3d} {r['loop_shared_ld_st']:7d}  "
               f"{'/'.join(r['tensor_core']) or '-'}   [{top}]")  # fmt: skip
 
 

@@ -337,6 +337,16 @@ def test_w4a16_unpacks_the_formats_weights_exactly(path, unpack, g, gen):
     assert torch.equal(y.cpu().float(), w.T)
 
 
+def test_w4a16_bf16x2_gemv_reads_misaligned_and_strided_x(gen):
+    """The bf16x2 gemv reads x as int32 pairs: a view starting at an odd element, or rows an odd number of
+    elements apart, must still give the right result (the launcher copies such x first)."""
+    qt, st, w = _int4_weight(32, 128, 32, 7, gen)
+    base = rand((3, 259), torch.bfloat16, gen)  # rows 259 apart; column 1 onward: an odd start
+    cfg = W4A16Config("gemv", bn=32, bk=64, split_k=1, unpack="bf16x2")
+    for x in (base[:, 1:129], base[:1, 3:131]):
+        assert gemm_ulps(w4a16_gemm(x, qt, st, 32, None, cfg), x, w) <= 1.0
+
+
 def test_w4a16_unpack_option_is_checked(gen):
     qt, st, _ = _int4_weight(32, 128, 32, 7, gen)
     x = rand((20, 128), torch.bfloat16, gen)

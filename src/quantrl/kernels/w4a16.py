@@ -161,12 +161,6 @@ def _k_major_tile(words, s_pair, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _x_col(xw, j: tl.constexpr, kw_mask, NATIVE: tl.constexpr):
-    """x[8 * word + j] for the tile's word rows, as an fp32 column [BKW, 1]."""
-    return widen(tl.load(xw + j, mask=kw_mask, other=0.0), NATIVE)[:, None]
-
-
-@triton.jit
 def _round_to(x, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
     """fp32 -> nearest DTYPE value, in DTYPE (NATIVE) or as fp32 (interpreter path)."""
     if NATIVE:
@@ -205,11 +199,15 @@ def _w4a16_gemv_kernel(
         if BF16X2:
             sp = _bf16_pair(_load_scale_tile(st_ptr, rkw, kw0 * 8, rn, mask2d, n_mask, N, GROUP, BKW * 8))
             w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_bf16x2(words, sp, NATIVE)  # each [BKW, BN]
-            xw = x_row + rkw * 8
-            acc += (_x_col(xw, 0, kw_mask, NATIVE) * w0 + _x_col(xw, 1, kw_mask, NATIVE) * w1
-                    + _x_col(xw, 2, kw_mask, NATIVE) * w2 + _x_col(xw, 3, kw_mask, NATIVE) * w3
-                    + _x_col(xw, 4, kw_mask, NATIVE) * w4 + _x_col(xw, 5, kw_mask, NATIVE) * w5
-                    + _x_col(xw, 6, kw_mask, NATIVE) * w6 + _x_col(xw, 7, kw_mask, NATIVE) * w7)  # fmt: skip
+            # x as int32 pairs of bf16 (4 loads per word row, not 8), widened exactly like the weights
+            xw = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + rkw * 4
+            x01 = tl.load(xw, mask=kw_mask, other=0)[:, None]
+            x23 = tl.load(xw + 1, mask=kw_mask, other=0)[:, None]
+            x45 = tl.load(xw + 2, mask=kw_mask, other=0)[:, None]
+            x67 = tl.load(xw + 3, mask=kw_mask, other=0)[:, None]
+            acc += (_pair_half(x01, False) * w0 + _pair_half(x01, True) * w1 + _pair_half(x23, False) * w2
+                    + _pair_half(x23, True) * w3 + _pair_half(x45, False) * w4 + _pair_half(x45, True) * w5
+                    + _pair_half(x67, False) * w6 + _pair_half(x67, True) * w7)  # fmt: skip
         else:
             sf = _load_scales(st_ptr, rkw, kw0 * 8, rn, mask2d, n_mask, N, GROUP, BKW * 8, NATIVE)
             xv = tl.load(x_row + rkw[:, None] * 8 + j[None, :], mask=kw_mask[:, None], other=0.0)
@@ -300,7 +298,7 @@ class W4A16Config:
 # Starting points for an H100 (132 SMs, ~3 TB/s); the benchmark sweeps a few alternatives. Every default
 # unpacks with the bf16x2 PTX (bf16 activations; fp16 falls back to "magic"): compiled offline for sm_90 with
 # Triton 3.6 (bench/compile_sm90.py), the hot loop has about half the instructions of the magic-number path
-# (gemv 360 vs 795 per 8192 weights, and no shared-memory round trips or barriers against 81 and 13; mma
+# (gemv 347 vs 795 per 8192 weights, and no shared-memory round trips or barriers against 81 and 13; mma
 # tiles 35-45% fewer). Dequantization is what bounds W4A16 on Hopper (NOTES.md), so fewer instructions per
 # weight is the speed; kernels_gpu.py times both unpackings at every M to confirm it on the device.
 _FAST = {"unpack": "bf16x2"}
@@ -390,6 +388,8 @@ def w4a16_gemm(
         raise ValueError(f"w4a16_gemm: unpack 'bf16x2' needs bf16 activations and scales, got "
                          f"{x2d.dtype} / {scale_t.dtype}")  # fmt: skip
     if cfg.path == "gemv":
+        if cfg.unpack == "bf16x2" and (x2d.data_ptr() % 4 or x2d.stride(0) % 2):
+            x2d = x2d.clone(memory_format=torch.contiguous_format)  # it reads x as int32 pairs: 4-byte aligned
         grid = (triton.cdiv(n, cfg.bn), split, m)
         _w4a16_gemv_kernel[grid](x2d, qweight_t, scale_t, b, out, part, m, n, k, x2d.stride(0), per // 8,
                                  BN=cfg.bn, BKW=cfg.bk // 8, BF16X2=cfg.unpack == "bf16x2", **common)  # fmt: skip
