@@ -170,7 +170,8 @@ def _jit_functions() -> list:
 
     out = []
     for mod in (w4a16, fp8_quant, int4_quant, block_gemm):
-        out += [v for v in vars(mod).values() if isinstance(v, triton.runtime.jit.JITFunction) and v.__name__.endswith("_kernel")]
+        out += [v for v in vars(mod).values()
+                if isinstance(v, triton.runtime.jit.JITFunction) and v.__name__.endswith("_kernel")]  # fmt: skip
     return out
 
 
@@ -203,8 +204,8 @@ def analyze_cubin(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        res, sass = (subprocess.run([_tool("cuobjdump"), flag, f.name], capture_output=True, text=True,
+                                    check=True).stdout for flag in ("-res-usage", "-sass"))  # fmt: skip
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
     instrs = [(int(a, 16), op, mods) for a, op, mods in _SASS_LINE.findall(sass)]
     loops = [(int(t, 16), int(a, 16)) for a, t in _BRANCH.findall(sass) if int(t, 16) < int(a, 16)]
@@ -255,7 +256,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         top = ", ".join(f"{k} {v}" for k, v in list(r["loop_mix"].items())[:6])
         print(f"{r['case'][:46]:46} {r['kernel'][:28]:28} {r['regs']:4d} {r['spill_bytes']:5d} {r['shared']:6d} "
-              f"{r['loop_instructions']:5d} {r['loop_alu_cycles_per_warp']:5d} {r['loop_barriers']:3d} {r['loop_shared_ld_st']:7d}  "
+              f"{r['loop_instructions']:5d} {r['loop_alu_cycles_per_warp']:5d} {r['loop_barriers']:3d} "
+              f"{r['loop_shared_ld_st']:7d}  "
               f"{'/'.join(r['tensor_core']) or '-'}   [{top}]")  # fmt: skip
 
 

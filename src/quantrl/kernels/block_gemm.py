@@ -9,8 +9,9 @@ as FP8 training's wgrad ``dy^T @ x`` has: ``b_scale="row"``); fp32 accumulate, o
 requested dtype), optional bias.
 
 Layout. One program = a BM x BN output tile; its b scales are loaded per column (``n // 128``, or ``n`` for
-row scales), so any BN works. The K loop steps exactly one scale block (BK = 128): each step is one fp8 ``tl.dot`` (K-major operands: b is read from the row-major weight as a
-[BK, BN] tile whose K axis is contiguous, which is what fp8 tensor cores want), whose fp32 result is
+row scales), so any BN works. The K loop steps exactly one scale block (BK = 128): each step is one fp8
+``tl.dot`` (K-major operands: b is read from the row-major weight as a [BK, BN] tile whose K axis is
+contiguous, which is what fp8 tensor cores want), whose fp32 result is
 scaled by the two scale vectors (rows by a's, columns by b's) and added to the accumulator. Promoting every
 128-long partial sum to fp32 is also what keeps the tensor cores' limited fp8 accumulation precision
 from growing with K (DeepSeek-V3's recipe). Ragged M, N and a ragged last K block are masked (masked
@@ -93,7 +94,8 @@ def fp8_block_gemm_triton(
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     has_bias = bias is not None
     _fp8_block_gemm_kernel[grid](xq, xs, wq, ws, bias if has_bias else out, out, m, n, k, xq.stride(0),
-                                 wq.stride(0), n_kb, *xs.stride(), *ws.stride(), BM=bm, BN=bn, BK=SCALE_BLOCK, GROUP_M=8, HAS_BIAS=has_bias,
-                                 B_ROWWISE=b_scale == "row", NATIVE=native_default(native), num_warps=warps,
+                                 wq.stride(0), n_kb, *xs.stride(), *ws.stride(), BM=bm, BN=bn, BK=SCALE_BLOCK,
+                                 GROUP_M=8, HAS_BIAS=has_bias, B_ROWWISE=b_scale == "row",
+                                 NATIVE=native_default(native), num_warps=warps,
                                  num_stages=stages)  # fmt: skip
     return out

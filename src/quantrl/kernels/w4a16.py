@@ -6,10 +6,11 @@ weight is exactly the ``formats`` one, ``w[k, n] = dtype(fp32(q) * fp32(s))`` ro
 activation dtype, so the engine multiplies by the same weights QAT trained with; only the fp32
 accumulation order differs from the reference ``F.linear(x, dequantize_int(...))``.
 
-Unpacking ("magic", also the fp16 path). A ``[BK/8, BN]`` word tile becomes ``[BK/8, 8, BN]`` nibbles by shift-and-mask with the 8 shifts
-broadcast on the middle axis; ``(u | 0x4B000000)`` reinterpreted as fp32 is exactly ``2^23 + u``, so one
-subtraction gives ``q = u - 8`` as fp32 without an int-to-float conversion. Merging the two leading axes
-(``tl.reshape``) gives the K-major ``[BK, BN]`` tile (row k = 8 * word row + nibble).
+Unpacking ("magic", also the fp16 path). A ``[BK/8, BN]`` word tile becomes ``[BK/8, 8, BN]`` nibbles by
+shift-and-mask with the 8 shifts broadcast on the middle axis; ``(u | 0x4B000000)`` reinterpreted as fp32
+is exactly ``2^23 + u``, so one subtraction gives ``q = u - 8`` as fp32 without an int-to-float
+conversion. Merging the two leading axes (``tl.reshape``) gives the K-major ``[BK, BN]`` tile (row k =
+8 * word row + nibble).
 
 A second unpacking (``W4A16Config.unpack="bf16x2"``, the default for bf16 activations) dequantizes two
 weights per instruction with inline PTX, because the magic-number path is ALU-bound on Hopper (~8 fp32
