@@ -419,7 +419,12 @@ def sweep_configs() -> list:
             W4A16Config("gemv", bn=64, bk=256, **b), W4A16Config("gemv", bn=128, bk=128, num_warps=8, **b),
             W4A16Config("gemv", bn=128, bk=256, num_warps=8, **b), W4A16Config("gemv", bn=64, bk=128, unpack="magic"),
             W4A16Config("mma", bm=16, bn=64, bk=128, **b), W4A16Config("mma", bm=16, bn=128, bk=128, **b),
-            W4A16Config("mma", bm=16, bn=128, bk=64, num_warps=8, **b), W4A16Config("mma", bm=16, bn=64, bk=128)]  # fmt: skip
+            W4A16Config("mma", bm=16, bn=128, bk=64, num_warps=8, **b), W4A16Config("mma", bm=16, bn=64, bk=128),
+            # M = 64 / 256: at BM = 64 dequantization costs about as much as the MMA (compile_sm90's estimate);
+            # BM = 128 halves it at M = 256 but leaves fewer programs to fill the SMs
+            W4A16Config("mma", bm=64, bn=128, bk=64, **b), W4A16Config("mma", bm=64, bn=64, bk=64, **b),
+            W4A16Config("mma", bm=128, bn=128, bk=64, num_warps=8, num_stages=3, **b),
+            W4A16Config("mma", bm=64, bn=128, bk=64)]  # fmt: skip
 
 
 def bench_sweep(device, timer: Timer, shapes: dict, ms: tuple[int, ...], configs: list, bw: float) -> list[dict]:
@@ -433,7 +438,7 @@ def bench_sweep(device, timer: Timer, shapes: dict, ms: tuple[int, ...], configs
         for m in ms:
             x = rand((m, k), torch.bfloat16, device, m, 0.5)
             default = pick_config(m, n, k, sm_count(device))
-            for cfg in configs:
+            for cfg in (c for c in configs if m <= 16 or c.bm > 16):  # larger M: the mma tiles that fit it
                 t = timer([lambda qt=qt, st=st, x=x, cfg=cfg: w4a16_gemm(x, qt, st, GROUP, None, cfg) for qt, st in ws])
                 rows.append({"shape": name, "m": m, "config": repr(cfg), "default": repr(default), "time_s": t,
                              "pct_bw": pct_bw(w4a16_bytes(m, n, k), t, bw)})  # fmt: skip
@@ -615,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="subset of shapes (default: all)")
     p.add_argument("--ms", type=int, nargs="+", help="subset of M (default: 1..256, +1024/4096 for FP8)")
     p.add_argument("--reps", type=int, default=7, help="graph replays per figure (median)")
-    p.add_argument("--sweep", action="store_true", help="also time alternative W4A16 configs at M=1/4/16")
+    p.add_argument("--sweep", action="store_true", help="also time alternative W4A16 configs at M=1/4/16/64/256")
     p.add_argument("--skip-checks", action="store_true", help="time without the correctness gate (debugging only)")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results/kernels_gpu.json")
     return p
@@ -678,7 +683,7 @@ def main() -> int:
         sweep = bench_sweep(device, timer, dict(list(TINY_SHAPES.items())[:1]), (1,), sweep_configs()[::4][:2],
                             roof["measured_copy_Bps"])  # fmt: skip
     elif args.sweep and cuda:
-        sweep = bench_sweep(device, timer, {s: SHAPES[s] for s in LARGEST}, (1, 4, 16), sweep_configs(),
+        sweep = bench_sweep(device, timer, {s: SHAPES[s] for s in LARGEST}, (1, 4, 16, 64, 256), sweep_configs(),
                             roof["measured_copy_Bps"])  # fmt: skip
     quant = bench_quant(device, timer, tiny)
     annotate(rows, roof["measured_copy_Bps"])
