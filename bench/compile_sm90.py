@@ -103,7 +103,7 @@ class Case:
 
 def _cases() -> list[Case]:
     from quantrl.kernels import block_gemm, fp8_quant, int4_quant
-    from quantrl.kernels.w4a16 import GEMV_CONFIG, MMA_CONFIGS, W4A16Config, w4a16_gemm
+    from quantrl.kernels.w4a16 import DEFAULT_UNPACK, GEMV_CONFIG, MMA_CONFIGS, W4A16Config, w4a16_gemm
 
     n, k = 1024, 1024  # multiples of 16: the pointer/int divisibility specializations real shapes get
     bf = torch.bfloat16
@@ -128,7 +128,8 @@ def _cases() -> list[Case]:
             for unpack in ("magic", "bf16x2"):
                 c = replace(cfg, split_k=1, unpack=unpack)
                 cases.append(Case(f"w4a16 mma {unpack} bm={cfg.bm} bn={cfg.bn} bk={cfg.bk} G={g}", w4(m, c, g)))
-    cases.append(Case("w4a16 mma split-K + reduce", w4(16, replace(MMA_CONFIGS[0][1], split_k=4), 128, bias=True)))
+    split_cfg = replace(MMA_CONFIGS[0][1], split_k=4, unpack=DEFAULT_UNPACK)
+    cases.append(Case("w4a16 mma split-K + reduce", w4(16, split_cfg, 128, bias=True)))
 
     x = torch.empty(256, k, dtype=bf)
     w = torch.empty(n, k, dtype=bf)

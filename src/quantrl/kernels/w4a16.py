@@ -297,19 +297,20 @@ class W4A16Config:
 
 
 # Starting points for an H100 (132 SMs, ~3 TB/s); the benchmark sweeps a few alternatives. Every default
-# unpacks with the bf16x2 PTX (bf16 activations; fp16 falls back to "magic"): compiled offline for sm_90 with
-# Triton 3.6 (bench/compile_sm90.py), the hot loop has about half the instructions of the magic-number path
-# (gemv 347 vs 795 per 8192 weights, and no shared-memory round trips or barriers against 81 and 13; mma
-# tiles 35-45% fewer). Dequantization is what bounds W4A16 on Hopper (NOTES.md), so fewer instructions per
-# weight is the speed; kernels_gpu.py times both unpackings at every M to confirm it on the device.
-_FAST = {"unpack": "bf16x2"}
-GEMV_CONFIG = W4A16Config("gemv", bn=64, bk=128, num_warps=4, num_stages=2, **_FAST)
+# unpacks with the bf16x2 PTX (``DEFAULT_UNPACK``; bf16 activations, fp16 falls back to "magic"): compiled
+# offline for sm_90 with Triton 3.6 (bench/compile_sm90.py), the hot loop has about half the instructions of
+# the magic-number path (gemv 347 vs 795 per 8192 weights, and no shared-memory round trips or barriers
+# against 81 and 13; mma tiles 35-45% fewer). Dequantization is what bounds W4A16 on Hopper (NOTES.md), so
+# fewer instructions per weight is the speed; kernels_gpu.py times both unpackings at every M to confirm it
+# on the device, and falls back to "magic" for its timings if bf16x2 fails its checks there.
+DEFAULT_UNPACK = "bf16x2"
+GEMV_CONFIG = W4A16Config("gemv", bn=64, bk=128, num_warps=4, num_stages=2)
 MMA_CONFIGS = (  # (max M, config): more, smaller tiles while M is small, so the grid fills 132 SMs
-    (16, W4A16Config("mma", bm=16, bn=64, bk=128, num_warps=4, num_stages=4, **_FAST)),
-    (32, W4A16Config("mma", bm=32, bn=64, bk=128, num_warps=4, num_stages=4, **_FAST)),
-    (64, W4A16Config("mma", bm=64, bn=64, bk=64, num_warps=4, num_stages=4, **_FAST)),
-    (256, W4A16Config("mma", bm=64, bn=128, bk=64, num_warps=4, num_stages=4, **_FAST)),
-    (1 << 62, W4A16Config("mma", bm=128, bn=128, bk=64, num_warps=8, num_stages=3, **_FAST)),
+    (16, W4A16Config("mma", bm=16, bn=64, bk=128, num_warps=4, num_stages=4)),
+    (32, W4A16Config("mma", bm=32, bn=64, bk=128, num_warps=4, num_stages=4)),
+    (64, W4A16Config("mma", bm=64, bn=64, bk=64, num_warps=4, num_stages=4)),
+    (256, W4A16Config("mma", bm=64, bn=128, bk=64, num_warps=4, num_stages=4)),
+    (1 << 62, W4A16Config("mma", bm=128, bn=128, bk=64, num_warps=8, num_stages=3)),
 )
 
 
@@ -340,9 +341,9 @@ def auto_split(cfg: W4A16Config, m: int, n: int, k: int, n_sm: int) -> int:
 
 
 def pick_config(m: int, n: int, k: int, n_sm: int) -> W4A16Config:
-    """Path and tiles by M (``GEMV_MAX_M``, ``MMA_CONFIGS``), then ``auto_split``."""
+    """Path and tiles by M (``GEMV_MAX_M``, ``MMA_CONFIGS``), ``DEFAULT_UNPACK``, then ``auto_split``."""
     cfg = GEMV_CONFIG if m <= GEMV_MAX_M else next(c for limit, c in MMA_CONFIGS if m <= limit)
-    return replace(cfg, split_k=auto_split(cfg, m, n, k, n_sm))
+    return replace(cfg, split_k=auto_split(cfg, m, n, k, n_sm), unpack=DEFAULT_UNPACK)
 
 
 def _split_ranges(k: int, bk: int, split: int) -> tuple[int, int]:
