@@ -86,11 +86,13 @@ def fp8_block_gemm_triton(
     if m == 0:
         return out
     bm, bn, warps, stages = tiles or pick_tiles(m)
-    # Per-row scales are read K-block-major ([n_kb, M] in memory; a column-major [M, n_kb] view), so that a
-    # K step's BM (BN) scales are contiguous from one scalar base: with [M, n_kb] row-major each thread
-    # kept a 64-bit pointer per row it holds, and the 128 x 128 row-scaled tile spilled on sm_90.
-    xs = xs.float().t().contiguous().t()
-    ws = ws.float().t().contiguous().t() if b_scale == "row" else ws.float().contiguous()
+    # Scales go in with their strides. Row-scaled operands (wgrad) are read K-block-major ([n_kb, rows] in
+    # memory), so a K step's scales are contiguous from one scalar base: row-major, each thread kept a
+    # 64-bit pointer per row it holds and the 128 x 128 tile spilled on sm_90. quantize_fp8_activation_2d
+    # (FP8 training's quantizer) writes them that way, so this is a copy only for other callers.
+    xs, ws = xs.float(), ws.float()
+    if b_scale == "row":
+        xs, ws = xs.t().contiguous().t(), ws.t().contiguous().t()
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     has_bias = bias is not None
     _fp8_block_gemm_kernel[grid](xq, xs, wq, ws, bias if has_bias else out, out, m, n, k, xq.stride(0),

@@ -85,11 +85,11 @@ def _fp8_act_quant_2d_kernel(
     s_col = fp8_scale(tl.max(a, axis=0), UE8M0)  # [G]: channel k's group pid_m along M
     q = to_e4m3_bits(tl.minimum(tl.maximum(div_rn(xf, s_row[:, None]), -448.0), 448.0), NATIVE)
     tl.store(q_ptr + rm[:, None] * K + rk[None, :], q, mask=mask)
-    tl.store(s_ptr + rm * n_kg + pid_k, s_row, mask=m_ok)
+    tl.store(s_ptr + pid_k * M + rm, s_row, mask=m_ok)  # scales column-major (see the launcher)
     qt = to_e4m3_bits(tl.minimum(tl.maximum(div_rn(xf, s_col[None, :]), -448.0), 448.0), NATIVE)
     # [K, M] output: transpose in registers so the store runs along M, its contiguous axis
     tl.store(qt_ptr + rk[:, None] * M + rm[None, :], tl.trans(qt), mask=k_ok[:, None] & m_ok[None, :])
-    tl.store(st_ptr + rk * n_mg + pid_m, s_col, mask=k_ok)
+    tl.store(st_ptr + pid_m * K + rk, s_col, mask=k_ok)
 
 
 def _pow2(v: int) -> bool:
@@ -172,9 +172,11 @@ def quantize_fp8_activation_2d_triton(
         x = x.contiguous()
     n_kg, n_mg = cdiv(k, group_size), cdiv(m, group_size)
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(m, n_kg, dtype=torch.float32, device=x.device)
+    # Scales column-major ([groups, rows] in memory, returned as [rows, groups] views): the layout the
+    # block GEMMs read row scales in (cuBLAS's scale_a, and the Triton GEMM without a pointer per row).
+    s = torch.empty(n_kg, m, dtype=torch.float32, device=x.device).t()
     qt = torch.empty(k, m, dtype=torch.float8_e4m3fn, device=x.device)
-    st = torch.empty(k, n_mg, dtype=torch.float32, device=x.device)
+    st = torch.empty(n_mg, k, dtype=torch.float32, device=x.device).t()
     if m and k:
         _fp8_act_quant_2d_kernel[(n_mg, n_kg)](x, q.view(torch.uint8), s, qt.view(torch.uint8), st, m, k,
                                                x.stride(0), n_kg, n_mg, GROUP=group_size,
