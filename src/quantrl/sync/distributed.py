@@ -32,6 +32,10 @@ from quantrl.sync.convert import SyncError, SyncTarget, check_compatible, check_
 from quantrl.sync.in_process import SyncStats, _device
 
 
+class EngineRejected(RuntimeError):
+    """The trainer sent a complete update, and an engine rank refused to load it (its own error says why)."""
+
+
 def comm_device(group=None) -> torch.device:
     """Where a backend's buffers live: the current CUDA device for NCCL, the CPU otherwise."""
     if dist.get_backend(group) == "nccl":
@@ -52,11 +56,12 @@ def _all_ok(ok: bool, group, device: torch.device) -> bool:
 
 
 def send_weights(trainer_model: nn.Module, target: SyncTarget, group=None, src: int = 0,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> SyncStats:  # fmt: skip
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, strict: bool = True) -> SyncStats:  # fmt: skip
     """Trainer side: convert to ``target`` (the engines' format) bucket by bucket and broadcast.
 
     Returns after every engine rank has loaded the update; raises ``SyncError`` if the conversion failed
-    (the engines are told and load nothing) and ``RuntimeError`` if an engine rank rejected the update.
+    (the engines are told and load nothing) and ``EngineRejected`` if an engine rank rejected the update.
+    ``strict=False`` skips ``check_compatible`` (as ``sync_weights`` does, for deliberate ablations).
     """
     if dist.get_rank() != src:
         raise ValueError(f"send_weights must run on the source rank {src}, this is rank {dist.get_rank()}")
@@ -72,7 +77,8 @@ def send_weights(trainer_model: nn.Module, target: SyncTarget, group=None, src: 
     error: BaseException | None = None
     sent = buckets = engine_bytes = 0
     try:
-        check_compatible(trainer_model, target)
+        if strict:
+            check_compatible(trainer_model, target)
         pending = iter_buckets(engine_tensors(counted(), target, modules=dict(trainer_model.named_modules())),
                                bucket_bytes)  # fmt: skip
     except SyncError as e:
@@ -97,7 +103,7 @@ def send_weights(trainer_model: nn.Module, target: SyncTarget, group=None, src: 
     if error is not None:
         raise error
     if not ok:
-        raise RuntimeError("weight sync: an engine rank rejected the update (its own error says why); "
+        raise EngineRejected("weight sync: an engine rank rejected the update (its own error says why); "
                            "a rank that rejected it keeps its previous weights and version")  # fmt: skip
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -1,0 +1,251 @@
+"""Rollout engines as Ray actors, fed by ``torch.distributed`` weight broadcasts (``--placement ray``).
+
+    engines = RayEngines(EngineSpec(...), num_engines=4)     one actor per engine, anywhere in the cluster
+    engines.generate(prompt_ids, params)                     the batch split across engines, results merged
+    engines.sync_weights(trainer_model, version, target)     one broadcast, every engine loads it atomically
+    engines.close()
+
+Placement. Each engine is a Ray actor holding one ``Engine``: one GPU (``num_gpus=1``; Ray sets
+``CUDA_VISIBLE_DEVICES``, so ``device="cuda"`` is that GPU) or, on CPU, ``cpus_per_engine`` CPUs. The
+process that builds ``RayEngines`` is the trainer: in ``quantrl train --placement ray`` it is itself a Ray
+actor with one GPU, so Ray never hands its GPU to an engine.
+
+Weights. The trainer and the engines form the ``torch.distributed`` world: trainer rank 0, engine ``e``
+rank ``e + 1`` (NCCL on GPU, gloo on CPU). The trainer hosts the rendezvous store on a port the OS picks
+(no race for a free port) at its node's IP, so engines on other nodes reach it. The weight protocol is
+``sync.distributed``'s: the trainer converts bucket by bucket through ``quantrl.formats`` and broadcasts;
+each engine stages the whole update and loads it with one atomic ``update_weights``. A conversion error
+(NaN in a weight) reaches every engine before anything is loaded; an engine that rejects the update keeps
+its previous version and its error is raised here. Since this process group is the default one, the
+trainer process cannot hold another ``torch.distributed`` world (quantrl's trainer is one process).
+
+Rollout. A batch of P prompts is cut into contiguous shares as even as possible, one per engine (engines
+with no share stay idle). Engine ``e`` samples with ``seed + e``: with one engine the samples are exactly
+a local ``Engine``'s; with several, each share's samples are those of a local engine given that share and
+seed. ``GenerationResult.prompt_index`` refers to the whole batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+from quantrl.model.quant_scheme import QuantScheme
+from quantrl.sync.buckets import DEFAULT_BUCKET_BYTES
+from quantrl.sync.convert import SyncTarget
+from quantrl.sync.in_process import SyncStats
+
+RENDEZVOUS_TIMEOUT = timedelta(minutes=5)
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as e:
+        raise ImportError("--placement ray needs Ray: pip install 'ray>=2.9' (or pip install 'quantrl[ray]')") from e
+    return ray
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What an engine actor builds: the decoder (weights arrive with the first sync) and its ``Engine``."""
+
+    hf_config: dict
+    "the model's config.json"
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    "the rollout format of every Linear"
+    dtype: torch.dtype = torch.bfloat16
+    "model dtype"
+    device: str = "cpu"
+    "cpu or cuda (the actor's GPU)"
+    kv_cache_tokens: int | None = None
+    "KV cache positions (None: the Engine's default budget)"
+    max_batch_size: int = 256
+    "concurrent sequences"
+    max_seq_len: int | None = None
+    "fixed positions per KV slot (needed by CUDA graphs)"
+    use_cuda_graph: bool = False
+    "decode under CUDA graphs"
+    threads: int = 1
+    "torch CPU threads in the actor"
+
+
+class EngineWorker:
+    """The body of one engine actor (a plain class: ``RayEngines`` wraps it with ``ray.remote``)."""
+
+    def __init__(self, spec: EngineSpec):
+        from quantrl.model import build_model
+        from quantrl.rollout import Engine
+
+        torch.set_num_threads(max(1, spec.threads))
+        model = build_model(spec.hf_config, spec.scheme, dtype=spec.dtype, device=spec.device)
+        self.engine = Engine(model, kv_cache_tokens=spec.kv_cache_tokens, max_batch_size=spec.max_batch_size,
+                             max_seq_len=spec.max_seq_len, use_cuda_graph=spec.use_cuda_graph)  # fmt: skip
+
+    def join(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
+        import torch.distributed as dist
+
+        if backend == "nccl":
+            torch.cuda.set_device(0)  # the actor's one visible GPU
+        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=RENDEZVOUS_TIMEOUT)
+
+    def target(self, qmax: int) -> SyncTarget:
+        return SyncTarget.for_engine(self.engine, qmax=qmax)
+
+    def generate(self, prompts, params):
+        return self.engine.generate(prompts, params)
+
+    def receive(self, version: int, check_equal: bool) -> SyncStats:
+        from quantrl.sync.distributed import receive_weights
+
+        return receive_weights(self.engine, src=0, version=version, check_equal=check_equal)
+
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every engine tensor under its checkpoint name, on the CPU (for checks, not for the hot path)."""
+        from quantrl.model import engine_state
+
+        return {n: t.cpu() for n, t in engine_state(self.engine.model).items()}
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def shares(total: int, parts: int) -> list[tuple[int, int]]:
+    """[start, stop) of ``parts`` contiguous, as-even-as-possible shares of ``total`` (the first ones larger)."""
+    base, extra = divmod(total, parts)
+    out, start = [], 0
+    for i in range(parts):
+        stop = start + base + (i < extra)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+class RayEngines:
+    """``num_engines`` engine actors and the ``torch.distributed`` world that feeds them weights."""
+
+    def __init__(self, spec: EngineSpec, num_engines: int = 1, cpus_per_engine: float = 1.0):
+        import torch.distributed as dist
+
+        ray = import_ray()
+        if num_engines < 1:
+            raise ValueError(f"num_engines must be >= 1, got {num_engines}")
+        if dist.is_initialized():
+            raise RuntimeError("RayEngines makes this process rank 0 of a new torch.distributed world, "
+                               "but one is already initialized here")  # fmt: skip
+        if not ray.is_initialized():
+            raise RuntimeError("RayEngines needs a connected Ray (ray.init(...)) in this process")
+        self._ray = ray
+        cuda = torch.device(spec.device).type == "cuda"
+        options = {"num_gpus": 1, "num_cpus": 1} if cuda else {"num_gpus": 0, "num_cpus": cpus_per_engine}
+        if not cuda:
+            spec = replace(spec, threads=max(1, int(cpus_per_engine)))
+        actor = ray.remote(**options)(EngineWorker)
+        self.workers = [actor.remote(spec) for _ in range(num_engines)]
+        try:  # engines that cannot be built fail here, not as a rendezvous timeout
+            ray.get([w.weight_version.remote() for w in self.workers])
+        except BaseException:
+            self._kill()
+            raise
+        self.backend = "nccl" if cuda else "gloo"
+        host = ray.util.get_node_ip_address()
+        world = num_engines + 1
+        store = dist.TCPStore(host, 0, world, is_master=True, timeout=RENDEZVOUS_TIMEOUT, wait_for_workers=False)
+        joined = [w.join.remote(host, store.port, e + 1, world, self.backend) for e, w in enumerate(self.workers)]
+        try:
+            dist.init_process_group(self.backend, store=store, rank=0, world_size=world, timeout=RENDEZVOUS_TIMEOUT)
+            ray.get(joined)
+        except BaseException:
+            self._kill()
+            raise
+        self._store = store  # the rendezvous store lives as long as the world
+        self.weight_version = 0
+
+    @property
+    def num_engines(self) -> int:
+        return len(self.workers)
+
+    def target(self, qmax: int = 7) -> SyncTarget:
+        """The engines' weight format (they are built from one spec, so engine 0 speaks for all)."""
+        return self._ray.get(self.workers[0].target.remote(qmax))
+
+    def generate(self, prompts, params):
+        """Like ``Engine.generate``: results prompt-major, ``prompt_index`` into ``prompts``."""
+        parts = [(a, b) for a, b in shares(len(prompts), self.num_engines) if b > a]
+        calls = []
+        for e, (a, b) in enumerate(parts):
+            p = params if params.seed is None else replace(params, seed=params.seed + e)
+            calls.append(self.workers[e].generate.remote([list(x) for x in prompts[a:b]], p))
+        results = []
+        for (a, _), part in zip(parts, self._ray.get(calls)):
+            for r in part:
+                r.prompt_index += a
+            results += part
+        return results
+
+    def sync_weights(self, trainer_model: nn.Module, version: int, *, target: SyncTarget,
+                     bucket_bytes: int = DEFAULT_BUCKET_BYTES, check_equal: bool = False,
+                     strict: bool = True) -> SyncStats:  # fmt: skip
+        """Broadcast the trainer's weights in ``target``'s format; every engine moves to ``version``.
+
+        Raises the trainer's ``SyncError`` (nothing loaded anywhere) or the first engine's error (that
+        engine keeps its previous version); ``self.weight_version`` moves only when every engine loaded it.
+        """
+        from quantrl.sync.distributed import EngineRejected, send_weights
+
+        t0 = time.perf_counter()
+        pending = [w.receive.remote(int(version), check_equal) for w in self.workers]
+        error: BaseException | None = None
+        try:
+            stats = send_weights(trainer_model, target, src=0, bucket_bytes=bucket_bytes, strict=strict)
+        except (ValueError, TypeError, RuntimeError) as e:
+            error = e
+        engine_errors = []
+        for e, ref in enumerate(pending):
+            try:
+                self._ray.get(ref)
+            except self._ray.exceptions.RayTaskError as ex:
+                engine_errors.append(f"engine {e}: {ex.cause if ex.cause is not None else ex}")
+        if isinstance(error, EngineRejected) or (error is None and engine_errors):
+            raise EngineRejected("weight sync to the Ray engines was rejected (an engine that rejected it keeps its "
+                                 "previous weights and version): " + "; ".join(engine_errors)) from error  # fmt: skip
+        if error is not None:  # the trainer could not convert: every engine was told and loaded nothing
+            raise error
+        self.weight_version = int(version)
+        return replace(stats, version=int(version), seconds=time.perf_counter() - t0)
+
+    def versions(self) -> list[int]:
+        return self._ray.get([w.weight_version.remote() for w in self.workers])
+
+    def states(self) -> list[dict[str, torch.Tensor]]:
+        return self._ray.get([w.state.remote() for w in self.workers])
+
+    def _kill(self) -> None:
+        for w in self.workers:
+            self._ray.kill(w)
+        self.workers = []
+
+    def close(self) -> None:
+        """Leave the torch.distributed world and stop the actors (idempotent)."""
+        import torch.distributed as dist
+
+        if not self.workers:
+            return
+        try:
+            self._ray.get([w.close.remote() for w in self.workers], timeout=60)
+        except Exception:  # an actor that died cannot say goodbye; killing it below is enough
+            pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self._kill()

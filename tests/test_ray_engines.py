@@ -1,0 +1,97 @@
+"""Rollout engines as Ray actors (``--placement ray``), on a local Ray instance with CPU actors.
+
+After ``RayEngines.sync_weights`` every engine actor holds, bit for bit, what an in-process sync of the
+same QAT trainer puts into a local engine; their samples are a local engine's (one engine: the whole
+batch; several: each share with its seed); a conversion the trainer cannot do and an update the engines
+reject both raise, and leave every engine on its previous version, bit for bit.
+"""
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from quantrl.model import QuantScheme, engine_state  # noqa: E402
+from quantrl.rollout import SamplingParams  # noqa: E402
+from quantrl.rollout.weight_update import bitwise_equal  # noqa: E402
+from quantrl.sync import SyncError, SyncTarget, sync_weights  # noqa: E402
+from quantrl.sync.distributed import EngineRejected  # noqa: E402
+from quantrl.sync.ray_engines import EngineSpec, RayEngines, shares  # noqa: E402
+from quantrl.train.qat import QATConfig, prepare_qat  # noqa: E402
+
+BF16 = torch.bfloat16
+SCHEME = QuantScheme.int4(128)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _qat_trainer(seed=3):
+    from test_sync import make_trainer, tiny_cfg
+
+    trainer = make_trainer(tiny_cfg(), BF16, seed=seed)
+    prepare_qat(trainer, QATConfig(group_size=128, qmax=7, dtype=BF16))
+    return trainer
+
+
+def _equal_states(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(bitwise_equal(a[n], b[n]) for n in a)
+
+
+def test_shares_cover_the_batch_evenly():
+    assert shares(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    assert shares(2, 3) == [(0, 1), (1, 2), (2, 2)]
+    assert shares(6, 1) == [(0, 6)]
+
+
+def test_ray_engines_match_a_local_engine(local_ray):
+    from test_sync import make_engine, tiny_cfg
+
+    spec = EngineSpec(tiny_cfg(), SCHEME, kv_cache_tokens=4096, max_batch_size=16)
+    engines = RayEngines(spec, num_engines=2)
+    try:
+        target = engines.target(qmax=7)
+        assert target == SyncTarget.for_engine(make_engine(tiny_cfg(), SCHEME), qmax=7)
+        trainer = _qat_trainer()
+        stats = engines.sync_weights(trainer, 1, target=target, bucket_bytes=64 << 10, check_equal=True)
+        assert stats.version == 1 and stats.buckets > 1 and engines.versions() == [1, 1]
+        local = make_engine(tiny_cfg(), SCHEME)
+        local.cache = type(local.cache).for_model(local.model, max_tokens=4096)
+        sync_weights(trainer, local, version=1)
+        want = engine_state(local.model)
+        states = engines.states()
+        assert all(_equal_states(s, want) for s in states)
+
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 300, (int(n),), generator=g).tolist() for n in (5, 9, 3)]
+        params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=11)
+        got = engines.generate(prompts, params)
+        assert [(r.prompt_index, r.sample_index) for r in got] == [(p, s) for p in range(3) for s in range(2)]
+        # engine 0 sampled prompts 0-1 with seed 11, engine 1 prompt 2 with seed 12
+        ref = local.generate(prompts[:2], params) + local.generate(prompts[2:], SamplingParams(
+            n=2, temperature=1.0, max_new_tokens=6, seed=12))  # fmt: skip
+        assert [(r.tokens, r.logprobs, r.finish_reason) for r in got] == [
+            (r.tokens, r.logprobs, r.finish_reason) for r in ref]  # fmt: skip
+        assert all(r.weight_version == 1 for r in got)
+
+        # 1. the trainer cannot convert (NaN): nothing is loaded anywhere
+        nan = _qat_trainer()
+        with torch.no_grad():
+            nan.get_parameter("model.layers.0.self_attn.o_proj.weight")[0, 0] = float("nan")
+        with pytest.raises(SyncError, match="o_proj.weight"):
+            engines.sync_weights(nan, 2, target=target, bucket_bytes=64 << 10)
+        # 2. the engines reject the update (scales for group 64): both say why, both keep version 1
+        with pytest.raises(EngineRejected, match="(?s)engine 0: .*scale.*engine 1: "):
+            engines.sync_weights(_qat_trainer(seed=4), 3, target=target.replace(group_size=64), strict=False)
+        assert engines.weight_version == 1 and engines.versions() == [1, 1]
+        assert all(_equal_states(s, want) for s in engines.states())
+    finally:
+        engines.close()
+    assert engines.workers == []
