@@ -11,13 +11,13 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from quantrl.model import QuantScheme, engine_state  # noqa: E402
-from quantrl.rollout import SamplingParams  # noqa: E402
-from quantrl.rollout.weight_update import bitwise_equal  # noqa: E402
-from quantrl.sync import SyncError, SyncTarget, sync_weights  # noqa: E402
-from quantrl.sync.distributed import EngineRejected  # noqa: E402
-from quantrl.sync.ray_engines import EngineSpec, RayEngines, shares  # noqa: E402
-from quantrl.train.qat import QATConfig, prepare_qat  # noqa: E402
+from quantrl.model import QuantScheme, engine_state
+from quantrl.rollout import SamplingParams
+from quantrl.rollout.weight_update import bitwise_equal
+from quantrl.sync import SyncError, SyncTarget, sync_weights
+from quantrl.sync.distributed import EngineRejected
+from quantrl.sync.ray_engines import EngineSpec, RayEngines, shares
+from quantrl.train.qat import QATConfig, prepare_qat
 
 BF16 = torch.bfloat16
 SCHEME = QuantScheme.int4(128)

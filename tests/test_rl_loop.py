@@ -130,3 +130,28 @@ def test_recipes_run_on_cuda(recipe, cuda_graph, tiny_model, tmp_path):
     steps = [r for r in rows if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3] and all(r["weight_version"] == r["step"] for r in steps)
     assert all(0 <= r["mismatch_abs_mean"] < 0.5 for r in steps), [r["mismatch_abs_mean"] for r in steps]
+
+
+def test_ray_placement_repeats_the_local_run(tiny_model, tmp_path):
+    """Trainer and one engine as Ray actors: the same metrics as the local run, number for number (one CPU
+    thread each side, so that no reduction order differs); then two engines share the batch and resume."""
+    pytest.importorskip("ray")
+    threads = torch.get_num_threads()
+    try:
+        local = train(cfg(tiny_model, tmp_path / "local", threads=1), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    on_ray = train(cfg(tiny_model, tmp_path / "ray", threads=1, placement="ray"), progress=False)
+    assert untimed(on_ray) == untimed(local)
+    two = cfg(tiny_model, tmp_path / "two", placement="ray", rollout_num_engines=2, num_steps=3, save_interval=1)
+    train(dataclasses.replace(two, num_steps=2), progress=False)
+    rows = train(dataclasses.replace(two, resume=True), progress=False)
+    assert [r["step"] for r in rows] == [3] and rows[0]["weight_version"] == 3
+    assert (tmp_path / "two" / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+
+def test_placement_flags_are_checked():
+    with pytest.raises(ValueError, match="placement must be one of"):
+        RLConfig(placement="slurm")
+    with pytest.raises(ValueError, match="needs --placement ray"):
+        RLConfig(rollout_num_engines=2)

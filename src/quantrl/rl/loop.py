@@ -25,6 +25,8 @@ from tqdm import tqdm
 from quantrl.rl.recipes import get_recipe
 from quantrl.rl.run_dir import RunDir
 
+PLACEMENTS = ("local", "ray")
+
 
 @dataclass(frozen=True)
 class RLConfig:
@@ -100,6 +102,20 @@ class RLConfig:
     "rollout decode under CUDA graphs (CUDA only; the KV layout is then fixed at 512 positions a sample)"
     threads: int = 0
     "torch CPU threads (0: default)"
+    placement: str = "local"
+    "local (trainer and engine in this process) | ray (trainer and rollout engines as Ray actors)"
+    rollout_num_engines: int = 1
+    "--placement ray: rollout engines, one GPU each (on CPU, one CPU each); a batch is split across them"
+    ray_address: str = ""
+    "--placement ray: the Ray cluster to join ('': $RAY_ADDRESS if set, else a new local Ray instance)"
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.rollout_num_engines < 1:
+            raise ValueError(f"rollout_num_engines must be >= 1, got {self.rollout_num_engines}")
+        if self.placement == "local" and self.rollout_num_engines != 1:
+            raise ValueError("--rollout-num-engines > 1 needs --placement ray")
 
 
 def default_model_dir() -> str:
@@ -200,12 +216,22 @@ class RLRun:
         scheme = _engine_scheme(self.recipe.rollout, cfg)
         engine_model = build_model(self.hf_config, scheme, dtype=torch.bfloat16, device=cfg.device)
         max_len = 512
-        self.engine = Engine(engine_model, kv_cache_tokens=cfg.prompts_per_step * cfg.n_samples_per_prompt * max_len,
-                             max_batch_size=cfg.prompts_per_step * cfg.n_samples_per_prompt,
-                             max_seq_len=max_len if cfg.cuda_graph else None, use_cuda_graph=cfg.cuda_graph)  # fmt: skip
-        from quantrl.sync.convert import SyncTarget
+        batch = cfg.prompts_per_step * cfg.n_samples_per_prompt
+        engine_kw = {"kv_cache_tokens": batch * max_len, "max_batch_size": batch,
+                     "max_seq_len": max_len if cfg.cuda_graph else None, "use_cuda_graph": cfg.cuda_graph}  # fmt: skip
+        self.remote = cfg.placement == "ray"
+        if self.remote:  # this process is the trainer actor; the engines are actors of their own
+            from quantrl.sync.ray_engines import EngineSpec, RayEngines
 
-        self.sync_target = SyncTarget.for_engine(self.engine, qmax=cfg.qmax)  # PTQ too uses --qmax
+            spec = EngineSpec(self.hf_config, scheme, torch.bfloat16, cfg.device, **engine_kw)
+            self.engine = RayEngines(spec, cfg.rollout_num_engines)
+            self.sync_target = self.engine.target(qmax=cfg.qmax)  # PTQ too uses --qmax
+        else:
+            from quantrl.sync.convert import SyncTarget
+
+            engine_model = build_model(self.hf_config, scheme, dtype=torch.bfloat16, device=cfg.device)
+            self.engine = Engine(engine_model, **engine_kw)
+            self.sync_target = SyncTarget.for_engine(self.engine, qmax=cfg.qmax)
         self.dataset, self.held_out, self.reward = _task(cfg, self.tok)
         self.step_idx = 0
         if resume_from is not None:
@@ -222,9 +248,12 @@ class RLRun:
         from quantrl.sync.in_process import sync_weights
 
         # the int4-qat-bf16-rollout ablation mismatches on purpose: QAT forward, BF16 master weights sampled
-        strict = self.cfg.recipe != "int4-qat-bf16-rollout"
-        stats = sync_weights(self.trainer.model, self.engine, version, target=self.sync_target,
-                             check_equal=self.cfg.check_weight_update_equal, strict=strict)  # fmt: skip
+        kw = {"target": self.sync_target, "check_equal": self.cfg.check_weight_update_equal,
+              "strict": self.cfg.recipe != "int4-qat-bf16-rollout"}  # fmt: skip
+        if self.remote:
+            stats = self.engine.sync_weights(self.trainer.model, version, **kw)
+        else:
+            stats = sync_weights(self.trainer.model, self.engine, version, **kw)
         return {"sync_s": stats.seconds, "sync_GB_per_s": stats.gb_per_s}
 
     def _sample(self, prompts, params):
@@ -320,31 +349,102 @@ class RLRun:
         self.run_dir.mark_latest(target)
         return target
 
-    def run(self) -> list[dict]:
+    def current_step(self) -> int:
+        return self.step_idx
+
+    def start(self) -> list[dict]:
+        """The step-0 held-out accuracy of a fresh run (logged), or nothing."""
+        if self.step_idx > 0 or not self.cfg.eval_interval:
+            return []
+        row0 = {"step": 0, "eval_accuracy": self.evaluate()}
+        self.run_dir.append_metrics(row0)
+        return [row0]
+
+    def advance(self) -> dict:
+        """One step, logged, and a checkpoint when one is due."""
+        row = self.step()
+        self.run_dir.append_metrics(row)
         cfg = self.cfg
-        rows = []
-        if self.step_idx == 0 and cfg.eval_interval:
-            row0 = {"step": 0, "eval_accuracy": self.evaluate()}
-            self.run_dir.append_metrics(row0)
-            rows.append(row0)
-        bar = tqdm(total=cfg.num_steps, initial=self.step_idx, desc=f"rl {cfg.recipe}", disable=not self.progress)
-        while self.step_idx < cfg.num_steps:
-            row = self.step()
-            self.run_dir.append_metrics(row)
-            rows.append(row)
-            bar.update(1)
-            recent = [r["reward"] for r in rows[-10:] if "reward" in r]  # one step's reward is mostly its prompts
-            shown = {"reward": f"{row['reward']:.3f}", "reward(10)": f"{sum(recent) / len(recent):.3f}",
-                     "|dlogp|": f"{row['mismatch_abs_mean']:.4f}"}
-            if "eval_accuracy" in row:
-                shown["eval"] = f"{row['eval_accuracy']:.3f}"
-            bar.set_postfix(shown)
-            if (cfg.save_interval and self.step_idx % cfg.save_interval == 0) or self.step_idx == cfg.num_steps:
-                self.save()
-        bar.close()
-        return rows
+        if (cfg.save_interval and self.step_idx % cfg.save_interval == 0) or self.step_idx == cfg.num_steps:
+            self.save()
+        return row
+
+    def close(self) -> None:
+        """Stop the Ray engines (nothing to do for a local engine)."""
+        if self.remote:
+            self.engine.close()
+
+    def run(self) -> list[dict]:
+        return drive(lambda method: getattr(self, method)(), self.cfg, self.progress)
+
+
+def drive(call, cfg: RLConfig, progress: bool) -> list[dict]:
+    """The loop over an ``RLRun``, local or a Ray actor: ``call(method_name)`` runs one of its methods."""
+    rows = call("start")
+    step = call("current_step")
+    bar = tqdm(total=cfg.num_steps, initial=step, desc=f"rl {cfg.recipe}", disable=not progress)
+    while step < cfg.num_steps:
+        row = call("advance")
+        rows.append(row)
+        step = row["step"]
+        bar.update(1)
+        recent = [r["reward"] for r in rows[-10:] if "reward" in r]  # one step's reward is mostly its prompts
+        shown = {"reward": f"{row['reward']:.3f}", "reward(10)": f"{sum(recent) / len(recent):.3f}",
+                 "|dlogp|": f"{row['mismatch_abs_mean']:.4f}"}  # fmt: skip
+        if "eval_accuracy" in row:
+            shown["eval"] = f"{row['eval_accuracy']:.3f}"
+        bar.set_postfix(shown)
+    bar.close()
+    return rows
 
 
 def train(cfg: RLConfig, progress: bool = True) -> list[dict]:
-    return RLRun(cfg, progress).run()
+    if cfg.placement == "ray":
+        return train_on_ray(cfg, progress)
+    run = RLRun(cfg, progress)
+    try:
+        return run.run()
+    finally:
+        run.close()
 
+
+def train_on_ray(cfg: RLConfig, progress: bool = True) -> list[dict]:
+    """The trainer as a Ray actor (one GPU, or ``threads`` CPUs) that owns the run directory and its engine
+    actors; this process only drives the loop and shows progress. Joins ``cfg.ray_address`` (or
+    ``$RAY_ADDRESS``), or starts a local Ray instance and stops it at the end."""
+    import dataclasses
+    import os
+    import warnings
+
+    from quantrl.sync.ray_engines import check_resources, import_ray
+
+    ray = import_ray()
+    # the actor may not share this process's working directory: hand it absolute paths
+    paths = {k: getattr(cfg, k) for k in ("model", "prompt_data", "eval_data") if getattr(cfg, k)}
+    cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()),
+                              **{k: str(Path(v).resolve()) for k, v in paths.items()})  # fmt: skip
+    cuda = torch.device(cfg.device).type == "cuda"
+    threads = cfg.threads or 1
+    gpus, cpus = (1 + cfg.rollout_num_engines if cuda else 0), threads + cfg.rollout_num_engines
+    started = not ray.is_initialized()
+    if started:
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:  # a local instance: CPU actors may outnumber the cores (they are processes, not reservations)
+            ray.init(num_cpus=max(os.cpu_count() or 1, cpus), include_dashboard=False)
+    try:
+        check_resources(ray, gpus=gpus, cpus=cpus, what=f"--placement ray (trainer + {cfg.rollout_num_engines} engine(s))")
+        actor = ray.remote(num_gpus=1 if cuda else 0, num_cpus=threads)(RLRun).remote(
+            dataclasses.replace(cfg, threads=threads), False)  # fmt: skip
+        try:
+            return drive(lambda method: ray.get(getattr(actor, method).remote()), cfg, progress)
+        finally:
+            try:
+                ray.get(actor.close.remote(), timeout=120)
+            except (ray.exceptions.RayError, TimeoutError) as e:  # killing the trainer frees its engines too
+                warnings.warn(f"the trainer actor did not close cleanly ({type(e).__name__}); killing it", stacklevel=2)
+            ray.kill(actor)
+    finally:
+        if started:
+            ray.shutdown()

@@ -5,6 +5,7 @@
     buckets.py      size-bounded buckets, flattened to one uint8 buffer each
     in_process.py   sync_weights(trainer_model, engine, version): trainer and engine in one process
     distributed.py  send_weights / receive_weights: torch.distributed broadcast (NCCL on GPU, gloo on CPU)
+    ray_engines.py  RayEngines: rollout engines as Ray actors, fed by that broadcast (--placement ray)
 
 ``check_equal=True`` (``--check-weight-update-equal``) makes the engine verify, bit for bit, that it holds
 what was sent.

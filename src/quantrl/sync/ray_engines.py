@@ -28,6 +28,7 @@ seed. ``GenerationResult.prompt_index`` refers to the whole batch.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
@@ -72,6 +73,15 @@ class EngineSpec:
     "decode under CUDA graphs"
     threads: int = 1
     "torch CPU threads in the actor"
+
+
+def check_resources(ray, *, gpus: float, cpus: float, what: str) -> None:
+    """Refuse up front what the cluster can never place (a Ray actor that does not fit waits forever)."""
+    total = ray.cluster_resources()
+    have_gpus, have_cpus = total.get("GPU", 0), total.get("CPU", 0)
+    if gpus > have_gpus or cpus > have_cpus:
+        raise RuntimeError(f"{what} needs {gpus:g} GPU(s) and {cpus:g} CPU(s); the Ray cluster has {have_gpus:g} "
+                           f"GPU(s) and {have_cpus:g} CPU(s) in all")  # fmt: skip
 
 
 class EngineWorker:
@@ -151,6 +161,8 @@ class RayEngines:
         options = {"num_gpus": 1, "num_cpus": 1} if cuda else {"num_gpus": 0, "num_cpus": cpus_per_engine}
         if not cuda:
             spec = replace(spec, threads=max(1, int(cpus_per_engine)))
+        check_resources(ray, gpus=num_engines * options["num_gpus"], cpus=num_engines * options["num_cpus"],
+                        what=f"{num_engines} rollout engine(s)")  # fmt: skip
         actor = ray.remote(**options)(EngineWorker)
         self.workers = [actor.remote(spec) for _ in range(num_engines)]
         try:  # engines that cannot be built fail here, not as a rendezvous timeout
@@ -244,8 +256,8 @@ class RayEngines:
             return
         try:
             self._ray.get([w.close.remote() for w in self.workers], timeout=60)
-        except Exception:  # an actor that died cannot say goodbye; killing it below is enough
-            pass
+        except (self._ray.exceptions.RayError, TimeoutError):  # a dead actor cannot say goodbye; it is killed below
+            warnings.warn("a Ray engine did not leave the weight-sync group cleanly; killing it", stacklevel=2)
         if dist.is_initialized():
             dist.destroy_process_group()
         self._kill()
