@@ -16,7 +16,7 @@ from quantrl.rollout import SamplingParams
 from quantrl.rollout.weight_update import bitwise_equal
 from quantrl.sync import SyncError, SyncTarget, sync_weights
 from quantrl.sync.distributed import EngineRejected
-from quantrl.sync.ray_engines import EngineSpec, RayEngines, shares
+from quantrl.sync.ray_engines import EngineSpec, RayEngines, engine_seed, shares
 from quantrl.train.qat import QATConfig, prepare_qat
 
 BF16 = torch.bfloat16
@@ -74,9 +74,10 @@ def test_ray_engines_match_a_local_engine(local_ray):
         params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=11)
         got = engines.generate(prompts, params)
         assert [(r.prompt_index, r.sample_index) for r in got] == [(p, s) for p in range(3) for s in range(2)]
-        # engine 0 sampled prompts 0-1 with seed 11, engine 1 prompt 2 with seed 12
+        # engine 0 sampled prompts 0-1 with seed 11, engine 1 prompt 2 with engine_seed(11, 1)
+        assert engine_seed(11, 0) == 11 and engine_seed(11, 1) not in (11, 12)
         ref = local.generate(prompts[:2], params) + local.generate(prompts[2:], SamplingParams(
-            n=2, temperature=1.0, max_new_tokens=6, seed=12))  # fmt: skip
+            n=2, temperature=1.0, max_new_tokens=6, seed=engine_seed(11, 1)))  # fmt: skip
         assert [(r.tokens, r.logprobs, r.finish_reason) for r in got] == [
             (r.tokens, r.logprobs, r.finish_reason) for r in ref]  # fmt: skip
         assert all(r.weight_version == 1 for r in got)

@@ -2,6 +2,7 @@
 uninterrupted run exactly, a crash never corrupts the last checkpoint, plots render."""
 
 import dataclasses
+import functools
 import json
 
 import pytest
@@ -148,6 +149,33 @@ def test_ray_placement_repeats_the_local_run(tiny_model, tmp_path):
     rows = train(dataclasses.replace(two, resume=True), progress=False)
     assert [r["step"] for r in rows] == [3] and rows[0]["weight_version"] == 3
     assert (tmp_path / "two" / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    assert [r["rollout_weight_version"] for r in local if "reward" in r] == [0, 1]  # on-policy
+
+
+def test_async_rollout_is_one_step_off_policy_and_resumes_exactly(tiny_model, tmp_path):
+    """--async-rollout: step t + 1's samples come from the weights before step t's update; the samples
+    pending at a checkpoint are saved with it, so a run stopped after it repeats the uninterrupted one."""
+    ray = pytest.importorskip("ray")
+    run = functools.partial(cfg, tiny_model, placement="ray", async_rollout=True, is_mode="tis", eval_interval=0,
+                            num_steps=4, threads=1)  # fmt: skip
+    full = train(run(tmp_path / "full"), progress=False)
+    assert [r["rollout_weight_version"] for r in full] == [0, 0, 1, 2]
+    assert [r["weight_version"] for r in full] == [1, 2, 3, 4]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    threads = torch.get_num_threads()
+    try:
+        cut = RLRun(run(tmp_path / "cut"), progress=False)  # this process is the trainer, the engine an actor
+        cut.advance()
+        cut.advance()  # checkpoint at step 2, with step 3's samples in flight
+        cut.close()  # the run stops here
+        train(run(tmp_path / "cut", resume=True), progress=False)
+    finally:
+        ray.shutdown()
+        torch.set_num_threads(threads)
+    on_disk = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert untimed(on_disk) == untimed(full)
+    with pytest.raises(ValueError, match="needs --placement ray"):
+        RLConfig(async_rollout=True)
 
 
 def test_placement_flags_are_checked():

@@ -5,6 +5,8 @@ in-process sync of the same trainer puts it, with ``check_equal=True`` passing; 
 rejects, and a conversion the trainer cannot do, must raise on both ranks and leave the engine as it was.
 """
 
+import os
+import sys
 from datetime import timedelta
 
 import pytest
@@ -75,6 +77,12 @@ def _worker(rank: int, world: int, store_file: str) -> None:
         (_trainer_rank if rank == 0 else _engine_rank)()
     finally:
         dist.destroy_process_group()
+    # Passed. Leave without C++ static destructors: now and then (1 run in 4 right after a Ray test in the
+    # same pytest process) a gloo thread calls std::terminate while the interpreter finalizes, which
+    # mp.spawn reports as a failed rank although every check above passed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_gloo_broadcast_sync_equals_in_process_sync(tmp_path):

@@ -108,6 +108,8 @@ class RLConfig:
     "--placement ray: rollout engines, one GPU each (on CPU, one CPU each); a batch is split across them"
     ray_address: str = ""
     "--placement ray: the Ray cluster to join ('': $RAY_ADDRESS if set, else a new local Ray instance)"
+    async_rollout: bool = False
+    "--placement ray: the engines sample step t+1 while step t trains (one step off-policy; --is-mode tis corrects)"
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -116,6 +118,8 @@ class RLConfig:
             raise ValueError(f"rollout_num_engines must be >= 1, got {self.rollout_num_engines}")
         if self.placement == "local" and self.rollout_num_engines != 1:
             raise ValueError("--rollout-num-engines > 1 needs --placement ray")
+        if self.placement == "local" and self.async_rollout:
+            raise ValueError("--async-rollout needs --placement ray (the engines must run beside the trainer)")
 
 
 def default_model_dir() -> str:
@@ -234,11 +238,13 @@ class RLRun:
             self.sync_target = SyncTarget.for_engine(self.engine, qmax=cfg.qmax)
         self.dataset, self.held_out, self.reward = _task(cfg, self.tok)
         self.step_idx = 0
+        self.pending: dict | None = None  # async rollout: the next step's samples, submitted or collected
         if resume_from is not None:
             state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
             self.trainer.optimizer.load_state_dict(state["optimizer"])
             self.dataset.load_state_dict(state["dataset"])
             self.step_idx = state["step"]
+            self.pending = state.get("pending_rollout")
             self.trainer.step_count = state["step"]
             self.run_dir.truncate_metrics(self.step_idx)
         self._sync(self.step_idx)
@@ -257,20 +263,39 @@ class RLRun:
         return {"sync_s": stats.seconds, "sync_GB_per_s": stats.gb_per_s}
 
     def _sample(self, prompts, params):
+        return self._collect(self._submit(prompts, params))
+
+    def _submit(self, prompts, params) -> dict:
+        """Start a rollout (Ray engines work in the background; a local engine finishes it here)."""
         from quantrl.rl.data import encode_prompt
 
         ids = [encode_prompt(self.tok, p) for p in prompts]
         t0 = time.perf_counter()
+        if self.remote:
+            return {"prompts": prompts, "ids": ids, "handle": self.engine.submit(ids, params)}
         results = self.engine.generate(ids, params)
-        secs = time.perf_counter() - t0
-        results.sort(key=lambda r: (r.prompt_index, r.sample_index))  # GRPO groups are contiguous
-        return ids, results, secs
+        return {"prompts": prompts, "ids": ids, "results": results, "rollout_s": time.perf_counter() - t0}
+
+    def _collect(self, rollout: dict):
+        """(prompts, prompt ids, results sorted by (prompt, sample), engine seconds) of a submitted rollout."""
+        if "results" not in rollout:
+            rollout["results"], rollout["rollout_s"] = self.engine.collect(rollout.pop("handle"))
+        results = sorted(rollout["results"], key=lambda r: (r.prompt_index, r.sample_index))  # GRPO groups
+        return rollout["prompts"], rollout["ids"], results, rollout["rollout_s"]
+
+    def _rollout_params(self, step: int):
+        from quantrl.rollout import SamplingParams
+
+        cfg = self.cfg
+        return SamplingParams(n=cfg.n_samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
+                              max_new_tokens=cfg.max_new_tokens, stop_token_ids=(self.tok.eos_token_id,),
+                              seed=cfg.seed * 1_000_003 + step)  # fmt: skip
 
     def evaluate(self) -> float:
         from quantrl.rollout import SamplingParams
 
         params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.max_new_tokens, stop_token_ids=(self.tok.eos_token_id,))
-        _, results, _ = self._sample(self.held_out, params)
+        _, _, results, _ = self._sample(self.held_out, params)
         texts = [self.tok.decode(r.tokens, skip_special_tokens=True) for r in results]
         return sum(self.reward(t, self.held_out[r.prompt_index]) for t, r in zip(texts, results)) / len(results)
 
@@ -286,14 +311,15 @@ class RLRun:
     def step(self) -> dict:
         from quantrl.rl.grpo import group_advantages, reduce_metrics
         from quantrl.rl.mismatch import mismatch_metrics
-        from quantrl.rollout import SamplingParams
 
         cfg, step = self.cfg, self.step_idx + 1
-        prompts = self.dataset.next_batch(cfg.prompts_per_step)
-        params = SamplingParams(n=cfg.n_samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens, stop_token_ids=(self.tok.eos_token_id,),
-                                seed=cfg.seed * 1_000_003 + step)  # fmt: skip
-        prompt_ids, results, rollout_s = self._sample(prompts, params)
+        rollout = self.pending or self._submit(self.dataset.next_batch(cfg.prompts_per_step), self._rollout_params(step))
+        self.pending = None
+        t_wait = time.perf_counter()
+        prompts, prompt_ids, results, rollout_s = self._collect(rollout)
+        wait_s = time.perf_counter() - t_wait
+        if cfg.async_rollout and step < cfg.num_steps:  # the engines sample step + 1 while this step trains
+            self.pending = self._submit(self.dataset.next_batch(cfg.prompts_per_step), self._rollout_params(step + 1))
         texts = [self.tok.decode(r.tokens, skip_special_tokens=True) for r in results]
         rewards = torch.tensor([self.reward(t, prompts[r.prompt_index]) for t, r in zip(texts, results)])
         batch = _batch(prompt_ids, results, self.tok.pad_token_id)
@@ -325,7 +351,10 @@ class RLRun:
             "train_s": train_s,
             **sync,
             "weight_version": self.engine.weight_version,
+            "rollout_weight_version": min(r.weight_version for r in results),
         }
+        if cfg.async_rollout:
+            row["rollout_wait_s"] = wait_s
         if torch.cuda.is_available() and dev.type == "cuda":
             row["peak_mem_GB"] = torch.cuda.max_memory_allocated() / 1e9
         else:
@@ -343,8 +372,10 @@ class RLRun:
         target = self.run_dir.checkpoint_dir(self.step_idx)
         self.trainer.save_checkpoint(target, self.model_dir, overwrite=True)
         tmp = target / "trainer_state.pt.tmp"
+        if self.pending is not None:  # async: keep the next step's samples, so a resumed run uses the same ones
+            self._collect(self.pending)
         torch.save({"optimizer": self.trainer.optimizer.state_dict(), "dataset": self.dataset.state_dict(),
-                    "step": self.step_idx}, tmp)  # fmt: skip
+                    "step": self.step_idx, "pending_rollout": self.pending}, tmp)  # fmt: skip
         os.replace(tmp, target / "trainer_state.pt")
         self.run_dir.mark_latest(target)
         return target

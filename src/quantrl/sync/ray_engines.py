@@ -2,6 +2,8 @@
 
     engines = RayEngines(EngineSpec(...), num_engines=4)     one actor per engine, anywhere in the cluster
     engines.generate(prompt_ids, params)                     the batch split across engines, results merged
+    pending = engines.submit(prompt_ids, params)             the same, returning at once (async rollout) ...
+    results, seconds = engines.collect(pending)              ... and its results
     engines.sync_weights(trainer_model, version, target)     one broadcast, every engine loads it atomically
     engines.close()
 
@@ -20,9 +22,11 @@ its previous version and its error is raised here. Since this process group is t
 trainer process cannot hold another ``torch.distributed`` world (quantrl's trainer is one process).
 
 Rollout. A batch of P prompts is cut into contiguous shares as even as possible, one per engine (engines
-with no share stay idle). Engine ``e`` samples with ``seed + e``: with one engine the samples are exactly
-a local ``Engine``'s; with several, each share's samples are those of a local engine given that share and
-seed. ``GenerationResult.prompt_index`` refers to the whole batch.
+with no share stay idle). Engine ``e`` samples with ``engine_seed(seed, e)`` (engine 0 keeps ``seed``; the
+others are spread by a large odd constant, so that engine 1 at step t does not reuse engine 0's stream of
+step t + 1): with one engine the samples are exactly a local ``Engine``'s; with several, each share's
+samples are those of a local engine given that share and seed. ``GenerationResult.prompt_index`` refers
+to the whole batch.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from quantrl.sync.buckets import DEFAULT_BUCKET_BYTES
 from quantrl.sync.convert import SyncTarget
 from quantrl.sync.in_process import SyncStats
 
-RENDEZVOUS_TIMEOUT = timedelta(minutes=5)
+RENDEZVOUS_TIMEOUT = timedelta(minutes=30)  # also bounds each collective: a weight broadcast of a large model
 
 
 def import_ray():
@@ -108,7 +112,9 @@ class EngineWorker:
         return SyncTarget.for_engine(self.engine, qmax=qmax)
 
     def generate(self, prompts, params):
-        return self.engine.generate(prompts, params)
+        t0 = time.perf_counter()
+        results = self.engine.generate(prompts, params)
+        return results, time.perf_counter() - t0
 
     def receive(self, version: int, check_equal: bool) -> SyncStats:
         from quantrl.sync.distributed import receive_weights
@@ -129,6 +135,18 @@ class EngineWorker:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@dataclass
+class PendingRollout:
+    """Samples being generated: one Ray reference per engine with a share, and where each share starts."""
+
+    refs: list
+    offsets: list[int]
+
+
+def engine_seed(seed: int, engine: int) -> int:
+    return (seed + engine * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
 def shares(total: int, parts: int) -> list[tuple[int, int]]:
@@ -182,6 +200,7 @@ class RayEngines:
             self._kill()
             raise
         self._store = store  # the rendezvous store lives as long as the world
+        self._outstanding: list = []  # submitted generate calls not yet collected
         self.weight_version = 0
 
     @property
@@ -192,19 +211,34 @@ class RayEngines:
         """The engines' weight format (they are built from one spec, so engine 0 speaks for all)."""
         return self._ray.get(self.workers[0].target.remote(qmax))
 
+    def submit(self, prompts, params) -> PendingRollout:
+        """Start sampling ``prompts`` on the engines and return at once (``collect`` waits for the results).
+
+        Work queues per engine: a ``sync_weights`` issued meanwhile waits for the samples to finish, so
+        they come from the weights the engines held when this was called."""
+        parts = [(a, b) for a, b in shares(len(prompts), self.num_engines) if b > a]
+        refs = []
+        for e, (a, b) in enumerate(parts):
+            p = params if params.seed is None else replace(params, seed=engine_seed(params.seed, e))
+            refs.append(self.workers[e].generate.remote([list(x) for x in prompts[a:b]], p))
+        self._outstanding += refs
+        return PendingRollout(refs, [a for a, _ in parts])
+
+    def collect(self, pending: PendingRollout) -> tuple[list, float]:
+        """(results prompt-major with ``prompt_index`` into the submitted prompts, the slowest engine's seconds)."""
+        results, slowest = [], 0.0
+        for offset, (part, secs) in zip(pending.offsets, self._ray.get(pending.refs)):
+            for r in part:
+                r.prompt_index += offset
+            results += part
+            slowest = max(slowest, secs)
+        done = {r.hex() for r in pending.refs}
+        self._outstanding = [r for r in self._outstanding if r.hex() not in done]
+        return results, slowest
+
     def generate(self, prompts, params):
         """Like ``Engine.generate``: results prompt-major, ``prompt_index`` into ``prompts``."""
-        parts = [(a, b) for a, b in shares(len(prompts), self.num_engines) if b > a]
-        calls = []
-        for e, (a, b) in enumerate(parts):
-            p = params if params.seed is None else replace(params, seed=params.seed + e)
-            calls.append(self.workers[e].generate.remote([list(x) for x in prompts[a:b]], p))
-        results = []
-        for (a, _), part in zip(parts, self._ray.get(calls)):
-            for r in part:
-                r.prompt_index += a
-            results += part
-        return results
+        return self.collect(self.submit(prompts, params))[0]
 
     def sync_weights(self, trainer_model: nn.Module, version: int, *, target: SyncTarget,
                      bucket_bytes: int = DEFAULT_BUCKET_BYTES, check_equal: bool = False,
@@ -216,6 +250,8 @@ class RayEngines:
         """
         from quantrl.sync.distributed import EngineRejected, send_weights
 
+        if self._outstanding:  # let submitted samples finish first: a broadcast must not wait on them
+            self._ray.wait(self._outstanding, num_returns=len(self._outstanding), fetch_local=False)
         t0 = time.perf_counter()
         pending = [w.receive.remote(int(version), check_equal) for w in self.workers]
         error: BaseException | None = None
