@@ -219,3 +219,15 @@ def test_kernels_gate_falls_back_to_the_magic_unpacking(monkeypatch, other_failu
     assert seen == ["bf16x2", "magic"] and notes["w4a16_default_unpack"] == "magic"
     assert notes["bf16x2_failures"] == ["w4a16 4096x4096 M=1: rel error 1.00e+00"]
     assert passed is not other_failure
+
+
+def test_placement_bench_runs_every_placement(tmp_path):
+    pytest.importorskip("ray")
+    proc = subprocess.run([sys.executable, "bench/placement.py", "--device", "cpu", "--num-steps", "2", "--no-write",
+                           "--out", str(tmp_path)], check=False, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, f"placement.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    table = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.split()[:1] and
+             line.split()[0] in ("local", "ray", "ray-async")}  # fmt: skip
+    assert set(table) == {"local", "ray", "ray-async"}
+    assert table["ray-async"][-1] == "1.0" and table["ray"][-1] == "0.0"  # samples one weight version behind

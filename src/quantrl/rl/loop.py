@@ -313,6 +313,7 @@ class RLRun:
         from quantrl.rl.mismatch import mismatch_metrics
 
         cfg, step = self.cfg, self.step_idx + 1
+        t_step = time.perf_counter()
         rollout = self.pending or self._submit(self.dataset.next_batch(cfg.prompts_per_step), self._rollout_params(step))
         self.pending = None
         t_wait = time.perf_counter()
@@ -355,6 +356,7 @@ class RLRun:
         }
         if cfg.async_rollout:
             row["rollout_wait_s"] = wait_s
+        row["step_s"] = time.perf_counter() - t_step  # rollout (or the wait for it) + train + sync
         if torch.cuda.is_available() and dev.type == "cuda":
             row["peak_mem_GB"] = torch.cuda.max_memory_allocated() / 1e9
         else:
