@@ -218,7 +218,6 @@ class RLRun:
                                                kl_coef=cfg.kl_coef, temperature=cfg.temperature))  # fmt: skip
         # the engine: same architecture, the recipe's rollout format, weights from the trainer
         scheme = _engine_scheme(self.recipe.rollout, cfg)
-        engine_model = build_model(self.hf_config, scheme, dtype=torch.bfloat16, device=cfg.device)
         max_len = 512
         batch = cfg.prompts_per_step * cfg.n_samples_per_prompt
         engine_kw = {"kv_cache_tokens": batch * max_len, "max_batch_size": batch,

@@ -61,9 +61,20 @@ class TrainConfig:
             raise ValueError("micro_batch_size must be positive")
 
 
+def _comm_device(group) -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class Trainer:
-    def __init__(self, model: nn.Module, cfg: TrainConfig = TrainConfig()):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: nn.Module, cfg: TrainConfig = TrainConfig(), dp_group=None):
+        """``dp_group``: a ``torch.distributed`` group of data-parallel replicas (None: this process alone).
+        Each replica gets its own rows of every batch; gradients, token counts and metric sums are summed
+        over the group, so every replica takes the same step as one trainer given the whole batch."""
+        self.model, self.cfg, self.dp_group = model, cfg, dp_group
         dtype = next(model.parameters()).dtype
         if cfg.mode == "int4-qat":
             self.swapped = prepare_qat(model, QATConfig(group_size=cfg.qat_group_size, qmax=cfg.qat_qmax, dtype=dtype))
@@ -84,7 +95,7 @@ class Trainer:
         if "loss_mask" not in batch:
             raise KeyError("train_step: batch needs a 'loss_mask' [B, T] marking the tokens that carry loss")
         n = batch["loss_mask"].shape[0]
-        total_tokens = float(batch["loss_mask"].sum())
+        total_tokens = self._dp_sum([float(batch["loss_mask"].sum())])[0]
         if total_tokens <= 0:
             raise ValueError("train_step: loss_mask selects no tokens")
         self.model.train()
@@ -97,11 +108,42 @@ class Trainer:
             loss_total += float(loss_sum.detach())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        if self.dp_group is not None:
+            self._dp_sum_grads()
+            keys = sorted(sums)
+            loss_total, *vals = self._dp_sum([loss_total] + [sums[k] for k in keys])
+            sums = dict(zip(keys, vals))
         grad_norm = self.optimizer.grad_norm_and_clip(self.cfg.grad_clip or None)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.step_count += 1
         return {"loss": loss_total / total_tokens, "grad_norm": grad_norm, "lr": self.optimizer.lr, **sums}
+
+    def _dp_sum(self, values: list[float]) -> list[float]:
+        if self.dp_group is None:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=_comm_device(self.dp_group))
+        dist.all_reduce(t, group=self.dp_group)
+        return t.tolist()
+
+    @torch.no_grad()
+    def _dp_sum_grads(self) -> None:
+        """Sum every gradient over the replicas in one fp32 buffer (each replica already divided by the
+        group's total tokens), written back in the parameters' dtype: every replica ends with the same."""
+        import torch.distributed as dist
+
+        params = self.optimizer.params
+        dev = _comm_device(self.dp_group)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().reshape(-1).to(dev)
+                          for p in params])  # fmt: skip
+        dist.all_reduce(flat, group=self.dp_group)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view(p.shape).to(device=p.device, dtype=p.dtype)
+            offset += n
 
     def bf16_state(self) -> dict[str, torch.Tensor]:
         """HF-named parameters in bf16, tied weights once (as HF saves them)."""
