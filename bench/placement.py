@@ -35,7 +35,7 @@ PLACEMENTS = {
 
 def summarize(rows: list[dict]) -> dict:
     steps = [r for r in rows if "reward" in r][1:]  # step 1 pays start-up costs (and has nothing to overlap)
-    med = lambda key: statistics.median(r.get(key, 0.0) for r in steps)  # noqa: E731
+    med = lambda key: statistics.median(r.get(key, 0.0) for r in steps)
     return {
         "steps_timed": len(steps),
         "step_s_median": med("step_s"),

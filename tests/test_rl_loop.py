@@ -24,7 +24,7 @@ def tiny_model(tmp_path_factory):
 
 
 def cfg(model, run_dir, **kw):
-    base = RLConfig(model=str(model), run_dir=str(run_dir), num_steps=2, prompts_per_step=2, n_samples_per_prompt=3,
+    base = RLConfig(model=str(model) if model else "", run_dir=str(run_dir), num_steps=2, prompts_per_step=2, n_samples_per_prompt=3,
                     max_new_tokens=12, eval_size=4, eval_interval=2, save_interval=2, micro_batch_size=4,
                     difficulty="easy", lr=1e-4, check_weight_update_equal=True)
     return dataclasses.replace(base, **kw)
@@ -183,3 +183,25 @@ def test_placement_flags_are_checked():
         RLConfig(placement="slurm")
     with pytest.raises(ValueError, match="needs --placement ray"):
         RLConfig(rollout_num_engines=2)
+
+
+def test_data_parallel_replicas_take_the_single_trainer_step(tiny_model, tmp_path):
+    """--dp-size 2: two trainer replicas split every batch and stay bit-identical (the replica check of
+    --check-weight-update-equal runs every step); the first step, sampled before any update, matches
+    the single trainer's up to bf16 rounding of the different batch shapes."""
+    pytest.importorskip("ray")
+    # the embedded model: the tiny one solves no problem, so its advantages, and gradients, would be all zero
+    run = functools.partial(cfg, "", placement="ray", threads=1, eval_interval=0, prompts_per_step=4,
+                            n_samples_per_prompt=4, max_new_tokens=48, difficulty="medium")  # fmt: skip
+    one = train(run(tmp_path / "one"), progress=False)
+    two = train(run(tmp_path / "two", dp_size=2), progress=False)
+    assert [r["weight_version"] for r in two] == [1, 2]
+    a, b = one[0], two[0]
+    assert a["reward"] == b["reward"] and a["response_len"] == b["response_len"]  # the same samples
+    assert a["grad_norm"] > 0  # GRPO's first-step loss is ~0 (ratio 1, mean advantage 0); its gradient is not
+    for key in ("grad_norm", "mismatch_abs_mean"):
+        assert abs(a[key] - b[key]) <= 0.05 * abs(a[key]), (key, a[key], b[key])
+    assert b["loss_tokens"] == a["loss_tokens"]  # the replicas' token counts add up to the batch's
+    assert (tmp_path / "two" / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    with pytest.raises(ValueError, match="needs --placement ray"):
+        RLConfig(dp_size=2)

@@ -110,6 +110,8 @@ class RLConfig:
     "--placement ray: the Ray cluster to join ('': $RAY_ADDRESS if set, else a new local Ray instance)"
     async_rollout: bool = False
     "--placement ray: the engines sample step t+1 while step t trains (one step off-policy; --is-mode tis corrects)"
+    dp_size: int = 1
+    "--placement ray: data-parallel trainer replicas, one GPU each (on CPU, --threads CPUs each), each training on its rows of every batch"
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -118,6 +120,13 @@ class RLConfig:
             raise ValueError(f"rollout_num_engines must be >= 1, got {self.rollout_num_engines}")
         if self.placement == "local" and self.rollout_num_engines != 1:
             raise ValueError("--rollout-num-engines > 1 needs --placement ray")
+        if self.dp_size < 1:
+            raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
+        if self.placement == "local" and self.dp_size != 1:
+            raise ValueError("--dp-size > 1 needs --placement ray")
+        if self.dp_size > self.prompts_per_step * self.n_samples_per_prompt:
+            raise ValueError(f"--dp-size {self.dp_size} exceeds the {self.prompts_per_step * self.n_samples_per_prompt} "
+                             "sequences of a step: every replica needs rows")  # fmt: skip
         if self.placement == "local" and self.async_rollout:
             raise ValueError("--async-rollout needs --placement ray (the engines must run beside the trainer)")
 
@@ -180,9 +189,15 @@ def _batch(prompt_ids: list[list[int]], results, pad_id: int) -> dict[str, torch
 
 
 class RLRun:
-    """Everything one run holds; ``step()`` does one RL step, ``run()`` the whole loop."""
+    """Everything one run holds; ``step()`` does one RL step, ``run()`` the whole loop.
 
-    def __init__(self, cfg: RLConfig, progress: bool = True):
+    With ``--placement ray`` and ``world`` given, this is trainer replica ``rank`` of ``world.trainers``.
+    Rank 0 leads: it owns the run directory, the engines, the data, the rewards and the metrics, and it
+    sends every replica the step's batch; each replica computes logprobs and gradients for its rows, and
+    the gradients are summed over the replicas (``Trainer(dp_group=...)``), so all take the same step.
+    """
+
+    def __init__(self, cfg: RLConfig, progress: bool = True, world=None, rank: int = 0):
         from transformers import AutoTokenizer
 
         from quantrl.model import build_model, load_model
@@ -197,8 +212,12 @@ class RLRun:
         self.recipe = get_recipe(cfg.recipe)
         if cfg.cuda_graph and torch.device(cfg.device).type != "cuda":
             raise ValueError(f"--cuda-graph needs --device cuda, got {cfg.device!r}")
+        self.rank, self.lead = rank, rank == 0
+        self.dp = world.trainers if world is not None else 1
+        self.dp_group = None
         self.run_dir = RunDir(cfg.run_dir)
-        self.run_dir.prepare(asdict(cfg), cfg.resume)
+        if self.lead:
+            self.run_dir.prepare(asdict(cfg), cfg.resume)
         resume_from = self.run_dir.latest_checkpoint() if cfg.resume else None
         self.model_dir = Path(cfg.model or default_model_dir())
         weights_dir = resume_from or self.model_dir
@@ -209,25 +228,24 @@ class RLRun:
         # the trainer: bf16 parameters (fp32 masters in the optimizer), the recipe's training mode
         model = load_model(weights_dir, dtype=torch.bfloat16, device=cfg.device).train()
         self.hf_config = json.loads((self.model_dir / "config.json").read_text())
-        self.trainer = Trainer(model, TrainConfig(
-            mode=self.recipe.train_mode, lr=cfg.lr, micro_batch_size=cfg.micro_batch_size, grad_clip=cfg.grad_clip,
-            qat_group_size=cfg.group_size, qat_qmax=cfg.qmax, fp8_param_gather=cfg.fp8_param_gather))  # fmt: skip
-        self.ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
-        is_cfg = ISConfig(cfg.is_mode or None, cfg.is_cap)
-        self.loss_fn = make_loss_fn(GRPOConfig(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, is_cfg=is_cfg,
-                                               kl_coef=cfg.kl_coef, temperature=cfg.temperature))  # fmt: skip
-        # the engine: same architecture, the recipe's rollout format, weights from the trainer
+        # the engines (and, with replicas, the world) come first: the trainer needs the data-parallel group
         scheme = _engine_scheme(self.recipe.rollout, cfg)
         max_len = 512
         batch = cfg.prompts_per_step * cfg.n_samples_per_prompt
         engine_kw = {"kv_cache_tokens": batch * max_len, "max_batch_size": batch,
                      "max_seq_len": max_len if cfg.cuda_graph else None, "use_cuda_graph": cfg.cuda_graph}  # fmt: skip
         self.remote = cfg.placement == "ray"
-        if self.remote:  # this process is the trainer actor; the engines are actors of their own
+        self.engine = None
+        if self.remote and not self.lead:
+            from quantrl.sync.ray_engines import join_world
+
+            self.dp_group, _ = join_world(world, rank)
+        elif self.remote:  # this process is the trainer actor; the engines are actors of their own
             from quantrl.sync.ray_engines import EngineSpec, RayEngines
 
             spec = EngineSpec(self.hf_config, scheme, torch.bfloat16, cfg.device, **engine_kw)
-            self.engine = RayEngines(spec, cfg.rollout_num_engines)
+            self.engine = RayEngines(spec, cfg.rollout_num_engines, world=world)
+            self.dp_group = self.engine.dp_group
             self.sync_target = self.engine.target(qmax=cfg.qmax)  # PTQ too uses --qmax
         else:
             from quantrl.sync.convert import SyncTarget
@@ -235,6 +253,14 @@ class RLRun:
             engine_model = build_model(self.hf_config, scheme, dtype=torch.bfloat16, device=cfg.device)
             self.engine = Engine(engine_model, **engine_kw)
             self.sync_target = SyncTarget.for_engine(self.engine, qmax=cfg.qmax)
+        self.trainer = Trainer(model, TrainConfig(
+            mode=self.recipe.train_mode, lr=cfg.lr, micro_batch_size=cfg.micro_batch_size, grad_clip=cfg.grad_clip,
+            qat_group_size=cfg.group_size, qat_qmax=cfg.qmax, fp8_param_gather=cfg.fp8_param_gather),
+            dp_group=self.dp_group)  # fmt: skip
+        self.ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+        is_cfg = ISConfig(cfg.is_mode or None, cfg.is_cap)
+        self.loss_fn = make_loss_fn(GRPOConfig(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, is_cfg=is_cfg,
+                                               kl_coef=cfg.kl_coef, temperature=cfg.temperature))  # fmt: skip
         self.dataset, self.held_out, self.reward = _task(cfg, self.tok)
         self.step_idx = 0
         self.pending: dict | None = None  # async rollout: the next step's samples, submitted or collected
@@ -245,8 +271,10 @@ class RLRun:
             self.step_idx = state["step"]
             self.pending = state.get("pending_rollout")
             self.trainer.step_count = state["step"]
-            self.run_dir.truncate_metrics(self.step_idx)
-        self._sync(self.step_idx)
+            if self.lead:
+                self.run_dir.truncate_metrics(self.step_idx)
+        if self.lead:
+            self._sync(self.step_idx)
 
     # ---- pieces -----------------------------------------------------------------------------------
     def _sync(self, version: int) -> dict:
@@ -307,12 +335,11 @@ class RLRun:
         return torch.cat([token_logprobs(model, ids[i : i + mb], am[i : i + mb], temperature=t)[0]
                           for i in range(0, ids.shape[0], mb)])  # fmt: skip
 
-    def step(self) -> dict:
-        from quantrl.rl.grpo import group_advantages, reduce_metrics
-        from quantrl.rl.mismatch import mismatch_metrics
+    def _rollout_batch(self, step: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """Lead only: the step's samples (or the wait for them), rewards, advantages, as one batch [B, T]."""
+        from quantrl.rl.grpo import group_advantages
 
-        cfg, step = self.cfg, self.step_idx + 1
-        t_step = time.perf_counter()
+        cfg = self.cfg
         rollout = self.pending or self._submit(self.dataset.next_batch(cfg.prompts_per_step), self._rollout_params(step))
         self.pending = None
         t_wait = time.perf_counter()
@@ -324,24 +351,77 @@ class RLRun:
         rewards = torch.tensor([self.reward(t, prompts[r.prompt_index]) for t, r in zip(texts, results)])
         batch = _batch(prompt_ids, results, self.tok.pad_token_id)
         batch["advantages"] = group_advantages(rewards, cfg.n_samples_per_prompt)
-        dev = torch.device(cfg.device)
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        mask = batch["loss_mask"][:, 1:]
+        return batch, {"results": results, "rewards": rewards, "rollout_s": rollout_s, "wait_s": wait_s}
+
+    def _share_batch(self, batch: dict[str, torch.Tensor] | None):
+        """(the whole batch on the lead, else None; this replica's rows), on the training device."""
+        dev = torch.device(self.cfg.device)
+        if self.dp == 1:
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            return batch, batch
+        import torch.distributed as dist
+
+        from quantrl.sync.distributed import comm_device
+        from quantrl.sync.ray_engines import shares
+
+        box = [batch]
+        dist.broadcast_object_list(box, src=0, group=self.dp_group, device=comm_device(self.dp_group))
+        a, b = shares(box[0]["input_ids"].shape[0], self.dp)[self.rank]
+        mine = {k: v[a:b].to(dev) for k, v in box[0].items()}
+        return ({k: v.to(dev) for k, v in batch.items()} if self.lead else None), mine
+
+    def _gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every replica's rows of ``t`` in rank order (the whole batch's), on the lead."""
+        if self.dp == 1:
+            return t
+        import torch.distributed as dist
+
+        parts = [None] * self.dp
+        dist.all_gather_object(parts, t.cpu(), group=self.dp_group)
+        return torch.cat(parts).to(t.device)
+
+    def _check_replicas_equal(self) -> None:
+        """--check-weight-update-equal with replicas: every replica must hold bit-identical parameters."""
+        import hashlib
+
+        import torch.distributed as dist
+
+        h = hashlib.sha256()
+        for _, p in self.trainer.model.named_parameters():
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digests = [None] * self.dp
+        dist.all_gather_object(digests, h.hexdigest(), group=self.dp_group)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"data-parallel replicas diverged after step {self.step_idx}: parameter digests {digests}")
+
+    def step(self) -> dict:
+        from quantrl.rl.grpo import reduce_metrics
+        from quantrl.rl.mismatch import mismatch_metrics
+
+        cfg, step = self.cfg, self.step_idx + 1
+        t_step = time.perf_counter()
+        batch, info = self._rollout_batch(step) if self.lead else (None, None)
+        batch, mine = self._share_batch(batch)
         with torch.no_grad():
             self.trainer.model.eval()
-            train_logp = self._logprobs(self.trainer.model, batch)
+            train_logp = self._gather_rows(self._logprobs(self.trainer.model, mine))
             if self.ref is not None:
-                batch["ref_logp"] = self._logprobs(self.ref, batch)
-        mismatch = mismatch_metrics(train_logp, batch["rollout_logp"], mask)
+                mine["ref_logp"] = self._logprobs(self.ref, mine)
         t0 = time.perf_counter()
-        train_metrics = reduce_metrics(self.trainer.train_step(batch, self.loss_fn))
+        train_metrics = reduce_metrics(self.trainer.train_step(mine, self.loss_fn))
         train_s = time.perf_counter() - t0
-        sync = self._sync(step)
         self.step_idx = step
+        if cfg.check_weight_update_equal and self.dp > 1:
+            self._check_replicas_equal()
+        if not self.lead:
+            return {"step": step}
+        mismatch = mismatch_metrics(train_logp, batch["rollout_logp"], batch["loss_mask"][:, 1:])
+        sync = self._sync(step)
+        results, rollout_s = info["results"], info["rollout_s"]
         gen_tokens = sum(len(r.tokens) for r in results)
         row = {
             "step": step,
-            "reward": float(rewards.mean()),
+            "reward": float(info["rewards"].mean()),
             **mismatch,
             **{k: v for k, v in train_metrics.items()},
             "response_len": gen_tokens / len(results),
@@ -354,9 +434,9 @@ class RLRun:
             "rollout_weight_version": min(r.weight_version for r in results),
         }
         if cfg.async_rollout:
-            row["rollout_wait_s"] = wait_s
+            row["rollout_wait_s"] = info["wait_s"]
         row["step_s"] = time.perf_counter() - t_step  # rollout (or the wait for it) + train + sync
-        if torch.cuda.is_available() and dev.type == "cuda":
+        if torch.cuda.is_available() and torch.device(cfg.device).type == "cuda":
             row["peak_mem_GB"] = torch.cuda.max_memory_allocated() / 1e9
         else:
             import resource
@@ -386,7 +466,7 @@ class RLRun:
 
     def start(self) -> list[dict]:
         """The step-0 held-out accuracy of a fresh run (logged), or nothing."""
-        if self.step_idx > 0 or not self.cfg.eval_interval:
+        if self.step_idx > 0 or not self.cfg.eval_interval or not self.lead:
             return []
         row0 = {"step": 0, "eval_accuracy": self.evaluate()}
         self.run_dir.append_metrics(row0)
@@ -395,6 +475,8 @@ class RLRun:
     def advance(self) -> dict:
         """One step, logged, and a checkpoint when one is due."""
         row = self.step()
+        if not self.lead:  # the lead logs and checkpoints (replicas hold the same weights and optimizer state)
+            return row
         self.run_dir.append_metrics(row)
         cfg = self.cfg
         if (cfg.save_interval and self.step_idx % cfg.save_interval == 0) or self.step_idx == cfg.num_steps:
@@ -402,9 +484,16 @@ class RLRun:
         return row
 
     def close(self) -> None:
-        """Stop the Ray engines (nothing to do for a local engine)."""
-        if self.remote:
+        """Stop the Ray engines and leave the run's torch.distributed world (nothing to do when local)."""
+        if not self.remote:
+            return
+        if self.engine is not None:
             self.engine.close()
+        else:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     def run(self) -> list[dict]:
         return drive(lambda method: getattr(self, method)(), self.cfg, self.progress)
@@ -441,23 +530,25 @@ def train(cfg: RLConfig, progress: bool = True) -> list[dict]:
 
 
 def train_on_ray(cfg: RLConfig, progress: bool = True) -> list[dict]:
-    """The trainer as a Ray actor (one GPU, or ``threads`` CPUs) that owns the run directory and its engine
-    actors; this process only drives the loop and shows progress. Joins ``cfg.ray_address`` (or
-    ``$RAY_ADDRESS``), or starts a local Ray instance and stops it at the end."""
+    """The trainer replicas as Ray actors (one GPU, or ``threads`` CPUs, each); replica 0 owns the run
+    directory and the engine actors. This process hosts the world's rendezvous store, drives the loop and
+    shows progress. Joins ``cfg.ray_address`` (or ``$RAY_ADDRESS``), or starts a local Ray instance and
+    stops it at the end."""
     import dataclasses
     import os
     import warnings
 
-    from quantrl.sync.ray_engines import check_resources, import_ray
+    from quantrl.sync.ray_engines import check_resources, host_world, import_ray
 
     ray = import_ray()
-    # the actor may not share this process's working directory: hand it absolute paths
+    # the actors may not share this process's working directory: hand them absolute paths
     paths = {k: getattr(cfg, k) for k in ("model", "prompt_data", "eval_data") if getattr(cfg, k)}
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()),
                               **{k: str(Path(v).resolve()) for k, v in paths.items()})  # fmt: skip
     cuda = torch.device(cfg.device).type == "cuda"
     threads = cfg.threads or 1
-    gpus, cpus = (1 + cfg.rollout_num_engines if cuda else 0), threads + cfg.rollout_num_engines
+    trainers, engines = cfg.dp_size, cfg.rollout_num_engines
+    gpus, cpus = (trainers + engines if cuda else 0), trainers * threads + engines
     started = not ray.is_initialized()
     if started:
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
@@ -465,18 +556,25 @@ def train_on_ray(cfg: RLConfig, progress: bool = True) -> list[dict]:
             ray.init(address=address)
         else:  # a local instance: CPU actors may outnumber the cores (they are processes, not reservations)
             ray.init(num_cpus=max(os.cpu_count() or 1, cpus), include_dashboard=False)
+    actors = []
     try:
-        check_resources(ray, gpus=gpus, cpus=cpus, what=f"--placement ray (trainer + {cfg.rollout_num_engines} engine(s))")
-        actor = ray.remote(num_gpus=1 if cuda else 0, num_cpus=threads)(RLRun).remote(
-            dataclasses.replace(cfg, threads=threads), False)  # fmt: skip
-        try:
-            return drive(lambda method: ray.get(getattr(actor, method).remote()), cfg, progress)
-        finally:
-            try:
-                ray.get(actor.close.remote(), timeout=120)
-            except (ray.exceptions.RayError, TimeoutError) as e:  # killing the trainer frees its engines too
-                warnings.warn(f"the trainer actor did not close cleanly ({type(e).__name__}); killing it", stacklevel=2)
-            ray.kill(actor)
+        check_resources(ray, gpus=gpus, cpus=cpus,
+                        what=f"--placement ray ({trainers} trainer replica(s) + {engines} engine(s))")  # fmt: skip
+        world, _store = host_world(trainers, engines, "nccl" if cuda else "gloo")  # the store lives until we return
+        remote_run = ray.remote(num_gpus=1 if cuda else 0, num_cpus=threads)(RLRun)
+        run_cfg = dataclasses.replace(cfg, threads=threads)
+        actors = [remote_run.remote(run_cfg, False, world, rank) for rank in range(trainers)]
+
+        def call(method: str):  # every replica takes part in every step; the lead's answer is the run's
+            return ray.get([getattr(a, method).remote() for a in actors])[0]
+
+        return drive(call, cfg, progress)
     finally:
+        try:
+            ray.get([a.close.remote() for a in actors], timeout=120)
+        except (ray.exceptions.RayError, TimeoutError) as e:  # killing the trainers frees their engines too
+            warnings.warn(f"a trainer actor did not close cleanly ({type(e).__name__}); killing it", stacklevel=2)
+        for a in actors:
+            ray.kill(a)
         if started:
             ray.shutdown()

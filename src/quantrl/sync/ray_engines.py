@@ -79,6 +79,51 @@ class EngineSpec:
     "torch CPU threads in the actor"
 
 
+@dataclass(frozen=True)
+class World:
+    """The ``torch.distributed`` world of a Ray run: trainer ranks [0, trainers), then the engines' ranks."""
+
+    host: str
+    "where the rendezvous store listens"
+    port: int
+    "its port"
+    trainers: int
+    "data-parallel trainer replicas (rank 0 sends the weights)"
+    engines: int
+    "rollout engines"
+    backend: str
+    "nccl | gloo"
+
+    @property
+    def size(self) -> int:
+        return self.trainers + self.engines
+
+
+def host_world(trainers: int, engines: int, backend: str):
+    """Open the world's rendezvous store in this process, on a port the OS picks. Returns (World, store);
+    keep the store alive as long as the world is in use."""
+    import torch.distributed as dist
+
+    host = import_ray().util.get_node_ip_address()
+    store = dist.TCPStore(host, 0, trainers + engines, is_master=True, timeout=RENDEZVOUS_TIMEOUT,
+                          wait_for_workers=False)  # fmt: skip
+    return World(host, store.port, trainers, engines, backend), store
+
+
+def join_world(world: World, rank: int):
+    """Join as ``rank``; returns (data-parallel group, weight-sync group), both None with one trainer (the
+    default group then serves). Every rank of the world must call this: making a group is collective."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore(world.host, world.port, world.size, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
+    dist.init_process_group(world.backend, store=store, rank=rank, world_size=world.size, timeout=RENDEZVOUS_TIMEOUT)
+    if world.trainers == 1:
+        return None, None
+    dp = dist.new_group(list(range(world.trainers)))
+    sync = dist.new_group([0, *range(world.trainers, world.size)])
+    return dp, sync
+
+
 def check_resources(ray, *, gpus: float, cpus: float, what: str) -> None:
     """Refuse up front what the cluster can never place (a Ray actor that does not fit waits forever)."""
     total = ray.cluster_resources()
@@ -100,13 +145,10 @@ class EngineWorker:
         self.engine = Engine(model, kv_cache_tokens=spec.kv_cache_tokens, max_batch_size=spec.max_batch_size,
                              max_seq_len=spec.max_seq_len, use_cuda_graph=spec.use_cuda_graph)  # fmt: skip
 
-    def join(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
-        import torch.distributed as dist
-
-        if backend == "nccl":
+    def join(self, world: World, rank: int) -> None:
+        if world.backend == "nccl":
             torch.cuda.set_device(0)  # the actor's one visible GPU
-        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=RENDEZVOUS_TIMEOUT)
+        _, self.sync_group = join_world(world, rank)
 
     def target(self, qmax: int) -> SyncTarget:
         return SyncTarget.for_engine(self.engine, qmax=qmax)
@@ -119,7 +161,7 @@ class EngineWorker:
     def receive(self, version: int, check_equal: bool) -> SyncStats:
         from quantrl.sync.distributed import receive_weights
 
-        return receive_weights(self.engine, src=0, version=version, check_equal=check_equal)
+        return receive_weights(self.engine, self.sync_group, src=0, version=version, check_equal=check_equal)
 
     def weight_version(self) -> int:
         return self.engine.weight_version
@@ -163,43 +205,43 @@ def shares(total: int, parts: int) -> list[tuple[int, int]]:
 class RayEngines:
     """``num_engines`` engine actors and the ``torch.distributed`` world that feeds them weights."""
 
-    def __init__(self, spec: EngineSpec, num_engines: int = 1, cpus_per_engine: float = 1.0):
+    def __init__(self, spec: EngineSpec, num_engines: int = 1, cpus_per_engine: float = 1.0,
+                 world: World | None = None):  # fmt: skip
+        """``world``: the run's world, this process its rank 0 (other trainer ranks join it themselves);
+        None: a world of this process and the engines, its store hosted here."""
         import torch.distributed as dist
 
         ray = import_ray()
         if num_engines < 1:
             raise ValueError(f"num_engines must be >= 1, got {num_engines}")
+        if world is not None and world.engines != num_engines:
+            raise ValueError(f"the world has {world.engines} engine ranks, asked for {num_engines} engines")
         if dist.is_initialized():
             raise RuntimeError("RayEngines makes this process rank 0 of a new torch.distributed world, "
                                "but one is already initialized here")  # fmt: skip
         if not ray.is_initialized():
             raise RuntimeError("RayEngines needs a connected Ray (ray.init(...)) in this process")
         self._ray = ray
+        self.workers = []
         cuda = torch.device(spec.device).type == "cuda"
         options = {"num_gpus": 1, "num_cpus": 1} if cuda else {"num_gpus": 0, "num_cpus": cpus_per_engine}
         if not cuda:
             spec = replace(spec, threads=max(1, int(cpus_per_engine)))
         check_resources(ray, gpus=num_engines * options["num_gpus"], cpus=num_engines * options["num_cpus"],
                         what=f"{num_engines} rollout engine(s)")  # fmt: skip
+        self._store = None
+        if world is None:
+            world, self._store = host_world(1, num_engines, "nccl" if cuda else "gloo")
         actor = ray.remote(**options)(EngineWorker)
         self.workers = [actor.remote(spec) for _ in range(num_engines)]
         try:  # engines that cannot be built fail here, not as a rendezvous timeout
             ray.get([w.weight_version.remote() for w in self.workers])
-        except BaseException:
-            self._kill()
-            raise
-        self.backend = "nccl" if cuda else "gloo"
-        host = ray.util.get_node_ip_address()
-        world = num_engines + 1
-        store = dist.TCPStore(host, 0, world, is_master=True, timeout=RENDEZVOUS_TIMEOUT, wait_for_workers=False)
-        joined = [w.join.remote(host, store.port, e + 1, world, self.backend) for e, w in enumerate(self.workers)]
-        try:
-            dist.init_process_group(self.backend, store=store, rank=0, world_size=world, timeout=RENDEZVOUS_TIMEOUT)
+            joined = [w.join.remote(world, world.trainers + e) for e, w in enumerate(self.workers)]
+            self.dp_group, self.sync_group = join_world(world, 0)
             ray.get(joined)
         except BaseException:
             self._kill()
             raise
-        self._store = store  # the rendezvous store lives as long as the world
         self._outstanding: list = []  # submitted generate calls not yet collected
         self.weight_version = 0
 
@@ -256,7 +298,7 @@ class RayEngines:
         pending = [w.receive.remote(int(version), check_equal) for w in self.workers]
         error: BaseException | None = None
         try:
-            stats = send_weights(trainer_model, target, src=0, bucket_bytes=bucket_bytes, strict=strict)
+            stats = send_weights(trainer_model, target, self.sync_group, src=0, bucket_bytes=bucket_bytes, strict=strict)
         except (ValueError, TypeError, RuntimeError) as e:
             error = e
         engine_errors = []
