@@ -6,9 +6,14 @@ logprobs (the train policy), which gives the train-rollout mismatch; one optimiz
 policy loss (optionally TIS/MIS-corrected with the rollout logprobs); and the trainer's weights are
 converted to the engine's format and loaded (``quantrl.sync``). Metrics go to ``RUN/metrics.jsonl``.
 
+Placement. ``local``: trainer and engine in this process, one after the other. ``ray``
+(``train_on_ray``): the trainer replicas and the engines are Ray actors in one torch.distributed world
+(``quantrl.sync.ray_engines``); this process only drives ``RLRun``'s methods (``drive``). With
+``--async-rollout`` the engines sample step t+1 while step t trains.
+
 Determinism (what ``--resume`` relies on): the data order is a function of the seed, sampling is seeded
-by (seed, step), and the checkpoint holds the optimizer's fp32 masters and states, so a resumed run
-repeats the uninterrupted one.
+by (seed, step), the checkpoint holds the optimizer's fp32 masters and states and, with async rollout,
+the samples in flight, so a resumed run repeats the uninterrupted one.
 """
 
 from __future__ import annotations

@@ -6,20 +6,23 @@
     results, seconds = engines.collect(pending)              ... and its results
     engines.sync_weights(trainer_model, version, target)     one broadcast, every engine loads it atomically
     engines.close()
+    world, store = host_world(trainers, engines, backend); join_world(world, rank)   the run's world
 
 Placement. Each engine is a Ray actor holding one ``Engine``: one GPU (``num_gpus=1``; Ray sets
 ``CUDA_VISIBLE_DEVICES``, so ``device="cuda"`` is that GPU) or, on CPU, ``cpus_per_engine`` CPUs. The
 process that builds ``RayEngines`` is the trainer: in ``quantrl train --placement ray`` it is itself a Ray
 actor with one GPU, so Ray never hands its GPU to an engine.
 
-Weights. The trainer and the engines form the ``torch.distributed`` world: trainer rank 0, engine ``e``
-rank ``e + 1`` (NCCL on GPU, gloo on CPU). The trainer hosts the rendezvous store on a port the OS picks
-(no race for a free port) at its node's IP, so engines on other nodes reach it. The weight protocol is
-``sync.distributed``'s: the trainer converts bucket by bucket through ``quantrl.formats`` and broadcasts;
-each engine stages the whole update and loads it with one atomic ``update_weights``. A conversion error
-(NaN in a weight) reaches every engine before anything is loaded; an engine that rejects the update keeps
-its previous version and its error is raised here. Since this process group is the default one, the
-trainer process cannot hold another ``torch.distributed`` world (quantrl's trainer is one process).
+Weights. The trainers and the engines form one ``torch.distributed`` world (``World``; NCCL on GPU, gloo
+on CPU): trainer replicas are ranks [0, T), engine ``e`` is rank ``T + e``. With T > 1 two groups are made:
+the replicas' data-parallel group and the weight-sync group {0} + engines (with T = 1 the default group
+serves both). The rendezvous store listens on a port the OS picks (no race for a free port) at its host's
+IP, so ranks on other nodes reach it: ``quantrl train`` hosts it in the driver, a standalone
+``RayEngines(world=None)`` in its own process. The weight protocol is ``sync.distributed``'s: rank 0
+converts bucket by bucket through ``quantrl.formats`` and broadcasts; each engine stages the whole update
+and loads it with one atomic ``update_weights``. A conversion error (NaN in a weight) reaches every
+engine before anything is loaded; an engine that rejects the update keeps its previous version and its
+error is raised here. The world is the default process group, so a process in it cannot hold another.
 
 Rollout. A batch of P prompts is cut into contiguous shares as even as possible, one per engine (engines
 with no share stay idle). Engine ``e`` samples with ``engine_seed(seed, e)`` (engine 0 keeps ``seed``; the
