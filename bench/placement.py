@@ -40,7 +40,9 @@ def summarize(rows: list[dict]) -> dict:
         "steps_timed": len(steps),
         "step_s_median": med("step_s"),
         "rollout_s_median": med("rollout_s"),
-        "rollout_wait_s_median": med("rollout_wait_s") if "rollout_wait_s" in steps[0] else med("rollout_s"),
+        # async: the trainer waits for samples when it collects them, and when the sync lets them finish first
+        "rollout_wait_s_median": statistics.median(r["rollout_wait_s"] + r["sync_rollout_wait_s"] for r in steps)
+        if "rollout_wait_s" in steps[0] else med("rollout_s"),
         "train_s_median": med("train_s"),
         "sync_s_median": med("sync_s"),
         "mismatch_mean": statistics.mean(r["mismatch_abs_mean"] for r in steps),

@@ -6,6 +6,7 @@ bit-identical parameters. Uneven token counts per row make a wrong normalization
 of over the group) visible.
 """
 
+import functools
 import os
 import sys
 from datetime import timedelta
@@ -33,6 +34,7 @@ def _worker(rank: int, world: int, store_file: str) -> None:
         whole = Trainer(tiny(torch.float32), cfg)
         dp = Trainer(tiny(torch.float32), cfg, dp_group=dist.group.WORLD)
         rows = slice(3 * rank, 3 * rank + 3)
+        dp._dp_sum_grads = functools.partial(dp._dp_sum_grads, bucket_elems=20_000)  # several buckets
         for _ in range(STEPS):
             want = whole.train_step(b, lm_loss)
             got = dp.train_step({k: v[rows] for k, v in b.items()}, lm_loss)

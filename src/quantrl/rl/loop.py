@@ -237,6 +237,8 @@ class RLRun:
         scheme = _engine_scheme(self.recipe.rollout, cfg)
         max_len = 512
         batch = cfg.prompts_per_step * cfg.n_samples_per_prompt
+        if cfg.placement == "ray":  # each engine samples about 1/E of the batch
+            batch = -(-cfg.prompts_per_step // cfg.rollout_num_engines) * cfg.n_samples_per_prompt
         engine_kw = {"kv_cache_tokens": batch * max_len, "max_batch_size": batch,
                      "max_seq_len": max_len if cfg.cuda_graph else None, "use_cuda_graph": cfg.cuda_graph}  # fmt: skip
         self.remote = cfg.placement == "ray"
@@ -274,7 +276,8 @@ class RLRun:
             self.trainer.optimizer.load_state_dict(state["optimizer"])
             self.dataset.load_state_dict(state["dataset"])
             self.step_idx = state["step"]
-            self.pending = state.get("pending_rollout")
+            # samples in flight at the checkpoint belong to an async run; a synchronous resume samples afresh
+            self.pending = state.get("pending_rollout") if cfg.async_rollout else None
             self.trainer.step_count = state["step"]
             if self.lead:
                 self.run_dir.truncate_metrics(self.step_idx)
@@ -288,11 +291,14 @@ class RLRun:
         # the int4-qat-bf16-rollout ablation mismatches on purpose: QAT forward, BF16 master weights sampled
         kw = {"target": self.sync_target, "check_equal": self.cfg.check_weight_update_equal,
               "strict": self.cfg.recipe != "int4-qat-bf16-rollout"}  # fmt: skip
-        if self.remote:
-            stats = self.engine.sync_weights(self.trainer.model, version, **kw)
-        else:
+        if not self.remote:
             stats = sync_weights(self.trainer.model, self.engine, version, **kw)
-        return {"sync_s": stats.seconds, "sync_GB_per_s": stats.gb_per_s}
+            return {"sync_s": stats.seconds, "sync_GB_per_s": stats.gb_per_s}
+        stats = self.engine.sync_weights(self.trainer.model, version, **kw)
+        out = {"sync_s": stats.seconds, "sync_GB_per_s": stats.gb_per_s}
+        if self.cfg.async_rollout:  # the sync first waits for the next step's samples: that wait is the rollout's
+            out["sync_rollout_wait_s"] = self.engine.last_wait_s
+        return out
 
     def _sample(self, prompts, params):
         return self._collect(self._submit(prompts, params))
@@ -551,6 +557,8 @@ def train_on_ray(cfg: RLConfig, progress: bool = True) -> list[dict]:
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()),
                               **{k: str(Path(v).resolve()) for k, v in paths.items()})  # fmt: skip
     cuda = torch.device(cfg.device).type == "cuda"
+    if cuda:  # an actor sees only the GPU Ray gave it, as cuda:0
+        cfg = dataclasses.replace(cfg, device="cuda")
     threads = cfg.threads or 1
     trainers, engines = cfg.dp_size, cfg.rollout_num_engines
     gpus, cpus = (trainers + engines if cuda else 0), trainers * threads + engines

@@ -244,8 +244,11 @@ class RayEngines:
             ray.get(joined)
         except BaseException:
             self._kill()
+            if dist.is_initialized():
+                dist.destroy_process_group()
             raise
         self._outstanding: list = []  # submitted generate calls not yet collected
+        self.last_wait_s = 0.0
         self.weight_version = 0
 
     @property
@@ -295,8 +298,10 @@ class RayEngines:
         """
         from quantrl.sync.distributed import EngineRejected, send_weights
 
+        t_wait = time.perf_counter()
         if self._outstanding:  # let submitted samples finish first: a broadcast must not wait on them
             self._ray.wait(self._outstanding, num_returns=len(self._outstanding), fetch_local=False)
+        self.last_wait_s = time.perf_counter() - t_wait  # the trainer waiting for samples, not syncing
         t0 = time.perf_counter()
         pending = [w.receive.remote(int(version), check_equal) for w in self.workers]
         error: BaseException | None = None
@@ -310,9 +315,13 @@ class RayEngines:
                 self._ray.get(ref)
             except self._ray.exceptions.RayTaskError as ex:
                 engine_errors.append(f"engine {e}: {ex.cause if ex.cause is not None else ex}")
+            except self._ray.exceptions.RayError as ex:  # a dead engine: no update can reach it any more
+                engine_errors.append(f"engine {e} is gone: {ex}")
         if isinstance(error, EngineRejected) or (error is None and engine_errors):
-            raise EngineRejected("weight sync to the Ray engines was rejected (an engine that rejected it keeps its "
-                                 "previous weights and version): " + "; ".join(engine_errors)) from error  # fmt: skip
+            raise EngineRejected(f"weight sync of version {version} to the Ray engines failed: an engine that rejected it "
+                                 f"keeps its previous weights, the others named no error and hold version {version} "
+                                 "(the engines now disagree: sync again before sampling): "
+                                 + "; ".join(engine_errors)) from error  # fmt: skip
         if error is not None:  # the trainer could not convert: every engine was told and loaded nothing
             raise error
         self.weight_version = int(version)

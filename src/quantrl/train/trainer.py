@@ -129,21 +129,33 @@ class Trainer:
         return t.tolist()
 
     @torch.no_grad()
-    def _dp_sum_grads(self) -> None:
-        """Sum every gradient over the replicas in one fp32 buffer (each replica already divided by the
-        group's total tokens), written back in the parameters' dtype: every replica ends with the same."""
+    def _dp_sum_grads(self, bucket_elems: int = 1 << 26) -> None:
+        """Sum every gradient over the replicas (each replica already divided by the group's total tokens)
+        in fp32 buckets of at most ``bucket_elems`` elements (256 MB), written back in the parameters'
+        dtype: every replica ends with the same. A parameter no replica has a gradient for keeps None."""
         import torch.distributed as dist
 
         params = self.optimizer.params
         dev = _comm_device(self.dp_group)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().reshape(-1).to(dev)
-                          for p in params])  # fmt: skip
-        dist.all_reduce(flat, group=self.dp_group)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view(p.shape).to(device=p.device, dtype=p.dtype)
-            offset += n
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=dev)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self.dp_group)
+        live = [p for p, h in zip(params, has.tolist()) if h]
+        i = 0
+        while i < len(live):
+            bucket, size = [], 0
+            while i < len(live) and (not bucket or size + live[i].numel() <= bucket_elems):
+                bucket.append(live[i])
+                size += live[i].numel()
+                i += 1
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().reshape(-1).to(dev)
+                              for p in bucket])  # fmt: skip
+            dist.all_reduce(flat, group=self.dp_group)
+            offset = 0
+            for p in bucket:
+                n = p.numel()
+                p.grad = flat[offset : offset + n].view(p.shape).to(device=p.device, dtype=p.dtype)
+                offset += n
+            del flat
 
     def bf16_state(self) -> dict[str, torch.Tensor]:
         """HF-named parameters in bf16, tied weights once (as HF saves them)."""
