@@ -69,10 +69,10 @@ def test_crash_mid_step_keeps_the_last_checkpoint(tiny_model, tmp_path, monkeypa
     run = RLRun(cfg(tiny_model, tmp_path / "r", num_steps=4), progress=False)
     real_step = RLRun.step
 
-    def dying_step(self):
+    def dying_step(self, *args):
         if self.step_idx == 2:
             raise KeyboardInterrupt("simulated crash in step 3")
-        return real_step(self)
+        return real_step(self, *args)
 
     monkeypatch.setattr(RLRun, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
@@ -205,3 +205,14 @@ def test_data_parallel_replicas_take_the_single_trainer_step(tiny_model, tmp_pat
     assert (tmp_path / "two" / "checkpoints" / "latest").read_text().strip() == "step_000002"
     with pytest.raises(ValueError, match="needs --placement ray"):
         RLConfig(dp_size=2)
+
+
+def test_ray_run_refuses_a_used_run_dir_before_starting_actors(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    import ray
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "metrics.jsonl").write_text("{}\n")
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a run that cannot run"))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg(tiny_model, tmp_path / "x", placement="ray"), progress=False)

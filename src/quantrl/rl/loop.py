@@ -364,32 +364,28 @@ class RLRun:
         batch["advantages"] = group_advantages(rewards, cfg.n_samples_per_prompt)
         return batch, {"results": results, "rewards": rewards, "rollout_s": rollout_s, "wait_s": wait_s}
 
-    def _share_batch(self, batch: dict[str, torch.Tensor] | None):
-        """(the whole batch on the lead, else None; this replica's rows), on the training device."""
-        dev = torch.device(self.cfg.device)
-        if self.dp == 1:
-            batch = {k: v.to(dev) for k, v in batch.items()}
-            return batch, batch
-        import torch.distributed as dist
+    def prepare_batch(self) -> dict[str, torch.Tensor]:
+        """Lead, with replicas: sample and score the next step; the driver hands the batch to every replica
+        (``advance(batch)``), so no replica sits in a collective while the lead samples."""
+        self._prepared = self._rollout_batch(self.step_idx + 1)
+        return self._prepared[0]
 
-        from quantrl.sync.distributed import comm_device
+    def _my_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This replica's rows of the step's batch [B, T], on the training device."""
         from quantrl.sync.ray_engines import shares
 
-        box = [batch]
-        dist.broadcast_object_list(box, src=0, group=self.dp_group, device=comm_device(self.dp_group))
-        a, b = shares(box[0]["input_ids"].shape[0], self.dp)[self.rank]
-        mine = {k: v[a:b].to(dev) for k, v in box[0].items()}
-        return ({k: v.to(dev) for k, v in batch.items()} if self.lead else None), mine
+        a, b = shares(batch["input_ids"].shape[0], self.dp)[self.rank]
+        return {k: v[a:b].to(self.cfg.device) for k, v in batch.items()}
 
-    def _gather_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """Every replica's rows of ``t`` in rank order (the whole batch's), on the lead."""
+    def _gather_rows(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Every replica's rows of ``t`` in rank order (the whole batch's) on the lead; None elsewhere."""
         if self.dp == 1:
             return t
         import torch.distributed as dist
 
-        parts = [None] * self.dp
-        dist.all_gather_object(parts, t.cpu(), group=self.dp_group)
-        return torch.cat(parts).to(t.device)
+        parts = [None] * self.dp if self.lead else None
+        dist.gather_object(t.cpu(), parts, dst=0, group=self.dp_group)
+        return torch.cat(parts).to(t.device) if self.lead else None
 
     def _check_replicas_equal(self) -> None:
         """--check-weight-update-equal with replicas: every replica must hold bit-identical parameters."""
@@ -405,14 +401,22 @@ class RLRun:
         if len(set(digests)) != 1:
             raise RuntimeError(f"data-parallel replicas diverged after step {self.step_idx}: parameter digests {digests}")
 
-    def step(self) -> dict:
+    def step(self, batch: dict[str, torch.Tensor] | None = None) -> dict:
+        """One RL step. With replicas, ``batch`` is the one the lead's ``prepare_batch`` made."""
         from quantrl.rl.grpo import reduce_metrics
         from quantrl.rl.mismatch import mismatch_metrics
 
         cfg, step = self.cfg, self.step_idx + 1
         t_step = time.perf_counter()
-        batch, info = self._rollout_batch(step) if self.lead else (None, None)
-        batch, mine = self._share_batch(batch)
+        if self.dp == 1:
+            batch, info = self._rollout_batch(step)
+        elif batch is None:
+            raise ValueError("with data-parallel replicas every step needs the lead's prepare_batch() batch")
+        else:
+            info = self._prepared[1] if self.lead else None
+        mine = self._my_rows(batch)
+        if self.lead:
+            batch = {k: v.to(cfg.device) for k, v in batch.items()}
         with torch.no_grad():
             self.trainer.model.eval()
             train_logp = self._gather_rows(self._logprobs(self.trainer.model, mine))
@@ -483,9 +487,9 @@ class RLRun:
         self.run_dir.append_metrics(row0)
         return [row0]
 
-    def advance(self) -> dict:
+    def advance(self, batch: dict[str, torch.Tensor] | None = None) -> dict:
         """One step, logged, and a checkpoint when one is due."""
-        row = self.step()
+        row = self.step(batch)
         if not self.lead:  # the lead logs and checkpoints (replicas hold the same weights and optimizer state)
             return row
         self.run_dir.append_metrics(row)
@@ -556,6 +560,7 @@ def train_on_ray(cfg: RLConfig, progress: bool = True) -> list[dict]:
     paths = {k: getattr(cfg, k) for k in ("model", "prompt_data", "eval_data") if getattr(cfg, k)}
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()),
                               **{k: str(Path(v).resolve()) for k, v in paths.items()})  # fmt: skip
+    RunDir(cfg.run_dir).check_usable(cfg.resume)  # before any actor starts (the lead checks again)
     cuda = torch.device(cfg.device).type == "cuda"
     if cuda:  # an actor sees only the GPU Ray gave it, as cuda:0
         cfg = dataclasses.replace(cfg, device="cuda")
@@ -579,7 +584,8 @@ def train_on_ray(cfg: RLConfig, progress: bool = True) -> list[dict]:
         actors = [remote_run.remote(run_cfg, False, world, rank) for rank in range(trainers)]
 
         def call(method: str):  # every replica takes part in every step; the lead's answer is the run's
-            return ray.get([getattr(a, method).remote() for a in actors])[0]
+            args = (actors[0].prepare_batch.remote(),) if method == "advance" and trainers > 1 else ()
+            return ray.get([getattr(a, method).remote(*args) for a in actors])[0]
 
         return drive(call, cfg, progress)
     finally:

@@ -22,9 +22,12 @@ class RunDir:
         self.ckpt_root = self.path / "checkpoints"
         self.metrics_path = self.path / "metrics.jsonl"
 
-    def prepare(self, config: dict, resume: bool) -> None:
+    def check_usable(self, resume: bool) -> None:
         if self.path.exists() and any(self.path.iterdir()) and not resume:
             raise FileExistsError(f"run directory {self.path} is not empty: pass --resume to continue it, or choose another")
+
+    def prepare(self, config: dict, resume: bool) -> None:
+        self.check_usable(resume)
         self.ckpt_root.mkdir(parents=True, exist_ok=True)
         if not resume or not (self.path / "config.json").exists():
             (self.path / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
