@@ -30,17 +30,11 @@ from torch import nn
 from quantrl.sync.buckets import DEFAULT_BUCKET_BYTES, flatten_bucket, iter_buckets, nbytes, unflatten_bucket
 from quantrl.sync.convert import SyncError, SyncTarget, check_compatible, check_complete, engine_tensors, trainer_params
 from quantrl.sync.in_process import SyncStats, _device
+from quantrl.train.trainer import comm_device
 
 
 class EngineRejected(RuntimeError):
     """The trainer sent a complete update, and an engine rank refused to load it (its own error says why)."""
-
-
-def comm_device(group=None) -> torch.device:
-    """Where a backend's buffers live: the current CUDA device for NCCL, the CPU otherwise."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _broadcast_object(obj, src: int, group, device: torch.device):

@@ -61,7 +61,8 @@ class TrainConfig:
             raise ValueError("micro_batch_size must be positive")
 
 
-def _comm_device(group) -> torch.device:
+def comm_device(group=None) -> torch.device:
+    """Where a backend's buffers live: the current CUDA device for NCCL, the CPU otherwise."""
     import torch.distributed as dist
 
     if dist.get_backend(group) == "nccl":
@@ -124,7 +125,7 @@ class Trainer:
             return values
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64, device=_comm_device(self.dp_group))
+        t = torch.tensor(values, dtype=torch.float64, device=comm_device(self.dp_group))
         dist.all_reduce(t, group=self.dp_group)
         return t.tolist()
 
@@ -136,7 +137,7 @@ class Trainer:
         import torch.distributed as dist
 
         params = self.optimizer.params
-        dev = _comm_device(self.dp_group)
+        dev = comm_device(self.dp_group)
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=dev)
         dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self.dp_group)
         live = [p for p, h in zip(params, has.tolist()) if h]
