@@ -364,18 +364,15 @@ class RLRun:
         batch["advantages"] = group_advantages(rewards, cfg.n_samples_per_prompt)
         return batch, {"results": results, "rewards": rewards, "rollout_s": rollout_s, "wait_s": wait_s}
 
-    def prepare_batch(self) -> dict[str, torch.Tensor]:
-        """Lead, with replicas: sample and score the next step; the driver hands the batch to every replica
-        (``advance(batch)``), so no replica sits in a collective while the lead samples."""
-        self._prepared = self._rollout_batch(self.step_idx + 1)
-        return self._prepared[0]
-
-    def _my_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This replica's rows of the step's batch [B, T], on the training device."""
+    def prepare_batch(self) -> tuple[dict[str, torch.Tensor], ...]:
+        """Lead, with replicas: sample and score the next step; returns every replica's rows of the batch,
+        in rank order, which the driver hands out (``advance(rows)``), so no replica sits in a collective
+        while the lead samples, and none receives more than its rows."""
         from quantrl.sync.ray_engines import shares
 
-        a, b = shares(batch["input_ids"].shape[0], self.dp)[self.rank]
-        return {k: v[a:b].to(self.cfg.device) for k, v in batch.items()}
+        self._prepared = self._rollout_batch(self.step_idx + 1)
+        batch = self._prepared[0]
+        return tuple({k: v[a:b] for k, v in batch.items()} for a, b in shares(batch["input_ids"].shape[0], self.dp))
 
     def _gather_rows(self, t: torch.Tensor) -> torch.Tensor | None:
         """Every replica's rows of ``t`` in rank order (the whole batch's) on the lead; None elsewhere."""
@@ -401,8 +398,8 @@ class RLRun:
         if len(set(digests)) != 1:
             raise RuntimeError(f"data-parallel replicas diverged after step {self.step_idx}: parameter digests {digests}")
 
-    def step(self, batch: dict[str, torch.Tensor] | None = None) -> dict:
-        """One RL step. With replicas, ``batch`` is the one the lead's ``prepare_batch`` made."""
+    def step(self, rows: dict[str, torch.Tensor] | None = None) -> dict:
+        """One RL step. With replicas, ``rows`` are this replica's rows of the lead's ``prepare_batch``."""
         from quantrl.rl.grpo import reduce_metrics
         from quantrl.rl.mismatch import mismatch_metrics
 
@@ -410,11 +407,12 @@ class RLRun:
         t_step = time.perf_counter()
         if self.dp == 1:
             batch, info = self._rollout_batch(step)
-        elif batch is None:
-            raise ValueError("with data-parallel replicas every step needs the lead's prepare_batch() batch")
+            rows = batch
+        elif rows is None:
+            raise ValueError("with data-parallel replicas every step needs its rows of the lead's prepare_batch()")
         else:
-            info = self._prepared[1] if self.lead else None
-        mine = self._my_rows(batch)
+            batch, info = self._prepared if self.lead else (None, None)
+        mine = {k: v.to(cfg.device) for k, v in rows.items()}
         if self.lead:
             batch = {k: v.to(cfg.device) for k, v in batch.items()}
         with torch.no_grad():
@@ -487,9 +485,9 @@ class RLRun:
         self.run_dir.append_metrics(row0)
         return [row0]
 
-    def advance(self, batch: dict[str, torch.Tensor] | None = None) -> dict:
+    def advance(self, rows: dict[str, torch.Tensor] | None = None) -> dict:
         """One step, logged, and a checkpoint when one is due."""
-        row = self.step(batch)
+        row = self.step(rows)
         if not self.lead:  # the lead logs and checkpoints (replicas hold the same weights and optimizer state)
             return row
         self.run_dir.append_metrics(row)
@@ -584,8 +582,10 @@ def train_on_ray(cfg: RLConfig, progress: bool = True) -> list[dict]:
         actors = [remote_run.remote(run_cfg, False, world, rank) for rank in range(trainers)]
 
         def call(method: str):  # every replica takes part in every step; the lead's answer is the run's
-            args = (actors[0].prepare_batch.remote(),) if method == "advance" and trainers > 1 else ()
-            return ray.get([getattr(a, method).remote(*args) for a in actors])[0]
+            if method == "advance" and trainers > 1:
+                rows = actors[0].prepare_batch.options(num_returns=trainers).remote()  # one ref per replica
+                return ray.get([a.advance.remote(r) for a, r in zip(actors, rows)])[0]
+            return ray.get([getattr(a, method).remote() for a in actors])[0]
 
         return drive(call, cfg, progress)
     finally:
