@@ -544,14 +544,14 @@ def train(cfg: RLConfig, progress: bool = True) -> list[dict]:
 
 def train_on_ray(cfg: RLConfig, progress: bool = True) -> list[dict]:
     """The trainer replicas as Ray actors (one GPU, or ``threads`` CPUs, each); replica 0 owns the run
-    directory and the engine actors. This process hosts the world's rendezvous store, drives the loop and
-    shows progress. Joins ``cfg.ray_address`` (or ``$RAY_ADDRESS``), or starts a local Ray instance and
+    directory and the engine actors. A ``Rendezvous`` actor hosts the world's store; this process drives
+    the loop and shows progress. Joins ``cfg.ray_address`` (or ``$RAY_ADDRESS``), or starts a local Ray instance and
     stops it at the end."""
     import dataclasses
     import os
     import warnings
 
-    from quantrl.sync.ray_engines import check_resources, host_world, import_ray
+    from quantrl.sync.ray_engines import Rendezvous, check_resources, import_ray
 
     ray = import_ray()
     # the actors may not share this process's working directory: hand them absolute paths
@@ -572,28 +572,30 @@ def train_on_ray(cfg: RLConfig, progress: bool = True) -> list[dict]:
             ray.init(address=address)
         else:  # a local instance: CPU actors may outnumber the cores (they are processes, not reservations)
             ray.init(num_cpus=max(os.cpu_count() or 1, cpus), include_dashboard=False)
-    actors = []
+    replicas, rendezvous = [], None
     try:
         check_resources(ray, gpus=gpus, cpus=cpus,
                         what=f"--placement ray ({trainers} trainer replica(s) + {engines} engine(s))")  # fmt: skip
-        world, _store = host_world(trainers, engines, "nccl" if cuda else "gloo")  # the store lives until we return
+        rendezvous = ray.remote(num_cpus=0)(Rendezvous).remote()  # hosts the world's store until we return
+        world = ray.get(rendezvous.open.remote(trainers, engines, "nccl" if cuda else "gloo"))
         remote_run = ray.remote(num_gpus=1 if cuda else 0, num_cpus=threads)(RLRun)
         run_cfg = dataclasses.replace(cfg, threads=threads)
-        actors = [remote_run.remote(run_cfg, False, world, rank) for rank in range(trainers)]
+        replicas = [remote_run.remote(run_cfg, False, world, rank) for rank in range(trainers)]
 
         def call(method: str):  # every replica takes part in every step; the lead's answer is the run's
             if method == "advance" and trainers > 1:
-                rows = actors[0].prepare_batch.options(num_returns=trainers).remote()  # one ref per replica
-                return ray.get([a.advance.remote(r) for a, r in zip(actors, rows)])[0]
-            return ray.get([getattr(a, method).remote() for a in actors])[0]
+                rows = replicas[0].prepare_batch.options(num_returns=trainers).remote()  # one ref per replica
+                return ray.get([a.advance.remote(r) for a, r in zip(replicas, rows)])[0]
+            return ray.get([getattr(a, method).remote() for a in replicas])[0]
 
         return drive(call, cfg, progress)
     finally:
         try:
-            ray.get([a.close.remote() for a in actors], timeout=120)
+            ray.get([a.close.remote() for a in replicas], timeout=120)
         except (ray.exceptions.RayError, TimeoutError) as e:  # killing the trainers frees their engines too
             warnings.warn(f"a trainer actor did not close cleanly ({type(e).__name__}); killing it", stacklevel=2)
-        for a in actors:
-            ray.kill(a)
+        for a in [*replicas, rendezvous]:
+            if a is not None:
+                ray.kill(a)
         if started:
             ray.shutdown()

@@ -17,7 +17,7 @@ Weights. The trainers and the engines form one ``torch.distributed`` world (``Wo
 on CPU): trainer replicas are ranks [0, T), engine ``e`` is rank ``T + e``. With T > 1 two groups are made:
 the replicas' data-parallel group and the weight-sync group {0} + engines (with T = 1 the default group
 serves both). The rendezvous store listens on a port the OS picks (no race for a free port) at its host's
-IP, so ranks on other nodes reach it: ``quantrl train`` hosts it in the driver, a standalone
+IP, so ranks on other nodes reach it: ``quantrl train`` hosts it in a ``Rendezvous`` actor, a standalone
 ``RayEngines(world=None)`` in its own process. The weight protocol is ``sync.distributed``'s: rank 0
 converts bucket by bucket through ``quantrl.formats`` and broadcasts; each engine stages the whole update
 and loads it with one atomic ``update_weights``. A conversion error (NaN in a weight) reaches every
@@ -111,6 +111,15 @@ def host_world(trainers: int, engines: int, backend: str):
     store = dist.TCPStore(host, 0, trainers + engines, is_master=True, timeout=RENDEZVOUS_TIMEOUT,
                           wait_for_workers=False)  # fmt: skip
     return World(host, store.port, trainers, engines, backend), store
+
+
+class Rendezvous:
+    """A CPU-less Ray actor that hosts a world's store inside the cluster, so the process driving a run
+    (a laptop over ``ray://``, say) need not be reachable from the nodes."""
+
+    def open(self, trainers: int, engines: int, backend: str) -> World:
+        world, self._store = host_world(trainers, engines, backend)
+        return world
 
 
 def join_world(world: World, rank: int):
