@@ -197,9 +197,10 @@ class RLRun:
     """Everything one run holds; ``step()`` does one RL step, ``run()`` the whole loop.
 
     With ``--placement ray`` and ``world`` given, this is trainer replica ``rank`` of ``world.trainers``.
-    Rank 0 leads: it owns the run directory, the engines, the data, the rewards and the metrics, and it
-    sends every replica the step's batch; each replica computes logprobs and gradients for its rows, and
-    the gradients are summed over the replicas (``Trainer(dp_group=...)``), so all take the same step.
+    Rank 0 leads: it owns the run directory, the engines, the data, the rewards and the metrics; its
+    ``prepare_batch`` cuts each step's batch into one share of rows per replica, which the driver hands
+    out. Each replica computes logprobs and gradients for its rows, and the gradients are summed over the
+    replicas (``Trainer(dp_group=...)``), so all take the same step.
     """
 
     def __init__(self, cfg: RLConfig, progress: bool = True, world=None, rank: int = 0):
@@ -413,7 +414,9 @@ class RLRun:
         else:
             batch, info = self._prepared if self.lead else (None, None)
         mine = {k: v.to(cfg.device) for k, v in rows.items()}
-        if self.lead:
+        if self.dp == 1:
+            batch = mine  # the same tensors: move them to the device once
+        elif self.lead:
             batch = {k: v.to(cfg.device) for k, v in batch.items()}
         with torch.no_grad():
             self.trainer.model.eval()
