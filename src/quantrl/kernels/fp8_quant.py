@@ -69,7 +69,7 @@ def _fp8_block_quant_kernel(
 
 @triton.jit
 def _fp8_act_quant_2d_kernel(
-    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, n_kg, n_mg,
+    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm,
     GROUP: tl.constexpr, UE8M0: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -179,7 +179,7 @@ def quantize_fp8_activation_2d_triton(
     st = torch.empty(n_mg, k, dtype=torch.float32, device=x.device).t()
     if m and k:
         _fp8_act_quant_2d_kernel[(n_mg, n_kg)](x, q.view(torch.uint8), s, qt.view(torch.uint8), st, m, k,
-                                               x.stride(0), n_kg, n_mg, GROUP=group_size,
+                                               x.stride(0), GROUP=group_size,
                                                UE8M0=scale_fmt == "ue8m0", NATIVE=native_default(native),
                                                num_warps=8 if group_size >= 128 else 4)  # fmt: skip
     if check:
