@@ -438,7 +438,7 @@ def bench_sweep(device, timer: Timer, shapes: dict, ms: tuple[int, ...], configs
         for m in ms:
             x = rand((m, k), torch.bfloat16, device, m, 0.5)
             default = pick_config(m, n, k, sm_count(device))
-            for cfg in (c for c in configs if m <= 16 or c.bm > 16):  # larger M: the mma tiles that fit it
+            for cfg in (c for c in configs if m <= 16 or (c.path == "mma" and c.bm > 16)):  # larger M: the mma tiles that fit it
                 t = timer([lambda qt=qt, st=st, x=x, cfg=cfg: w4a16_gemm(x, qt, st, GROUP, None, cfg) for qt, st in ws])
                 rows.append({"shape": name, "m": m, "config": repr(cfg), "default": repr(default), "time_s": t,
                              "pct_bw": pct_bw(w4a16_bytes(m, n, k), t, bw)})  # fmt: skip
