@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 VOCAB = 300
 COMMON = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=256)
@@ -38,8 +46,25 @@ def mistral_config(**kw):
     return MistralConfig(**{**COMMON, **base, **kw})
 
 
+def qwen3_moe_config(**kw):
+    # three layers: MoE, dense (mlp_only_layers), MoE; 6 experts, top-2, renormalised
+    base = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_experts=6, num_experts_per_tok=2,
+                norm_topk_prob=True, mlp_only_layers=[1], num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                tie_word_embeddings=False)  # fmt: skip
+    return Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 3, **base, **kw})
+
+
+def qwen2_moe_config(**kw):
+    # MoE on every second layer (decoder_sparse_step=2), top-3 of 5 without renormalisation, a shared expert
+    base = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=80,
+                num_experts=5, num_experts_per_tok=3, decoder_sparse_step=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    return Qwen2MoeConfig(**{**COMMON, **base, **kw})
+
+
 def save_model(config, path: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
-    """Random-init HF model saved as safetensors; norms and biases randomised so that loading them matters."""
+    """Random-init HF model saved as safetensors; norms and biases randomised so that loading them matters,
+    MoE routers scaled up so that routing is far from uniform (the top-k choice then decides the output)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -47,6 +72,8 @@ def save_model(config, path: Path, dtype: torch.dtype = torch.float32, seed: int
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+            elif name.endswith("mlp.gate.weight"):
                 p.normal_(0.0, 0.5)
     model.to(dtype).save_pretrained(path)
     return path

@@ -1,8 +1,10 @@
 """``ModelConfig``: the few numbers our decoder needs, read from a HF ``config.json`` dict.
 
 Supported families: Qwen3 (q/k RMSNorm, ``attention_bias`` on all four projections), Qwen2 (bias on
-q/k/v, none on o), Llama (``attention_bias``, ``mlp_bias``, Llama-3 ``rope_scaling``) and Mistral
-(sliding-window attention). Anything else is refused by name rather than run subtly wrong.
+q/k/v, none on o), Llama (``attention_bias``, ``mlp_bias``, Llama-3 ``rope_scaling``), Mistral
+(sliding-window attention), and the mixture-of-experts Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B) and
+Qwen2-MoE (with its sigmoid-gated shared expert). Anything else is refused by name rather than run
+subtly wrong.
 
 Both config dialects are read: transformers 5 writes ``rope_parameters`` (with ``rope_theta`` inside),
 transformers 4 writes ``rope_theta`` and ``rope_scaling`` at the top level.
@@ -13,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "qwen2_moe")
+QK_NORM_TYPES = ("qwen3", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -36,7 +39,7 @@ class RopeConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     model_type: str
-    "qwen3 | qwen2 | llama | mistral"
+    "qwen3 | qwen2 | llama | mistral | qwen3_moe | qwen2_moe"
     vocab_size: int
     "rows of the embedding and of lm_head"
     hidden_size: int
@@ -73,6 +76,18 @@ class ModelConfig:
     "per layer: full_attention | sliding_attention"
     eos_token_ids: tuple[int, ...] = ()
     "end-of-sequence ids from the config (default stop tokens for the CLI)"
+    num_experts: int = 0
+    "routed experts per MoE layer (0: a dense model)"
+    num_experts_per_tok: int = 0
+    "experts each token is routed to (top-k)"
+    moe_intermediate_size: int = 0
+    "SwiGLU inner width of one routed expert"
+    norm_topk_prob: bool = False
+    "renormalise the top-k router probabilities to sum to 1"
+    shared_expert_intermediate_size: int = 0
+    "Qwen2-MoE: inner width of the always-on expert (0: none), scaled by sigmoid(shared_expert_gate(x))"
+    moe_layers: tuple[bool, ...] = ()
+    "per layer: MoE block (True) or dense MLP; empty means all dense"
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -81,6 +96,15 @@ class ModelConfig:
             )
         if len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        if self.moe_layers and len(self.moe_layers) != self.num_layers:
+            raise ValueError(f"moe_layers has {len(self.moe_layers)} entries for {self.num_layers} layers")
+        if any(self.moe_layers) and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]"
+            )
+
+    def is_moe(self, layer: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[layer]
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window is not None and self.layer_types[layer] == "sliding_attention"
@@ -100,6 +124,7 @@ class ModelConfig:
         attn_bias = bool(d.get("attention_bias", False))
         window, layer_types = _attention_layout(mt, d, layers)
         eos = d.get("eos_token_id")
+        moe = _moe_fields(mt, d, layers)
         return cls(
             model_type=mt,
             vocab_size=int(d["vocab_size"]),
@@ -113,14 +138,37 @@ class ModelConfig:
             rope=_rope(d),
             max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=True if mt == "qwen2" else attn_bias,  # Qwen2 hard-codes q/k/v bias, o without
-            o_bias=False if mt == "qwen2" else attn_bias,
+            # Qwen2 hard-codes q/k/v bias and o without; Qwen2-MoE makes the q/k/v bias a field
+            qkv_bias={"qwen2": True, "qwen2_moe": bool(d.get("qkv_bias", True))}.get(mt, attn_bias),
+            o_bias=False if mt in ("qwen2", "qwen2_moe") else attn_bias,
             mlp_bias=bool(d.get("mlp_bias", False)),
-            qk_norm=mt == "qwen3",
+            qk_norm=mt in QK_NORM_TYPES,
             sliding_window=window,
             layer_types=layer_types,
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
+            **moe,
         )
+
+
+def _moe_fields(mt: str, d: dict[str, Any], layers: int) -> dict[str, Any]:
+    """The MoE fields as transformers' Qwen2-MoE / Qwen3-MoE resolve them (hub configs say ``num_experts``,
+    transformers 5 writes ``num_local_experts``). A layer is MoE unless listed in ``mlp_only_layers`` or
+    off the ``decoder_sparse_step`` grid."""
+    if not mt.endswith("_moe"):
+        return {}
+    if d.get("use_sliding_window"):  # each MoE family has its own layer rule; refuse rather than guess
+        raise ValueError(f"{mt}: use_sliding_window is not supported")
+    experts = int(d.get("num_experts", d.get("num_local_experts", 0)) or 0)
+    step, dense_only = int(d.get("decoder_sparse_step", 1)), set(d.get("mlp_only_layers") or ())
+    moe_layers = tuple(experts > 0 and i not in dense_only and (i + 1) % step == 0 for i in range(layers))
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=int(d.get("num_experts_per_tok", 0)),
+        moe_intermediate_size=int(d["moe_intermediate_size"]),
+        norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size", 0)) if mt == "qwen2_moe" else 0,
+        moe_layers=moe_layers,
+    )
 
 
 def _rope(d: dict[str, Any]) -> RopeConfig:

@@ -1,9 +1,10 @@
-"""One decoder for the Qwen3 / Qwen2 / Llama / Mistral family, used by the trainer and the engine.
+"""One decoder for the Qwen3 / Qwen2 / Llama / Mistral family and Qwen3-MoE / Qwen2-MoE, used by the
+trainer and the engine.
 
 Parameter names are HF's (``model.embed_tokens.weight``, ``model.layers.{i}.self_attn.q_proj.weight``,
 ``model.norm.weight``, ``lm_head.weight``), so a HF checkpoint or a trainer's state dict maps one to one.
-Linear layers are ``QLinear`` variants chosen by a ``QuantScheme``; embedding, norms and ``lm_head``
-stay in the model dtype. Build with the dtype you want and never call ``.to(dtype)`` on the model:
+Linear layers are ``QLinear`` variants chosen by a ``QuantScheme``; embedding, norms, ``lm_head`` and
+MoE routers stay in the model dtype (MoE layers: ``quantrl.model.moe``). Build with the dtype you want and never call ``.to(dtype)`` on the model:
 that would also cast fp8 weights and fp32 scales (``.to(device)`` is fine).
 
 Three entry points:
@@ -24,6 +25,7 @@ from torch import nn
 
 from quantrl.model.config import ModelConfig
 from quantrl.model.linear import Bf16Linear, QLinear, make_linear
+from quantrl.model.moe import MLP, SparseMoeBlock
 from quantrl.model.quant_scheme import QuantScheme
 from quantrl.model.rope import apply_rope, inv_freq, rope_cos_sin
 
@@ -102,27 +104,12 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
-                 device: torch.device | str):  # fmt: skip
-        super().__init__()
-        h, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = make_linear(f"{prefix}.gate_proj", h, i, bias, scheme, dtype, device)
-        self.up_proj = make_linear(f"{prefix}.up_proj", h, i, bias, scheme, dtype, device)
-        self.down_proj = make_linear(f"{prefix}.down_proj", i, h, bias, scheme, dtype, device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, i: int, scheme: QuantScheme, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         prefix = f"model.layers.{i}"
         self.self_attn = Attention(cfg, f"{prefix}.self_attn", scheme, dtype, device)
-        self.mlp = MLP(cfg, f"{prefix}.mlp", scheme, dtype, device)
+        self.mlp = (SparseMoeBlock if cfg.is_moe(i) else MLP)(cfg, f"{prefix}.mlp", scheme, dtype, device)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.layer, self.sliding = i, cfg.is_sliding(i)

@@ -1,0 +1,107 @@
+"""SwiGLU MLP and the mixture-of-experts block of Qwen3-MoE / Qwen2-MoE, with HF's module names.
+
+    model.layers.{i}.mlp.gate                        router, [E, H], always high precision (a Bf16Linear)
+    model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj
+                                                     one SwiGLU per expert: ordinary Linear variants, so
+                                                     FP8 / INT4 storage, conversion, QAT and weight sync
+                                                     treat each expert like any dense Linear
+    model.layers.{i}.mlp.shared_expert.*             Qwen2-MoE only: an always-on SwiGLU ...
+    model.layers.{i}.mlp.shared_expert_gate          ... scaled by sigmoid of this [1, H] Linear
+
+Routing is transformers': router logits in the model dtype, softmax in fp32, top-k, optional
+renormalisation, weights cast back to the model dtype; each expert's output is multiplied by its weight
+and summed into the token in ascending expert order.
+
+Two dispatches compute that same sum:
+  grouped  tokens sorted by expert, each expert runs only on its tokens. Needs the per-expert counts on
+           the host (one sync), so it is the eager path: training, prefill, CPU.
+  dense    every expert runs on every token and non-chosen experts get weight 0. Static shapes, so it is
+           what a CUDA graph captures; its exact zeros leave the sum unchanged, but it costs E/k times the
+           FLOPs and reads every expert's weights (at decode, batch >= E/k reads them all anyway).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantrl.model.config import ModelConfig
+from quantrl.model.linear import Bf16Linear, make_linear
+from quantrl.model.quant_scheme import QuantScheme
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
+                 device: torch.device | str, intermediate_size: int | None = None):  # fmt: skip
+        super().__init__()
+        h, i, bias = cfg.hidden_size, intermediate_size or cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = make_linear(f"{prefix}.gate_proj", h, i, bias, scheme, dtype, device)
+        self.up_proj = make_linear(f"{prefix}.up_proj", h, i, bias, scheme, dtype, device)
+        self.down_proj = make_linear(f"{prefix}.down_proj", i, h, bias, scheme, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [N, E] -> (weights [N, k] in the logits' dtype, expert ids [N, k])."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, experts = probs.topk(top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), experts
+
+
+class SparseMoeBlock(nn.Module):
+    dense_dispatch = False  # class switch: the capture-safe dispatch in eager mode too (tests, benchmarks)
+
+    def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
+                 device: torch.device | str):  # fmt: skip
+        super().__init__()
+        h, e = cfg.hidden_size, cfg.num_experts
+        self.top_k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = Bf16Linear(h, e, False, dtype, device)
+        self.experts = nn.ModuleList(
+            MLP(cfg, f"{prefix}.experts.{j}", scheme, dtype, device, cfg.moe_intermediate_size) for j in range(e)
+        )
+        self.shared_expert = self.shared_expert_gate = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = MLP(cfg, f"{prefix}.shared_expert", scheme, dtype, device,
+                                     cfg.shared_expert_intermediate_size)  # fmt: skip
+            self.shared_expert_gate = Bf16Linear(h, 1, False, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [N = B*T, H]
+        weights, experts = route(self.gate(flat), self.top_k, self.normalize)  # [N, k] each
+        capturing = flat.is_cuda and torch.cuda.is_current_stream_capturing()
+        dispatch = self._dense if (self.dense_dispatch or capturing) else self._grouped
+        out = dispatch(flat, weights, experts)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return out.view(x.shape)
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        k = self.top_k
+        order = experts.reshape(-1).argsort(stable=True)  # [N*k] assignments sorted by expert
+        tokens = order // k  # token of each sorted assignment
+        w = weights.reshape(-1)[order, None]  # [N*k, 1]
+        counts = torch.bincount(experts.reshape(-1), minlength=len(self.experts)).tolist()  # host sync
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in zip(self.experts, counts):
+            if count:
+                rows = tokens[start : start + count]
+                out.index_add_(0, rows, expert(x[rows]) * w[start : start + count])
+                start += count
+        return out
+
+    def _dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        gates = torch.zeros(x.shape[0], len(self.experts), dtype=weights.dtype, device=x.device)
+        gates.scatter_(1, experts, weights)  # [N, E]: weight 0 for experts not chosen
+        out = torch.zeros_like(x)
+        for j, expert in enumerate(self.experts):
+            out = out + expert(x) * gates[:, j : j + 1]
+        return out
