@@ -62,9 +62,11 @@ def qwen2_moe_config(**kw):
     return Qwen2MoeConfig(**{**COMMON, **base, **kw})
 
 
-def save_model(config, path: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+def save_model(config, path: Path, dtype: torch.dtype = torch.float32, seed: int = 0,
+               expert_std: float | None = None) -> Path:
     """Random-init HF model saved as safetensors; norms and biases randomised so that loading them matters,
-    MoE routers scaled up so that routing is far from uniform (the top-k choice then decides the output)."""
+    MoE routers scaled up so that routing is far from uniform (the top-k choice then decides the output);
+    ``expert_std`` re-draws the experts' weights (large: the MoE output dominates the residual stream)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -74,7 +76,9 @@ def save_model(config, path: Path, dtype: torch.dtype = torch.float32, seed: int
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.5)
             elif name.endswith("mlp.gate.weight"):
-                p.normal_(0.0, 0.5)
+                p.normal_(0.0, 0.1)  # router logits of std ~1.5: soft, so the second choice matters too
+            elif expert_std is not None and ".experts." in name:
+                p.normal_(0.0, expert_std)
     model.to(dtype).save_pretrained(path)
     return path
 

@@ -235,10 +235,10 @@ def test_cuda_graph_bucketing_logic_on_cpu(model):
 
             class Replay:
                 def replay(self):
-                    out.copy_(graphs.model.decode(graphs._tokens[:b], graphs._positions[:b], ctx))
+                    out.copy_(graphs.step(b, ctx)[0])
 
             self.captured.append((b, ctx.k[0].shape))
-            return Replay(), out
+            return Replay(), (out, None)
 
     prompts = random_prompts([5, 12, 3, 9, 4], seed=8)
     params = SamplingParams(n=2, temperature=0.9, max_new_tokens=7, seed=3, stop_token_ids=[7, 11, 13, 17, 19])

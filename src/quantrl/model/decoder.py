@@ -25,7 +25,7 @@ from torch import nn
 
 from quantrl.model.config import ModelConfig
 from quantrl.model.linear import Bf16Linear, QLinear, make_linear
-from quantrl.model.moe import MLP, SparseMoeBlock
+from quantrl.model.moe import MLP, Routing, SparseMoeBlock
 from quantrl.model.quant_scheme import QuantScheme
 from quantrl.model.rope import apply_rope, inv_freq, rope_cos_sin
 
@@ -113,11 +113,19 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.layer, self.sliding = i, cfg.is_sliding(i)
+        self.moe_index = sum(cfg.is_moe(j) for j in range(i)) if cfg.is_moe(i) else None  # among MoE layers
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: dict[bool, torch.Tensor],
-                kv: KVContext | None) -> torch.Tensor:  # fmt: skip
+                kv: KVContext | None, routing: Routing | None) -> torch.Tensor:  # fmt: skip
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, masks[self.sliding], kv, self.layer)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        x = self.post_attention_layernorm(h)
+        if self.moe_index is None:
+            return h + self.mlp(x)
+        replay = None if routing is None or routing.replay is None else routing.replay[:, :, self.moe_index]
+        out, experts = self.mlp(x, replay)
+        if routing is not None and routing.record:
+            routing.recorded.append(experts)
+        return h + out
 
 
 class DecoderModel(nn.Module):
@@ -171,45 +179,53 @@ class Decoder(nn.Module):
 
     # ---- forward paths ----------------------------------------------------------------------------
     def _layers(self, h: torch.Tensor, positions: torch.Tensor, masks: dict[bool, torch.Tensor],
-                kv: KVContext | None) -> torch.Tensor:  # fmt: skip
+                kv: KVContext | None, routing: Routing | None) -> torch.Tensor:  # fmt: skip
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)  # [B, T, D]
         for layer in self.model.layers:
-            h = layer(h, cos, sin, masks, kv)
+            h = layer(h, cos, sin, masks, kv, routing)
         return self.model.norm(h)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                      positions: torch.Tensor | None = None, routing: Routing | None = None) -> torch.Tensor:  # fmt: skip
         """Final normed hidden states [B, T, H] of full sequences (no cache).
 
         ``attention_mask`` [B, T] (1 = token, 0 = padding; left or right). ``positions`` default to the
         count of real tokens before each one (HF ``generate``'s rule), i.e. 0.. for every sequence.
+        ``routing``: MoE experts to replay and/or record (``quantrl.model.moe.Routing``).
         """
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         if positions is None:
             positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
         h = self.model.embed_tokens(input_ids)
-        return self._layers(h, positions, self._sequence_masks(positions, valid), None)
+        return self._layers(h, positions, self._sequence_masks(positions, valid), None, routing)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                positions: torch.Tensor | None = None, routing: Routing | None = None) -> torch.Tensor:  # fmt: skip
         """Logits [B, T, V] in the model dtype (see ``hidden_states`` for the arguments)."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, positions))
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, positions, routing))
 
-    def prefill(self, input_ids: torch.Tensor, lens: torch.Tensor, kv: KVContext) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, lens: torch.Tensor, kv: KVContext,
+                routing: Routing | None = None) -> torch.Tensor:  # fmt: skip
         """Right-padded prompts [B, T] with lengths [B] into cache slots; logits [B, V] at each last token."""
         b, t = input_ids.shape
         positions = torch.arange(t, device=input_ids.device).expand(b, t)
         valid = positions < lens[:, None]
-        h = self._layers(self.model.embed_tokens(input_ids), positions, self._sequence_masks(positions, valid), kv)
+        h = self._layers(self.model.embed_tokens(input_ids), positions, self._sequence_masks(positions, valid), kv,
+                         routing)  # fmt: skip
         last = h[torch.arange(b, device=h.device), lens - 1]  # [B, H]: lm_head only where we sample
         return self.lm_head(last)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KVContext) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KVContext,
+               routing: Routing | None = None) -> torch.Tensor:  # fmt: skip
         """One new token per active slot: tokens [B] at positions [B] -> logits [B, V]."""
         b = tokens.shape[0]
         kv.write_pos, kv._rows = positions, torch.arange(b, device=tokens.device)
         k_pos = torch.arange(kv.kv_len, device=tokens.device)
         allowed = (k_pos[None, :] <= positions[:, None])[:, None, :]  # [B, 1, Lk]
         masks = self._masks(allowed, positions[:, None], k_pos.expand(b, -1))
-        h = self._layers(self.model.embed_tokens(tokens[:, None]), positions[:, None], masks, kv)
+        h = self._layers(self.model.embed_tokens(tokens[:, None]), positions[:, None], masks, kv, routing)
         return self.lm_head(h[:, 0])
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.config.is_moe(i) for i in range(self.config.num_layers))

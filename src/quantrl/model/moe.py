@@ -12,6 +12,13 @@ Routing is transformers': router logits in the model dtype, softmax in fp32, top
 renormalisation, weights cast back to the model dtype; each expert's output is multiplied by its weight
 and summed into the token in ascending expert order.
 
+Routing replay (R3, slime's ``--use-rollout-routing-replay``): the engine records the experts it chose for
+every token it fed (``Routing(record=True)``), and the trainer's forward takes those experts instead of
+its own top-k (``Routing(replay=...)``). The mixing weights are still the trainer's router probabilities
+at the replayed experts, so the router keeps its gradient. A near-tie in the router is then no longer a
+source of train-rollout mismatch (quantized rollouts move the router's inputs; one flipped expert for a
+prompt token shifts every later token's logprob).
+
 Two dispatches compute that same sum:
   grouped  tokens sorted by expert, each expert runs only on its tokens. Needs the per-expert counts on
            the host (one sync), so it is the eager path: training, prefill, CPU.
@@ -21,6 +28,8 @@ Two dispatches compute that same sum:
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +55,39 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [N, E] -> (weights [N, k] in the logits' dtype, expert ids [N, k])."""
+FREE = -1  # a replay row of FREE experts: route this token by its own top-k (e.g. a sample's last token)
+
+
+@dataclass
+class Routing:
+    """What one forward does with expert choices.
+
+    ``replay`` [B, T, L_moe, k] (long): experts to use per token and MoE layer (in MoE-layer order), rows of
+    ``FREE`` route freely. ``record``: append each MoE layer's chosen experts [B*T, k] to ``recorded``.
+    """
+
+    replay: torch.Tensor | None = None
+    record: bool = False
+    recorded: list[torch.Tensor] = field(default_factory=list)
+
+    def stacked(self, b: int, t: int) -> torch.Tensor:
+        """The recorded experts as [B, T, L_moe, k]."""
+        return torch.stack(self.recorded, 1).view(b, t, len(self.recorded), -1)
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool,
+          replay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Router logits [N, E] -> (weights [N, k] in the logits' dtype, expert ids [N, k]).
+
+    ``replay`` [N, k]: these experts instead of the top-k (rows of ``FREE`` keep the top-k); their
+    weights are this router's probabilities, renormalised like the top-k's."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, experts = probs.topk(top_k, dim=-1)
+    if replay is not None:
+        if replay.shape != experts.shape:
+            raise ValueError(f"routing replay has shape {list(replay.shape)} for {list(experts.shape)} router choices")
+        experts = torch.where(replay[:, :1] == FREE, experts, replay.to(experts.dtype))
+        weights = probs.gather(1, experts)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights.to(logits.dtype), experts
@@ -73,15 +111,18 @@ class SparseMoeBlock(nn.Module):
                                      cfg.shared_expert_intermediate_size)  # fmt: skip
             self.shared_expert_gate = Bf16Linear(h, 1, False, dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, H], replay [B, T, k] or None -> (output [B, T, H], experts used [B*T, k])."""
         flat = x.reshape(-1, x.shape[-1])  # [N = B*T, H]
-        weights, experts = route(self.gate(flat), self.top_k, self.normalize)  # [N, k] each
+        if replay is not None:
+            replay = replay.reshape(flat.shape[0], -1)
+        weights, experts = route(self.gate(flat), self.top_k, self.normalize, replay)  # [N, k] each
         capturing = flat.is_cuda and torch.cuda.is_current_stream_capturing()
         dispatch = self._dense if (self.dense_dispatch or capturing) else self._grouped
         out = dispatch(flat, weights, experts)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-        return out.view(x.shape)
+        return out.view(x.shape), experts
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         k = self.top_k

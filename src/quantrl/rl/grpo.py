@@ -219,15 +219,17 @@ def make_loss_fn(cfg: GRPOConfig = GRPOConfig()) -> LossFn:
     Micro-batch keys: ``input_ids``, ``attention_mask``, ``loss_mask`` ``[B, T]`` (1 on response tokens;
     position 0 is never a target), ``advantages [B]``; optional ``[B, T-1]`` logprobs aligned with
     ``input_ids[:, 1:]``: ``old_logp`` (absent: ``logp.detach()``, exact for one update per rollout batch),
-    ``rollout_logp`` (needed when IS is on), ``ref_logp`` (needed when kl_coef > 0). Pass the summed metrics
-    of ``train_step`` through :func:`reduce_metrics`.
+    ``rollout_logp`` (needed when IS is on), ``ref_logp`` (needed when kl_coef > 0); ``routing``
+    ``[B, T, L_moe, k]`` (MoE routing replay). Pass the summed metrics of ``train_step`` through
+    :func:`reduce_metrics`.
     """
 
     def loss_fn(model: nn.Module, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         if micro["loss_mask"][:, 0].any():
             # the trainer divides by loss_mask.sum() over [B, T]; a first-position token has no logprob
             raise ValueError("GRPO loss_fn: loss_mask[:, 0] must be 0 (the first token is never predicted)")
-        logp, _ = token_logprobs(model, micro["input_ids"], micro["attention_mask"], temperature=cfg.temperature)
+        logp, _ = token_logprobs(model, micro["input_ids"], micro["attention_mask"], temperature=cfg.temperature,
+                                 routing=micro.get("routing"))  # fmt: skip
         old = micro.get("old_logp")
         return policy_loss(
             logp,

@@ -95,6 +95,8 @@ class RLConfig:
     "FP8 training: keep the FP8 weight copy for the step"
     check_weight_update_equal: bool = False
     "verify after every sync that the engine holds exactly the converted weights"
+    use_rollout_routing_replay: bool = False
+    "MoE models: the trainer uses the experts the engine routed each token to (R3; slime's flag of that name)"
     eval_interval: int = 10
     "evaluate held-out accuracy every N steps (0: never)"
     save_interval: int = 20
@@ -176,7 +178,8 @@ def _task(cfg: RLConfig, tok):
 
 
 def _batch(prompt_ids: list[list[int]], results, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+response tensors; rollout logprobs placed at the positions predicting them."""
+    """Right-padded prompt+response tensors; rollout logprobs placed at the positions predicting them, and
+    (when the engine returned them) its MoE expert choices at the positions they were made for."""
     seqs = [prompt_ids[r.prompt_index] + r.tokens for r in results]
     t = max(len(s) for s in seqs)
     b = len(seqs)
@@ -190,7 +193,15 @@ def _batch(prompt_ids: list[list[int]], results, pad_id: int) -> dict[str, torch
         am[i, : len(s)] = 1
         lm[i, p : len(s)] = 1
         rollout_logp[i, p - 1 : len(s) - 1] = torch.tensor(r.logprobs)  # [B, T-1]: index j predicts token j+1
-    return {"input_ids": ids, "attention_mask": am, "loss_mask": lm, "rollout_logp": rollout_logp}
+    batch = {"input_ids": ids, "attention_mask": am, "loss_mask": lm, "rollout_logp": rollout_logp}
+    if results and results[0].routing is not None:
+        from quantrl.model.moe import FREE
+
+        routing = torch.full((b, t, *results[0].routing.shape[1:]), FREE, dtype=torch.int16)  # [B, T, L_moe, k]
+        for i, r in enumerate(results):
+            routing[i, : len(r.routing)] = r.routing  # the last token and the padding route freely
+        batch["routing"] = routing
+    return batch
 
 
 class RLRun:
@@ -233,6 +244,8 @@ class RLRun:
         torch.manual_seed(cfg.seed)
         # the trainer: bf16 parameters (fp32 masters in the optimizer), the recipe's training mode
         model = load_model(weights_dir, dtype=torch.bfloat16, device=cfg.device).train()
+        if cfg.use_rollout_routing_replay and model.num_moe_layers == 0:
+            raise ValueError(f"--use-rollout-routing-replay needs a MoE model; {weights_dir} has no MoE layers")
         self.hf_config = json.loads((self.model_dir / "config.json").read_text())
         # the engines (and, with replicas, the world) come first: the trainer needs the data-parallel group
         scheme = _engine_scheme(self.recipe.rollout, cfg)
@@ -328,7 +341,7 @@ class RLRun:
         cfg = self.cfg
         return SamplingParams(n=cfg.n_samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_new_tokens=cfg.max_new_tokens, stop_token_ids=(self.tok.eos_token_id,),
-                              seed=cfg.seed * 1_000_003 + step)  # fmt: skip
+                              seed=cfg.seed * 1_000_003 + step, return_routing=cfg.use_rollout_routing_replay)  # fmt: skip
 
     def evaluate(self) -> float:
         from quantrl.rollout import SamplingParams
@@ -343,8 +356,9 @@ class RLRun:
         from quantrl.train.logprobs import token_logprobs
 
         mb, t = self.cfg.micro_batch_size, self.cfg.temperature
-        ids, am = batch["input_ids"], batch["attention_mask"]
-        return torch.cat([token_logprobs(model, ids[i : i + mb], am[i : i + mb], temperature=t)[0]
+        ids, am, routing = batch["input_ids"], batch["attention_mask"], batch.get("routing")
+        return torch.cat([token_logprobs(model, ids[i : i + mb], am[i : i + mb], temperature=t,
+                                         routing=None if routing is None else routing[i : i + mb])[0]
                           for i in range(0, ids.shape[0], mb)])  # fmt: skip
 
     def _rollout_batch(self, step: int) -> tuple[dict[str, torch.Tensor], dict]:

@@ -8,7 +8,8 @@ no live sequence because the engine keeps active sequences compacted into slots 
 
 Graphs belong to one KV layout (number of slots, L); a generate call with another layout recaptures
 lazily. Weight updates copy in place, so captured graphs stay valid across them. Sampling stays outside
-the graph (it uses a host-seeded generator).
+the graph (it uses a host-seeded generator). MoE models run the dense expert dispatch inside the graph
+(static shapes) and the graph also outputs every MoE layer's chosen experts, for routing replay.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from quantrl.model.decoder import Decoder, KVContext
+from quantrl.model.moe import Routing
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -32,7 +34,8 @@ class DecodeGraphs:
         self._tokens = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self._positions = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self._layout: tuple[int, int] | None = None
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        self._moe = model.num_moe_layers > 0
         self._pool = None
 
     def reset(self) -> None:
@@ -43,24 +46,30 @@ class DecodeGraphs:
     def _bucket(self, b: int, num_slots: int) -> int:
         return min(next(x for x in self.buckets if x >= b), num_slots)
 
-    def _capture(self, b: int, ctx: KVContext) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        tokens, positions = self._tokens[:b], self._positions[:b]
+    def step(self, b: int, ctx: KVContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decode of the first b static rows: (logits [b, V], MoE experts [b, L_moe, k] or None)."""
+        routing = Routing(record=True) if self._moe else None
+        logits = self.model.decode(self._tokens[:b], self._positions[:b], ctx, routing)
+        return logits, (routing.stacked(b, 1)[:, 0] if routing else None)
+
+    def _capture(self, b: int, ctx: KVContext) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor | None]]:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: lazy inits and FP8 fast-path probes run eagerly, not in the graph
             for _ in range(2):
-                self.model.decode(tokens, positions, ctx)  # rewrites the same K/V it will write when replayed
+                self.step(b, ctx)  # rewrites the same K/V it will write when replayed
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self.model.decode(tokens, positions, ctx)
+            out = self.step(b, ctx)
         self._pool = graph.pool()
         return graph, out
 
     def run(
         self, tokens: torch.Tensor, positions: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor]
-    ) -> torch.Tensor:
-        """Logits [B, V] for tokens [B] at positions [B] (active sequences in slots [0, B))."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, V] for tokens [B] at positions [B] (active sequences in slots [0, B)), and for MoE
+        models the experts each row was routed to [B, L_moe, k]."""
         num_slots, seq_len = k[0].shape[0], k[0].shape[2]
         if self._layout != (num_slots, seq_len):
             self.reset()
@@ -73,6 +82,6 @@ class DecodeGraphs:
         self._positions[n:b].zero_()
         if b not in self._graphs:
             self._graphs[b] = self._capture(b, KVContext(k, v, "decode", kv_len=seq_len))
-        graph, out = self._graphs[b]
+        graph, (logits, experts) = self._graphs[b]
         graph.replay()
-        return out[:n]
+        return logits[:n], (None if experts is None else experts[:n])

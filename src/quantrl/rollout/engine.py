@@ -12,6 +12,10 @@ Scheduling (continuous batching over a fixed set of KV slots):
     into the holes, so active sequences always fill slots [0, B) and finished ones cost nothing.
 Per step there is one host sync (the sampled tokens, needed for stop checks).
 
+MoE routing (``SamplingParams(return_routing=True)``): every prefill and decode step also brings the
+experts each fed token was routed to back to the host, and each result carries them
+(``GenerationResult.routing``) for the trainer to replay.
+
 Weights: ``update_weights`` validates a whole update (names, shapes, dtypes, complete units) before
 touching anything, so a bad update raises ``ValueError`` and the engine keeps serving the previous
 version bit for bit; see ``weight_update``.
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quantrl.model.decoder import Decoder, KVContext
+from quantrl.model.moe import Routing
 from quantrl.rollout.kv_cache import KVCache
 from quantrl.rollout.sampling import SamplingParams, make_generator, sample
 from quantrl.rollout.weight_update import apply_update, check_loaded, plan_update
@@ -49,6 +54,8 @@ class GenerationResult:
     "stop | length"
     weight_version: int
     "engine.weight_version that produced the sample"
+    routing: torch.Tensor | None = None
+    "return_routing: experts [P + G - 1, L_moe, k] (int16, CPU) of every token fed to the model: the P prompt\n    tokens, then the generated ones but the last (never fed); row t is what position t was routed to"
 
 
 @dataclass
@@ -130,17 +137,25 @@ class Engine:
         stop = set(params.stop_token_ids)
         pending = deque(range(total))  # sample s belongs to prompt s // n
         act = _Active()
+        routes: list[list[torch.Tensor]] | None = None  # per sample: [P, L, k] from prefill, then [L, k] per decode
+        if params.return_routing:
+            if self.model.num_moe_layers == 0:
+                raise ValueError("return_routing: the model has no MoE layers to report routing for")
+            routes = [[] for _ in range(total)]
         with torch.no_grad():
             while pending or act.ids:
                 first = len(act.ids)
                 if pending and first < num_slots:
                     admitted = self._admit(pending, num_slots - first, lens, params.n)
-                    logits, order = self._prefill(admitted, prompts, params.n, k, v, first)
+                    logits, order = self._prefill(admitted, prompts, params.n, k, v, first, routes)
                     act.ids += order
                     act.lengths += [lens[s // params.n] for s in order]
                     act.last += [0] * len(order)
                 else:
-                    logits = self._decode(act, k, v)
+                    logits, experts = self._decode(act, k, v, record=routes is not None)
+                    if routes is not None:
+                        for s, e in zip(act.ids, experts.to("cpu", torch.int16)):
+                            routes[s].append(e[None])
                     act.lengths = [n + 1 for n in act.lengths]
                     first = 0
                 new_tok, new_lp = sample(logits, params, gen)
@@ -156,7 +171,8 @@ class Engine:
                 if done:
                     self._compact(act, done, k, v)
         return [
-            GenerationResult(s // params.n, s % params.n, tokens[s], logprobs[s], reasons[s], self.weight_version)
+            GenerationResult(s // params.n, s % params.n, tokens[s], logprobs[s], reasons[s], self.weight_version,
+                             None if routes is None else torch.cat(routes[s]))  # fmt: skip
             for s in range(total)
         ]
 
@@ -177,9 +193,11 @@ class Engine:
         return taken
 
     def _prefill(self, samples: list[int], prompts: list[list[int]], n: int, k: list[torch.Tensor],
-                 v: list[torch.Tensor], first: int) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
+                 v: list[torch.Tensor], first: int,
+                 routes: list[list[torch.Tensor]] | None) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
         """Prefill each distinct prompt once into slots [first, first + U), copy its KV to the slots of its other
-        samples [first + U, first + A). Returns logits [A, V] in slot order and the sample ids in slot order."""
+        samples [first + U, first + A). Returns logits [A, V] in slot order and the sample ids in slot order;
+        with ``routes``, each admitted sample's list starts with its prompt's experts [P, L_moe, k]."""
         groups: dict[int, list[int]] = {}
         for s in samples:
             groups.setdefault(s // n, []).append(s)
@@ -190,7 +208,14 @@ class Engine:
         for i, p in enumerate(uniq):
             ids[i, : len(prompts[p])] = torch.tensor(prompts[p])
         lens = torch.tensor([len(prompts[p]) for p in uniq])
-        logits = self.model.prefill(ids.to(dev), lens.to(dev), KVContext(k, v, "prefill", slot_start=first))  # [U, V]
+        routing = Routing(record=True) if routes is not None else None
+        ctx = KVContext(k, v, "prefill", slot_start=first)
+        logits = self.model.prefill(ids.to(dev), lens.to(dev), ctx, routing)  # [U, V]
+        if routing is not None:
+            experts = routing.stacked(len(uniq), t).to("cpu", torch.int16)  # [U, T, L_moe, k]
+            for i, p in enumerate(uniq):
+                for s in groups[p]:  # the samples sharing this prefill share its KV, hence its routing
+                    routes[s].append(experts[i, : len(prompts[p])])
         src_rows = [i for i, p in enumerate(uniq) for _ in groups[p][1:]]
         order = [groups[p][0] for p in uniq] + [s for p in uniq for s in groups[p][1:]]
         if src_rows:
@@ -201,7 +226,9 @@ class Engine:
             logits = logits[torch.tensor(list(range(len(uniq))) + src_rows, device=dev)]
         return logits, order
 
-    def _decode(self, act: _Active, k: list[torch.Tensor], v: list[torch.Tensor]) -> torch.Tensor:
+    def _decode(self, act: _Active, k: list[torch.Tensor], v: list[torch.Tensor],
+                record: bool) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """Logits [B, V] for the active rows; with ``record``, the experts they were routed to [B, L_moe, k]."""
         dev = self.model.device
         tokens = torch.tensor(act.last, dtype=torch.long, device=dev)
         positions = torch.tensor(act.lengths, dtype=torch.long, device=dev)  # the fed token's position
@@ -213,7 +240,9 @@ class Engine:
                 warnings.warn(f"CUDA graph decode failed ({why}); continuing without CUDA graphs", stacklevel=2)
                 self._graphs = None
         ctx = KVContext(k, v, "decode", kv_len=max(act.lengths) + 1)
-        return self.model.decode(tokens, positions, ctx)
+        routing = Routing(record=True) if record else None
+        logits = self.model.decode(tokens, positions, ctx, routing)
+        return logits, (routing.stacked(len(act.ids), 1)[:, 0] if routing else None)
 
     def _compact(self, act: _Active, done: list[int], k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
         """Drop finished rows; the last live rows move into their slots (KV copied) so slots stay [0, B)."""

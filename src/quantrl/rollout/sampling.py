@@ -36,6 +36,8 @@ class SamplingParams:
     "sampling one of these ends the sample (finish_reason 'stop'); the stop token is part of the output"
     seed: int | None = None
     "seed of the sampling generator (None: nondeterministic)"
+    return_routing: bool = False
+    "MoE models: return the experts each fed token was routed to (GenerationResult.routing), for routing replay"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))

@@ -4,6 +4,7 @@ For ``input_ids [B, T]`` with ``attention_mask [B, T]`` (left or right padding),
 predict token t+1, so results are ``[B, T-1]`` aligned with ``input_ids[:, 1:]`` and zeroed where that
 target, or the token predicting it, is padding. ``temperature`` divides the logits first: the rollout engine reports logprobs of the
 temperature-scaled policy, and the two must be the same quantity for mismatch and importance ratios.
+``routing`` [B, T, L_moe, k] (MoE models): experts to replay per token (``quantrl.model.moe.Routing``).
 """
 
 from __future__ import annotations
@@ -19,12 +20,19 @@ def token_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    routing: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    logits = model(input_ids, attention_mask)[:, :-1].float()  # [B, T-1, V]: predicts input_ids[:, 1:]
+    if routing is None:
+        logits = model(input_ids, attention_mask)
+    else:
+        from quantrl.model.moe import Routing
+
+        logits = model(input_ids, attention_mask, routing=Routing(replay=routing.to(input_ids.device)))
+    logits = logits[:, :-1].float()  # [B, T-1, V]: predicts input_ids[:, 1:]
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = logits.log_softmax(-1)
