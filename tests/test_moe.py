@@ -184,7 +184,7 @@ def test_moe_block_routes_top_k_with_weights(gen):
     block: SparseMoeBlock = model.model.layers[0].mlp
     x = torch.randn(5, 256, generator=gen)
     with torch.no_grad():
-        out = block(x[None])[0][0]
+        out = block(x[None])[0]
         probs = torch.softmax(block.gate(x), -1)
         for t in range(5):
             w, idx = probs[t].topk(2)

@@ -23,6 +23,15 @@ def tiny_model(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_moe_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe") / "m"
+    pretrain(PretrainConfig(out_dir=str(out), hidden_size=128, num_layers=2, intermediate_size=256, steps=30,
+                            batch_size=32, num_problems=2000, difficulty="easy", num_experts=4,
+                            num_experts_per_tok=2, moe_intermediate_size=128), progress=False)  # fmt: skip
+    return out
+
+
 def cfg(model, run_dir, **kw):
     base = RLConfig(model=str(model) if model else "", run_dir=str(run_dir), num_steps=2, prompts_per_step=2, n_samples_per_prompt=3,
                     max_new_tokens=12, eval_size=4, eval_interval=2, save_interval=2, micro_batch_size=4,
@@ -216,3 +225,33 @@ def test_ray_run_refuses_a_used_run_dir_before_starting_actors(tiny_model, tmp_p
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a run that cannot run"))
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg(tiny_model, tmp_path / "x", placement="ray"), progress=False)
+
+
+@pytest.mark.parametrize("recipe", ["fp8-rollout", "int4-qat"])
+def test_moe_model_with_rollout_routing_replay(recipe, tiny_moe_model, tmp_path, monkeypatch):
+    import quantrl.rl.grpo as grpo
+
+    seen = []
+    real = grpo.token_logprobs
+    monkeypatch.setattr(grpo, "token_logprobs", lambda *a, **k: seen.append(k.get("routing")) or real(*a, **k))
+    rows = train(cfg(tiny_moe_model, tmp_path / recipe, recipe=recipe, use_rollout_routing_replay=True,
+                     is_mode="tis"), progress=False)  # fmt: skip
+    steps = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert 0 <= r["routing_flip_frac"] <= 1 and r["mismatch_abs_mean"] >= 0
+    # the loss saw the engine's experts for every micro-batch: [B, T, L_moe=2, k=2], FREE only at the ends
+    assert seen and all(x is not None and x.shape[2:] == (2, 2) for x in seen)
+    assert all((x[:, 0] >= 0).all() for x in seen)  # the first token of a sequence is always a prompt token
+
+
+def test_moe_routing_flips_are_counted_and_replay_needs_moe(tiny_model, tiny_moe_model, tmp_path):
+    """BF16 rollout of the trainer's own weights: the two sides route alike up to batch-shape rounding;
+    INT4 PTQ rollout moves the router's inputs and some choices flip."""
+    bf16 = train(cfg(tiny_moe_model, tmp_path / "a", recipe="bf16", num_steps=1, eval_interval=0,
+                     use_rollout_routing_replay=True), progress=False)  # fmt: skip
+    ptq = train(cfg(tiny_moe_model, tmp_path / "b", recipe="int4-ptq", num_steps=1, eval_interval=0,
+                    use_rollout_routing_replay=True), progress=False)  # fmt: skip
+    assert bf16[-1]["routing_flip_frac"] < 0.01 < ptq[-1]["routing_flip_frac"]
+    with pytest.raises(ValueError, match="needs a MoE model"):
+        RLRun(cfg(tiny_model, tmp_path / "c", use_rollout_routing_replay=True), progress=False)

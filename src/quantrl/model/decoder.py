@@ -119,13 +119,7 @@ class DecoderLayer(nn.Module):
                 kv: KVContext | None, routing: Routing | None) -> torch.Tensor:  # fmt: skip
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, masks[self.sliding], kv, self.layer)
         x = self.post_attention_layernorm(h)
-        if self.moe_index is None:
-            return h + self.mlp(x)
-        replay = None if routing is None or routing.replay is None else routing.replay[:, :, self.moe_index]
-        out, experts = self.mlp(x, replay)
-        if routing is not None and routing.record:
-            routing.recorded.append(experts)
-        return h + out
+        return h + (self.mlp(x) if self.moe_index is None else self.mlp(x, routing, self.moe_index))
 
 
 class DecoderModel(nn.Module):

@@ -64,33 +64,51 @@ class Routing:
 
     ``replay`` [B, T, L_moe, k] (long): experts to use per token and MoE layer (in MoE-layer order), rows of
     ``FREE`` route freely. ``record``: append each MoE layer's chosen experts [B*T, k] to ``recorded``.
+    Under replay, ``flips`` / ``decisions`` count the replayed (token, layer) choices whose expert set
+    differs from this router's own top-k: how often the two sides route apart.
     """
 
     replay: torch.Tensor | None = None
     record: bool = False
     recorded: list[torch.Tensor] = field(default_factory=list)
+    flips: torch.Tensor | int = 0
+    decisions: torch.Tensor | int = 0
 
     def stacked(self, b: int, t: int) -> torch.Tensor:
         """The recorded experts as [B, T, L_moe, k]."""
         return torch.stack(self.recorded, 1).view(b, t, len(self.recorded), -1)
 
+    def layer_replay(self, moe_index: int) -> torch.Tensor | None:
+        return None if self.replay is None else self.replay[:, :, moe_index]
+
+    def note(self, used: torch.Tensor, own: torch.Tensor, replay: torch.Tensor | None) -> None:
+        """One MoE layer's choices: ``used`` (replayed or own) and ``own`` top-k, both [N, k]."""
+        if self.record:
+            self.recorded.append(used)
+        if replay is not None:
+            fixed = replay[:, 0] != FREE
+            differ = (own.sort(-1).values != used.sort(-1).values).any(-1)
+            self.flips = self.flips + (differ & fixed).sum()
+            self.decisions = self.decisions + fixed.sum()
+
 
 def route(logits: torch.Tensor, top_k: int, normalize: bool,
-          replay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Router logits [N, E] -> (weights [N, k] in the logits' dtype, expert ids [N, k]).
+          replay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Router logits [N, E] -> (weights [N, k] in the logits' dtype, expert ids used [N, k], own top-k [N, k]).
 
     ``replay`` [N, k]: these experts instead of the top-k (rows of ``FREE`` keep the top-k); their
     weights are this router's probabilities, renormalised like the top-k's."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    weights, experts = probs.topk(top_k, dim=-1)
+    weights, own = probs.topk(top_k, dim=-1)
+    experts = own
     if replay is not None:
-        if replay.shape != experts.shape:
-            raise ValueError(f"routing replay has shape {list(replay.shape)} for {list(experts.shape)} router choices")
-        experts = torch.where(replay[:, :1] == FREE, experts, replay.to(experts.dtype))
+        if replay.shape != own.shape:
+            raise ValueError(f"routing replay has shape {list(replay.shape)} for {list(own.shape)} router choices")
+        experts = torch.where(replay[:, :1] == FREE, own, replay.to(own.dtype))
         weights = probs.gather(1, experts)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(logits.dtype), experts
+    return weights.to(logits.dtype), experts, own
 
 
 class SparseMoeBlock(nn.Module):
@@ -111,18 +129,22 @@ class SparseMoeBlock(nn.Module):
                                      cfg.shared_expert_intermediate_size)  # fmt: skip
             self.shared_expert_gate = Bf16Linear(h, 1, False, dtype, device)
 
-    def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, H], replay [B, T, k] or None -> (output [B, T, H], experts used [B*T, k])."""
+    def forward(self, x: torch.Tensor, routing: Routing | None = None, moe_index: int = 0) -> torch.Tensor:
+        """x [B, T, H] -> [B, T, H]; ``routing`` replays and/or records this layer's (number ``moe_index``
+        among the MoE layers) expert choices."""
         flat = x.reshape(-1, x.shape[-1])  # [N = B*T, H]
+        replay = None if routing is None else routing.layer_replay(moe_index)
         if replay is not None:
-            replay = replay.reshape(flat.shape[0], -1)
-        weights, experts = route(self.gate(flat), self.top_k, self.normalize, replay)  # [N, k] each
+            replay = replay.reshape(flat.shape[0], -1)  # [N, k]
+        weights, experts, own = route(self.gate(flat), self.top_k, self.normalize, replay)  # [N, k] each
+        if routing is not None:
+            routing.note(experts, own, replay)
         capturing = flat.is_cuda and torch.cuda.is_current_stream_capturing()
         dispatch = self._dense if (self.dense_dispatch or capturing) else self._grouped
         out = dispatch(flat, weights, experts)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-        return out.view(x.shape), experts
+        return out.view(x.shape)
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         k = self.top_k

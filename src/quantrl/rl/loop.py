@@ -351,15 +351,21 @@ class RLRun:
         texts = [self.tok.decode(r.tokens, skip_special_tokens=True) for r in results]
         return sum(self.reward(t, self.held_out[r.prompt_index]) for t, r in zip(texts, results)) / len(results)
 
-    def _logprobs(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, T-1] logprobs of the batch's tokens under ``model``, micro-batch by micro-batch (no grad)."""
+    def _logprobs(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T-1] logprobs of the batch's tokens under ``model``, micro-batch by micro-batch (no grad), and
+        with routing replay [flips, decisions]: how many replayed expert choices ``model`` would not make."""
+        from quantrl.model.moe import Routing
         from quantrl.train.logprobs import token_logprobs
 
         mb, t = self.cfg.micro_batch_size, self.cfg.temperature
-        ids, am, routing = batch["input_ids"], batch["attention_mask"], batch.get("routing")
-        return torch.cat([token_logprobs(model, ids[i : i + mb], am[i : i + mb], temperature=t,
-                                         routing=None if routing is None else routing[i : i + mb])[0]
-                          for i in range(0, ids.shape[0], mb)])  # fmt: skip
+        ids, am, replay = batch["input_ids"], batch["attention_mask"], batch.get("routing")
+        parts, counts = [], torch.zeros(2, dtype=torch.long)
+        for i in range(0, ids.shape[0], mb):
+            routing = None if replay is None else Routing(replay=replay[i : i + mb].long())
+            parts.append(token_logprobs(model, ids[i : i + mb], am[i : i + mb], temperature=t, routing=routing)[0])
+            if routing is not None:
+                counts += torch.tensor([int(routing.flips), int(routing.decisions)])
+        return torch.cat(parts), counts
 
     def _rollout_batch(self, step: int) -> tuple[dict[str, torch.Tensor], dict]:
         """Lead only: the step's samples (or the wait for them), rewards, advantages, as one batch [B, T]."""
@@ -434,9 +440,10 @@ class RLRun:
             batch = {k: v.to(cfg.device) for k, v in batch.items()}
         with torch.no_grad():
             self.trainer.model.eval()
-            train_logp = self._gather_rows(self._logprobs(self.trainer.model, mine))
+            train_logp, flips = self._logprobs(self.trainer.model, mine)
+            train_logp, flips = self._gather_rows(train_logp), self._gather_rows(flips[None])
             if self.ref is not None:
-                mine["ref_logp"] = self._logprobs(self.ref, mine)
+                mine["ref_logp"] = self._logprobs(self.ref, mine)[0]
         t0 = time.perf_counter()
         train_metrics = reduce_metrics(self.trainer.train_step(mine, self.loss_fn))
         train_s = time.perf_counter() - t0
@@ -465,6 +472,9 @@ class RLRun:
         }
         if cfg.async_rollout:
             row["rollout_wait_s"] = info["wait_s"]
+        if "routing" in batch:  # (token, MoE layer) choices where the trainer's router disagrees with the engine's
+            flips, decisions = flips.sum(0).tolist()
+            row["routing_flip_frac"] = flips / max(decisions, 1)
         row["step_s"] = time.perf_counter() - t_step  # rollout (or the wait for it) + train + sync
         if torch.cuda.is_available() and torch.device(cfg.device).type == "cuda":
             row["peak_mem_GB"] = torch.cuda.max_memory_allocated() / 1e9

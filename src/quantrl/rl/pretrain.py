@@ -47,18 +47,29 @@ class PretrainConfig:
     "torch CPU threads (0: torch's default)"
     device: str = "cpu"
     "cpu | cuda (the init is drawn on CPU either way, so a seed gives the same start on both)"
+    num_experts: int = 0
+    "0: a dense Qwen3; > 0: a Qwen3-MoE with this many routed experts in every layer"
+    num_experts_per_tok: int = 2
+    "MoE: experts per token (top-k, renormalised)"
+    moe_intermediate_size: int = 256
+    "MoE: SwiGLU width of one expert"
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int) -> dict:
-    from transformers import Qwen3Config
+    from transformers import Qwen3Config, Qwen3MoeConfig
 
     padded_vocab = -(-vocab_size // 64) * 64
-    return Qwen3Config(
+    common = dict(
         vocab_size=padded_vocab, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.hidden_size // 64, num_key_value_heads=2,
         head_dim=64, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    ).to_dict()
+    )  # fmt: skip
+    if not cfg.num_experts:
+        return {**Qwen3Config(**common).to_dict(), "architectures": ["Qwen3ForCausalLM"]}
+    moe = Qwen3MoeConfig(**common, num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                         moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=True)  # fmt: skip
+    return {**moe.to_dict(), "architectures": ["Qwen3MoeForCausalLM"]}
 
 
 def encode_examples(problems, tok) -> list[tuple[list[int], int]]:
@@ -133,7 +144,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     train_s = time.perf_counter() - t0
     # save: config + tokenizer in a staging dir, then the trainer's atomic BF16 checkpoint
     with tempfile.TemporaryDirectory() as src:
-        (Path(src) / "config.json").write_text(json.dumps({**hf_cfg, "architectures": ["Qwen3ForCausalLM"]}, indent=2))
+        (Path(src) / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         tok.save_pretrained(src)
         trainer.save_checkpoint(cfg.out_dir, src)
     from quantrl.model import load_model

@@ -4,13 +4,16 @@ For ``input_ids [B, T]`` with ``attention_mask [B, T]`` (left or right padding),
 predict token t+1, so results are ``[B, T-1]`` aligned with ``input_ids[:, 1:]`` and zeroed where that
 target, or the token predicting it, is padding. ``temperature`` divides the logits first: the rollout engine reports logprobs of the
 temperature-scaled policy, and the two must be the same quantity for mismatch and importance ratios.
-``routing`` [B, T, L_moe, k] (MoE models): experts to replay per token (``quantrl.model.moe.Routing``).
+``routing`` (MoE models): experts to replay per token, [B, T, L_moe, k], or a ``quantrl.model.moe.Routing``
+(which also counts how often the replayed experts differ from the model's own choice).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from quantrl.model.moe import Routing
 
 
 def token_logprobs(
@@ -20,7 +23,7 @@ def token_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
-    routing: torch.Tensor | None = None,
+    routing: torch.Tensor | Routing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -29,9 +32,9 @@ def token_logprobs(
     if routing is None:
         logits = model(input_ids, attention_mask)
     else:
-        from quantrl.model.moe import Routing
-
-        logits = model(input_ids, attention_mask, routing=Routing(replay=routing.to(input_ids.device)))
+        if not isinstance(routing, Routing):
+            routing = Routing(replay=routing.to(input_ids.device))
+        logits = model(input_ids, attention_mask, routing=routing)
     logits = logits[:, :-1].float()  # [B, T-1, V]: predicts input_ids[:, 1:]
     if temperature != 1.0:
         logits = logits / temperature
