@@ -231,3 +231,16 @@ def test_placement_bench_runs_every_placement(tmp_path):
              line.split()[0] in ("local", "ray", "ray-async")}  # fmt: skip
     assert set(table) == {"local", "ray", "ray-async"}
     assert table["ray-async"][-1] == "1.0" and table["ray"][-1] == "0.0"  # samples one weight version behind
+
+
+def test_moe_routing_replay_bench_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/moe_routing_replay.py", "--device", "cpu", "--pretrain-steps", "3",
+                           "--num-experts", "4", "--num-steps", "1", "--prompts-per-step", "2",
+                           "--n-samples-per-prompt", "2", "--recipes", "fp8-rollout", "--no-write", "--out",
+                           str(tmp_path)], check=False, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, f"moe_routing_replay.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith("fp8-rollout")}
+    assert set(rows) == {"fp8-rollout", "fp8-rollout+R3"}
+    assert rows["fp8-rollout"][-1] == "-" and 0 <= float(rows["fp8-rollout+R3"][-1]) <= 1  # flips only under replay
+    assert (tmp_path / "plots" / "routing.png").exists()

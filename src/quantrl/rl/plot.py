@@ -3,6 +3,8 @@
     reward.png      training reward (smoothed) and held-out accuracy vs step, one line per run
     mismatch.png    mean |logprob_train - logprob_rollout| vs step, one line per run (log scale)
     throughput.png  median rollout tokens/s per run
+    routing.png     MoE runs with routing replay: fraction of expert choices the trainer's router would
+                    have made differently from the engine's, vs step
 """
 
 from __future__ import annotations
@@ -85,4 +87,16 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) 
     ax.set(title="rollout throughput (median over steps)", xlabel="generated tokens / s")
     ax.grid(alpha=0.3, axis="x")
     _save(fig, out / "throughput.png", paths)
+
+    routed = [(run, [r for r in rows if "routing_flip_frac" in r]) for run, rows in runs]
+    routed = [(run, steps) for run, steps in routed if steps]
+    if routed:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for run, steps in routed:
+            ax.plot([r["step"] for r in steps], [r["routing_flip_frac"] for r in steps], label=_label(run))
+        ax.set(title="MoE routing: expert choices where trainer and engine disagree", xlabel="step",
+               ylabel="fraction of (token, layer) choices")  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        _save(fig, out / "routing.png", paths)
     return paths
