@@ -101,6 +101,29 @@ def test_transformers_reads_our_experts(ckpts, kind):
         assert torch.equal(state[f"model.layers.{layer}.mlp.gate.weight"], src[f"model.layers.{layer}.mlp.gate.weight"])
 
 
+def test_gptq_on_a_moe_checkpoint(ckpts, tmp_path):
+    """GPTQ for attention and the dense layer, round-to-nearest for the routed experts (transformers fuses
+    them, so they are no nn.Linear to collect a Hessian for), routers untouched."""
+    import shutil
+
+    from quantrl.tasks.tokenizer import build_tokenizer
+
+    src = tmp_path / "bf16"
+    shutil.copytree(ckpts["bf16"], src)
+    build_tokenizer().save_pretrained(src)  # calibration text needs a tokenizer; the ids fit the 300-row vocab
+    opts = IntConvertOptions(method="gptq", group_size=GROUP, data_dir="synthetic", num_calibration_samples=8,
+                             max_sequence_length=64)  # fmt: skip
+    out = convert_to_int(src, tmp_path / "gptq", opts, progress=False).output_dir
+    deq = dequantized_weights(load_model(out, dtype=torch.bfloat16))
+    orig = load_file(src / "model.safetensors")
+    rtn = {n: FAKE["int4"][1](w).to(torch.bfloat16) for n, w in orig.items() if n in deq}
+    experts = [n for layer in (0, 2) for e in range(6) for n in expert_names(layer, e)]
+    assert all(torch.equal(deq[n], rtn[n]) for n in experts)
+    gptq = [n for n in deq if ".self_attn." in n or ".layers.1.mlp." in n]
+    assert len(gptq) == 3 * 4 + 3 and all(not torch.equal(deq[n], rtn[n]) for n in gptq)
+    assert all(torch.equal(deq[f"{r}.weight"], orig[f"{r}.weight"]) for r in ROUTERS)
+
+
 @pytest.mark.parametrize("kind", ["bf16", "int4"])
 def test_engine_logprobs_equal_full_forward(ckpts, kind):
     """Prefill, decode and slot compaction route every token as one full-sequence forward does.
@@ -245,6 +268,8 @@ def test_replay_is_used_and_free_rows_route_by_themselves(gen):
     assert not torch.allclose(moved[0, 4], own[0, 4])
     with pytest.raises(ValueError, match="routing replay has shape"):
         model(ids, routing=Routing(replay=experts[..., :1]))
+    with pytest.raises(ValueError, match=r"names experts outside \[0, 6\)"):
+        model(ids, routing=Routing(replay=experts + 6))
 
 
 def test_router_gets_gradient_under_replay(gen):

@@ -29,7 +29,7 @@ always works in fp32/fp64 (``checkpoint.gptq``). The dequantized weights written
 ``dequantize_int(q, s, dtype=checkpoint dtype)`` -- exactly the weights the engine will use.
 
 Layer calling convention (transformers 5.x): ``layer(hidden_states, attention_mask=..., position_ids=...,
-position_embeddings=(cos, sin), past_key_values=None, use_cache=False)`` returns a tensor (4.x returned a
+position_embeddings=(cos, sin), use_cache=False)`` returns a tensor (4.x returned a
 tuple; both are accepted). ``(cos, sin)`` come from the model-level rotary module, which is re-created
 on the real device from the config (its ``inv_freq`` is a non-persistent buffer, so a meta-built module
 has no values). The mask is what the model's own forward would build: ``create_causal_mask`` (or
@@ -42,7 +42,10 @@ families; verified against the full transformers forward in ``tests/test_gptq_mo
 model's forward does between embedding and the first layer other than position embeddings and the
 causal/sliding mask (e.g. Gemma's embedding scaling) is not reproduced; such model types get a warning.
 Targets that are not the ``weight`` of an ``nn.Linear`` inside a decoder layer (``lm_head``, fused MoE
-experts, ...) are not yielded: the caller quantizes them round-to-nearest.
+experts, ...) are not yielded: the caller quantizes them round-to-nearest. MoE checkpoints (Qwen3-MoE,
+Qwen2-MoE) store one tensor per expert while transformers 5 fuses them into ``experts.gate_up_proj`` /
+``experts.down_proj``; the driver stacks the per-expert tensors into those, so attention, dense MLPs and
+shared experts get GPTQ and the routed experts round-to-nearest.
 """
 
 from __future__ import annotations
@@ -139,6 +142,17 @@ def gptq_layer_targets(model_dir: str | Path, targets: set[str]) -> set[str]:
 # Materializing modules from the reader
 
 
+def _fused_sources(name: str, shape: tuple[int, ...]) -> list[list[str]] | None:
+    """transformers 5 fuses MoE experts on load (``experts.gate_up_proj`` [E, 2I, H] = per expert
+    cat(gate_proj, up_proj); ``experts.down_proj`` [E, H, I]) while checkpoints keep one tensor per expert:
+    the checkpoint names behind a fused parameter, per expert, or None if ``name`` is not one."""
+    head, _, leaf = name.rpartition(".")
+    if not head.endswith(".experts") or leaf not in ("gate_up_proj", "down_proj") or len(shape) != 3:
+        return None
+    parts = ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
+    return [[f"{head}.{e}.{p}.weight" for p in parts] for e in range(shape[0])]
+
+
 def _materialize(
     module: nn.Module, prefix: str, reader: SafetensorsDir, device: torch.device, dtype: torch.dtype
 ) -> None:
@@ -151,31 +165,39 @@ def _materialize(
             f"gptq: module {prefix.rstrip('.')} has non-persistent buffers {transient} that the checkpoint cannot "
             "provide; this architecture is not supported by the layer-by-layer driver"
         )
-    missing = [prefix + n for n in state if prefix + n not in reader]
+    fused = {n: _fused_sources(prefix + n, tuple(t.shape)) for n, t in state.items() if prefix + n not in reader}
+    fused = {n: src for n, src in fused.items() if src and all(x in reader for group in src for x in group)}
+    missing = [prefix + n for n in state if prefix + n not in reader and n not in fused]
     if missing:
         raise ValueError(
             f"gptq: checkpoint {reader.dir} lacks {len(missing)} tensor(s) of module {prefix.rstrip('.')}, e.g. "
             f"{missing[:3]} (its tensor names do not follow the transformers module names; not supported)"
         )
+    covered = {x for src in fused.values() for group in src for x in group}
     extra = [
         n
         for n in reader.names()
-        if n.startswith(prefix) and n[len(prefix) :] not in persistent and not n.endswith(_IGNORED_CHECKPOINT_SUFFIXES)
-    ]
+        if n.startswith(prefix) and n[len(prefix) :] not in persistent and n not in covered
+        and not n.endswith(_IGNORED_CHECKPOINT_SUFFIXES)
+    ]  # fmt: skip
     if extra:
         raise ValueError(
             f"gptq: checkpoint {reader.dir} has tensor(s) under {prefix!r} that the transformers module does not "
-            f"have, e.g. {sorted(extra)[:3]} (a different module layout, e.g. fused or per-expert weights; "
-            "not supported)"
+            f"have, e.g. {sorted(extra)[:3]} (a different module layout; not supported)"
         )
     module.to(dtype=dtype)  # meta: only changes the dtype of floating parameters/buffers
     module.to_empty(device=device)
     with torch.no_grad():
         for n, t in module.state_dict(keep_vars=True).items():
-            src = reader.read(prefix + n)
+            if n in fused:  # [E, 2I, H] / [E, H, I] from the per-expert tensors
+                src = torch.stack([torch.cat([reader.read(x) for x in group]) for group in fused[n]])
+                where = f"the per-expert tensors {fused[n][0]}..."
+            else:
+                src = reader.read(prefix + n)
+                where = reader.infos[prefix + n].file.name
             if tuple(src.shape) != tuple(t.shape):
                 raise ValueError(
-                    f"gptq: tensor {prefix + n} has shape {list(src.shape)} in {reader.infos[prefix + n].file.name}, "
+                    f"gptq: tensor {prefix + n} has shape {list(src.shape)} in {where}, "
                     f"the model built from config.json expects {list(t.shape)}"
                 )
             t.copy_(src)
@@ -234,9 +256,8 @@ class _LayerRunner:
     @torch.no_grad()
     def __call__(self, layer: nn.Module, i: int, h: torch.Tensor) -> torch.Tensor:
         pos, cos_sin, mask = self._inputs(h, self.attention_kind(i))
-        out = layer(
-            h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin, past_key_values=None, use_cache=False
-        )
+        # no cache argument: its name changed (past_key_values -> cache in 5.x); None is the default in both
+        out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin, use_cache=False)
         return out[0] if isinstance(out, tuple) else out
 
     def run_all(self, layer: nn.Module, i: int, hs: list[torch.Tensor], *, keep: bool) -> None:

@@ -104,6 +104,8 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool,
     if replay is not None:
         if replay.shape != own.shape:
             raise ValueError(f"routing replay has shape {list(replay.shape)} for {list(own.shape)} router choices")
+        if bool(((replay < FREE) | (replay >= logits.shape[-1])).any()):  # one host sync per layer (training)
+            raise ValueError(f"routing replay names experts outside [0, {logits.shape[-1]}) (or {FREE}: route freely)")
         experts = torch.where(replay[:, :1] == FREE, own, replay.to(own.dtype))
         weights = probs.gather(1, experts)
     if normalize:
