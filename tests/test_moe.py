@@ -268,8 +268,10 @@ def test_replay_is_used_and_free_rows_route_by_themselves(gen):
     assert not torch.allclose(moved[0, 4], own[0, 4])
     with pytest.raises(ValueError, match="routing replay has shape"):
         model(ids, routing=Routing(replay=experts[..., :1]))
-    with pytest.raises(ValueError, match=r"names experts outside \[0, 6\)"):
-        model(ids, routing=Routing(replay=experts + 6))
+    for bad in (experts + 6, torch.cat([experts[..., :1], torch.full_like(experts[..., :1], FREE)], -1),
+                experts[..., :1].expand_as(experts)):  # out of range, half FREE, one expert twice
+        with pytest.raises(ValueError, match=r"must name 2 distinct experts in \[0, 6\)"):
+            model(ids, routing=Routing(replay=bad))
 
 
 def test_router_gets_gradient_under_replay(gen):
@@ -315,3 +317,19 @@ def test_replay_removes_the_routing_part_of_a_quantized_rollouts_mismatch(tmp_pa
     assert flips > 0, "the test needs a rollout that routes differently"
     assert replay_err.mean() < 0.85 * free_err.mean(), (replay_err.mean(), free_err.mean())
     assert replay_err.max() < 0.5 * free_err.max(), (replay_err.max(), free_err.max())
+
+
+def test_dense_dispatch_keeps_per_call_activation_scales_to_the_routed_tokens(gen, monkeypatch):
+    """FP8 with one activation scale per call (compressed-tensors ``tensor`` strategy): under the dense
+    dispatch an expert's scale must come from its own tokens only, as in the grouped one."""
+    scheme = QuantScheme(method="fp8", fp8_strategy="tensor", scale_suffix="weight_scale", act_strategy="tensor",
+                         scale_dtype=torch.float32)  # fmt: skip
+    from quantrl.model import random_init_
+
+    model = random_init_(build_model(moe_cfg().to_dict(), scheme, dtype=torch.float32), seed=3, std=0.1)
+    ids = torch.randint(0, 300, (3, 10), generator=gen)
+    with torch.no_grad():
+        grouped = model(ids)
+        monkeypatch.setattr(SparseMoeBlock, "dense_dispatch", True)
+        dense = model(ids)
+    assert float((dense - grouped).abs().max() / grouped.abs().max()) <= 1e-6

@@ -22,13 +22,19 @@ prompt token shifts every later token's logprob).
 Two dispatches compute that same sum:
   grouped  tokens sorted by expert, each expert runs only on its tokens. Needs the per-expert counts on
            the host (one sync), so it is the eager path: training, prefill, CPU.
-  dense    every expert runs on every token and non-chosen experts get weight 0. Static shapes, so it is
-           what a CUDA graph captures; its exact zeros leave the sum unchanged, but it costs E/k times the
-           FLOPs and reads every expert's weights (at decode, batch >= E/k reads them all anyway).
+  dense    every expert runs on every row, the rows not routed to it zeroed (so a per-call FP8 activation
+           scale sees only its tokens, as in grouped) and its output weighted 0 there. Static shapes, so it
+           is what a CUDA graph captures. Exact zeros leave the sum unchanged; the one difference left is
+           a GEMM's rounding that depends on the row count (cuBLAS and our W4A16 kernels pick tiles by M,
+           so on GPU the two agree to bf16 rounding, not bit for bit). It costs E/k times the FLOPs and
+           reads every expert's weights each step: for many experts and small batches (Qwen3-30B-A3B:
+           128 experts, top 8) graphed decode is a correctness path, not a fast one; a grouped-GEMM kernel
+           is what would make it fast.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +52,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
                  device: torch.device | str, intermediate_size: int | None = None):  # fmt: skip
         super().__init__()
-        h, i, bias = cfg.hidden_size, intermediate_size or cfg.intermediate_size, cfg.mlp_bias
+        i = cfg.intermediate_size if intermediate_size is None else intermediate_size
+        h, bias = cfg.hidden_size, cfg.mlp_bias
         self.gate_proj = make_linear(f"{prefix}.gate_proj", h, i, bias, scheme, dtype, device)
         self.up_proj = make_linear(f"{prefix}.up_proj", h, i, bias, scheme, dtype, device)
         self.down_proj = make_linear(f"{prefix}.down_proj", i, h, bias, scheme, dtype, device)
@@ -55,14 +62,14 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-FREE = -1  # a replay row of FREE experts: route this token by its own top-k (e.g. a sample's last token)
+FREE = -1  # a replay row all FREE: route this token by its own top-k (e.g. a sample's last token)
 
 
 @dataclass
 class Routing:
     """What one forward does with expert choices.
 
-    ``replay`` [B, T, L_moe, k] (long): experts to use per token and MoE layer (in MoE-layer order), rows of
+    ``replay`` [B, T, L_moe, k] (integer): experts to use per token and MoE layer (in MoE-layer order), rows of
     ``FREE`` route freely. ``record``: append each MoE layer's chosen experts [B*T, k] to ``recorded``.
     Under replay, ``flips`` / ``decisions`` count the replayed (token, layer) choices whose expert set
     differs from this router's own top-k: how often the two sides route apart.
@@ -104,8 +111,13 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool,
     if replay is not None:
         if replay.shape != own.shape:
             raise ValueError(f"routing replay has shape {list(replay.shape)} for {list(own.shape)} router choices")
-        if bool(((replay < FREE) | (replay >= logits.shape[-1])).any()):  # one host sync per layer (training)
-            raise ValueError(f"routing replay names experts outside [0, {logits.shape[-1]}) (or {FREE}: route freely)")
+        free = replay == FREE
+        ordered = replay.sort(-1).values
+        bad = ((replay < FREE) | (replay >= logits.shape[-1])).any() | (free.any(-1) & ~free.all(-1)).any()
+        bad |= ((ordered[:, 1:] == ordered[:, :-1]) & ~free[:, 1:]).any()
+        if bool(bad):  # one host sync per layer (training)
+            raise ValueError(f"routing replay rows must name {top_k} distinct experts in [0, {logits.shape[-1]}) "
+                             f"or be all {FREE} (route freely)")  # fmt: skip
         experts = torch.where(replay[:, :1] == FREE, own, replay.to(own.dtype))
         weights = probs.gather(1, experts)
     if normalize:
@@ -168,5 +180,18 @@ class SparseMoeBlock(nn.Module):
         gates.scatter_(1, experts, weights)  # [N, E]: weight 0 for experts not chosen
         out = torch.zeros_like(x)
         for j, expert in enumerate(self.experts):
-            out = out + expert(x) * gates[:, j : j + 1]
+            g = gates[:, j : j + 1]  # [N, 1]
+            out = out + expert(x * (g != 0)) * g
         return out
+
+
+@contextmanager
+def dense_dispatch():
+    """Every MoE block takes the dense dispatch while inside (CUDA-graph warm-up: every expert's Linears
+    then see a call, and run their fast-path probes, before capture)."""
+    before = SparseMoeBlock.dense_dispatch
+    SparseMoeBlock.dense_dispatch = True
+    try:
+        yield
+    finally:
+        SparseMoeBlock.dense_dispatch = before

@@ -96,7 +96,7 @@ class RLConfig:
     check_weight_update_equal: bool = False
     "verify after every sync that the engine holds exactly the converted weights"
     use_rollout_routing_replay: bool = False
-    "MoE models: the trainer uses the experts the engine routed each token to (R3; slime's flag of that name)"
+    "MoE models: the trainer (and the --kl-coef reference) uses the experts the engine routed each token to (R3)"
     eval_interval: int = 10
     "evaluate held-out accuracy every N steps (0: never)"
     save_interval: int = 20
@@ -382,6 +382,8 @@ class RLRun:
         texts = [self.tok.decode(r.tokens, skip_special_tokens=True) for r in results]
         rewards = torch.tensor([self.reward(t, prompts[r.prompt_index]) for t, r in zip(texts, results)])
         batch = _batch(prompt_ids, results, self.tok.pad_token_id)
+        if cfg.use_rollout_routing_replay and "routing" not in batch:  # e.g. samples saved by a run without it
+            raise ValueError(f"step {step}: --use-rollout-routing-replay, but these samples carry no routing")
         batch["advantages"] = group_advantages(rewards, cfg.n_samples_per_prompt)
         return batch, {"results": results, "rewards": rewards, "rollout_s": rollout_s, "wait_s": wait_s}
 

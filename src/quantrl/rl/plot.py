@@ -64,7 +64,8 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) 
     ax_e.set(title="held-out accuracy (greedy)", xlabel="step", ylabel="accuracy")
     for ax in (ax_r, ax_e):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # no eval rows (--eval-interval 0): an empty panel, no legend
+            ax.legend(fontsize=8)
     _save(fig, out / "reward.png", paths)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

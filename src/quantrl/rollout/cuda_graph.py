@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from quantrl.model.decoder import Decoder, KVContext
-from quantrl.model.moe import Routing
+from quantrl.model.moe import Routing, dense_dispatch
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -55,7 +55,9 @@ class DecodeGraphs:
     def _capture(self, b: int, ctx: KVContext) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor | None]]:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: lazy inits and FP8 fast-path probes run eagerly, not in the graph
+        # warm-up: lazy inits and FP8 / W4A16 fast-path probes run eagerly, not in the graph; MoE blocks
+        # dispatch densely, as they will in the graph, so every expert is probed, not only the routed ones
+        with torch.cuda.stream(side), dense_dispatch():
             for _ in range(2):
                 self.step(b, ctx)  # rewrites the same K/V it will write when replayed
         torch.cuda.current_stream().wait_stream(side)

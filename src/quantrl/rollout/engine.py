@@ -55,7 +55,7 @@ class GenerationResult:
     weight_version: int
     "engine.weight_version that produced the sample"
     routing: torch.Tensor | None = None
-    "return_routing: experts [P + G - 1, L_moe, k] (int16, CPU) of every token fed to the model: the P prompt\n    tokens, then the generated ones but the last (never fed); row t is what position t was routed to"
+    "return_routing: experts [P + G - 1, L_moe, k] (int16, CPU) of each fed token (prompt, then all generated but the last)"
 
 
 @dataclass
