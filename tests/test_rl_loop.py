@@ -255,3 +255,22 @@ def test_moe_routing_flips_are_counted_and_replay_needs_moe(tiny_model, tiny_moe
     assert bf16[-1]["routing_flip_frac"] < 0.01 < ptq[-1]["routing_flip_frac"]
     with pytest.raises(ValueError, match="needs a MoE model"):
         RLRun(cfg(tiny_model, tmp_path / "c", use_rollout_routing_replay=True), progress=False)
+
+
+def test_routing_replay_on_ray_with_two_engines_and_replicas(tiny_moe_model, tmp_path):
+    """The engines' routing travels back through Ray, is cut into the replicas' rows with the rest of the
+    batch, and the replicas' flip counts add up on the lead: with one engine and one trainer the metrics
+    equal the local run's, number for number."""
+    pytest.importorskip("ray")
+    run = functools.partial(cfg, tiny_moe_model, use_rollout_routing_replay=True, recipe="int4-ptq", threads=1,
+                            eval_interval=0, num_steps=1)  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        local = train(run(tmp_path / "local"), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert untimed(train(run(tmp_path / "ray", placement="ray"), progress=False)) == untimed(local)
+    assert local[-1]["routing_flip_frac"] > 0
+    rows = train(run(tmp_path / "dp", placement="ray", rollout_num_engines=2, dp_size=2, prompts_per_step=4),
+                 progress=False)  # fmt: skip
+    assert 0 < rows[-1]["routing_flip_frac"] < 1
