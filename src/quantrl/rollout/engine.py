@@ -67,6 +67,31 @@ class _Active:
     last: list[int] = field(default_factory=list)  # last sampled token, fed by the next decode step
 
 
+class _Routes:
+    """MoE experts of one generate call: each sample's prompt rows, then one row per decode step. Decode
+    steps are kept whole (one tensor a step) and split by sample once at the end."""
+
+    def __init__(self, total: int):
+        self.prompt: list[torch.Tensor | None] = [None] * total  # [P, L_moe, k]
+        self.steps: list[torch.Tensor] = []  # [B_step, L_moe, k]
+        self.ids: list[int] = []  # sample of each row of the concatenated steps
+
+    def decode(self, ids: list[int], experts: torch.Tensor) -> None:
+        self.steps.append(experts.to("cpu", torch.int16))
+        self.ids += ids
+
+    def per_sample(self) -> list[torch.Tensor]:
+        """[P + G - 1, L_moe, k] per sample: its decode rows in step order after its prompt's."""
+        total = len(self.prompt)
+        if not self.steps:
+            return list(self.prompt)
+        sample = torch.tensor(self.ids)
+        order = sample.argsort(stable=True)  # by sample, steps in order within one
+        counts = torch.bincount(sample, minlength=total).tolist()
+        decoded = torch.cat(self.steps)[order].split(counts)
+        return [torch.cat([p, d]) for p, d in zip(self.prompt, decoded)]
+
+
 class Engine:
     def __init__(self, model: Decoder, *, kv_cache_tokens: int | None = None, kv_cache_bytes: int | None = None,
                  max_batch_size: int = 256, max_prefill_tokens: int = 8192, max_seq_len: int | None = None,
@@ -137,11 +162,11 @@ class Engine:
         stop = set(params.stop_token_ids)
         pending = deque(range(total))  # sample s belongs to prompt s // n
         act = _Active()
-        routes: list[list[torch.Tensor]] | None = None  # per sample: [P, L, k] from prefill, then [L, k] per decode
+        routes: _Routes | None = None
         if params.return_routing:
             if self.model.num_moe_layers == 0:
                 raise ValueError("return_routing: the model has no MoE layers to report routing for")
-            routes = [[] for _ in range(total)]
+            routes = _Routes(total)
         with torch.no_grad():
             while pending or act.ids:
                 first = len(act.ids)
@@ -154,8 +179,7 @@ class Engine:
                 else:
                     logits, experts = self._decode(act, k, v, record=routes is not None)
                     if routes is not None:
-                        for s, e in zip(act.ids, experts.to("cpu", torch.int16)):
-                            routes[s].append(e[None])
+                        routes.decode(act.ids, experts)
                     act.lengths = [n + 1 for n in act.lengths]
                     first = 0
                 new_tok, new_lp = sample(logits, params, gen)
@@ -170,9 +194,10 @@ class Engine:
                         done.append(row)
                 if done:
                     self._compact(act, done, k, v)
+        per_sample = routes.per_sample() if routes is not None else [None] * total
         return [
             GenerationResult(s // params.n, s % params.n, tokens[s], logprobs[s], reasons[s], self.weight_version,
-                             None if routes is None else torch.cat(routes[s]))  # fmt: skip
+                             per_sample[s])  # fmt: skip
             for s in range(total)
         ]
 
@@ -194,10 +219,10 @@ class Engine:
 
     def _prefill(self, samples: list[int], prompts: list[list[int]], n: int, k: list[torch.Tensor],
                  v: list[torch.Tensor], first: int,
-                 routes: list[list[torch.Tensor]] | None) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
+                 routes: _Routes | None) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
         """Prefill each distinct prompt once into slots [first, first + U), copy its KV to the slots of its other
         samples [first + U, first + A). Returns logits [A, V] in slot order and the sample ids in slot order;
-        with ``routes``, each admitted sample's list starts with its prompt's experts [P, L_moe, k]."""
+        with ``routes``, each admitted sample gets its prompt's experts [P, L_moe, k]."""
         groups: dict[int, list[int]] = {}
         for s in samples:
             groups.setdefault(s // n, []).append(s)
@@ -215,7 +240,7 @@ class Engine:
             experts = routing.stacked(len(uniq), t).to("cpu", torch.int16)  # [U, T, L_moe, k]
             for i, p in enumerate(uniq):
                 for s in groups[p]:  # the samples sharing this prefill share its KV, hence its routing
-                    routes[s].append(experts[i, : len(prompts[p])])
+                    routes.prompt[s] = experts[i, : len(prompts[p])]
         src_rows = [i for i, p in enumerate(uniq) for _ in groups[p][1:]]
         order = [groups[p][0] for p in uniq] + [s for p in uniq for s in groups[p][1:]]
         if src_rows:
