@@ -197,7 +197,7 @@ class Engine:
         per_sample = routes.per_sample() if routes is not None else [None] * total
         return [
             GenerationResult(s // params.n, s % params.n, tokens[s], logprobs[s], reasons[s], self.weight_version,
-                             per_sample[s])  # fmt: skip
+                             per_sample[s])
             for s in range(total)
         ]
 
