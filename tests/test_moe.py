@@ -333,3 +333,23 @@ def test_dense_dispatch_keeps_per_call_activation_scales_to_the_routed_tokens(ge
         monkeypatch.setattr(SparseMoeBlock, "dense_dispatch", True)
         dense = model(ids)
     assert float((dense - grouped).abs().max() / grouped.abs().max()) <= 1e-6
+
+
+def test_balance_loss_equals_transformers_aux_loss(tmp_path, gen):
+    """Routing(balance_mask=...).balance_loss() is transformers' Qwen-MoE ``aux_loss`` (padding excluded), and
+    it reaches the router through autograd."""
+    from _tiny_models import reference
+
+    path = save_model(moe_cfg(), tmp_path / "m")
+    ref, ours = reference(path), load_model(path, dtype=torch.float32)
+    ids = torch.randint(0, 300, (3, 10), generator=gen)
+    am = torch.ones_like(ids)
+    am[0, 7:], am[2, 4:] = 0, 0
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=am, output_router_logits=True).aux_loss
+    routing = Routing(balance_mask=am.bool())
+    ours(ids, am, routing=routing)
+    loss = routing.balance_loss()
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=0), (loss, expected)
+    loss.backward()
+    assert ours.get_parameter(f"{ROUTERS[0]}.weight").grad.abs().sum() > 0

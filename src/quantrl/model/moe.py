@@ -80,6 +80,9 @@ class Routing:
     recorded: list[torch.Tensor] = field(default_factory=list)
     flips: torch.Tensor | int = 0
     decisions: torch.Tensor | int = 0
+    balance_mask: torch.Tensor | None = None
+    "[B, T] (1 = real token): collect what ``balance_loss`` needs over these tokens"
+    _balance: list[torch.Tensor] = field(default_factory=list)  # per layer: [top-k counts [E], prob sums [E]]
 
     def stacked(self, b: int, t: int) -> torch.Tensor:
         """The recorded experts as [B, T, L_moe, k]."""
@@ -88,10 +91,28 @@ class Routing:
     def layer_replay(self, moe_index: int) -> torch.Tensor | None:
         return None if self.replay is None else self.replay[:, :, moe_index]
 
-    def note(self, used: torch.Tensor, own: torch.Tensor, replay: torch.Tensor | None) -> None:
-        """One MoE layer's choices: ``used`` (replayed or own) and ``own`` top-k, both [N, k]."""
+    def balance_loss(self) -> torch.Tensor:
+        """Switch-Transformer load-balancing loss as transformers' Qwen-MoE computes it (its
+        ``router_aux_loss_coef`` term): E * sum_e f_e * p_e, where f_e is the number of top-k slots given
+        to expert e and p_e the summed router probability of e, both pooled over layers and divided by
+        (layers x real tokens). 1 * k when routing is uniform; grows as experts are favoured."""
+        if not self._balance:
+            raise ValueError("balance_loss: no MoE layer ran with balance_mask set")
+        counts, probs = torch.stack(self._balance).sum(0)  # [E] each, over layers
+        rows = self.balance_mask.sum() * len(self._balance)
+        return counts.shape[0] * ((counts / rows) * (probs / rows)).sum()
+
+    def note(self, used: torch.Tensor, own: torch.Tensor, replay: torch.Tensor | None,
+             logits: torch.Tensor) -> None:  # fmt: skip
+        """One MoE layer's choices: ``used`` (replayed or own) and ``own`` top-k, both [N, k]; router
+        ``logits`` [N, E]."""
         if self.record:
             self.recorded.append(used)
+        if self.balance_mask is not None:
+            mask = self.balance_mask.reshape(-1, 1).to(torch.float32)  # [N, 1]
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            slots = torch.zeros_like(probs).scatter_add_(1, used, mask.expand_as(used))  # [N, E]
+            self._balance.append(torch.stack([slots.sum(0), (probs * mask).sum(0)]))
         if replay is not None:
             fixed = replay[:, 0] != FREE
             differ = (own.sort(-1).values != used.sort(-1).values).any(-1)
@@ -150,9 +171,10 @@ class SparseMoeBlock(nn.Module):
         replay = None if routing is None else routing.layer_replay(moe_index)
         if replay is not None:
             replay = replay.reshape(flat.shape[0], -1)  # [N, k]
-        weights, experts, own = route(self.gate(flat), self.top_k, self.normalize, replay)  # [N, k] each
+        logits = self.gate(flat)  # [N, E]
+        weights, experts, own = route(logits, self.top_k, self.normalize, replay)  # [N, k] each
         if routing is not None:
-            routing.note(experts, own, replay)
+            routing.note(experts, own, replay, logits)
         capturing = flat.is_cuda and torch.cuda.is_current_stream_capturing()
         dispatch = self._dense if (self.dense_dispatch or capturing) else self._grouped
         out = dispatch(flat, weights, experts)

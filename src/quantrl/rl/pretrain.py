@@ -8,6 +8,7 @@ Reproducible: the model init, the problems and the batch order all come from ``-
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import tempfile
@@ -53,6 +54,8 @@ class PretrainConfig:
     "MoE: experts per token (top-k, renormalised)"
     moe_intermediate_size: int = 256
     "MoE: SwiGLU width of one expert"
+    router_aux_loss_coef: float = 0.01
+    "MoE: weight of the load-balancing loss (transformers' router_aux_loss_coef), so experts share the tokens"
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int) -> dict:
@@ -94,11 +97,18 @@ def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, tor
     return {"input_ids": ids, "attention_mask": am, "loss_mask": lm}
 
 
-def sft_loss(model, micro):
+def sft_loss(model, micro, aux_coef: float = 0.0):
+    """Summed token NLL of the solution; with ``aux_coef`` (MoE) plus the load-balancing loss, weighted by
+    the micro-batch's loss tokens so that the trainer's token mean gives it weight ``aux_coef``."""
+    from quantrl.model.moe import Routing
     from quantrl.train.logprobs import token_logprobs
 
-    logp, _ = token_logprobs(model, micro["input_ids"], micro["attention_mask"])
-    return -(logp * micro["loss_mask"][:, 1:]).sum(), {}
+    routing = Routing(balance_mask=micro["attention_mask"].bool()) if aux_coef else None
+    logp, _ = token_logprobs(model, micro["input_ids"], micro["attention_mask"], routing=routing)
+    nll = -(logp * micro["loss_mask"][:, 1:]).sum()
+    if routing is None:
+        return nll, {"nll": float(nll)}
+    return nll + aux_coef * routing.balance_loss() * micro["loss_mask"][:, 1:].sum(), {"nll": float(nll)}
 
 
 def greedy_accuracy(model, tok, problems, max_new_tokens: int = 48) -> float:
@@ -128,6 +138,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     examples = encode_examples(train, tok)
     trainer = Trainer(model, TrainConfig(mode="bf16", lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01,
                                          micro_batch_size=cfg.batch_size, grad_clip=1.0))
+    loss = functools.partial(sft_loss, aux_coef=cfg.router_aux_loss_coef if cfg.num_experts else 0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     warm = max(1, cfg.steps // 20)
     t0 = time.perf_counter()
@@ -138,9 +149,9 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         trainer.optimizer.set_lr(lr)
         idx = torch.randint(0, len(examples), (cfg.batch_size,), generator=gen).tolist()
         batch = collate([examples[i] for i in idx], tok.pad_token_id)
-        m = trainer.train_step({k: v.to(cfg.device) for k, v in batch.items()}, sft_loss)
-        losses.append(m["loss"])
-        bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{lr:.1e}")
+        m = trainer.train_step({k: v.to(cfg.device) for k, v in batch.items()}, loss)
+        losses.append(m["nll"] / float(batch["loss_mask"].sum()))  # the LM loss, without the balance term
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.1e}")
     train_s = time.perf_counter() - t0
     # save: config + tokenizer in a staging dir, then the trainer's atomic BF16 checkpoint
     with tempfile.TemporaryDirectory() as src:
