@@ -229,7 +229,7 @@ def test_ray_run_refuses_a_used_run_dir_before_starting_actors(tiny_model, tmp_p
 
 @pytest.mark.parametrize("recipe", ["fp8-rollout", "int4-qat"])
 def test_moe_model_with_rollout_routing_replay(recipe, tiny_moe_model, tmp_path, monkeypatch):
-    import quantrl.rl.grpo as grpo
+    from quantrl.rl import grpo
 
     seen = []
     real = grpo.token_logprobs
