@@ -14,6 +14,8 @@ the graph (it uses a host-seeded generator). MoE models run the dense expert dis
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from quantrl.model.decoder import Decoder, KVContext
@@ -36,6 +38,14 @@ class DecodeGraphs:
         self._layout: tuple[int, int] | None = None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor | None]]] = {}
         self._moe = model.num_moe_layers > 0
+        cfg = model.config
+        if self._moe and cfg.num_experts > 4 * cfg.num_experts_per_tok:
+            warnings.warn(
+                f"CUDA graphs on a MoE model run all {cfg.num_experts} experts on every row "
+                f"({cfg.num_experts / cfg.num_experts_per_tok:.0f}x the routed experts' FLOPs and weight reads); "
+                "eager decode may be faster",
+                stacklevel=3,
+            )
         self._pool = None
 
     def reset(self) -> None:
