@@ -19,7 +19,7 @@ from quantrl.checkpoint.convert_fp8 import convert_to_fp8
 from quantrl.checkpoint.convert_int import IntConvertOptions, convert_to_int
 from quantrl.formats import fake_quantize_fp8, fake_quantize_int
 from quantrl.model import Bf16Linear, Fp8Linear, QuantScheme, W4A16Linear, build_model, dequantized_weights, load_model
-from quantrl.model.moe import FREE, Routing, SparseMoeBlock
+from quantrl.model.moe import FREE, Routing, SparseMoeBlock, dense_dispatch
 from quantrl.rollout import Engine, SamplingParams
 from quantrl.sync import sync_weights
 from quantrl.train.fp8_linear import Fp8BlockTrainLinear, prepare_fp8_training
@@ -319,7 +319,7 @@ def test_replay_removes_the_routing_part_of_a_quantized_rollouts_mismatch(tmp_pa
     assert replay_err.max() < 0.5 * free_err.max(), (replay_err.max(), free_err.max())
 
 
-def test_dense_dispatch_keeps_per_call_activation_scales_to_the_routed_tokens(gen, monkeypatch):
+def test_dense_dispatch_keeps_per_call_activation_scales_to_the_routed_tokens(gen):
     """FP8 with one activation scale per call (compressed-tensors ``tensor`` strategy): under the dense
     dispatch an expert's scale must come from its own tokens only, as in the grouped one."""
     scheme = QuantScheme(method="fp8", fp8_strategy="tensor", scale_suffix="weight_scale", act_strategy="tensor",
@@ -330,8 +330,8 @@ def test_dense_dispatch_keeps_per_call_activation_scales_to_the_routed_tokens(ge
     ids = torch.randint(0, 300, (3, 10), generator=gen)
     with torch.no_grad():
         grouped = model(ids)
-        monkeypatch.setattr(SparseMoeBlock, "dense_dispatch", True)
-        dense = model(ids)
+        with dense_dispatch():
+            dense = model(ids)
     assert float((dense - grouped).abs().max() / grouped.abs().max()) <= 1e-6
 
 

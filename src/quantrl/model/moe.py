@@ -147,7 +147,7 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool,
 
 
 class SparseMoeBlock(nn.Module):
-    dense_dispatch = False  # class switch: the capture-safe dispatch in eager mode too (tests, benchmarks)
+    dense_dispatch = False  # set by the dense_dispatch() context below (CUDA-graph warm-up, tests)
 
     def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
                  device: torch.device | str):  # fmt: skip

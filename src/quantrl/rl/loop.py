@@ -438,8 +438,8 @@ class RLRun:
         mine = {k: v.to(cfg.device) for k, v in rows.items()}
         if self.dp == 1:
             batch = mine  # the same tensors: move them to the device once
-        elif self.lead:
-            batch = {k: v.to(cfg.device) for k, v in batch.items()}
+        elif self.lead:  # the whole batch only for the metrics: not its token ids or routing
+            batch = {k: batch[k].to(cfg.device) for k in ("rollout_logp", "loss_mask", "attention_mask")}
         with torch.no_grad():
             self.trainer.model.eval()
             train_logp, flips = self._logprobs(self.trainer.model, mine)
@@ -474,7 +474,7 @@ class RLRun:
         }
         if cfg.async_rollout:
             row["rollout_wait_s"] = info["wait_s"]
-        if "routing" in batch:  # (token, MoE layer) choices where the trainer's router disagrees with the engine's
+        if "routing" in mine:  # (token, MoE layer) choices where the trainer's router disagrees with the engine's
             flips, decisions = flips.sum(0).tolist()
             row["routing_flip_frac"] = flips / max(decisions, 1)
         row["step_s"] = time.perf_counter() - t_step  # rollout (or the wait for it) + train + sync
