@@ -377,7 +377,9 @@ class RLRun:
         t_wait = time.perf_counter()
         prompts, prompt_ids, results, rollout_s = self._collect(rollout)
         wait_s = time.perf_counter() - t_wait
-        if cfg.async_rollout and step < cfg.num_steps:  # the engines sample step + 1 while this step trains
+        # the engines sample step + 1 while this step trains; after the last step too, so that the final
+        # checkpoint holds those samples and a resume with a larger --num-steps stays one step off-policy
+        if cfg.async_rollout:
             self.pending = self._submit(self.dataset.next_batch(cfg.prompts_per_step), self._rollout_params(step + 1))
         texts = [self.tok.decode(r.tokens, skip_special_tokens=True) for r in results]
         rewards = torch.tensor([self.reward(t, prompts[r.prompt_index]) for t, r in zip(texts, results)])
