@@ -12,6 +12,7 @@ from _tiny_models import qwen3_config, random_prompts, save_model
 
 from quantrl.checkpoint.convert_fp8 import Fp8ConvertOptions, convert_to_fp8
 from quantrl.checkpoint.convert_int import IntConvertOptions, convert_to_int
+from quantrl.checkpoint.convert_nvfp4 import convert_to_nvfp4
 from quantrl.checkpoint.safetensors_io import SafetensorsDir
 from quantrl.formats import (
     dequantize_fp8,
@@ -19,11 +20,12 @@ from quantrl.formats import (
     dequantize_int,
     fake_quantize_fp8,
     fake_quantize_int,
+    fake_quantize_nvfp4,
     quantize_fp8,
     quantize_fp8_activation,
     unpack_int4,
 )
-from quantrl.model import Bf16Linear, Fp8Linear, QuantScheme, W4A16Linear, build_model, dequantized_weights, load_model
+from quantrl.model import Bf16Linear, Fp8Linear, Nvfp4Linear, QuantScheme, W4A16Linear, build_model, dequantized_weights, load_model
 from quantrl.model.fp8_gemm import quantize_act_graph_safe
 from quantrl.rollout import Engine, SamplingParams
 
@@ -44,6 +46,7 @@ def checkpoints(tmp_path_factory):
         "int4": convert_to_int(src, base / "int4", rtn(method="rtn", group_size=GROUP), progress=False).output_dir,
         "int8": convert_to_int(src, base / "int8", rtn(method="rtn", group_size=GROUP, quant_type="W8A16"),
                                progress=False).output_dir,
+        "nvfp4": convert_to_nvfp4(src, base / "nvfp4", progress=False).output_dir,
     }  # fmt: skip
 
 
@@ -52,6 +55,7 @@ FAKE = {
     "fp8_channel": (Fp8Linear, lambda w: fake_quantize_fp8(w, strategy="channel")),
     "int4": (W4A16Linear, lambda w: fake_quantize_int(w, 4, GROUP, 7)),
     "int8": (W4A16Linear, lambda w: fake_quantize_int(w, 8, GROUP, 127)),
+    "nvfp4": (Nvfp4Linear, lambda w: fake_quantize_nvfp4(w)),
 }
 
 
@@ -73,7 +77,7 @@ def test_dequantized_weights_equal_formats_fake_quant(checkpoints, kind):
     assert torch.equal(model.model.embed_tokens.weight, original.read("model.embed_tokens.weight"))
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int4"])
+@pytest.mark.parametrize("kind", ["fp8", "int4", "nvfp4"])
 def test_quantized_checkpoints_generate(checkpoints, kind):
     model = load_model(checkpoints[kind], dtype=torch.bfloat16)
     engine = Engine(model, kv_cache_tokens=512)
@@ -81,14 +85,15 @@ def test_quantized_checkpoints_generate(checkpoints, kind):
     assert [len(r.tokens) for r in res] == [6] * 4
     assert all(lp <= 0 and lp == lp for r in res for lp in r.logprobs)
     # Outputs are those of the dequantized weights: a BF16 model holding them computes the same logits
-    # (bitwise for W4A16, whose activations stay bf16; FP8 adds only its activation rounding: ~5% on this model).
+    # (bitwise for the weight-only formats, whose activations stay bf16; FP8 adds only its activation rounding:
+    # ~5% on this model).
     bf16 = load_model(checkpoints["bf16"], dtype=torch.bfloat16)
     with torch.no_grad():
         for name, w in dequantized_weights(model).items():
             bf16.get_parameter(name).copy_(w)
         ids = torch.tensor([random_prompts([8], seed=1)[0]])
         q_logits, b_logits = model(ids).float(), bf16(ids).float()
-    if kind == "int4":
+    if kind in ("int4", "nvfp4"):
         assert torch.equal(q_logits, b_logits)
     else:
         assert 0 < float((q_logits - b_logits).norm() / b_logits.norm()) < 0.1

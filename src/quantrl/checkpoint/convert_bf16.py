@@ -1,7 +1,7 @@
-"""FP8 / INT4 / INT8 -> BF16 (``quantrl convert bf16``): for evaluation, round trips and re-quantizing.
+"""FP8 / INT4 / INT8 / NVFP4 -> BF16 (``quantrl convert bf16``): for evaluation, round trips and re-quantizing.
 
 Reads both dialects quantrl writes (``quant_method: fp8`` block checkpoints and compressed-tensors
-``float-quantized`` / ``pack-quantized``) and dequantizes through ``quantrl.formats``, so the BF16 weights
+``float-quantized`` / ``pack-quantized`` / ``nvfp4-pack-quantized``) and dequantizes through ``quantrl.formats``, so the BF16 weights
 are exactly what our rollout engine computes with.
 """
 
@@ -19,6 +19,7 @@ from quantrl.checkpoint.stream import Job, copy_job
 from quantrl.formats._checks import cdiv
 from quantrl.formats.fp8 import FP8_DTYPE, dequantize_fp8
 from quantrl.formats.int4 import dequantize_int, unpack_int
+from quantrl.formats.nvfp4 import dequantize_nvfp4, unpack_nvfp4
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Bf16ConvertOptions:
 
 @dataclass(frozen=True)
 class _Scheme:
-    kind: str  # "fp8" | "int"
+    kind: str  # "fp8" | "int" | "nvfp4"
     scale_suffix: str = ""
     block_size: tuple[int, int] | None = None
     num_bits: int = 4
@@ -64,6 +65,8 @@ def _scheme(config: dict, model_dir: str | Path) -> _Scheme:
             if not w.get("symmetric", True):
                 raise CheckpointError(f"{model_dir}: asymmetric (zero-point) int weights are not supported")
             return _Scheme("int", num_bits=int(w["num_bits"]), group_size=int(w["group_size"]))
+        if qc.get("format") == "nvfp4-pack-quantized" and w.get("type") == "float":
+            return _Scheme("nvfp4")
         raise CheckpointError(f"{model_dir}: unsupported compressed-tensors format {qc.get('format')!r} / weights {w}")
     raise CheckpointError(f"{model_dir}: unsupported quant_method {method!r}")
 
@@ -110,6 +113,18 @@ def convert_to_bf16(model_dir: str | Path, save_dir: str | Path, opts: Bf16Conve
 
             jobs.append(Job(name, (TensorSpec(f"{m}.weight", dtype, (n, k)),), int_transform))
             consumed.update((scale_name, shape_name))
+        elif scheme.kind == "nvfp4" and name.endswith(".weight_packed"):
+            m = name[: -len(".weight_packed")]
+            for needed in (f"{m}.weight_scale", f"{m}.weight_global_scale"):
+                if needed not in infos:
+                    raise CheckpointError(f"{info.file}: packed tensor {name!r} has no {needed!r}")
+
+            def fp4_transform(p: torch.Tensor, m: str = m) -> dict[str, torch.Tensor]:
+                s, gs = (reader.read(f"{m}.{t}").to(p.device) for t in ("weight_scale", "weight_global_scale"))
+                return {f"{m}.weight": dequantize_nvfp4(unpack_nvfp4(p), s, gs, dtype)}
+
+            jobs.append(Job(name, (TensorSpec(f"{m}.weight", dtype, (info.shape[0], 2 * info.shape[1])),), fp4_transform))
+            consumed.update((f"{m}.weight_scale", f"{m}.weight_global_scale"))
     if not jobs:
         raise CheckpointError(f"{model_dir}: no quantized weights found for {scheme.kind} config")
     sources = {j.source for j in jobs}

@@ -2,7 +2,7 @@
 
 Two dialects: DeepSeek-style ``quant_method: fp8`` for 128×128 FP8 blocks (what slime writes and SGLang
 loads), and compressed-tensors (``float-quantized`` for FP8 channel/tensor/block, ``pack-quantized`` for
-INT4/INT8 weight-only).
+INT4/INT8 weight-only, ``nvfp4-pack-quantized`` for NVFP4 weight-only: the NVFP4A16 preset).
 """
 
 from __future__ import annotations
@@ -64,3 +64,18 @@ def ct_int_config(num_bits: int, group_size: int, ignore: list[str]) -> dict:
         "observer": "minmax",
     }
     return _ct("pack-quantized", weights, None, ignore)
+
+
+def ct_nvfp4_config(ignore: list[str]) -> dict:
+    """compressed-tensors NVFP4A16: e2m1 weights, e4m3 scales per 16 (``tensor_group``: plus a global scale)."""
+    weights = {
+        "num_bits": 4,
+        "type": "float",
+        "symmetric": True,
+        "strategy": "tensor_group",
+        "group_size": 16,
+        "dynamic": False,
+        "scale_dtype": "torch.float8_e4m3fn",
+        "observer": "minmax",
+    }
+    return _ct("nvfp4-pack-quantized", weights, None, ignore)

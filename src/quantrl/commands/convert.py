@@ -1,4 +1,4 @@
-"""``quantrl convert fp8|int4|bf16``: thin parsers over ``quantrl.checkpoint`` converters.
+"""``quantrl convert fp8|int4|nvfp4|bf16``: thin parsers over ``quantrl.checkpoint`` converters.
 
 Flag names follow slime's ``convert_hf_to_fp8.py`` and its INT4 GPTQ script.
 """
@@ -20,7 +20,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    conv = sub.add_parser("convert", help="convert HF checkpoints: BF16 -> FP8 / INT4 / INT8, and back to BF16")
+    conv = sub.add_parser("convert", help="convert HF checkpoints: BF16 -> FP8 / INT4 / INT8 / NVFP4, and back to BF16")
     csub = conv.add_subparsers(dest="target", metavar="TARGET", required=True)
 
     p = csub.add_parser("fp8", help="BF16 -> FP8 e4m3 (block 128x128, channel or tensor scales)")
@@ -50,7 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=_int4)
 
-    p = csub.add_parser("bf16", help="FP8 / INT4 / INT8 -> BF16 (dequantize through quantrl.formats)")
+    p = csub.add_parser("nvfp4", help="BF16 -> NVFP4 weight-only (NVFP4A16) compressed-tensors nvfp4-pack-quantized")
+    p.add_argument("--input-dir", required=True, help="input HF directory")
+    p.add_argument("--output-dir", required=True, help="output directory (created atomically)")
+    _common(p)
+    p.set_defaults(func=_nvfp4)
+
+    p = csub.add_parser("bf16", help="FP8 / INT4 / INT8 / NVFP4 -> BF16 (dequantize through quantrl.formats)")
     p.add_argument("--input-dir", required=True)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
@@ -92,6 +98,14 @@ def _int4(args: argparse.Namespace) -> int:
         device=args.device, overwrite=args.overwrite, max_shard_bytes=_shard_bytes(args),
     )
     return _run(convert_to_int, args.input_dir, args.output_dir, opts, progress=not args.no_progress)
+
+
+def _nvfp4(args: argparse.Namespace) -> int:
+    from quantrl.checkpoint.convert_nvfp4 import Nvfp4ConvertOptions, convert_to_nvfp4
+
+    opts = Nvfp4ConvertOptions(max_workers=args.max_workers, device=args.device, overwrite=args.overwrite,
+                               max_shard_bytes=_shard_bytes(args))  # fmt: skip
+    return _run(convert_to_nvfp4, args.input_dir, args.output_dir, opts, progress=not args.no_progress)
 
 
 def _bf16(args: argparse.Namespace) -> int:

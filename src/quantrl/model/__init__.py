@@ -3,7 +3,7 @@ variants (BF16, FP8 W8A8, INT4/INT8 W4A16) and HF-directory loading."""
 
 from quantrl.model.config import ModelConfig, RopeConfig
 from quantrl.model.decoder import Decoder, KVContext
-from quantrl.model.linear import Bf16Linear, Fp8Linear, QLinear, W4A16Linear, WeightSpec
+from quantrl.model.linear import Bf16Linear, Fp8Linear, Nvfp4Linear, QLinear, W4A16Linear, WeightSpec
 from quantrl.model.load import build_model, load_model
 from quantrl.model.quant_scheme import QuantScheme
 from quantrl.model.random_init import random_init_
@@ -21,6 +21,7 @@ __all__ = [
     "QLinear",
     "QuantScheme",
     "RopeConfig",
+    "Nvfp4Linear",
     "W4A16Linear",
     "WeightSpec",
     "build_model",

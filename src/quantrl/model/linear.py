@@ -1,10 +1,12 @@
-"""Linear variants: one interface, three storage formats, numerics from ``quantrl.formats``.
+"""Linear variants: one interface, four storage formats, numerics from ``quantrl.formats``.
 
     Bf16Linear      ``weight`` in the model dtype (bf16, or fp32 in parity tests); also what training uses
     Fp8Linear       ``weight`` fp8 e4m3 + ``weight_scale_inv`` / ``weight_scale`` fp32 (block / channel / tensor),
                     W8A8 with dynamic per-token activation scales (1×128 groups for blocks)
     W4A16Linear     ``weight_packed`` int32 + ``weight_scale`` + ``weight_shape`` (compressed-tensors
                     pack-quantized, INT4 or INT8), activations stay in the model dtype
+    Nvfp4Linear     ``weight_packed`` uint8 + e4m3 ``weight_scale`` + fp32 ``weight_global_scale``
+                    (compressed-tensors nvfp4-pack-quantized), activations stay in the model dtype
 
 Tensors are stored under their checkpoint names and shapes, so a checkpoint loads, and a trainer's
 update arrives, by name. The interface the engine relies on:
@@ -32,9 +34,11 @@ from quantrl.formats import (
     dequantize_fp8,
     dequantize_fp8_activation,
     dequantize_int,
+    dequantize_nvfp4,
     quantize_fp8,
     quantize_fp8_activation,
     unpack_int,
+    unpack_nvfp4,
 )
 from quantrl.formats._checks import cdiv
 from quantrl.kernels import fp8_block_linear, triton_available, w4a16_linear, w4a16_repack
@@ -374,6 +378,56 @@ class W4A16Linear(QLinear):
         return self._probe(x)
 
 
+class Nvfp4Linear(QLinear):
+    """Weight-only NVFP4 (NVFP4A16): packed e2m1 codes, e4m3 group scales and a global scale.
+
+    Hopper has no FP4 tensor cores and quantrl no NVFP4 kernel yet: CPU dequantizes through ``formats`` on
+    every call (then a GEMM with fp32 accumulation), CUDA keeps a dequantized copy in the model dtype,
+    refilled in place by ``post_process_weights`` (BF16 speed and memory, the same numbers).
+    """
+
+    cache_on_cuda = True  # class switch: False dequantizes per call on CUDA too
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):  # fmt: skip
+        super().__init__(in_features, out_features, bias, dtype, device)
+        if in_features % 16:
+            raise ValueError(f"Nvfp4Linear: in_features={in_features} is not divisible by 16")
+        n, k = out_features, in_features
+        self.register_buffer("weight_packed", torch.zeros(n, k // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(n, k // 16, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("weight_global_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self._cache: torch.Tensor | None = None
+        self._cache_valid = False
+
+    def specs(self) -> dict[str, WeightSpec]:
+        return {name: WeightSpec(tuple(t.shape), t.dtype)
+                for name, t in (("weight_packed", self.weight_packed), ("weight_scale", self.weight_scale),
+                                ("weight_global_scale", self.weight_global_scale))}  # fmt: skip
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_nvfp4(unpack_nvfp4(self.weight_packed), self.weight_scale, self.weight_global_scale,
+                                dtype or self.compute_dtype)  # fmt: skip
+
+    def restore_weights_before_loading(self) -> None:
+        self._cache_valid = False
+
+    def post_process_weights(self) -> None:
+        if self.cache_on_cuda and self.weight_packed.is_cuda:
+            with torch.no_grad():
+                w = self.dequantized_weight(self.compute_dtype)
+                same = self._cache is not None and self._cache.shape == w.shape and self._cache.dtype == w.dtype
+                self._cache = self._cache.copy_(w) if same else w
+            self._cache_valid = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cache_valid and self._cache is not None and self._cache.dtype == x.dtype:
+            w = self._cache
+        else:
+            w = self.dequantized_weight(x.dtype)
+        return linear(x, w, self.bias)
+
+
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
@@ -385,4 +439,6 @@ def make_linear(name: str, in_features: int, out_features: int, bias: bool, sche
         return Bf16Linear(in_features, out_features, bias, dtype, device)
     if scheme.method == "fp8":
         return Fp8Linear(in_features, out_features, bias, scheme, dtype, device)
+    if scheme.method == "nvfp4":
+        return Nvfp4Linear(in_features, out_features, bias, scheme, dtype, device)
     return W4A16Linear(in_features, out_features, bias, scheme, dtype, device)

@@ -4,25 +4,29 @@ Dialects (the ones ``quantrl convert`` writes, also what SGLang / vLLM / transfo
   ``quant_method: fp8``                 128×128 FP8 blocks, ``<m>.weight_scale_inv``, dynamic 1×128 activations
   compressed-tensors ``float-quantized`` FP8 block / channel / tensor, ``<m>.weight_scale``
   compressed-tensors ``pack-quantized`` symmetric group INT4/INT8 (W4A16/W8A16), ``weight_packed`` + ``weight_scale``
+  compressed-tensors ``nvfp4-pack-quantized`` NVFP4 weights (``weight_packed`` uint8, e4m3 ``weight_scale`` per 16,
+                                        ``weight_global_scale``); NVFP4A16: activations stay in the model dtype
 Modules named in ``modules_to_not_convert`` / ``ignore`` keep a high-precision Linear, and so do
 ``lm_head`` and the embedding, always.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-METHODS = ("none", "fp8", "int")
+METHODS = ("none", "fp8", "int", "nvfp4")
 
 
 @dataclass(frozen=True)
 class QuantScheme:
     method: str = "none"
-    "none (high-precision Linears) | fp8 (W8A8, dynamic activations) | int (W4A16 / W8A16)"
+    "none (high-precision Linears) | fp8 (W8A8, dynamic activations) | int (W4A16 / W8A16) | nvfp4 (NVFP4A16)"
     fp8_strategy: str = "block"
     "fp8 weight scales: block | channel | tensor"
     block_size: tuple[int, int] = (128, 128)
@@ -61,6 +65,11 @@ class QuantScheme:
     def int4(cls, group_size: int = 128) -> QuantScheme:
         """W4A16, compressed-tensors pack-quantized layout."""
         return cls(method="int", num_bits=4, group_size=group_size)
+
+    @classmethod
+    def nvfp4(cls) -> QuantScheme:
+        """NVFP4 weights, BF16 activations (compressed-tensors nvfp4-pack-quantized, the NVFP4A16 preset)."""
+        return cls(method="nvfp4", num_bits=4, group_size=16, scale_dtype=torch.float8_e4m3fn)
 
     def quantizes(self, module: str) -> bool:
         """Does Linear ``module`` (e.g. ``model.layers.0.mlp.up_proj``) get the quantized variant?"""
@@ -130,4 +139,11 @@ def _from_compressed_tensors(qc: dict[str, Any]) -> QuantScheme:
         if acts:
             raise ValueError("int weights with quantized activations (W4A8) are not supported")
         return QuantScheme(method="int", num_bits=int(w["num_bits"]), group_size=int(w["group_size"]), ignore=ignore)
+    if fmt == "nvfp4-pack-quantized":
+        if (w.get("type"), int(w.get("num_bits", 0)), w.get("group_size")) != ("float", 4, 16):
+            raise ValueError(f"nvfp4-pack-quantized needs 4-bit float weights in groups of 16, got {w}")
+        if acts:  # W4A4 NVFP4: what vLLM does below SM100 too
+            warnings.warn("NVFP4 checkpoint with quantized activations (W4A4): activations are not quantized here; "
+                          "the model runs weight-only (NVFP4A16), as on GPUs without FP4 tensor cores", stacklevel=3)  # fmt: skip
+        return dataclasses.replace(QuantScheme.nvfp4(), ignore=ignore)
     raise ValueError(f"unsupported compressed-tensors format {fmt!r} with weights {w}")

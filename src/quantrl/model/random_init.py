@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from quantrl.formats import pack_int, quantize_fp8, quantize_int
+from quantrl.formats import pack_int, pack_nvfp4, quantize_fp8, quantize_int, quantize_nvfp4
 from quantrl.model.decoder import Decoder
-from quantrl.model.linear import Bf16Linear, Fp8Linear, W4A16Linear
+from quantrl.model.linear import Bf16Linear, Fp8Linear, Nvfp4Linear, W4A16Linear
 from quantrl.model.state import linear_modules
 
 
@@ -35,6 +35,9 @@ def random_init_(model: Decoder, seed: int = 0, std: float = 0.02) -> Decoder:
                 qmax = (1 << (lin.num_bits - 1)) - 1
                 q, s = quantize_int(w, lin.num_bits, lin.group_size, qmax, lin.weight_scale.dtype)
                 lin.load_({"weight_packed": pack_int(q, lin.num_bits), "weight_scale": s})
+            elif isinstance(lin, Nvfp4Linear):
+                codes, s, gs = quantize_nvfp4(w)
+                lin.load_({"weight_packed": pack_nvfp4(codes), "weight_scale": s, "weight_global_scale": gs})
             elif isinstance(lin, Fp8Linear):
                 q, s = quantize_fp8(w, lin.strategy, lin.block_size, lin.scale_fmt)
                 lin.load_({"weight": q, lin.scale_name: s.to(lin.weight_scale_tensor.dtype)})

@@ -1,0 +1,108 @@
+"""BF16 -> NVFP4 weight-only checkpoints (``convert_to_nvfp4``), compressed-tensors ``nvfp4-pack-quantized``.
+
+Checked: layout and config (parsed by the ``compressed_tensors`` library), transformers' load through
+compressed-tensors dequantizes to exactly ``formats.fake_quantize_nvfp4`` of the BF16 weights (bitwise), our
+engine computes with the same weights, logits stay near BF16, the BF16 round trip, and the CLI's errors.
+"""
+
+import json
+
+import pytest
+import torch
+
+from quantrl.checkpoint.convert_bf16 import convert_to_bf16
+from quantrl.checkpoint.convert_nvfp4 import convert_to_nvfp4
+from quantrl.checkpoint.safetensors_io import CheckpointError
+from quantrl.cli import main
+from quantrl.formats import fake_quantize_nvfp4
+from quantrl.model import Nvfp4Linear, dequantized_weights, load_model
+
+LOGITS_REL_ERROR = 0.35  # stated bound through 2 layers of random weights (INT4 g32 measures ~0.2 here)
+
+
+def module(name: str) -> str:
+    return name[: -len(".weight")]
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama"])
+def conv(request, tiny_ckpts, tmp_path_factory):
+    ckpt = tiny_ckpts[request.param]
+    out = tmp_path_factory.mktemp(f"nvfp4-{request.param}") / "out"
+    report = convert_to_nvfp4(ckpt.path, out, progress=False)
+    return ckpt, out, report
+
+
+def test_layout_and_config(conv, ckpt_tools):
+    ckpt, out, report = conv
+    tensors = ckpt_tools.read(out)
+    targets = ckpt.quantizable()
+    assert len(targets) == 14 and report.quantized == 14
+    expected = {n for n in ckpt.tensors if n not in targets}
+    for name in targets:
+        m = module(name)
+        expected |= {f"{m}.weight_packed", f"{m}.weight_scale", f"{m}.weight_global_scale"}
+        n, k = ckpt.tensors[name].shape
+        assert tensors[f"{m}.weight_packed"].dtype == torch.uint8 and tensors[f"{m}.weight_packed"].shape == (n, k // 2)
+        assert tensors[f"{m}.weight_scale"].dtype == torch.float8_e4m3fn
+        assert tensors[f"{m}.weight_scale"].shape == (n, k // 16)
+        assert tensors[f"{m}.weight_global_scale"].dtype == torch.float32
+    assert set(tensors) == expected
+    config = json.loads((out / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    assert config.pop("quantrl_quantization") == {"method": "rtn", "format": "nvfp4"}
+    assert config == json.loads((ckpt.path / "config.json").read_text())
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationConfig
+
+    parsed = QuantizationConfig.model_validate(qc)
+    (group,) = parsed.config_groups.values()
+    w = group.weights
+    assert parsed.format == "nvfp4-pack-quantized" and group.input_activations is None
+    assert (w.num_bits, w.type, w.strategy, w.group_size, w.scale_dtype) == (4, "float", "tensor_group", 16,
+                                                                           torch.float8_e4m3fn)  # fmt: skip
+    assert {"lm_head", "model.embed_tokens"} <= set(parsed.ignore)
+
+
+def test_transformers_dequantizes_to_our_fake_quant(conv, ckpt_tools):
+    ckpt, out, _ = conv
+    hf = ckpt_tools.load_hf(out, compressed_tensors=True)
+    state = hf.state_dict()
+    ours = dequantized_weights(load_model(out, dtype=torch.bfloat16))
+    for name in ckpt.quantizable():
+        want = fake_quantize_nvfp4(ckpt.tensors[name])
+        assert torch.equal(state[name], want), name
+        assert torch.equal(ours[name], want), name
+    with torch.no_grad():
+        err = ckpt_tools.rel_error(hf(ckpt.input_ids).logits.float(), ckpt.logits)
+    assert 0 < err < LOGITS_REL_ERROR, f"logits relative error {err:.4f}"
+
+
+def test_engine_holds_nvfp4_linears(conv):
+    _, out, _ = conv
+    model = load_model(out, dtype=torch.bfloat16)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Nvfp4Linear)
+    assert not isinstance(model.lm_head, Nvfp4Linear)
+
+
+def test_bf16_round_trip(conv, ckpt_tools, tmp_path):
+    ckpt, out, _ = conv
+    convert_to_bf16(out, tmp_path / "back", progress=False)
+    back = ckpt_tools.read(tmp_path / "back")
+    assert set(back) == set(ckpt.tensors)
+    for name, t in ckpt.tensors.items():
+        want = fake_quantize_nvfp4(t) if name in ckpt.quantizable() else t
+        assert torch.equal(back[name], want), name
+    assert "quantization_config" not in json.loads((tmp_path / "back" / "config.json").read_text())
+
+
+def test_refuses_quantized_input_and_ragged_k(conv, tmp_path, capsys):
+    from _tiny_models import qwen3_config, save_model
+
+    ragged = save_model(qwen3_config(hidden_size=64, intermediate_size=200, head_dim=16), tmp_path / "ragged")
+    with pytest.raises(CheckpointError, match="not divisible by 16.*down_proj"):
+        convert_to_nvfp4(ragged, tmp_path / "r", progress=False)
+    _, out, _ = conv
+    with pytest.raises(CheckpointError):
+        convert_to_nvfp4(out, tmp_path / "again", progress=False)
+    assert main(["convert", "nvfp4", "--input-dir", str(out), "--output-dir", str(tmp_path / "cli"), "--no-progress"]) == 2
+    assert "error:" in capsys.readouterr().err
