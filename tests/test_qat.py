@@ -1,10 +1,10 @@
-"""INT4 QAT: fake-quant forward equals the engine's dequantized weights; STE; once-per-step caching."""
+"""INT4 and NVFP4 QAT: fake-quant forward equals the engine's dequantized weights; STE; once-per-step caching."""
 
 import pytest
 import torch
 from torch import nn
 
-from quantrl.formats import dequantize_int4, fake_quantize_int4, pack_int4, unpack_int4
+from quantrl.formats import dequantize_int4, dequantize_nvfp4, fake_quantize_int4, pack_int4, pack_nvfp4, unpack_int4, unpack_nvfp4
 from quantrl.train.qat import QATConfig, QATLinear, prepare_qat, qat_modules
 
 
@@ -59,6 +59,23 @@ def test_forward_weight_is_exactly_what_the_engine_dequantizes(model):
         x = torch.randn(3, m.in_features)
         bias = None if m.bias is None else m.bias.bfloat16()
         assert torch.equal(m(x), torch.nn.functional.linear(x.bfloat16(), engine_w, bias))
+
+
+def test_nvfp4_forward_weight_is_exactly_what_the_engine_dequantizes(model):
+    assert QATConfig(fmt="nvfp4", group_size=128).group_size == 16  # fixed by the format
+    with pytest.raises(ValueError, match="QAT format"):
+        QATConfig(fmt="int3")
+    prepare_qat(model, QATConfig(fmt="nvfp4"))
+    for m in qat_modules(model).values():
+        codes, s, gs = m.quantized()
+        engine_w = dequantize_nvfp4(unpack_nvfp4(pack_nvfp4(codes)), s, gs, torch.bfloat16)
+        w = m.fake_quantized_weight()
+        assert torch.equal(w, engine_w) and not torch.equal(w, m.weight.detach().bfloat16())
+        x = torch.randn(3, m.in_features, requires_grad=True)
+        m(x).sum().backward()  # the straight-through gradient reaches the master
+        assert m.weight.grad is not None and bool(m.weight.grad.abs().sum() > 0)
+    with pytest.raises(ValueError, match="not divisible by group_size=16"):
+        prepare_qat(nn.Sequential(nn.Linear(24, 8)), QATConfig(fmt="nvfp4"))
 
 
 def test_straight_through_gradient_reaches_master(model):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from _tiny_models import qwen3_config, random_prompts
 
-from quantrl.formats import fake_quantize_fp8
+from quantrl.formats import fake_quantize_fp8, fake_quantize_nvfp4
 from quantrl.model import QuantScheme, build_model, dequantized_weights, engine_state, random_init_
 from quantrl.model.state import linear_modules
 from quantrl.rollout import Engine, SamplingParams
@@ -78,6 +78,9 @@ CASES = {  # name: (engine scheme, trainer dtype, trainer mode, tied embeddings)
     "int4-qat": (QuantScheme.int4(128), BF16, "qat", False),
     "int4-qat-qmax8": (QuantScheme.int4(128), BF16, "qat-qmax8", False),  # for_engine takes qmax from the QAT config
     "int4-qat-tied": (QuantScheme.int4(128), BF16, "qat", True),
+    "nvfp4-ptq": (QuantScheme.nvfp4(), BF16, None, False),
+    "nvfp4-ptq-fp32-master": (QuantScheme.nvfp4(), FP32, None, False),
+    "nvfp4-qat": (QuantScheme.nvfp4(), BF16, "nvfp4-qat", False),
 }
 
 
@@ -88,6 +91,8 @@ def test_engine_weights_bitwise_equal_trainer_forward_weights(case, monkeypatch)
     trainer = make_trainer(cfg, tdtype)
     if mode in ("qat", "qat-qmax8"):
         prepare_qat(trainer, QATConfig(group_size=128, qmax=8 if mode == "qat-qmax8" else 7, dtype=BF16))
+    elif mode == "nvfp4-qat":
+        prepare_qat(trainer, QATConfig(fmt="nvfp4", dtype=BF16))
     elif mode == "fp8":
         prepare_fp8_training(trainer, fp8_param_gather=True)
     engine = make_engine(cfg, scheme)
@@ -114,6 +119,8 @@ def test_engine_weights_bitwise_equal_trainer_forward_weights(case, monkeypatch)
                 expected = tmod.fake_quantized_weight()
         elif scheme.method == "fp8" and name != "lm_head.weight":
             expected = fake_quantize_fp8(w, scheme.fp8_strategy, scheme.block_size, dtype=BF16)
+        elif scheme.method == "nvfp4" and name != "lm_head.weight":
+            expected = fake_quantize_nvfp4(w, BF16)  # of the master as held: an fp32 one is not rounded first
         else:
             expected = w.to(BF16)
         assert expected.dtype == BF16 and torch.equal(deq[name], expected), name
@@ -140,12 +147,18 @@ def test_fp32_master_is_quantized_as_held_not_rounded_to_bf16_first():
     assert torch.equal(q.float() * s.repeat_interleave(128, 0).repeat_interleave(128, 1), fake_quantize_fp8(w))
 
 
-def test_int4_qat_engine_logprobs_equal_trainer_recompute():
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_qat_engine_logprobs_equal_trainer_recompute(fmt):
     cfg = tiny_cfg()
     trainer = make_trainer(cfg, FP32)
     master = make_trainer(cfg, FP32)  # the same weights without QAT: the negative control
-    prepare_qat(trainer, QATConfig(group_size=128, qmax=7, dtype=FP32))
-    engine = make_engine(cfg, QuantScheme(method="int", num_bits=4, group_size=128, scale_dtype=FP32), FP32)
+    if fmt == "int4":
+        prepare_qat(trainer, QATConfig(group_size=128, qmax=7, dtype=FP32))
+        scheme = QuantScheme(method="int", num_bits=4, group_size=128, scale_dtype=FP32)
+    else:
+        prepare_qat(trainer, QATConfig(fmt="nvfp4", dtype=FP32))
+        scheme = QuantScheme.nvfp4()
+    engine = make_engine(cfg, scheme, FP32)
     sync_weights(trainer, engine, version=1)
 
     prompts = random_prompts([3, 9, 5], seed=3)
@@ -187,6 +200,7 @@ def test_bad_syncs_raise_and_leave_the_engine_unchanged():
         "qat vs explicit qmax": (qat(qmax=8), SyncTarget.for_engine(engine, qmax=7), "qmax 8 vs engine 7"),
         "qat dtype": (qat(dtype=FP32), None, "scale dtype torch.float32 vs engine torch.bfloat16"),
         "qat into bf16 target": (qat(), SyncTarget(method="none"), "trains with INT4 QAT"),
+        "nvfp4 qat into an int4 engine": (qat(fmt="nvfp4"), None, "trains with NVFP4 QAT but the engine holds it as int4"),
         "nan": (nan, None, "'model.layers.1.mlp.down_proj.weight'.*non-finite"),
         "tied trainer, untied engine": (make_trainer(tiny_cfg(tie_word_embeddings=True), BF16), None,
                                         r"no value for 1 engine tensor\(s\), e.g. \['lm_head.weight'\]"),
@@ -210,8 +224,8 @@ def test_fp8_training_needs_a_block_fp8_engine():
         assert engine.weight_version == 0 and unchanged(engine, before)
 
 
-@pytest.mark.parametrize("scheme", [QuantScheme.fp8_block(), FP8_CHANNEL_CT, QuantScheme.int4(128), QuantScheme()],
-                         ids=["fp8-block", "fp8-channel", "int4", "bf16"])  # fmt: skip
+@pytest.mark.parametrize("scheme", [QuantScheme.fp8_block(), FP8_CHANNEL_CT, QuantScheme.int4(128), QuantScheme.nvfp4(),
+                                    QuantScheme()], ids=["fp8-block", "fp8-channel", "int4", "nvfp4", "bf16"])  # fmt: skip
 def test_target_from_scheme_matches_the_engine(scheme):
     """A trainer process without the engine (distributed sync) builds the same target from the scheme."""
     cfg = tiny_cfg()

@@ -6,6 +6,8 @@
     int4-qat                INT4 QAT train (fake quant + STE), INT4 W4A16 rollout
     int4-ptq                BF16 train, INT4 rollout                    (ablation: no QAT)
     int4-qat-bf16-rollout   INT4 QAT train, BF16 rollout                (ablation: QAT without real quant)
+    nvfp4-qat               NVFP4 QAT train, NVFP4A16 rollout           (the next format MISSION names)
+    nvfp4-ptq               BF16 train, NVFP4A16 rollout                (ablation: no QAT)
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Recipe:
     train_mode: str
-    "bf16 | fp8 | int4-qat (quantrl.train.trainer.TrainConfig.mode)"
+    "bf16 | fp8 | int4-qat | nvfp4-qat (quantrl.train.trainer.TrainConfig.mode)"
     rollout: str
-    "bf16 | fp8 | int4: the rollout engine's weight format"
+    "bf16 | fp8 | int4 | nvfp4: the rollout engine's weight format"
 
 
 RECIPES: dict[str, Recipe] = {
@@ -28,6 +30,8 @@ RECIPES: dict[str, Recipe] = {
     "int4-qat": Recipe("int4-qat", "int4"),
     "int4-ptq": Recipe("bf16", "int4"),
     "int4-qat-bf16-rollout": Recipe("int4-qat", "bf16"),
+    "nvfp4-qat": Recipe("nvfp4-qat", "nvfp4"),
+    "nvfp4-ptq": Recipe("bf16", "nvfp4"),
 }
 
 

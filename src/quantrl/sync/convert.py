@@ -10,6 +10,9 @@ can bound how much is converted at a time):
                       -> ``<m>.weight`` (e4m3) + ``<m>.weight_scale_inv`` | ``<m>.weight_scale``
     int (W4A16/W8A16) ``quantize_int(w, num_bits, group_size, qmax, scale_dtype)``  t.to(dtype)
                       -> ``<m>.weight_packed`` (``pack_int``) + ``<m>.weight_scale`` + ``<m>.weight_shape``
+    nvfp4 (NVFP4A16)  ``quantize_nvfp4(w)``                                        t.to(dtype)
+                      -> ``<m>.weight_packed`` (``pack_nvfp4``) + ``<m>.weight_scale`` (e4m3)
+                         + ``<m>.weight_global_scale``
 
 "Everything else" is embeddings, ``lm_head``, norms, biases and any Linear the engine keeps in high
 precision. Which Linears are quantized is the engine's decision, recorded in ``SyncTarget.modules``
@@ -17,7 +20,8 @@ precision. Which Linears are quantized is the engine's decision, recorded in ``S
 
 Bit-exactness. The weight is quantized as the trainer holds it (an fp32 master is *not* rounded to bf16
 first), which is what the trainer's own quantized forward does: ``QATLinear`` fake-quantizes its master
-with ``fake_quantize_int4(master, G, qmax, scale_dtype=dtype, dtype=dtype)`` and ``Fp8BlockTrainLinear``
+with ``fake_quantize_int4(master, G, qmax, scale_dtype=dtype, dtype=dtype)`` (NVFP4 QAT with
+``fake_quantize_nvfp4(master, dtype)``) and ``Fp8BlockTrainLinear``
 runs on ``quantize_fp8(master, "block", (128, 128))``. The ``formats`` invariant
 ``dequant(real_quant(w)) == fake_quant(w)`` then makes the engine compute with exactly the trainer's
 forward weights. ``check_compatible`` refuses a trainer whose quantized forward does not match the
@@ -43,16 +47,16 @@ from torch import nn
 
 from quantrl import kernels
 from quantrl.checkpoint.layout import is_quantizable
-from quantrl.formats import FP8_DTYPE, pack_int, quantize_fp8, quantize_int
+from quantrl.formats import FP8_DTYPE, pack_int, pack_nvfp4, quantize_fp8, quantize_int, quantize_nvfp4
 from quantrl.formats.int4 import int_range
-from quantrl.model.linear import Fp8Linear, W4A16Linear
+from quantrl.model.linear import Fp8Linear, Nvfp4Linear, W4A16Linear
 from quantrl.model.quant_scheme import QuantScheme
 from quantrl.model.state import linear_modules, tensor_index
 from quantrl.train.fp8_linear import BLOCK as FP8_TRAIN_BLOCK
 from quantrl.train.fp8_linear import Fp8BlockTrainLinear
 from quantrl.train.qat import QATLinear
 
-METHODS = ("none", "fp8", "int")
+METHODS = ("none", "fp8", "int", "nvfp4")
 FP8_STRATEGIES = ("block", "channel", "tensor")
 
 
@@ -65,7 +69,7 @@ class SyncTarget:
     """The engine's weight format: what ``engine_tensors`` must produce."""
 
     method: str = "none"
-    "none (high-precision Linears) | fp8 (e4m3 weights + fp32 scales) | int (packed INT4/INT8 + scales)"
+    "none (high precision) | fp8 (e4m3 + fp32 scales) | int (packed INT4/INT8 + scales) | nvfp4 (e2m1 + e4m3 scales)"
     dtype: torch.dtype = torch.bfloat16
     "the engine's model dtype: non-quantized tensors are cast to it, quantized Linears dequantize to it"
     strategy: str = "block"
@@ -83,7 +87,7 @@ class SyncTarget:
     qmax: int = 7
     "int: 7 (absmax/7, [-7, 7], slime/QAT) or 8 (absmax/7.5, [-8, 7], GPTQ); not recorded in the engine"
     scale_dtype: torch.dtype | None = None
-    "dtype of the engine's scale tensors (None: fp32 for fp8, bf16 for int)"
+    "dtype of the engine's scale tensors (None: fp32 for fp8, bf16 for int, e4m3 for nvfp4)"
     modules: frozenset[str] | None = None
     "Linear modules the engine holds quantized (None: every quantizable Linear weight, minus ``ignore``)"
     ignore: tuple[str, ...] = ()
@@ -103,6 +107,11 @@ class SyncTarget:
             if self.group_size <= 0:
                 raise ValueError(f"SyncTarget.group_size must be positive, got {self.group_size}")
         object.__setattr__(self, "block_size", (int(self.block_size[0]), int(self.block_size[1])))
+        if self.method == "nvfp4":
+            if self.scale_dtype not in (None, torch.float8_e4m3fn):
+                raise ValueError(f"SyncTarget: nvfp4 scales are float8_e4m3fn, got {self.scale_dtype}")
+            object.__setattr__(self, "group_size", 16)
+            object.__setattr__(self, "scale_dtype", torch.float8_e4m3fn)
         if self.scale_dtype is None:
             object.__setattr__(self, "scale_dtype", torch.float32 if self.method == "fp8" else torch.bfloat16)
         if self.modules is not None:
@@ -120,7 +129,8 @@ class SyncTarget:
         dtype = getattr(model, "dtype", None)
         if not isinstance(dtype, torch.dtype):
             dtype = next(model.parameters()).dtype
-        quantized = {n: m for n, m in linear_modules(model).items() if isinstance(m, (Fp8Linear, W4A16Linear))}
+        kinds = (Fp8Linear, W4A16Linear, Nvfp4Linear)
+        quantized = {n: m for n, m in linear_modules(model).items() if isinstance(m, kinds)}
         if not quantized:
             return cls(method="none", dtype=dtype, modules=frozenset())
         formats = {}
@@ -128,6 +138,8 @@ class SyncTarget:
             if isinstance(m, Fp8Linear):
                 fmt = dict(method="fp8", strategy=m.strategy, block_size=tuple(m.block_size), scale_fmt=m.scale_fmt,
                            scale_name=m.scale_name, scale_dtype=m.weight_scale_tensor.dtype)  # fmt: skip
+            elif isinstance(m, Nvfp4Linear):
+                fmt = dict(method="nvfp4")
             else:
                 fmt = dict(method="int", num_bits=m.num_bits, group_size=m.group_size, scale_dtype=m.weight_scale.dtype)
             formats.setdefault(tuple(sorted(fmt.items(), key=lambda kv: kv[0])), []).append(name)
@@ -152,6 +164,8 @@ class SyncTarget:
         if scheme.method == "int":
             return cls(method="int", dtype=dtype, num_bits=scheme.num_bits, group_size=scheme.group_size, qmax=qmax,
                        scale_dtype=scheme.scale_dtype, ignore=tuple(scheme.ignore))  # fmt: skip
+        if scheme.method == "nvfp4":
+            return cls(method="nvfp4", dtype=dtype, ignore=tuple(scheme.ignore))
         return cls(method="none", dtype=dtype)
 
     def replace(self, **changes) -> SyncTarget:
@@ -174,6 +188,8 @@ class SyncTarget:
             return f"fp8 e4m3 ({tile}, {self.scale_name} {self.scale_dtype}{', ue8m0' if self.scale_fmt else ''})"
         if self.method == "int":
             return f"int{self.num_bits} (group {self.group_size}, qmax {self.qmax}, scale {self.scale_dtype})"
+        if self.method == "nvfp4":
+            return "nvfp4 (e2m1, e4m3 scales per 16, fp32 global scale)"
         return f"high precision ({self.dtype})"
 
 
@@ -185,7 +201,7 @@ def trainer_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def trainer_qmax(model: nn.Module, default: int = 7) -> int:
     """qmax of the trainer's INT4 QAT (all QAT Linears must agree), ``default`` without QAT."""
-    found = {m.cfg.qmax for m in model.modules() if isinstance(m, QATLinear)}
+    found = {m.cfg.qmax for m in model.modules() if isinstance(m, QATLinear) and m.cfg.fmt == "int4"}
     if len(found) > 1:
         raise SyncError(f"trainer: QAT Linears use different qmax values {sorted(found)}")
     return found.pop() if found else default
@@ -194,22 +210,25 @@ def trainer_qmax(model: nn.Module, default: int = 7) -> int:
 def check_compatible(model: nn.Module, target: SyncTarget) -> None:
     """Refuse a trainer whose quantized forward differs from what the engine would compute with.
 
-    A ``QATLinear`` needs an INT4 engine that quantizes that module with the same group size and qmax,
-    and scales and compute dtype equal to the QAT dtype; an ``Fp8BlockTrainLinear`` needs an FP8 engine
+    A ``QATLinear`` needs an engine of its format (INT4 or NVFP4) that quantizes that module, computing in
+    the QAT dtype; INT4 also needs the same group size and qmax, and scales in the QAT dtype; an ``Fp8BlockTrainLinear`` needs an FP8 engine
     with 128x128 blocks, plain (non-ue8m0) scales. Plain Linears sync to any engine format.
     """
     problems: list[str] = []
     for name, m in model.named_modules():
         if isinstance(m, QATLinear):
             c = m.cfg
+            fmt, method = c.fmt.upper(), {"int4": "int", "nvfp4": "nvfp4"}[c.fmt]
             if not target.quantizes(name, tuple(m.weight.shape)):
-                problems.append(f"{name}: trains with INT4 QAT but the engine holds it as {target.describe()}"
-                                 if target.method != "int" else
-                                 f"{name}: trains with INT4 QAT but the engine keeps it in high precision")  # fmt: skip
+                problems.append(f"{name}: trains with {fmt} QAT but the engine keeps it in high precision")
                 continue
-            want = {"num_bits": (4, target.num_bits), "group_size": (c.group_size, target.group_size),
-                    "qmax": (c.qmax, target.qmax), "scale dtype": (c.dtype, target.scale_dtype),
-                    "compute dtype": (c.dtype, target.dtype)}  # fmt: skip
+            if target.method != method:
+                problems.append(f"{name}: trains with {fmt} QAT but the engine holds it as {target.describe()}")
+                continue
+            want = {"compute dtype": (c.dtype, target.dtype)}
+            if method == "int":
+                want.update({"num_bits": (4, target.num_bits), "group_size": (c.group_size, target.group_size),
+                             "qmax": (c.qmax, target.qmax), "scale dtype": (c.dtype, target.scale_dtype)})  # fmt: skip
             bad = [f"{k} {a} vs engine {b}" for k, (a, b) in want.items() if a != b]
             if bad:
                 problems.append(f"{name}: QAT ({', '.join(bad)})")
@@ -247,6 +266,10 @@ def _convert_linear(name: str, module: str, w: torch.Tensor, target: SyncTarget,
         # formats' FP8 scales are fp32; an engine holding other scale dtypes (a checkpoint's choice) gets
         # them rounded, as loading that checkpoint's scales would.
         return [(name, q), (f"{module}.{target.scale_name}", s.to(target.scale_dtype))]
+    if target.method == "nvfp4":
+        codes, s, gs = quantize_nvfp4(w)
+        return [(f"{module}.weight_packed", pack_nvfp4(codes)), (f"{module}.weight_scale", s),
+                (f"{module}.weight_global_scale", gs)]  # fmt: skip
     if target.num_bits == 4 and target.scale_dtype == torch.bfloat16:  # quantize + pack in one pass on CUDA
         packed, s = kernels.quantize_pack_int4(w, target.group_size, target.qmax)
     else:

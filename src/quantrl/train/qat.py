@@ -1,8 +1,9 @@
-"""INT4 quantization-aware training: Linear layers whose forward uses fake-quantized weights.
+"""Quantization-aware training (INT4, or NVFP4): Linear layers whose forward uses fake-quantized weights.
 
 Master weights stay in high precision (bf16/fp32) and receive the straight-through gradient. The forward
-weight is ``formats.fake_quantize_int4`` of the master in the engine's dtype, so it equals, bit for bit,
-what the rollout engine dequantizes after a weight sync (``quantize_int4`` + ``pack_int4``).
+weight is ``formats.fake_quantize_int4`` (``fake_quantize_nvfp4``) of the master in the engine's dtype, so
+it equals, bit for bit, what the rollout engine dequantizes after a weight sync (``quantize_int4`` +
+``pack_int4``; ``quantize_nvfp4`` + ``pack_nvfp4``).
 
 The fake-quantized weight is computed once per optimizer step, not once per micro-batch: it is cached
 against the master's version counter, which every in-place optimizer update bumps. The cached tensor keeps
@@ -24,14 +25,19 @@ from torch import nn
 from quantrl import kernels
 from quantrl.checkpoint.layout import is_quantizable
 from quantrl.formats.int4 import fake_quantize_int4, quantize_int4
+from quantrl.formats.nvfp4 import GROUP as NVFP4_GROUP
+from quantrl.formats.nvfp4 import fake_quantize_nvfp4, quantize_nvfp4
 from quantrl.train.swap import swap_linears
 
 ENV_FLAG = "OPEN_TRAINING_INT4_FAKE_QAT_FLAG"
 ENV_GROUP = "OPEN_TRAINING_INT4_GROUP_SIZE"
+FORMATS = ("int4", "nvfp4")
 
 
 @dataclass(frozen=True)
 class QATConfig:
+    fmt: str = "int4"
+    "int4 (group INT4, the engine's W4A16) | nvfp4 (e2m1 + e4m3 scales per 16 + global scale)"
     group_size: int = 128
     "input channels per INT4 scale (128 for Qwen3/Moonlight, 32 for Kimi-K2)"
     qmax: int = 7
@@ -42,6 +48,12 @@ class QATConfig:
     "regexes of module names to quantize (empty: every quantizable Linear)"
     exclude: tuple[str, ...] = ()
     "regexes of module names to leave alone (on top of embeddings, lm_head, norms, routers)"
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise ValueError(f"QAT format must be one of {FORMATS}, got {self.fmt!r}")
+        if self.fmt == "nvfp4":  # fixed by the format
+            object.__setattr__(self, "group_size", NVFP4_GROUP)
 
     @classmethod
     def from_env(cls, **overrides) -> QATConfig | None:
@@ -55,13 +67,15 @@ class QATConfig:
 
 def fake_quantize(w: torch.Tensor, cfg: QATConfig) -> torch.Tensor:
     """The QAT forward weight (scales in cfg.dtype, STE): the fused kernel on CUDA for bf16, formats otherwise."""
+    if cfg.fmt == "nvfp4":
+        return fake_quantize_nvfp4(w, cfg.dtype)
     if cfg.dtype == torch.bfloat16:
         return kernels.fake_quantize_int4(w, cfg.group_size, cfg.qmax, cfg.dtype)
     return fake_quantize_int4(w, cfg.group_size, cfg.qmax, scale_dtype=cfg.dtype, dtype=cfg.dtype)
 
 
 class QATLinear(nn.Linear):
-    """``nn.Linear`` with an INT4 fake-quantized forward weight; same parameters and state-dict names."""
+    """``nn.Linear`` with a fake-quantized (INT4 or NVFP4) forward weight; same parameters and state-dict names."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, cfg: QATConfig, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -90,9 +104,12 @@ class QATLinear(nn.Linear):
             self._cache = (key, w)
         return self._cache[1]
 
-    def quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q int8 [N, K], scale [N, K/G]): what the engine receives at weight sync."""
+    def quantized(self) -> tuple[torch.Tensor, ...]:
+        """What the engine receives at weight sync: INT4 (q int8 [N, K], scale [N, K/G]); NVFP4 (codes uint8
+        [N, K], e4m3 scale [N, K/16], global scale [1])."""
         with torch.no_grad():
+            if self.cfg.fmt == "nvfp4":
+                return quantize_nvfp4(self.weight)
             return quantize_int4(self.weight, self.cfg.group_size, self.cfg.qmax, scale_dtype=self.cfg.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +118,8 @@ class QATLinear(nn.Linear):
         return kernels.linear_fp32_acc(x.to(w.dtype), w, bias)
 
     def extra_repr(self) -> str:
+        if self.cfg.fmt == "nvfp4":
+            return f"{super().extra_repr()}, nvfp4"
         return f"{super().extra_repr()}, int4 g{self.cfg.group_size} qmax={self.cfg.qmax}"
 
 
