@@ -9,7 +9,16 @@ import pytest
 import torch
 from _tiny_models import qwen3_config, random_prompts, save_model
 
-from quantrl.formats import fake_quantize_fp8, fake_quantize_int4, pack_int4, quantize_fp8, quantize_int4
+from quantrl.formats import (
+    fake_quantize_fp8,
+    fake_quantize_int4,
+    fake_quantize_nvfp4,
+    pack_int4,
+    pack_nvfp4,
+    quantize_fp8,
+    quantize_int4,
+    quantize_nvfp4,
+)
 from quantrl.model import QuantScheme, build_model, dequantized_weights, engine_state, load_model, random_init_
 from quantrl.model.linear import QLinear
 from quantrl.rollout import Engine, SamplingParams
@@ -165,12 +174,12 @@ def test_check_equal_detects_a_load_that_did_not_happen(model_dir, monkeypatch):
     assert engine.weight_version == 0
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int4"])
+@pytest.mark.parametrize("kind", ["fp8", "int4", "nvfp4"])
 def test_quantized_engine_update(kind):
     """Trainer BF16 weights -> formats real quantization -> update: the engine then computes with exactly
     fake_quant(trainer weights) (invariant 5); a partial unit (weight without its scale) is refused."""
     cfg = qwen3_config(hidden_size=192, intermediate_size=320, head_dim=48)
-    scheme = QuantScheme.fp8_block() if kind == "fp8" else QuantScheme.int4(group_size=32)
+    scheme = {"fp8": QuantScheme.fp8_block(), "int4": QuantScheme.int4(group_size=32), "nvfp4": QuantScheme.nvfp4()}[kind]
     model = random_init_(build_model(cfg.to_dict(), scheme, dtype=torch.bfloat16), seed=0)
     trainer = random_init_(build_model(cfg.to_dict(), dtype=torch.bfloat16), seed=1)
     engine = Engine(model, kv_cache_tokens=256)
@@ -185,10 +194,15 @@ def test_quantized_engine_update(kind):
                 q, s = quantize_fp8(w)
                 update += [(name, q), (f"{m}.weight_scale_inv", s)]
                 expected[name] = fake_quantize_fp8(w)
-            else:
+            elif kind == "int4":
                 q, s = quantize_int4(w, group_size=32)
                 update += [(f"{m}.weight_packed", pack_int4(q)), (f"{m}.weight_scale", s)]
                 expected[name] = fake_quantize_int4(w, group_size=32)
+            else:
+                codes, s, gs = quantize_nvfp4(w)
+                update += [(f"{m}.weight_packed", pack_nvfp4(codes)), (f"{m}.weight_scale", s),
+                           (f"{m}.weight_global_scale", gs)]  # fmt: skip
+                expected[name] = fake_quantize_nvfp4(w)
         else:
             update.append((name, w))
             expected[name] = w

@@ -5,6 +5,8 @@ invariant 1); the FP8 and W4A16 Linear outputs equal explicit references built f
 Shapes: hidden 192 and intermediate 320 are not multiples of 128, so FP8 blocks have ragged edges.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,6 +158,23 @@ def test_scheme_respects_ignored_modules():
     assert isinstance(layers[0].self_attn.k_proj, Bf16Linear) and isinstance(layers[0].self_attn.q_proj, Fp8Linear)
     with pytest.raises(ValueError, match="quant_method 'awq'"):
         QuantScheme.from_hf({"quant_method": "awq"})
+
+
+def test_nvfp4_configs():
+    from quantrl.checkpoint.quant_config import ct_nvfp4_config
+
+    qc = ct_nvfp4_config(["lm_head", "model.layers.0.mlp.up_proj"])
+    scheme = QuantScheme.from_hf(qc)
+    assert scheme == dataclasses.replace(QuantScheme.nvfp4(), ignore=tuple(qc["ignore"]))
+    assert not scheme.quantizes("model.layers.0.mlp.up_proj") and scheme.quantizes("model.layers.1.mlp.up_proj")
+    w4a4 = {**qc, "config_groups": {"group_0": {**qc["config_groups"]["group_0"], "input_activations": {
+        "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "dynamic": "local"}}}}
+    with pytest.warns(UserWarning, match="runs weight-only"):
+        assert QuantScheme.from_hf(w4a4).method == "nvfp4"
+    mxfp4 = {**qc, "config_groups": {"group_0": {**qc["config_groups"]["group_0"], "weights": {
+        **qc["config_groups"]["group_0"]["weights"], "group_size": 32}}}}
+    with pytest.raises(ValueError, match="groups of 16"):
+        QuantScheme.from_hf(mxfp4)
 
 
 def test_loading_a_mismatched_checkpoint_names_the_tensors(checkpoints, tmp_path):
