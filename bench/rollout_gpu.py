@@ -1,4 +1,4 @@
-"""Decode throughput of quantrl's rollout engine (BF16 / FP8 / INT4) on one GPU, next to transformers.
+"""Decode throughput of quantrl's rollout engine (BF16 / FP8 / INT4, opt-in NVFP4) on one GPU, next to transformers.
 
 Model: Qwen3-0.6B shapes (hidden 1024, 28 layers, 16 q / 8 kv heads of 128, SwiGLU 3072, vocab 151936,
 tied embeddings), random weights from ``build_model`` + ``random_init_``; FP8 and INT4 engines get the
@@ -15,7 +15,8 @@ rows), so step time >= weight bytes / copy bandwidth and roofline tok/s = batch 
 bytes, with the bandwidth measured on this device (a 1 GiB ``copy_``, ``_common.roofline``; the target
 uses it) and, beside it, the H100's 3.0e12 B/s. It ignores KV-cache reads, so it is a loose bound at
 large batch. INT4's bytes are its packed format; note that until the W4A16 kernel lands, our CUDA path
-computes from a cached dequantized BF16 weight and reads BF16 bytes.
+computes from a cached dequantized BF16 weight and reads BF16 bytes. ``--formats ... nvfp4`` adds the
+NVFP4A16 engine, which has no kernel yet (cached BF16 weight): its row is that fallback's baseline.
 
 Targets (issue 4): BF16 batch 1 >= 50% of roofline and >= 20x transformers; INT4 batch 1 >= 1.8x BF16.
 Run: ``python bench/rollout_gpu.py`` (needs CUDA; writes bench/results/rollout_gpu.json). ``--smoke``: the same
@@ -135,7 +136,8 @@ def hf_rate(hf, prompts: list[list[int]], args) -> float:
 def build(fmt: str, config: dict, device: str):
     from quantrl.model import QuantScheme, build_model, random_init_
 
-    scheme = {"bf16": QuantScheme(), "fp8": QuantScheme.fp8_block(), "int4": QuantScheme.int4(128)}[fmt]
+    scheme = {"bf16": QuantScheme(), "fp8": QuantScheme.fp8_block(), "int4": QuantScheme.int4(128),
+              "nvfp4": QuantScheme.nvfp4()}[fmt]  # fmt: skip
     # same seed: the quantized engines hold the BF16 engine's weights, quantized through formats
     return random_init_(build_model(config, scheme, dtype=torch.bfloat16, device=device), seed=0)
 
@@ -150,7 +152,7 @@ def apply_smoke(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
-    p.add_argument("--formats", nargs="+", choices=["bf16", "fp8", "int4"], default=["bf16", "fp8", "int4"])
+    p.add_argument("--formats", nargs="+", choices=["bf16", "fp8", "int4", "nvfp4"], default=["bf16", "fp8", "int4"])
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--n-short", type=int, default=16)
     p.add_argument("--n-long", type=int, default=144)

@@ -13,13 +13,14 @@ import pytest
 import torch
 from _tiny_models import qwen3_config, random_prompts
 
-from quantrl.formats import pack_int4, quantize_fp8, quantize_int4
+from quantrl.formats import pack_int4, pack_nvfp4, quantize_fp8, quantize_int4, quantize_nvfp4
 from quantrl.model import QuantScheme, build_model, random_init_
 from quantrl.rollout import Engine, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 DEV = "cuda"
-SCHEMES = {"bf16": None, "fp8": QuantScheme.fp8_block(), "int4": QuantScheme.int4(group_size=128)}
+SCHEMES = {"bf16": None, "fp8": QuantScheme.fp8_block(), "int4": QuantScheme.int4(group_size=128),
+           "nvfp4": QuantScheme.nvfp4()}  # fmt: skip
 CFG = qwen3_config(hidden_size=256, intermediate_size=512, head_dim=64).to_dict()
 
 
@@ -47,6 +48,9 @@ def engine_update(trainer, kind: str) -> list[tuple[str, torch.Tensor]]:
         elif name.endswith("_proj.weight") and kind == "int4":
             q, s = quantize_int4(w, group_size=128)
             update += [(f"{m}.weight_packed", pack_int4(q)), (f"{m}.weight_scale", s)]
+        elif name.endswith("_proj.weight") and kind == "nvfp4":
+            codes, s, gs = quantize_nvfp4(w)
+            update += [(f"{m}.weight_packed", pack_nvfp4(codes)), (f"{m}.weight_scale", s), (f"{m}.weight_global_scale", gs)]
         else:
             update.append((name, w))
     return update

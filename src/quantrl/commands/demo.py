@@ -2,7 +2,7 @@
 
 1. takes the embedded BF16 model (or ``--model DIR``);
 2. converts it with ``quantrl convert``: FP8 128×128 blocks, FP8 per channel, INT4 g128 RTN, INT4 g128
-   GPTQ (calibrated on task text written to a ``.txt`` file);
+   GPTQ (calibrated on task text written to a ``.txt`` file), NVFP4 (RTN);
 3. loads every checkpoint with *transformers* (the consumer users already have) and compares, on held-out
    task text, perplexity, KL(bf16 ‖ quantized), top-1 agreement and size on disk.
 """
@@ -59,6 +59,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> list[dict]:
 
     from quantrl.checkpoint.convert_fp8 import Fp8ConvertOptions, convert_to_fp8
     from quantrl.checkpoint.convert_int import IntConvertOptions, convert_to_int
+    from quantrl.checkpoint.convert_nvfp4 import Nvfp4ConvertOptions, convert_to_nvfp4
     from quantrl.rl.loop import default_model_dir
     from quantrl.tasks.arithmetic import make_split
 
@@ -92,6 +93,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> list[dict]:
         "int4 g128 gptq": lambda d: convert_to_int(
             bf16_dir, d, IntConvertOptions(method="gptq", data_dir=str(calib_file), num_calibration_samples=64,
                                            max_sequence_length=256, overwrite=True), progress=progress),
+        "nvfp4 rtn": lambda d: convert_to_nvfp4(bf16_dir, d, Nvfp4ConvertOptions(overwrite=True), progress=progress),
     }
     eval_tokens, eval_mask = ids(held)
     base, ref_logp = _evaluate(bf16_dir, eval_tokens, eval_mask, None)
@@ -116,7 +118,7 @@ def print_table(rows: list[dict]) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     from quantrl.config_cli import add_dataclass_args
 
-    p = sub.add_parser("demo", help="convert the embedded model to FP8/INT4 (RTN, GPTQ) and compare in transformers (CPU)")
+    p = sub.add_parser("demo", help="convert the embedded model to FP8/INT4 (RTN, GPTQ)/NVFP4 and compare in transformers (CPU)")
     add_dataclass_args(p, DemoConfig)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
