@@ -1,7 +1,7 @@
-"""All six precision recipes on the same model, seeds and data: reward, accuracy, mismatch, throughput.
+"""Every precision recipe on the same model, seeds and data: reward, accuracy, mismatch, throughput.
 
 Runs ``quantrl.rl.loop.train`` once per recipe (bf16, fp8-rollout, fp8, int4-qat, int4-ptq,
-int4-qat-bf16-rollout) into ``--out/RECIPE``, then writes a summary JSON (final reward and accuracy,
+int4-qat-bf16-rollout, nvfp4-qat, nvfp4-ptq) into ``--out/RECIPE``, then writes a summary JSON (final reward and accuracy,
 mean / late-training mismatch, each recipe's mismatch as a multiple of bf16's, median rollout tokens/s)
 to ``bench/results/rl_recipes_<device>.json`` and the ``quantrl plot`` figures next to it.
 

@@ -250,7 +250,32 @@ class Fp8Linear(QLinear):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-class W4A16Linear(QLinear):
+def _refill(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """``new``'s values in ``old``'s memory when the two match (captured CUDA graphs keep their addresses)."""
+    if old is not None and old.shape == new.shape and old.dtype == new.dtype:
+        return old.copy_(new)
+    return new
+
+
+class _DequantCache:
+    """A dequantized copy of a packed weight for CUDA paths without a kernel, refilled in place by
+    ``_fill_cache`` and invalid from a restore to the next post-process."""
+
+    _cache: torch.Tensor | None = None
+    _cache_valid: bool = False
+
+    def _fill_cache(self) -> None:
+        with torch.no_grad():
+            self._cache = _refill(self._cache, self.dequantized_weight(self.compute_dtype))
+        self._cache_valid = True
+
+    def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cache_valid and self._cache is not None and self._cache.dtype == x.dtype:
+            return self._cache
+        return self.dequantized_weight(x.dtype)
+
+
+class W4A16Linear(_DequantCache, QLinear):
     """Weight-only group INT4 (or INT8): packed codes + scales, activations in the model dtype.
 
     CPU: the weight is unpacked and dequantized through ``formats`` (to x's dtype) on every call, then a
@@ -282,8 +307,6 @@ class W4A16Linear(QLinear):
         groups = k // self.group_size
         self.register_buffer("weight_scale", torch.ones(n, groups, dtype=scheme.scale_dtype, device=device))
         self.register_buffer("weight_shape", torch.tensor([n, k], dtype=torch.int64, device=device))
-        self._cache: torch.Tensor | None = None
-        self._cache_valid = False
         self._kernel_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (qweight_t, scale_t)
         self._kernel_valid = False
         self._kernel_ok: bool | None = None  # None: not yet compared against the reference on this device
@@ -311,32 +334,17 @@ class W4A16Linear(QLinear):
         return self.kernel_enabled and self._kernel_ok is not False and self.num_bits == 4 and on_device \
             and triton_available()  # fmt: skip
 
-    @staticmethod
-    def _refill(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-        if old is not None and old.shape == new.shape and old.dtype == new.dtype:
-            return old.copy_(new)
-        return new
-
-    def _fill_cache(self) -> None:
-        with torch.no_grad():
-            self._cache = self._refill(self._cache, self.dequantized_weight(self.compute_dtype))
-        self._cache_valid = True
-
     def post_process_weights(self) -> None:
         if self._wants_kernel():
             q, s = w4a16_repack(self.weight_packed, self.weight_scale)
             old = self._kernel_weights or (None, None)
-            self._kernel_weights = (self._refill(old[0], q), self._refill(old[1], s))
+            self._kernel_weights = (_refill(old[0], q), _refill(old[1], s))
             self._kernel_valid = True
         elif self.cache_on_cuda and self.weight_packed.is_cuda:
             self._fill_cache()
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cache_valid and self._cache is not None and self._cache.dtype == x.dtype:
-            w = self._cache
-        else:
-            w = self.dequantized_weight(x.dtype)
-        return linear(x, w, self.bias)
+        return linear(x, self._weight_for(x), self.bias)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         q, s = self._kernel_weights
@@ -378,7 +386,7 @@ class W4A16Linear(QLinear):
         return self._probe(x)
 
 
-class Nvfp4Linear(QLinear):
+class Nvfp4Linear(_DequantCache, QLinear):
     """Weight-only NVFP4 (NVFP4A16): packed e2m1 codes, e4m3 group scales and a global scale.
 
     Hopper has no FP4 tensor cores and quantrl no NVFP4 kernel yet: CPU dequantizes through ``formats`` on
@@ -397,8 +405,6 @@ class Nvfp4Linear(QLinear):
         self.register_buffer("weight_packed", torch.zeros(n, k // 2, dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.ones(n, k // 16, dtype=torch.float8_e4m3fn, device=device))
         self.register_buffer("weight_global_scale", torch.ones(1, dtype=torch.float32, device=device))
-        self._cache: torch.Tensor | None = None
-        self._cache_valid = False
 
     def specs(self) -> dict[str, WeightSpec]:
         return {name: WeightSpec(tuple(t.shape), t.dtype)
@@ -414,18 +420,10 @@ class Nvfp4Linear(QLinear):
 
     def post_process_weights(self) -> None:
         if self.cache_on_cuda and self.weight_packed.is_cuda:
-            with torch.no_grad():
-                w = self.dequantized_weight(self.compute_dtype)
-                same = self._cache is not None and self._cache.shape == w.shape and self._cache.dtype == w.dtype
-                self._cache = self._cache.copy_(w) if same else w
-            self._cache_valid = True
+            self._fill_cache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cache_valid and self._cache is not None and self._cache.dtype == x.dtype:
-            w = self._cache
-        else:
-            w = self.dequantized_weight(x.dtype)
-        return linear(x, w, self.bias)
+        return linear(x, self._weight_for(x), self.bias)
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
