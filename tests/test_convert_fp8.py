@@ -19,6 +19,7 @@ import torch
 
 from quantrl.checkpoint.convert_bf16 import Bf16ConvertOptions, convert_to_bf16
 from quantrl.checkpoint.convert_fp8 import Fp8ConvertOptions, convert_to_fp8
+from quantrl.checkpoint.safetensors_io import CheckpointError
 from quantrl.formats import FP8_DTYPE, dequantize_fp8, fake_quantize_fp8, quantize_fp8
 
 # Stated bound for end to end: FP8 e4m3 (<= 2^-4 relative error per weight) through 2 layers.
@@ -255,3 +256,41 @@ def test_transformers_fp8_dialect_ragged_dims(fp8_dialect_ragged, ckpt_tools):
     hf = ckpt_tools.load_hf(out, compressed_tensors=False).state_dict()
     for name in ckpt.quantizable():
         assert torch.equal(hf[name], fake_quantize_fp8(ckpt.tensors[name])), name
+
+
+def test_mxfp8_checkpoint(tiny_ckpts, ckpt_tools, tmp_path):
+    """--format mxfp8: e4m3 weights with E8M0 scale bytes per 1x32; compressed-tensors parses the config,
+    transformers dequantizes to exactly formats' 1x32 ue8m0 fake quant, and the BF16 round trip agrees."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from quantrl.formats import decode_e8m0
+
+    ckpt = tiny_ckpts["qwen3"]
+    out = convert_to_fp8(ckpt.path, tmp_path / "mx", Fp8ConvertOptions(fmt="mxfp8"), progress=False).output_dir
+    tensors = ckpt_tools.read(out)
+    for name in ckpt.quantizable():
+        w, q, s = ckpt.tensors[name], tensors[name], tensors[name + "_scale"]
+        q_ref, s_ref = quantize_fp8(w, "block", (1, 32), "ue8m0")
+        assert s.dtype == torch.uint8 and s.shape == (w.shape[0], w.shape[1] // 32), name
+        assert same_bytes(q, q_ref) and torch.equal(decode_e8m0(s), s_ref), name
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    parsed = QuantizationConfig.model_validate(qc)
+    (group,) = parsed.config_groups.values()
+    assert parsed.format == "mxfp8-quantized"
+    for args, dynamic in ((group.weights, False), (group.input_activations, True)):
+        assert (args.num_bits, args.type, args.strategy, args.group_size, args.dynamic) == (8, "float", "group", 32, dynamic)
+        assert args.scale_dtype == torch.uint8
+    hf = ckpt_tools.load_hf(out, compressed_tensors=True)
+    state = hf.state_dict()
+    for name in ckpt.quantizable():
+        assert torch.equal(state[name], fake_quantize_fp8(ckpt.tensors[name], "block", (1, 32), "ue8m0")), name
+    with torch.no_grad():  # transformers runs the dequantized weights with BF16 activations
+        assert ckpt_tools.rel_error(hf(ckpt.input_ids).logits.float(), ckpt.logits) < LOGITS_REL_ERROR
+    back = ckpt_tools.read(convert_to_bf16(out, tmp_path / "back", progress=False).output_dir)
+    assert all(torch.equal(back[n], state[n]) for n in ckpt.quantizable())
+    from _tiny_models import qwen3_config, save_model
+
+    ragged = save_model(qwen3_config(hidden_size=64, intermediate_size=80, head_dim=16), tmp_path / "ragged")
+    with pytest.raises(CheckpointError, match="not divisible by 32.*down_proj"):
+        convert_to_fp8(ragged, tmp_path / "r", Fp8ConvertOptions(fmt="mxfp8"), progress=False)

@@ -10,6 +10,7 @@ import torch
 from _tiny_models import qwen3_config, random_prompts, save_model
 
 from quantrl.formats import (
+    encode_e8m0,
     fake_quantize_fp8,
     fake_quantize_int4,
     fake_quantize_nvfp4,
@@ -174,12 +175,13 @@ def test_check_equal_detects_a_load_that_did_not_happen(model_dir, monkeypatch):
     assert engine.weight_version == 0
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int4", "nvfp4"])
+@pytest.mark.parametrize("kind", ["fp8", "mxfp8", "int4", "nvfp4"])
 def test_quantized_engine_update(kind):
     """Trainer BF16 weights -> formats real quantization -> update: the engine then computes with exactly
     fake_quant(trainer weights) (invariant 5); a partial unit (weight without its scale) is refused."""
     cfg = qwen3_config(hidden_size=192, intermediate_size=320, head_dim=48)
-    scheme = {"fp8": QuantScheme.fp8_block(), "int4": QuantScheme.int4(group_size=32), "nvfp4": QuantScheme.nvfp4()}[kind]
+    scheme = {"fp8": QuantScheme.fp8_block(), "mxfp8": QuantScheme.mxfp8(), "int4": QuantScheme.int4(group_size=32),
+              "nvfp4": QuantScheme.nvfp4()}[kind]  # fmt: skip
     model = random_init_(build_model(cfg.to_dict(), scheme, dtype=torch.bfloat16), seed=0)
     trainer = random_init_(build_model(cfg.to_dict(), dtype=torch.bfloat16), seed=1)
     engine = Engine(model, kv_cache_tokens=256)
@@ -194,6 +196,10 @@ def test_quantized_engine_update(kind):
                 q, s = quantize_fp8(w)
                 update += [(name, q), (f"{m}.weight_scale_inv", s)]
                 expected[name] = fake_quantize_fp8(w)
+            elif kind == "mxfp8":
+                q, s = quantize_fp8(w, "block", (1, 32), "ue8m0")
+                update += [(name, q), (f"{m}.weight_scale", encode_e8m0(s))]
+                expected[name] = fake_quantize_fp8(w, "block", (1, 32), "ue8m0")
             elif kind == "int4":
                 q, s = quantize_int4(w, group_size=32)
                 update += [(f"{m}.weight_packed", pack_int4(q)), (f"{m}.weight_scale", s)]

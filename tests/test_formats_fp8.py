@@ -187,3 +187,21 @@ def test_quantization_is_pure(gen):
     quantize_fp8_activation(w)
     assert torch.equal(w, keep)
     assert fp8.FP8_MAX == torch.finfo(FP8_DTYPE).max
+
+
+def test_e8m0_codec_round_trips_every_code_and_refuses_the_rest():
+    from quantrl.formats import decode_e8m0, encode_e8m0
+
+    codes = torch.arange(255, dtype=torch.uint8)
+    scales = decode_e8m0(codes)
+    assert scales[127] == 1.0 and scales[0] == 2.0**-127 and scales[254] == 2.0**127
+    assert torch.equal(encode_e8m0(scales), codes)
+    for bad in (3.0, 0.0, -1.0, 2.0**-128, float("inf")):
+        with pytest.raises(ValueError, match="powers of two"):
+            encode_e8m0(torch.tensor([1.0, bad]))
+    with pytest.raises(ValueError, match="NaN"):
+        decode_e8m0(torch.tensor([255], dtype=torch.uint8))
+    # ue8m0 block scales (what MXFP8 stores) always encode
+    w = torch.randn(64, 96) * torch.logspace(-30, 30, 96)
+    _, s = quantize_fp8(w, "block", (1, 32), "ue8m0")
+    assert torch.equal(decode_e8m0(encode_e8m0(s)), s)

@@ -6,6 +6,7 @@ Shapes: hidden 192 and intermediate 320 are not multiples of 128, so FP8 blocks 
 """
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from quantrl.checkpoint.convert_int import IntConvertOptions, convert_to_int
 from quantrl.checkpoint.convert_nvfp4 import convert_to_nvfp4
 from quantrl.checkpoint.safetensors_io import SafetensorsDir
 from quantrl.formats import (
+    decode_e8m0,
     dequantize_fp8,
     dequantize_fp8_activation,
     dequantize_int,
@@ -48,6 +50,7 @@ def checkpoints(tmp_path_factory):
         "int4": convert_to_int(src, base / "int4", rtn(method="rtn", group_size=GROUP), progress=False).output_dir,
         "int8": convert_to_int(src, base / "int8", rtn(method="rtn", group_size=GROUP, quant_type="W8A16"),
                                progress=False).output_dir,
+        "mxfp8": convert_to_fp8(src, base / "mxfp8", fp8(fmt="mxfp8"), progress=False).output_dir,
         "nvfp4": convert_to_nvfp4(src, base / "nvfp4", progress=False).output_dir,
     }  # fmt: skip
 
@@ -57,6 +60,7 @@ FAKE = {
     "fp8_channel": (Fp8Linear, lambda w: fake_quantize_fp8(w, strategy="channel")),
     "int4": (W4A16Linear, lambda w: fake_quantize_int(w, 4, GROUP, 7)),
     "int8": (W4A16Linear, lambda w: fake_quantize_int(w, 8, GROUP, 127)),
+    "mxfp8": (Fp8Linear, lambda w: fake_quantize_fp8(w, "block", (1, 32), "ue8m0")),
     "nvfp4": (Nvfp4Linear, lambda w: fake_quantize_nvfp4(w)),
 }
 
@@ -79,7 +83,7 @@ def test_dequantized_weights_equal_formats_fake_quant(checkpoints, kind):
     assert torch.equal(model.model.embed_tokens.weight, original.read("model.embed_tokens.weight"))
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int4", "nvfp4"])
+@pytest.mark.parametrize("kind", ["fp8", "mxfp8", "int4", "nvfp4"])
 def test_quantized_checkpoints_generate(checkpoints, kind):
     model = load_model(checkpoints[kind], dtype=torch.bfloat16)
     engine = Engine(model, kv_cache_tokens=512)
@@ -112,6 +116,22 @@ def test_fp8_block_linear_equals_explicit_reference(checkpoints, gen):
     expected = (xd @ wd.T).to(torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(lin(x), expected)
+
+
+def test_mxfp8_linear_quantizes_both_operands_in_1x32_blocks(checkpoints, gen):
+    model = load_model(checkpoints["mxfp8"], dtype=torch.bfloat16)
+    lin = model.model.layers[0].mlp.down_proj  # [192, 320]: 10 blocks of 32 per row
+    assert lin.weight_scale.dtype == torch.uint8 and lin.weight_scale.shape == (192, 10)
+    x = torch.randn(2, 5, 320, generator=gen).to(torch.bfloat16) * 3
+    q, s = quantize_fp8_activation(x, 32, "ue8m0")
+    assert bool((torch.frexp(s)[0] == 0.5).all())  # power-of-two activation scales
+    xd = dequantize_fp8_activation(q, s, 32, dtype=torch.float32)
+    wd = dequantize_fp8(lin.weight, decode_e8m0(lin.weight_scale), (1, 32), dtype=torch.float32)
+    expected = (xd @ wd.T).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(lin(x), expected)
+    assert QuantScheme.from_hf(json.loads((checkpoints["mxfp8"] / "config.json").read_text())["quantization_config"]) \
+        == dataclasses.replace(QuantScheme.mxfp8(), ignore=("lm_head", "model.embed_tokens"))  # fmt: skip
 
 
 def test_fp8_channel_linear_quantizes_activations_per_token(checkpoints, gen):
@@ -178,7 +198,6 @@ def test_nvfp4_configs():
 
 
 def test_loading_a_mismatched_checkpoint_names_the_tensors(checkpoints, tmp_path):
-    import json
     import shutil
 
     bad = tmp_path / "bad"

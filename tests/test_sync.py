@@ -78,6 +78,7 @@ CASES = {  # name: (engine scheme, trainer dtype, trainer mode, tied embeddings)
     "int4-qat": (QuantScheme.int4(128), BF16, "qat", False),
     "int4-qat-qmax8": (QuantScheme.int4(128), BF16, "qat-qmax8", False),  # for_engine takes qmax from the QAT config
     "int4-qat-tied": (QuantScheme.int4(128), BF16, "qat", True),
+    "mxfp8": (QuantScheme.mxfp8(), BF16, None, False),
     "nvfp4-ptq": (QuantScheme.nvfp4(), BF16, None, False),
     "nvfp4-ptq-fp32-master": (QuantScheme.nvfp4(), FP32, None, False),
     "nvfp4-qat": (QuantScheme.nvfp4(), BF16, "nvfp4-qat", False),
@@ -118,7 +119,7 @@ def test_engine_weights_bitwise_equal_trainer_forward_weights(case, monkeypatch)
             with torch.no_grad():
                 expected = tmod.fake_quantized_weight()
         elif scheme.method == "fp8" and name != "lm_head.weight":
-            expected = fake_quantize_fp8(w, scheme.fp8_strategy, scheme.block_size, dtype=BF16)
+            expected = fake_quantize_fp8(w, scheme.fp8_strategy, scheme.block_size, scheme.scale_fmt, dtype=BF16)
         elif scheme.method == "nvfp4" and name != "lm_head.weight":
             expected = fake_quantize_nvfp4(w, BF16)  # of the master as held: an fp32 one is not rounded first
         else:
@@ -224,8 +225,9 @@ def test_fp8_training_needs_a_block_fp8_engine():
         assert engine.weight_version == 0 and unchanged(engine, before)
 
 
-@pytest.mark.parametrize("scheme", [QuantScheme.fp8_block(), FP8_CHANNEL_CT, QuantScheme.int4(128), QuantScheme.nvfp4(),
-                                    QuantScheme()], ids=["fp8-block", "fp8-channel", "int4", "nvfp4", "bf16"])  # fmt: skip
+@pytest.mark.parametrize("scheme", [QuantScheme.fp8_block(), FP8_CHANNEL_CT, QuantScheme.mxfp8(), QuantScheme.int4(128),
+                                    QuantScheme.nvfp4(), QuantScheme()],
+                         ids=["fp8-block", "fp8-channel", "mxfp8", "int4", "nvfp4", "bf16"])  # fmt: skip
 def test_target_from_scheme_matches_the_engine(scheme):
     """A trainer process without the engine (distributed sync) builds the same target from the scheme."""
     cfg = tiny_cfg()

@@ -17,7 +17,7 @@ from quantrl.checkpoint.layout import load_config
 from quantrl.checkpoint.safetensors_io import CheckpointError, SafetensorsDir, TensorSpec
 from quantrl.checkpoint.stream import Job, copy_job
 from quantrl.formats._checks import cdiv
-from quantrl.formats.fp8 import FP8_DTYPE, dequantize_fp8
+from quantrl.formats.fp8 import FP8_DTYPE, decode_e8m0, dequantize_fp8
 from quantrl.formats.int4 import dequantize_int, unpack_int
 from quantrl.formats.nvfp4 import dequantize_nvfp4, unpack_nvfp4
 
@@ -61,6 +61,8 @@ def _scheme(config: dict, model_dir: str | Path) -> _Scheme:
         if qc.get("format") == "float-quantized" and w.get("type") == "float":
             bs = w.get("block_structure")
             return _Scheme("fp8", "_scale", tuple(bs) if w.get("strategy") == "block" else None)
+        if qc.get("format") == "mxfp8-quantized" and w.get("type") == "float":
+            return _Scheme("fp8", "_scale", (1, int(w.get("group_size") or 32)))
         if qc.get("format") == "pack-quantized" and w.get("type") == "int" and w.get("strategy") == "group":
             if not w.get("symmetric", True):
                 raise CheckpointError(f"{model_dir}: asymmetric (zero-point) int weights are not supported")
@@ -94,7 +96,9 @@ def convert_to_bf16(model_dir: str | Path, save_dir: str | Path, opts: Bf16Conve
                 bs = None  # per-channel / per-tensor scale stored under a block config: read from its shape
 
             def fp8_transform(q: torch.Tensor, scale_name: str = scale_name, bs=bs) -> dict[str, torch.Tensor]:
-                return {q_name(scale_name, scheme.scale_suffix): dequantize_fp8(q, reader.read(scale_name).to(q.device), bs, dtype)}
+                s = reader.read(scale_name).to(q.device)
+                s = decode_e8m0(s) if s.dtype == torch.uint8 else s  # MXFP8: E8M0 bytes
+                return {q_name(scale_name, scheme.scale_suffix): dequantize_fp8(q, s, bs, dtype)}
 
             jobs.append(Job(name, (TensorSpec(name, dtype, info.shape),), fp8_transform))
             consumed.add(scale_name)

@@ -2,7 +2,8 @@
 
 Two dialects: DeepSeek-style ``quant_method: fp8`` for 128×128 FP8 blocks (what slime writes and SGLang
 loads), and compressed-tensors (``float-quantized`` for FP8 channel/tensor/block, ``pack-quantized`` for
-INT4/INT8 weight-only, ``nvfp4-pack-quantized`` for NVFP4 weight-only: the NVFP4A16 preset).
+INT4/INT8 weight-only, ``mxfp8-quantized`` for MXFP8 W8A8, ``nvfp4-pack-quantized`` for NVFP4 weight-only:
+the NVFP4A16 preset).
 """
 
 from __future__ import annotations
@@ -79,3 +80,12 @@ def ct_nvfp4_config(ignore: list[str]) -> dict:
         "observer": "minmax",
     }
     return _ct("nvfp4-pack-quantized", weights, None, ignore)
+
+
+def ct_mxfp8_config(ignore: list[str]) -> dict:
+    """compressed-tensors MXFP8 (W8A8): e4m3 weights and dynamic activations, E8M0 (uint8) scales per 1×32."""
+    group = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group", "group_size": 32,
+             "scale_dtype": "torch.uint8"}
+    weights = {**group, "dynamic": False, "observer": "minmax"}
+    acts = {**group, "dynamic": True, "observer": None}
+    return _ct("mxfp8-quantized", weights, acts, ignore)

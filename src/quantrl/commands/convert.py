@@ -23,14 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     conv = sub.add_parser("convert", help="convert HF checkpoints: BF16 -> FP8 / INT4 / INT8 / NVFP4, and back to BF16")
     csub = conv.add_subparsers(dest="target", metavar="TARGET", required=True)
 
-    p = csub.add_parser("fp8", help="BF16 -> FP8 e4m3 (block 128x128, channel or tensor scales)")
+    p = csub.add_parser("fp8", help="BF16 -> FP8 e4m3 (block 128x128, channel or tensor scales, or MXFP8)")
     p.add_argument("--model-dir", required=True, help="input HF directory (BF16/FP16/FP32 safetensors)")
     p.add_argument("--save-dir", required=True, help="output directory (created atomically)")
     p.add_argument("--strategy", choices=["block", "channel", "tensor"], default="block")
     p.add_argument("--block-size", type=int, nargs=2, default=[128, 128], metavar=("ROWS", "COLS"))
     p.add_argument("--scale-fmt", choices=["ue8m0"], default=None, help="round block scales up to powers of two")
-    p.add_argument("--format", dest="fmt", choices=["auto", "fp8", "compressed-tensors"], default="auto",
-                   help="config dialect: auto = fp8 for block, compressed-tensors for channel/tensor")
+    p.add_argument("--format", dest="fmt", choices=["auto", "fp8", "compressed-tensors", "mxfp8"], default="auto",
+                   help="config dialect: auto = fp8 for block, compressed-tensors for channel/tensor; mxfp8 = "
+                        "MXFP8 (1x32 blocks, E8M0 scales, compressed-tensors mxfp8-quantized; sets the other flags)")
     _common(p)
     p.set_defaults(func=_fp8)
 

@@ -29,6 +29,12 @@ Arithmetic, fixed here; kernels must reproduce it bit for bit:
 
 The clamp is not cosmetic: with a rounded (or power-of-two, or subnormal) ``s`` the quotient can land
 past 448, and e4m3fn has no Inf, so an unclamped cast would produce NaN.
+
+MXFP8 (OCP microscaling) is this arithmetic with 1×32 blocks and ue8m0 scales, for weights (block size
+(1, 32)) and activations (group 32) alike. Its checkpoints (compressed-tensors ``mxfp8-quantized``) store
+each power-of-two scale as an E8M0 byte, the biased exponent: ``s = 2^(e - 127)`` (``encode_e8m0`` /
+``decode_e8m0``; 255 is NaN and never written). Rounding the scale *up* to a power of two is what
+compressed-tensors and cuBLAS do too (no element saturates); OCP's reference rule rounds down and clamps.
 """
 
 from __future__ import annotations
@@ -68,6 +74,31 @@ def scale_from_amax(amax: torch.Tensor, scale_fmt: ScaleFmt = None) -> torch.Ten
         s = torch.where(s > 0, torch.ldexp(torch.ones_like(s), e - (m == 0.5).to(e.dtype)), s)
         s = s.clamp_(max=UE8M0_MAX_SCALE)
     return torch.where(s > 0, s, torch.ones_like(s))
+
+
+E8M0_BIAS = 127
+
+
+def encode_e8m0(scale: torch.Tensor) -> torch.Tensor:
+    """Power-of-two fp32 scales -> uint8 biased exponents (MX scale storage); anything else raises."""
+    s = scale.float()
+    m, e = torch.frexp(s)  # s = m * 2^e, m = 0.5 exactly for a power of two
+    code = e.to(torch.int32) - 1 + E8M0_BIAS
+    bad = (m != 0.5) | (code < 0) | (code > 254)
+    if bool(bad.any()):
+        v = float(s[bad].reshape(-1)[0])
+        raise ValueError(f"encode_e8m0: scales must be powers of two in [2^-127, 2^127], got {v!r} "
+                         f"({int(bad.sum())} of {s.numel()})")  # fmt: skip
+    return code.to(torch.uint8)
+
+
+def decode_e8m0(code: torch.Tensor) -> torch.Tensor:
+    """uint8 biased exponents -> fp32 scales ``2^(e - 127)`` (exact; 255, E8M0's NaN, raises)."""
+    if code.dtype != torch.uint8:
+        raise TypeError(f"decode_e8m0: expected uint8 exponents, got {code.dtype}")
+    if bool((code == 255).any()):
+        raise ValueError("decode_e8m0: code 255 (NaN) in the scales")
+    return torch.ldexp(torch.ones(code.shape, dtype=torch.float32, device=code.device), code.to(torch.int32) - E8M0_BIAS)
 
 
 def _quantize_into(out: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> None:

@@ -2,7 +2,8 @@
 
     Bf16Linear      ``weight`` in the model dtype (bf16, or fp32 in parity tests); also what training uses
     Fp8Linear       ``weight`` fp8 e4m3 + ``weight_scale_inv`` / ``weight_scale`` fp32 (block / channel / tensor),
-                    W8A8 with dynamic per-token activation scales (1×128 groups for blocks)
+                    W8A8 with dynamic per-token activation scales (1×128 groups for blocks); MXFP8 is its
+                    1×32-block ue8m0 case, with the scales stored as E8M0 bytes (uint8)
     W4A16Linear     ``weight_packed`` int32 + ``weight_scale`` + ``weight_shape`` (compressed-tensors
                     pack-quantized, INT4 or INT8), activations stay in the model dtype
     Nvfp4Linear     ``weight_packed`` uint8 + e4m3 ``weight_scale`` + fp32 ``weight_global_scale``
@@ -31,6 +32,7 @@ from torch import nn
 
 from quantrl.formats import (
     FP8_DTYPE,
+    decode_e8m0,
     dequantize_fp8,
     dequantize_fp8_activation,
     dequantize_int,
@@ -120,6 +122,7 @@ class Fp8Linear(QLinear):
     128x128-block recipe goes through ``kernels.fp8_block_linear`` (Triton activation quantization, then
     blockwise ``_scaled_mm`` or the Triton block GEMM, which also takes ragged shapes). Either way the first
     CUDA call is compared with the reference, and a disagreeing fast path is warned about and never used.
+    MXFP8 (uint8 E8M0 scales, 1×32 blocks) always takes the reference path: Hopper has no MX GEMM.
     """
 
     fast_path_enabled = True  # class switch (benchmarks / debugging)
@@ -153,9 +156,13 @@ class Fp8Linear(QLinear):
             self.scale_name: WeightSpec(tuple(s.shape), s.dtype),
         }
 
+    def weight_scale_fp32(self) -> torch.Tensor:
+        s = self.weight_scale_tensor
+        return decode_e8m0(s) if s.dtype == torch.uint8 else s.float()
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         bs = self.block_size if self.strategy == "block" else None
-        return dequantize_fp8(self.weight, self.weight_scale_tensor.float(), bs, dtype or self.compute_dtype)
+        return dequantize_fp8(self.weight, self.weight_scale_fp32(), bs, dtype or self.compute_dtype)
 
     def quantize_dequantize_input(self, x2d: torch.Tensor) -> torch.Tensor:
         """[M, K] -> fp32 [M, K]: the activation values the FP8 GEMM multiplies (reference arithmetic).
@@ -194,7 +201,7 @@ class Fp8Linear(QLinear):
                                   self.act_group, self.scale_fmt, self.bias)  # fmt: skip
 
     def _fast_usable(self, x2d: torch.Tensor) -> bool:
-        if not (self.fast_path_enabled and self._fast is not False):
+        if not (self.fast_path_enabled and self._fast is not False) or self.weight_scale_tensor.dtype == torch.uint8:
             return False
         if self._kernel_path(x2d):
             return True

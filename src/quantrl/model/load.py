@@ -40,7 +40,7 @@ def build_model(config: ModelConfig | dict, quant_scheme: QuantScheme | dict | N
 
 def _scale_dtype(scheme: QuantScheme, reader: SafetensorsDir) -> QuantScheme:
     """Keep scales in the dtype the checkpoint stores them in (converting would change the numbers)."""
-    if scheme.method in ("none", "nvfp4"):  # NVFP4 scales are e4m3 by definition
+    if scheme.method in ("none", "nvfp4") or scheme.is_mxfp8:  # NVFP4 / MXFP8 scales: e4m3 / E8M0 by definition
         return scheme
     suffix = "." + ("weight_scale" if scheme.method == "int" else scheme.scale_suffix)
     dtypes = {i.dtype for n, i in reader.infos.items() if n.endswith(suffix)}

@@ -4,6 +4,8 @@ Dialects (the ones ``quantrl convert`` writes, also what SGLang / vLLM / transfo
   ``quant_method: fp8``                 128×128 FP8 blocks, ``<m>.weight_scale_inv``, dynamic 1×128 activations
   compressed-tensors ``float-quantized`` FP8 block / channel / tensor, ``<m>.weight_scale``
   compressed-tensors ``pack-quantized`` symmetric group INT4/INT8 (W4A16/W8A16), ``weight_packed`` + ``weight_scale``
+  compressed-tensors ``mxfp8-quantized`` MXFP8 W8A8: ``weight`` e4m3, ``weight_scale`` E8M0 bytes per 1×32, dynamic
+                                        1×32 activations (an fp8 scheme: block (1, 32), ue8m0, uint8 scales)
   compressed-tensors ``nvfp4-pack-quantized`` NVFP4 weights (``weight_packed`` uint8, e4m3 ``weight_scale`` per 16,
                                         ``weight_global_scale``); NVFP4A16: activations stay in the model dtype
 Modules named in ``modules_to_not_convert`` / ``ignore`` keep a high-precision Linear, and so do
@@ -44,7 +46,7 @@ class QuantScheme:
     group_size: int = 128
     "int: input channels per scale"
     scale_dtype: torch.dtype = torch.bfloat16
-    "int: dtype of weight_scale (fp8 scales are fp32 unless a checkpoint says otherwise)"
+    "int: dtype of weight_scale (fp8 scales are fp32 unless a checkpoint says otherwise; uint8: E8M0 exponents)"
     ignore: tuple[str, ...] = ()
     "modules kept in high precision: names, dotted suffixes/prefixes, or 're:<regex>'"
 
@@ -65,6 +67,16 @@ class QuantScheme:
     def int4(cls, group_size: int = 128) -> QuantScheme:
         """W4A16, compressed-tensors pack-quantized layout."""
         return cls(method="int", num_bits=4, group_size=group_size)
+
+    @classmethod
+    def mxfp8(cls) -> QuantScheme:
+        """MXFP8 W8A8 (compressed-tensors mxfp8-quantized): 1×32 e4m3 blocks with E8M0 scales, both operands."""
+        return cls(method="fp8", block_size=(1, 32), scale_suffix="weight_scale", act_group=32, scale_fmt="ue8m0",
+                   scale_dtype=torch.uint8)  # fmt: skip
+
+    @property
+    def is_mxfp8(self) -> bool:
+        return self.method == "fp8" and self.scale_dtype == torch.uint8
 
     @classmethod
     def nvfp4(cls) -> QuantScheme:
@@ -139,6 +151,14 @@ def _from_compressed_tensors(qc: dict[str, Any]) -> QuantScheme:
         if acts:
             raise ValueError("int weights with quantized activations (W4A8) are not supported")
         return QuantScheme(method="int", num_bits=int(w["num_bits"]), group_size=int(w["group_size"]), ignore=ignore)
+    if fmt == "mxfp8-quantized":
+        if (w.get("type"), int(w.get("num_bits", 0)), w.get("group_size")) != ("float", 8, 32):
+            raise ValueError(f"mxfp8-quantized needs 8-bit float weights in groups of 32, got {w}")
+        if not acts:
+            raise ValueError("weight-only MXFP8 (MXFP8A16) is not supported; MXFP8 W8A8 (dynamic 1x32 activations) is")
+        if not acts.get("dynamic", False) or acts.get("group_size") != 32:
+            raise ValueError(f"MXFP8 activations must be dynamic in groups of 32, got {acts}")
+        return dataclasses.replace(QuantScheme.mxfp8(), ignore=ignore)
     if fmt == "nvfp4-pack-quantized":
         if (w.get("type"), int(w.get("num_bits", 0)), w.get("group_size")) != ("float", 4, 16):
             raise ValueError(f"nvfp4-pack-quantized needs 4-bit float weights in groups of 16, got {w}")

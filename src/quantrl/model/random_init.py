@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from quantrl.formats import pack_int, pack_nvfp4, quantize_fp8, quantize_int, quantize_nvfp4
+from quantrl.formats import encode_e8m0, pack_int, pack_nvfp4, quantize_fp8, quantize_int, quantize_nvfp4
 from quantrl.model.decoder import Decoder
 from quantrl.model.linear import Bf16Linear, Fp8Linear, Nvfp4Linear, W4A16Linear
 from quantrl.model.state import linear_modules
@@ -40,6 +40,7 @@ def random_init_(model: Decoder, seed: int = 0, std: float = 0.02) -> Decoder:
                 lin.load_({"weight_packed": pack_nvfp4(codes), "weight_scale": s, "weight_global_scale": gs})
             elif isinstance(lin, Fp8Linear):
                 q, s = quantize_fp8(w, lin.strategy, lin.block_size, lin.scale_fmt)
-                lin.load_({"weight": q, lin.scale_name: s.to(lin.weight_scale_tensor.dtype)})
+                dt = lin.weight_scale_tensor.dtype
+                lin.load_({"weight": q, lin.scale_name: encode_e8m0(s) if dt == torch.uint8 else s.to(dt)})
             lin.post_process_weights()
     return model

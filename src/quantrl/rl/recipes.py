@@ -6,7 +6,8 @@
     int4-qat                INT4 QAT train (fake quant + STE), INT4 W4A16 rollout
     int4-ptq                BF16 train, INT4 rollout                    (ablation: no QAT)
     int4-qat-bf16-rollout   INT4 QAT train, BF16 rollout                (ablation: QAT without real quant)
-    nvfp4-qat               NVFP4 QAT train, NVFP4A16 rollout           (the next format MISSION names)
+    mxfp8-rollout           BF16 train, MXFP8 rollout (1x32 blocks, E8M0 scales; emulated on Hopper)
+    nvfp4-qat               NVFP4 QAT train, NVFP4A16 rollout           (the next formats MISSION names)
     nvfp4-ptq               BF16 train, NVFP4A16 rollout                (ablation: no QAT)
 """
 
@@ -20,7 +21,7 @@ class Recipe:
     train_mode: str
     "bf16 | fp8 | int4-qat | nvfp4-qat (quantrl.train.trainer.TrainConfig.mode)"
     rollout: str
-    "bf16 | fp8 | int4 | nvfp4: the rollout engine's weight format"
+    "bf16 | fp8 | mxfp8 | int4 | nvfp4: the rollout engine's weight format"
 
 
 RECIPES: dict[str, Recipe] = {
@@ -30,6 +31,7 @@ RECIPES: dict[str, Recipe] = {
     "int4-qat": Recipe("int4-qat", "int4"),
     "int4-ptq": Recipe("bf16", "int4"),
     "int4-qat-bf16-rollout": Recipe("int4-qat", "bf16"),
+    "mxfp8-rollout": Recipe("bf16", "mxfp8"),
     "nvfp4-qat": Recipe("nvfp4-qat", "nvfp4"),
     "nvfp4-ptq": Recipe("bf16", "nvfp4"),
 }

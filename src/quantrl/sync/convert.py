@@ -8,6 +8,7 @@ can bound how much is converted at a time):
     none (BF16)       ``<m>.weight`` = w.to(dtype)                                  t.to(dtype)
     fp8               ``quantize_fp8(w, strategy, block_size, scale_fmt)``          t.to(dtype)
                       -> ``<m>.weight`` (e4m3) + ``<m>.weight_scale_inv`` | ``<m>.weight_scale``
+                         (MXFP8: 1×32 blocks, ue8m0, scales as E8M0 bytes, ``encode_e8m0``)
     int (W4A16/W8A16) ``quantize_int(w, num_bits, group_size, qmax, scale_dtype)``  t.to(dtype)
                       -> ``<m>.weight_packed`` (``pack_int``) + ``<m>.weight_scale`` + ``<m>.weight_shape``
     nvfp4 (NVFP4A16)  ``quantize_nvfp4(w)``                                        t.to(dtype)
@@ -47,7 +48,7 @@ from torch import nn
 
 from quantrl import kernels
 from quantrl.checkpoint.layout import is_quantizable
-from quantrl.formats import FP8_DTYPE, pack_int, pack_nvfp4, quantize_fp8, quantize_int, quantize_nvfp4
+from quantrl.formats import FP8_DTYPE, encode_e8m0, pack_int, pack_nvfp4, quantize_fp8, quantize_int, quantize_nvfp4
 from quantrl.formats.int4 import int_range
 from quantrl.model.linear import Fp8Linear, Nvfp4Linear, W4A16Linear
 from quantrl.model.quant_scheme import QuantScheme
@@ -183,6 +184,8 @@ class SyncTarget:
         return QuantScheme(method=self.method, ignore=self.ignore).quantizes(module)
 
     def describe(self) -> str:
+        if self.method == "fp8" and self.scale_dtype == torch.uint8:
+            return f"mxfp8 (1x{self.block_size[1]} blocks, E8M0 scales)"
         if self.method == "fp8":
             tile = f"{self.block_size[0]}x{self.block_size[1]} blocks" if self.strategy == "block" else self.strategy
             return f"fp8 e4m3 ({tile}, {self.scale_name} {self.scale_dtype}{', ue8m0' if self.scale_fmt else ''})"
@@ -264,8 +267,9 @@ def _convert_linear(name: str, module: str, w: torch.Tensor, target: SyncTarget,
         else:
             q, s = quantize_fp8(w, target.strategy, target.block_size, target.scale_fmt)
         # formats' FP8 scales are fp32; an engine holding other scale dtypes (a checkpoint's choice) gets
-        # them rounded, as loading that checkpoint's scales would.
-        return [(name, q), (f"{module}.{target.scale_name}", s.to(target.scale_dtype))]
+        # them rounded, as loading that checkpoint's scales would; MXFP8 ones are E8M0 bytes (exact).
+        s = encode_e8m0(s) if target.scale_dtype == torch.uint8 else s.to(target.scale_dtype)
+        return [(name, q), (f"{module}.{target.scale_name}", s)]
     if target.method == "nvfp4":
         codes, s, gs = quantize_nvfp4(w)
         return [(f"{module}.weight_packed", pack_nvfp4(codes)), (f"{module}.weight_scale", s),
