@@ -1,8 +1,8 @@
 """``quantrl demo``: the offline path on the embedded model, on a laptop CPU in about a minute.
 
 1. takes the embedded BF16 model (or ``--model DIR``);
-2. converts it with ``quantrl convert``: FP8 128×128 blocks, FP8 per channel, INT4 g128 RTN, INT4 g128
-   GPTQ (calibrated on task text written to a ``.txt`` file), NVFP4 (RTN);
+2. converts it with ``quantrl convert``: FP8 128×128 blocks, FP8 per channel, MXFP8, INT4 g128 RTN, INT4
+   g128 GPTQ (calibrated on task text written to a ``.txt`` file), NVFP4 (RTN);
 3. loads every checkpoint with *transformers* (the consumer users already have) and compares, on held-out
    task text, perplexity, KL(bf16 ‖ quantized), top-1 agreement and size on disk.
 """
@@ -89,6 +89,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> list[dict]:
     variants = {
         "fp8 block128": lambda d: convert_to_fp8(bf16_dir, d, Fp8ConvertOptions(overwrite=True), progress=progress),
         "fp8 channel": lambda d: convert_to_fp8(bf16_dir, d, Fp8ConvertOptions(strategy="channel", overwrite=True), progress=progress),
+        "mxfp8": lambda d: convert_to_fp8(bf16_dir, d, Fp8ConvertOptions(fmt="mxfp8", overwrite=True), progress=progress),
         "int4 g128 rtn": lambda d: convert_to_int(bf16_dir, d, IntConvertOptions(method="rtn", overwrite=True), progress=progress),
         "int4 g128 gptq": lambda d: convert_to_int(
             bf16_dir, d, IntConvertOptions(method="gptq", data_dir=str(calib_file), num_calibration_samples=64,
@@ -118,7 +119,7 @@ def print_table(rows: list[dict]) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     from quantrl.config_cli import add_dataclass_args
 
-    p = sub.add_parser("demo", help="convert the embedded model to FP8/INT4 (RTN, GPTQ)/NVFP4 and compare in transformers (CPU)")
+    p = sub.add_parser("demo", help="convert the embedded model to FP8/MXFP8/INT4 (RTN, GPTQ)/NVFP4 and compare in transformers (CPU)")
     add_dataclass_args(p, DemoConfig)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
