@@ -106,3 +106,30 @@ def test_refuses_quantized_input_and_ragged_k(conv, tmp_path, capsys):
         convert_to_nvfp4(out, tmp_path / "again", progress=False)
     assert main(["convert", "nvfp4", "--input-dir", str(out), "--output-dir", str(tmp_path / "cli"), "--no-progress"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_w4a4_nvfp4_checkpoint_runs_weight_only(conv, tmp_path):
+    """An NVFP4 W4A4 checkpoint (llm-compressor's NVFP4 preset: input_global_scale per Linear) loads with a
+    warning and computes exactly what its NVFP4A16 twin computes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, out, _ = conv
+    w4a4 = tmp_path / "w4a4"
+    shutil.copytree(out, w4a4)
+    config = json.loads((w4a4 / "config.json").read_text())
+    group = config["quantization_config"]["config_groups"]["group_0"]
+    group["input_activations"] = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16,
+                                  "symmetric": True, "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn"}  # fmt: skip
+    (w4a4 / "config.json").write_text(json.dumps(config))
+    (shard,) = w4a4.glob("*.safetensors")
+    tensors = load_file(shard)
+    for name in [n for n in tensors if n.endswith(".weight_global_scale")]:
+        tensors[name.replace("weight_global_scale", "input_global_scale")] = torch.tensor([1.5])
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="runs weight-only"):
+        model = load_model(w4a4, dtype=torch.bfloat16)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(model(ids), load_model(out, dtype=torch.bfloat16)(ids))

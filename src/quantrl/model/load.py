@@ -25,6 +25,8 @@ from quantrl.model.state import linear_modules, tensor_index
 HIGH_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 # Stored by some exporters, recomputed by every loader.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# NVFP4 W4A4 checkpoints calibrate a static activation global scale; the weight-only engine never uses it
+NVFP4_ACT_SUFFIXES = (".input_global_scale",)
 
 
 def build_model(config: ModelConfig | dict, quant_scheme: QuantScheme | dict | None = None,
@@ -84,8 +86,9 @@ def load_model(
     model = build_model(cfg, _scale_dtype(scheme, reader), dtype, device)
     index = tensor_index(model)
     stored = set(reader.names())
+    ignored = IGNORED_SUFFIXES + (NVFP4_ACT_SUFFIXES if scheme.method == "nvfp4" else ())
     missing = [n for n, (u, a) in index.items() if n not in stored and not u.specs[a].optional]
-    unexpected = [n for n in stored if n not in index and not n.endswith(IGNORED_SUFFIXES)
+    unexpected = [n for n in stored if n not in index and not n.endswith(ignored)
                   and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]  # fmt: skip
     if missing or unexpected:
         raise CheckpointError(

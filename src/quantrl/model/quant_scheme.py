@@ -46,7 +46,7 @@ class QuantScheme:
     group_size: int = 128
     "int: input channels per scale"
     scale_dtype: torch.dtype = torch.bfloat16
-    "int: dtype of weight_scale (fp8 scales are fp32 unless a checkpoint says otherwise; uint8: E8M0 exponents)"
+    "weight_scale dtype: int bf16 (or the checkpoint's), fp8 fp32 (uint8: MXFP8's E8M0 bytes), nvfp4 e4m3"
     ignore: tuple[str, ...] = ()
     "modules kept in high precision: names, dotted suffixes/prefixes, or 're:<regex>'"
 
@@ -57,6 +57,8 @@ class QuantScheme:
             raise ValueError(f"int weights must have 4 or 8 bits, got {self.num_bits}")
         if self.method == "fp8" and self.fp8_strategy not in ("block", "channel", "tensor"):
             raise ValueError(f"fp8 strategy must be block, channel or tensor, got {self.fp8_strategy!r}")
+        if self.method == "fp8" and self.scale_dtype == torch.uint8 and self.scale_fmt != "ue8m0":
+            raise ValueError("fp8 scales stored as E8M0 bytes (uint8) must be powers of two: scale_fmt='ue8m0'")
 
     @classmethod
     def fp8_block(cls, block_size: tuple[int, int] = (128, 128)) -> QuantScheme:

@@ -88,7 +88,7 @@ class SyncTarget:
     qmax: int = 7
     "int: 7 (absmax/7, [-7, 7], slime/QAT) or 8 (absmax/7.5, [-8, 7], GPTQ); not recorded in the engine"
     scale_dtype: torch.dtype | None = None
-    "dtype of the engine's scale tensors (None: fp32 for fp8, bf16 for int, e4m3 for nvfp4)"
+    "dtype of the engine's scale tensors (None: fp32 for fp8, bf16 for int, e4m3 for nvfp4; uint8: MXFP8's E8M0)"
     modules: frozenset[str] | None = None
     "Linear modules the engine holds quantized (None: every quantizable Linear weight, minus ``ignore``)"
     ignore: tuple[str, ...] = ()
@@ -101,6 +101,8 @@ class SyncTarget:
             raise ValueError(f"SyncTarget.strategy must be one of {FP8_STRATEGIES}, got {self.strategy!r}")
         if self.method == "fp8" and self.scale_fmt not in (None, "ue8m0"):
             raise ValueError(f"SyncTarget.scale_fmt must be None or 'ue8m0', got {self.scale_fmt!r}")
+        if self.method == "fp8" and self.scale_dtype == torch.uint8 and self.scale_fmt != "ue8m0":
+            raise ValueError("SyncTarget: E8M0 (uint8) fp8 scales need scale_fmt='ue8m0'")
         if self.method == "int":
             if self.num_bits not in (4, 8):
                 raise ValueError(f"SyncTarget.num_bits must be 4 or 8, got {self.num_bits}")
