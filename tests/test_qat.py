@@ -78,6 +78,28 @@ def test_nvfp4_forward_weight_is_exactly_what_the_engine_dequantizes(model):
         prepare_qat(nn.Sequential(nn.Linear(24, 8)), QATConfig(fmt="nvfp4"))
 
 
+def test_mxfp8_qat_quantizes_weight_and_input_like_the_engine(model, gen):
+    from quantrl.formats import dequantize_fp8, dequantize_fp8_activation, encode_e8m0, quantize_fp8_activation
+    from quantrl.model import Fp8Linear, QuantScheme
+
+    prepare_qat(model, QATConfig(fmt="mxfp8", dtype=torch.float32))
+    m = model.up_proj
+    assert m.cfg.group_size == 32
+    q, s = m.quantized()
+    engine = Fp8Linear(m.in_features, m.out_features, True, QuantScheme.mxfp8(), torch.float32)
+    engine.load_({"weight": q, "weight_scale": encode_e8m0(s), "bias": m.bias.detach()})
+    x = torch.randn(4, m.in_features, generator=gen, requires_grad=True)
+    with torch.no_grad():
+        xq, xs = quantize_fp8_activation(x, 32, "ue8m0")
+        ref = torch.nn.functional.linear(dequantize_fp8_activation(xq, xs, 32, torch.float32),
+                                         dequantize_fp8(q, s, (1, 32), torch.float32), m.bias)
+        torch.testing.assert_close(engine(x), ref, rtol=0, atol=0)
+    y = m(x)
+    torch.testing.assert_close(y.detach(), ref, rtol=1e-6, atol=1e-6)  # fp32 summation order only
+    y.sum().backward()  # the STE reaches both the input and the master
+    assert x.grad is not None and m.weight.grad is not None
+
+
 def test_straight_through_gradient_reaches_master(model):
     prepare_qat(model, QATConfig(group_size=32))
     m = model.up_proj

@@ -79,6 +79,7 @@ CASES = {  # name: (engine scheme, trainer dtype, trainer mode, tied embeddings)
     "int4-qat-qmax8": (QuantScheme.int4(128), BF16, "qat-qmax8", False),  # for_engine takes qmax from the QAT config
     "int4-qat-tied": (QuantScheme.int4(128), BF16, "qat", True),
     "mxfp8": (QuantScheme.mxfp8(), BF16, None, False),
+    "mxfp8-qat": (QuantScheme.mxfp8(), BF16, "mxfp8-qat", False),
     "nvfp4-ptq": (QuantScheme.nvfp4(), BF16, None, False),
     "nvfp4-ptq-fp32-master": (QuantScheme.nvfp4(), FP32, None, False),
     "nvfp4-qat": (QuantScheme.nvfp4(), BF16, "nvfp4-qat", False),
@@ -92,8 +93,8 @@ def test_engine_weights_bitwise_equal_trainer_forward_weights(case, monkeypatch)
     trainer = make_trainer(cfg, tdtype)
     if mode in ("qat", "qat-qmax8"):
         prepare_qat(trainer, QATConfig(group_size=128, qmax=8 if mode == "qat-qmax8" else 7, dtype=BF16))
-    elif mode == "nvfp4-qat":
-        prepare_qat(trainer, QATConfig(fmt="nvfp4", dtype=BF16))
+    elif mode in ("nvfp4-qat", "mxfp8-qat"):
+        prepare_qat(trainer, QATConfig(fmt=mode.removesuffix("-qat"), dtype=BF16))
     elif mode == "fp8":
         prepare_fp8_training(trainer, fp8_param_gather=True)
     engine = make_engine(cfg, scheme)
@@ -148,7 +149,7 @@ def test_fp32_master_is_quantized_as_held_not_rounded_to_bf16_first():
     assert torch.equal(q.float() * s.repeat_interleave(128, 0).repeat_interleave(128, 1), fake_quantize_fp8(w))
 
 
-@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4", "mxfp8"])
 def test_qat_engine_logprobs_equal_trainer_recompute(fmt):
     cfg = tiny_cfg()
     trainer = make_trainer(cfg, FP32)
@@ -157,8 +158,8 @@ def test_qat_engine_logprobs_equal_trainer_recompute(fmt):
         prepare_qat(trainer, QATConfig(group_size=128, qmax=7, dtype=FP32))
         scheme = QuantScheme(method="int", num_bits=4, group_size=128, scale_dtype=FP32)
     else:
-        prepare_qat(trainer, QATConfig(fmt="nvfp4", dtype=FP32))
-        scheme = QuantScheme.nvfp4()
+        prepare_qat(trainer, QATConfig(fmt=fmt, dtype=FP32))
+        scheme = QuantScheme.nvfp4() if fmt == "nvfp4" else QuantScheme.mxfp8()
     engine = make_engine(cfg, scheme, FP32)
     sync_weights(trainer, engine, version=1)
 
@@ -202,6 +203,7 @@ def test_bad_syncs_raise_and_leave_the_engine_unchanged():
         "qat dtype": (qat(dtype=FP32), None, "scale dtype torch.float32 vs engine torch.bfloat16"),
         "qat into bf16 target": (qat(), SyncTarget(method="none"), "trains with INT4 QAT"),
         "nvfp4 qat into an int4 engine": (qat(fmt="nvfp4"), None, "trains with NVFP4 QAT but the engine holds it as int4"),
+        "mxfp8 qat into 128-block fp8": (qat(fmt="mxfp8"), SyncTarget(method="fp8"), r"blocks \(1, 32\) vs engine \(128, 128\)"),
         "nan": (nan, None, "'model.layers.1.mlp.down_proj.weight'.*non-finite"),
         "tied trainer, untied engine": (make_trainer(tiny_cfg(tie_word_embeddings=True), BF16), None,
                                         r"no value for 1 engine tensor\(s\), e.g. \['lm_head.weight'\]"),

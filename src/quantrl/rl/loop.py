@@ -36,7 +36,8 @@ PLACEMENTS = ("local", "ray")
 @dataclass(frozen=True)
 class RLConfig:
     recipe: str = "int4-qat"
-    "precision recipe: bf16 | fp8-rollout | fp8 | int4-qat | int4-ptq | int4-qat-bf16-rollout | mxfp8-rollout | nvfp4-qat | nvfp4-ptq"
+    ("precision recipe: bf16 | fp8-rollout | fp8 | int4-qat | int4-ptq | int4-qat-bf16-rollout | mxfp8-rollout | "
+     "mxfp8-qat | nvfp4-qat | nvfp4-ptq")
     model: str = ""
     "HF model directory to start from (default: the embedded warm-started model)"
     run_dir: str = "runs/default"

@@ -7,6 +7,7 @@
     int4-ptq                BF16 train, INT4 rollout                    (ablation: no QAT)
     int4-qat-bf16-rollout   INT4 QAT train, BF16 rollout                (ablation: QAT without real quant)
     mxfp8-rollout           BF16 train, MXFP8 rollout (1x32 blocks, E8M0 scales; emulated on Hopper)
+    mxfp8-qat               MXFP8 QAT train (weights and activations fake-quantized), MXFP8 rollout
     nvfp4-qat               NVFP4 QAT train, NVFP4A16 rollout           (the next formats MISSION names)
     nvfp4-ptq               BF16 train, NVFP4A16 rollout                (ablation: no QAT)
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Recipe:
     train_mode: str
-    "bf16 | fp8 | int4-qat | nvfp4-qat (quantrl.train.trainer.TrainConfig.mode)"
+    "bf16 | fp8 | int4-qat | nvfp4-qat | mxfp8-qat (quantrl.train.trainer.TrainConfig.mode)"
     rollout: str
     "bf16 | fp8 | mxfp8 | int4 | nvfp4: the rollout engine's weight format"
 
@@ -32,6 +33,7 @@ RECIPES: dict[str, Recipe] = {
     "int4-ptq": Recipe("bf16", "int4"),
     "int4-qat-bf16-rollout": Recipe("int4-qat", "bf16"),
     "mxfp8-rollout": Recipe("bf16", "mxfp8"),
+    "mxfp8-qat": Recipe("mxfp8-qat", "mxfp8"),
     "nvfp4-qat": Recipe("nvfp4-qat", "nvfp4"),
     "nvfp4-ptq": Recipe("bf16", "nvfp4"),
 }

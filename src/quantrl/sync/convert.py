@@ -223,7 +223,7 @@ def check_compatible(model: nn.Module, target: SyncTarget) -> None:
     for name, m in model.named_modules():
         if isinstance(m, QATLinear):
             c = m.cfg
-            fmt, method = c.fmt.upper(), {"int4": "int", "nvfp4": "nvfp4"}[c.fmt]
+            fmt, method = c.fmt.upper(), {"int4": "int", "nvfp4": "nvfp4", "mxfp8": "fp8"}[c.fmt]
             if not target.quantizes(name, tuple(m.weight.shape)):
                 problems.append(f"{name}: trains with {fmt} QAT but the engine keeps it in high precision")
                 continue
@@ -231,6 +231,9 @@ def check_compatible(model: nn.Module, target: SyncTarget) -> None:
                 problems.append(f"{name}: trains with {fmt} QAT but the engine holds it as {target.describe()}")
                 continue
             want = {"compute dtype": (c.dtype, target.dtype)}
+            if c.fmt == "mxfp8":
+                want.update({"blocks": ((1, 32), target.block_size), "scale format": ("ue8m0", target.scale_fmt),
+                             "strategy": ("block", target.strategy)})  # fmt: skip
             if method == "int":
                 want.update({"num_bits": (4, target.num_bits), "group_size": (c.group_size, target.group_size),
                              "qmax": (c.qmax, target.qmax), "scale dtype": (c.dtype, target.scale_dtype)})  # fmt: skip

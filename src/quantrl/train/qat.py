@@ -1,9 +1,15 @@
-"""Quantization-aware training (INT4, or NVFP4): Linear layers whose forward uses fake-quantized weights.
+"""Quantization-aware training (INT4, NVFP4, MXFP8): Linear layers whose forward uses fake-quantized weights.
 
 Master weights stay in high precision (bf16/fp32) and receive the straight-through gradient. The forward
 weight is ``formats.fake_quantize_int4`` (``fake_quantize_nvfp4``) of the master in the engine's dtype, so
 it equals, bit for bit, what the rollout engine dequantizes after a weight sync (``quantize_int4`` +
 ``pack_int4``; ``quantize_nvfp4`` + ``pack_nvfp4``).
+
+MXFP8 is W8A8: its forward also fake-quantizes the input in 1×32 groups (power-of-two scales), as the
+MXFP8 engine quantizes its activations, and the STE carries both gradients. Hopper has no MX GEMM, so this
+is MXFP8's forward numerics with BF16 GEMMs and a BF16 backward (real MXFP8 training would quantize the
+backward GEMMs' operands too). The dequantized MXFP8 values are exact in bf16 (4 significant bits times a
+power of two), so trainer and engine differ only in fp32 summation order.
 
 The fake-quantized weight is computed once per optimizer step, not once per micro-batch: it is cached
 against the master's version counter, which every in-place optimizer update bumps. The cached tensor keeps
@@ -24,6 +30,7 @@ from torch import nn
 
 from quantrl import kernels
 from quantrl.checkpoint.layout import is_quantizable
+from quantrl.formats.fp8 import fake_quantize_fp8, fake_quantize_fp8_activation, quantize_fp8
 from quantrl.formats.int4 import fake_quantize_int4, quantize_int4
 from quantrl.formats.nvfp4 import GROUP as NVFP4_GROUP
 from quantrl.formats.nvfp4 import fake_quantize_nvfp4, quantize_nvfp4
@@ -31,13 +38,14 @@ from quantrl.train.swap import swap_linears
 
 ENV_FLAG = "OPEN_TRAINING_INT4_FAKE_QAT_FLAG"
 ENV_GROUP = "OPEN_TRAINING_INT4_GROUP_SIZE"
-FORMATS = ("int4", "nvfp4")
+FORMATS = ("int4", "nvfp4", "mxfp8")
+MX_BLOCK = (1, 32)
 
 
 @dataclass(frozen=True)
 class QATConfig:
     fmt: str = "int4"
-    "int4 (group INT4, the engine's W4A16) | nvfp4 (e2m1 + e4m3 scales per 16 + global scale)"
+    "int4 (group INT4, the engine's W4A16) | nvfp4 (e2m1 + e4m3 scales per 16 + global scale) | mxfp8 (W8A8, 1x32)"
     group_size: int = 128
     "input channels per INT4 scale (128 for Qwen3/Moonlight, 32 for Kimi-K2)"
     qmax: int = 7
@@ -52,8 +60,8 @@ class QATConfig:
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
             raise ValueError(f"QAT format must be one of {FORMATS}, got {self.fmt!r}")
-        if self.fmt == "nvfp4":  # fixed by the format
-            object.__setattr__(self, "group_size", NVFP4_GROUP)
+        if self.fmt != "int4":  # fixed by the format
+            object.__setattr__(self, "group_size", NVFP4_GROUP if self.fmt == "nvfp4" else MX_BLOCK[1])
 
     @classmethod
     def from_env(cls, **overrides) -> QATConfig | None:
@@ -69,13 +77,15 @@ def fake_quantize(w: torch.Tensor, cfg: QATConfig) -> torch.Tensor:
     """The QAT forward weight (scales in cfg.dtype, STE): the fused kernel on CUDA for bf16, formats otherwise."""
     if cfg.fmt == "nvfp4":
         return fake_quantize_nvfp4(w, cfg.dtype)
+    if cfg.fmt == "mxfp8":
+        return fake_quantize_fp8(w, "block", MX_BLOCK, "ue8m0", dtype=cfg.dtype)
     if cfg.dtype == torch.bfloat16:
         return kernels.fake_quantize_int4(w, cfg.group_size, cfg.qmax, cfg.dtype)
     return fake_quantize_int4(w, cfg.group_size, cfg.qmax, scale_dtype=cfg.dtype, dtype=cfg.dtype)
 
 
 class QATLinear(nn.Linear):
-    """``nn.Linear`` with a fake-quantized (INT4 or NVFP4) forward weight; same parameters and state-dict names."""
+    """``nn.Linear`` with a fake-quantized (INT4, NVFP4, MXFP8) forward weight; same parameters and state-dict names."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, cfg: QATConfig, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -106,20 +116,25 @@ class QATLinear(nn.Linear):
 
     def quantized(self) -> tuple[torch.Tensor, ...]:
         """What the engine receives at weight sync: INT4 (q int8 [N, K], scale [N, K/G]); NVFP4 (codes uint8
-        [N, K], e4m3 scale [N, K/16], global scale [1])."""
+        [N, K], e4m3 scale [N, K/16], global scale [1]); MXFP8 (q e4m3 [N, K], power-of-two scale fp32 [N, K/32])."""
         with torch.no_grad():
             if self.cfg.fmt == "nvfp4":
                 return quantize_nvfp4(self.weight)
+            if self.cfg.fmt == "mxfp8":
+                return quantize_fp8(self.weight, "block", MX_BLOCK, "ue8m0")
             return quantize_int4(self.weight, self.cfg.group_size, self.cfg.qmax, scale_dtype=self.cfg.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.fake_quantized_weight()
         bias = None if self.bias is None else self.bias.to(w.dtype)
-        return kernels.linear_fp32_acc(x.to(w.dtype), w, bias)
+        x = x.to(w.dtype)
+        if self.cfg.fmt == "mxfp8":  # the engine's dynamic 1x32 activation quantization
+            x = fake_quantize_fp8_activation(x, MX_BLOCK[1], "ue8m0")
+        return kernels.linear_fp32_acc(x, w, bias)
 
     def extra_repr(self) -> str:
-        if self.cfg.fmt == "nvfp4":
-            return f"{super().extra_repr()}, nvfp4"
+        if self.cfg.fmt != "int4":
+            return f"{super().extra_repr()}, {self.cfg.fmt}"
         return f"{super().extra_repr()}, int4 g{self.cfg.group_size} qmax={self.cfg.qmax}"
 
 

@@ -21,14 +21,14 @@ from quantrl.train.fp8_linear import prepare_fp8_training
 from quantrl.train.optimizer import MasterAdamW
 from quantrl.train.qat import QATConfig, prepare_qat
 
-MODES = ("bf16", "fp8", "int4-qat", "nvfp4-qat")
+MODES = ("bf16", "fp8", "int4-qat", "nvfp4-qat", "mxfp8-qat")
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     mode: str = "bf16"
-    "bf16 | fp8 (blockwise FP8 GEMMs) | int4-qat (fake-quantized INT4 forward, STE) | nvfp4-qat (same, NVFP4)"
+    "bf16 | fp8 (blockwise FP8 GEMMs) | int4-qat (fake-quantized INT4 forward, STE) | nvfp4-qat | mxfp8-qat (W8A8)"
     lr: float = 1e-6
     "AdamW learning rate"
     betas: tuple[float, float] = (0.9, 0.98)
@@ -79,8 +79,8 @@ class Trainer:
         dtype = next(model.parameters()).dtype
         if cfg.mode == "int4-qat":
             self.swapped = prepare_qat(model, QATConfig(group_size=cfg.qat_group_size, qmax=cfg.qat_qmax, dtype=dtype))
-        elif cfg.mode == "nvfp4-qat":
-            self.swapped = prepare_qat(model, QATConfig(fmt="nvfp4", dtype=dtype))
+        elif cfg.mode in ("nvfp4-qat", "mxfp8-qat"):
+            self.swapped = prepare_qat(model, QATConfig(fmt=cfg.mode.removesuffix("-qat"), dtype=dtype))
         elif cfg.mode == "fp8":
             self.swapped = prepare_fp8_training(model, cfg.fp8_param_gather)
         else:
