@@ -16,7 +16,6 @@ from quantrl.formats.nvfp4 import (
     E2M1_VALUES,
     dequantize_nvfp4,
     fake_quantize_nvfp4,
-    global_scale_nvfp4,
     pack_nvfp4,
     quantize_nvfp4,
     unpack_nvfp4,

@@ -29,7 +29,16 @@ from quantrl.formats import (
     quantize_fp8_activation,
     unpack_int4,
 )
-from quantrl.model import Bf16Linear, Fp8Linear, Nvfp4Linear, QuantScheme, W4A16Linear, build_model, dequantized_weights, load_model
+from quantrl.model import (
+    Bf16Linear,
+    Fp8Linear,
+    Nvfp4Linear,
+    QuantScheme,
+    W4A16Linear,
+    build_model,
+    dequantized_weights,
+    load_model,
+)
 from quantrl.model.fp8_gemm import quantize_act_graph_safe
 from quantrl.rollout import Engine, SamplingParams
 

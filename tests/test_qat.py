@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from quantrl.formats import dequantize_int4, dequantize_nvfp4, fake_quantize_int4, pack_int4, pack_nvfp4, unpack_int4, unpack_nvfp4
+from quantrl.formats import (
+    dequantize_int4,
+    dequantize_nvfp4,
+    fake_quantize_int4,
+    pack_int4,
+    pack_nvfp4,
+    unpack_int4,
+    unpack_nvfp4,
+)
 from quantrl.train.qat import QATConfig, QATLinear, prepare_qat, qat_modules
 
 
