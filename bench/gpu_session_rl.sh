@@ -6,8 +6,9 @@
 # 1. warm start: `quantrl pretrain` of a ~24M-parameter Qwen3-shaped model (hidden 512, 8 layers, SwiGLU 1536)
 #    on the arithmetic task, on the GPU (slot PRETRAIN_S, default 150 s: ~3000 steps of ~5k tokens, each a
 #    few ms of GEMMs plus the trainer's Python; then a greedy held-out accuracy on 128 problems);
-# 2. `bench/rl_recipes.py` from that checkpoint under all six recipes, same seeds and data (slot RL_S, default
-#    380 s: 6 x 80 GRPO steps of 16 prompts x 8 samples, decode under CUDA graphs; ~0.3-0.6 s a step).
+# 2. `bench/rl_recipes.py` from that checkpoint under issue 7's six recipes (the MXFP8 / NVFP4 ones are left
+#    out to fit the slot), same seeds and data (slot RL_S, default 380 s: 6 x 80 GRPO steps of 16 prompts x 8
+#    samples, decode under CUDA graphs; ~0.3-0.6 s a step).
 # Separate from bench/gpu_session.sh (kernels/rollout/train/sync benches, 540 s): the 15-minute device budget
 # holds one of the two per session. Logs go to $OUT/logs, the JSON and plots to $OUT/results; each step
 # runs under `timeout` (SIGINT, then SIGKILL 10 s later) and the summary has one line per step.
@@ -43,7 +44,8 @@ if step pretrain "${PRETRAIN_S:-150}" "$PY" -m quantrl.cli pretrain --device cud
   --no-progress; then
   cp "$WARM/pretrain_summary.json" "$OUT/results/"
   step rl-recipes "${RL_S:-380}" "$PY" bench/rl_recipes.py --device cuda --model "$WARM" --num-steps 80 \
-    --eval-interval 20 --cuda-graph --out runs/rl_recipes_gpu
+    --eval-interval 20 --cuda-graph --out runs/rl_recipes_gpu \
+    --recipes bf16 fp8-rollout fp8 int4-qat int4-ptq int4-qat-bf16-rollout
   cp -r bench/results/rl_recipes_cuda.json bench/results/rl_recipes_cuda "$OUT/results/" 2>/dev/null
 else
   STATUS[rl-recipes]="not run (no warm start)"
