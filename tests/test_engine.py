@@ -219,10 +219,13 @@ def test_quantized_engine_update(kind):
     assert engine.weight_version == 0 and _snapshot(engine, prompts) == before
     assert all(bitwise_equal(t, state[n]) for n, t in engine_state(model).items())
 
+    decoded = model.model.layers[0].mlp.up_proj._decoded_scale if kind == "mxfp8" else None
     engine.update_weights(update, version=1, check_equal=True)
     deq = dequantized_weights(model)
     assert all(torch.equal(deq[n], expected[n]) for n in deq)
     assert _snapshot(engine, prompts) != before
+    if kind == "mxfp8":  # the decoded fp32 scales were refilled where captured CUDA graphs read them
+        assert model.model.layers[0].mlp.up_proj._decoded_scale is decoded
 
 
 def test_generate_command(tmp_path, capsys):

@@ -13,14 +13,14 @@ import pytest
 import torch
 from _tiny_models import qwen3_config, random_prompts
 
-from quantrl.formats import pack_int4, pack_nvfp4, quantize_fp8, quantize_int4, quantize_nvfp4
+from quantrl.formats import encode_e8m0, pack_int4, pack_nvfp4, quantize_fp8, quantize_int4, quantize_nvfp4
 from quantrl.model import QuantScheme, build_model, random_init_
 from quantrl.rollout import Engine, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 DEV = "cuda"
-SCHEMES = {"bf16": None, "fp8": QuantScheme.fp8_block(), "int4": QuantScheme.int4(group_size=128),
-           "nvfp4": QuantScheme.nvfp4()}  # fmt: skip
+SCHEMES = {"bf16": None, "fp8": QuantScheme.fp8_block(), "mxfp8": QuantScheme.mxfp8(),
+           "int4": QuantScheme.int4(group_size=128), "nvfp4": QuantScheme.nvfp4()}  # fmt: skip
 CFG = qwen3_config(hidden_size=256, intermediate_size=512, head_dim=64).to_dict()
 
 
@@ -45,6 +45,9 @@ def engine_update(trainer, kind: str) -> list[tuple[str, torch.Tensor]]:
         if name.endswith("_proj.weight") and kind == "fp8":
             q, s = quantize_fp8(w)
             update += [(name, q), (f"{m}.weight_scale_inv", s)]
+        elif name.endswith("_proj.weight") and kind == "mxfp8":
+            q, s = quantize_fp8(w, "block", (1, 32), "ue8m0")
+            update += [(name, q), (f"{m}.weight_scale", encode_e8m0(s))]
         elif name.endswith("_proj.weight") and kind == "int4":
             q, s = quantize_int4(w, group_size=128)
             update += [(f"{m}.weight_packed", pack_int4(q)), (f"{m}.weight_scale", s)]

@@ -55,6 +55,13 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def _refill(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """``new``'s values in ``old``'s memory when the two match (captured CUDA graphs keep their addresses)."""
+    if old is not None and old.shape == new.shape and old.dtype == new.dtype:
+        return old.copy_(new)
+    return new
+
+
 @dataclass(frozen=True)
 class WeightSpec:
     shape: tuple[int, ...]
@@ -144,6 +151,8 @@ class Fp8Linear(QLinear):
         self._fast: bool | None = None  # None: not yet compared against the reference on this device
         recipe = (self.strategy, self.block_size, self.act_strategy, self.act_group, self.scale_fmt)
         self._blockwise_recipe = recipe == ("block", (128, 128), "group", 128, None)  # what the kernels take
+        self._decoded_scale: torch.Tensor | None = None  # MXFP8: fp32 scales, decoded once per load, kept in place
+        self._decoded_valid = False
 
     @property
     def weight_scale_tensor(self) -> torch.Tensor:
@@ -158,7 +167,18 @@ class Fp8Linear(QLinear):
 
     def weight_scale_fp32(self) -> torch.Tensor:
         s = self.weight_scale_tensor
-        return decode_e8m0(s) if s.dtype == torch.uint8 else s.float()
+        if s.dtype != torch.uint8:
+            return s.float()
+        # decoding checks for E8M0's NaN code (a host sync): done at post-process, never inside a CUDA graph
+        return self._decoded_scale if self._decoded_valid else decode_e8m0(s)
+
+    def restore_weights_before_loading(self) -> None:
+        self._decoded_valid = False
+
+    def post_process_weights(self) -> None:
+        if self.weight_scale_tensor.dtype == torch.uint8:  # refilled in place: captured graphs keep reading it
+            self._decoded_scale = _refill(self._decoded_scale, decode_e8m0(self.weight_scale_tensor))
+            self._decoded_valid = True
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         bs = self.block_size if self.strategy == "block" else None
@@ -255,13 +275,6 @@ class Fp8Linear(QLinear):
         else:
             y = self._probe(x2d)
         return y.view(*x.shape[:-1], self.out_features)
-
-
-def _refill(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    """``new``'s values in ``old``'s memory when the two match (captured CUDA graphs keep their addresses)."""
-    if old is not None and old.shape == new.shape and old.dtype == new.dtype:
-        return old.copy_(new)
-    return new
 
 
 class _DequantCache:
