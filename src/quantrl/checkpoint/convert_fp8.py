@@ -18,7 +18,7 @@ from quantrl.checkpoint.quant_config import ct_fp8_config, ct_mxfp8_config, fp8_
 from quantrl.checkpoint.safetensors_io import CheckpointError, SafetensorsDir, TensorSpec
 from quantrl.checkpoint.stream import Job, copy_job
 from quantrl.formats._checks import cdiv
-from quantrl.formats.fp8 import FP8_DTYPE, encode_e8m0, quantize_fp8
+from quantrl.formats.fp8 import FP8_DTYPE, MXFP8_BLOCK, MXFP8_SCALE_FMT, encode_e8m0, quantize_fp8
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,6 @@ class Fp8ConvertOptions:
     "replace an existing non-empty output directory"
     max_shard_bytes: int = 5 * 1024**3
     "size limit of one output safetensors shard"
-
-
-MXFP8_BLOCK = (1, 32)
 
 
 def resolve_format(opts: Fp8ConvertOptions) -> str:
@@ -68,15 +65,16 @@ def convert_to_fp8(model_dir: str | Path, save_dir: str | Path, opts: Fp8Convert
     fmt = resolve_format(opts)
     mx = fmt == "mxfp8"
     if mx:
-        opts = dataclasses.replace(opts, strategy="block", block_size=MXFP8_BLOCK, scale_fmt="ue8m0")
+        opts = dataclasses.replace(opts, strategy="block", block_size=MXFP8_BLOCK, scale_fmt=MXFP8_SCALE_FMT)
     config = load_config(model_dir)
     reader = SafetensorsDir(model_dir)
     ensure_unquantized(config, reader, model_dir)
     scale_suffix = "_scale_inv" if fmt == "fp8" else "_scale"
     if mx:  # compressed-tensors' group strategy needs whole groups
-        bad = [f"{n} {list(i.shape)}" for n, i in reader.infos.items() if is_quantizable(n, i.shape) and i.shape[1] % 32]
+        bad = [f"{n} {list(i.shape)}" for n, i in reader.infos.items() if is_quantizable(n, i.shape) and i.shape[1] % MXFP8_BLOCK[1]]
         if bad:
-            raise CheckpointError(f"{model_dir}: {len(bad)} Linear weight(s) have K not divisible by 32, e.g. {bad[:3]}")
+            raise CheckpointError(f"{model_dir}: {len(bad)} Linear weight(s) have K not divisible by {MXFP8_BLOCK[1]}, "
+                                  f"e.g. {bad[:3]}")  # fmt: skip
 
     def make_job(name: str) -> Job:
         info = reader.infos[name]

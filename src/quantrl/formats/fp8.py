@@ -77,6 +77,8 @@ def scale_from_amax(amax: torch.Tensor, scale_fmt: ScaleFmt = None) -> torch.Ten
 
 
 E8M0_BIAS = 127
+MXFP8_BLOCK = (1, 32)  # weight blocks; activations use groups of MXFP8_BLOCK[1] along K
+MXFP8_SCALE_FMT = "ue8m0"
 
 
 def encode_e8m0(scale: torch.Tensor) -> torch.Tensor:

@@ -151,6 +151,7 @@ class Fp8Linear(QLinear):
         self._fast: bool | None = None  # None: not yet compared against the reference on this device
         recipe = (self.strategy, self.block_size, self.act_strategy, self.act_group, self.scale_fmt)
         self._blockwise_recipe = recipe == ("block", (128, 128), "group", 128, None)  # what the kernels take
+        self._e8m0 = scheme.scale_dtype == torch.uint8  # MXFP8: scales stored as E8M0 bytes
         self._decoded_scale: torch.Tensor | None = None  # MXFP8: fp32 scales, decoded once per load, kept in place
         self._decoded_valid = False
 
@@ -167,7 +168,7 @@ class Fp8Linear(QLinear):
 
     def weight_scale_fp32(self) -> torch.Tensor:
         s = self.weight_scale_tensor
-        if s.dtype != torch.uint8:
+        if not self._e8m0:
             return s.float()
         # decoding checks for E8M0's NaN code (a host sync): done at post-process, never inside a CUDA graph
         return self._decoded_scale if self._decoded_valid else decode_e8m0(s)
@@ -176,7 +177,7 @@ class Fp8Linear(QLinear):
         self._decoded_valid = False
 
     def post_process_weights(self) -> None:
-        if self.weight_scale_tensor.dtype == torch.uint8:  # refilled in place: captured graphs keep reading it
+        if self._e8m0:  # refilled in place: captured graphs keep reading it
             self._decoded_scale = _refill(self._decoded_scale, decode_e8m0(self.weight_scale_tensor))
             self._decoded_valid = True
 
@@ -221,7 +222,7 @@ class Fp8Linear(QLinear):
                                   self.act_group, self.scale_fmt, self.bias)  # fmt: skip
 
     def _fast_usable(self, x2d: torch.Tensor) -> bool:
-        if not (self.fast_path_enabled and self._fast is not False) or self.weight_scale_tensor.dtype == torch.uint8:
+        if not (self.fast_path_enabled and self._fast is not False) or self._e8m0:
             return False
         if self._kernel_path(x2d):
             return True

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from quantrl.formats.fp8 import MXFP8_BLOCK, MXFP8_SCALE_FMT
+
 METHODS = ("none", "fp8", "int", "nvfp4")
 
 
@@ -73,8 +75,8 @@ class QuantScheme:
     @classmethod
     def mxfp8(cls) -> QuantScheme:
         """MXFP8 W8A8 (compressed-tensors mxfp8-quantized): 1×32 e4m3 blocks with E8M0 scales, both operands."""
-        return cls(method="fp8", block_size=(1, 32), scale_suffix="weight_scale", act_group=32, scale_fmt="ue8m0",
-                   scale_dtype=torch.uint8)  # fmt: skip
+        return cls(method="fp8", block_size=MXFP8_BLOCK, scale_suffix="weight_scale", act_group=MXFP8_BLOCK[1],
+                   scale_fmt=MXFP8_SCALE_FMT, scale_dtype=torch.uint8)  # fmt: skip
 
     @property
     def is_mxfp8(self) -> bool:
@@ -154,12 +156,12 @@ def _from_compressed_tensors(qc: dict[str, Any]) -> QuantScheme:
             raise ValueError("int weights with quantized activations (W4A8) are not supported")
         return QuantScheme(method="int", num_bits=int(w["num_bits"]), group_size=int(w["group_size"]), ignore=ignore)
     if fmt == "mxfp8-quantized":
-        if (w.get("type"), int(w.get("num_bits", 0)), w.get("group_size")) != ("float", 8, 32):
-            raise ValueError(f"mxfp8-quantized needs 8-bit float weights in groups of 32, got {w}")
+        if (w.get("type"), int(w.get("num_bits", 0)), w.get("group_size")) != ("float", 8, MXFP8_BLOCK[1]):
+            raise ValueError(f"mxfp8-quantized needs 8-bit float weights in groups of {MXFP8_BLOCK[1]}, got {w}")
         if not acts:
             raise ValueError("weight-only MXFP8 (MXFP8A16) is not supported; MXFP8 W8A8 (dynamic 1x32 activations) is")
-        if not acts.get("dynamic", False) or acts.get("group_size") != 32:
-            raise ValueError(f"MXFP8 activations must be dynamic in groups of 32, got {acts}")
+        if not acts.get("dynamic", False) or acts.get("group_size") != MXFP8_BLOCK[1]:
+            raise ValueError(f"MXFP8 activations must be dynamic in groups of {MXFP8_BLOCK[1]}, got {acts}")
         return dataclasses.replace(QuantScheme.mxfp8(), ignore=ignore)
     if fmt == "nvfp4-pack-quantized":
         if (w.get("type"), int(w.get("num_bits", 0)), w.get("group_size")) != ("float", 4, 16):

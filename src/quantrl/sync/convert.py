@@ -49,6 +49,7 @@ from torch import nn
 from quantrl import kernels
 from quantrl.checkpoint.layout import is_quantizable
 from quantrl.formats import FP8_DTYPE, encode_e8m0, pack_int, pack_nvfp4, quantize_fp8, quantize_int, quantize_nvfp4
+from quantrl.formats.fp8 import MXFP8_BLOCK, MXFP8_SCALE_FMT
 from quantrl.formats.int4 import int_range
 from quantrl.model.linear import Fp8Linear, Nvfp4Linear, W4A16Linear
 from quantrl.model.quant_scheme import QuantScheme
@@ -232,7 +233,7 @@ def check_compatible(model: nn.Module, target: SyncTarget) -> None:
                 continue
             want = {"compute dtype": (c.dtype, target.dtype)}
             if c.fmt == "mxfp8":
-                want.update({"blocks": ((1, 32), target.block_size), "scale format": ("ue8m0", target.scale_fmt),
+                want.update({"blocks": (MXFP8_BLOCK, target.block_size), "scale format": (MXFP8_SCALE_FMT, target.scale_fmt),
                              "strategy": ("block", target.strategy)})  # fmt: skip
             if method == "int":
                 want.update({"num_bits": (4, target.num_bits), "group_size": (c.group_size, target.group_size),

@@ -30,7 +30,13 @@ from torch import nn
 
 from quantrl import kernels
 from quantrl.checkpoint.layout import is_quantizable
-from quantrl.formats.fp8 import fake_quantize_fp8, fake_quantize_fp8_activation, quantize_fp8
+from quantrl.formats.fp8 import (
+    MXFP8_BLOCK,
+    MXFP8_SCALE_FMT,
+    fake_quantize_fp8,
+    fake_quantize_fp8_activation,
+    quantize_fp8,
+)
 from quantrl.formats.int4 import fake_quantize_int4, quantize_int4
 from quantrl.formats.nvfp4 import GROUP as NVFP4_GROUP
 from quantrl.formats.nvfp4 import fake_quantize_nvfp4, quantize_nvfp4
@@ -39,7 +45,6 @@ from quantrl.train.swap import swap_linears
 ENV_FLAG = "OPEN_TRAINING_INT4_FAKE_QAT_FLAG"
 ENV_GROUP = "OPEN_TRAINING_INT4_GROUP_SIZE"
 FORMATS = ("int4", "nvfp4", "mxfp8")
-MX_BLOCK = (1, 32)
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ class QATConfig:
         if self.fmt not in FORMATS:
             raise ValueError(f"QAT format must be one of {FORMATS}, got {self.fmt!r}")
         if self.fmt != "int4":  # fixed by the format
-            object.__setattr__(self, "group_size", NVFP4_GROUP if self.fmt == "nvfp4" else MX_BLOCK[1])
+            object.__setattr__(self, "group_size", NVFP4_GROUP if self.fmt == "nvfp4" else MXFP8_BLOCK[1])
 
     @classmethod
     def from_env(cls, **overrides) -> QATConfig | None:
@@ -78,7 +83,7 @@ def fake_quantize(w: torch.Tensor, cfg: QATConfig) -> torch.Tensor:
     if cfg.fmt == "nvfp4":
         return fake_quantize_nvfp4(w, cfg.dtype)
     if cfg.fmt == "mxfp8":
-        return fake_quantize_fp8(w, "block", MX_BLOCK, "ue8m0", dtype=cfg.dtype)
+        return fake_quantize_fp8(w, "block", MXFP8_BLOCK, MXFP8_SCALE_FMT, dtype=cfg.dtype)
     if cfg.dtype == torch.bfloat16:
         return kernels.fake_quantize_int4(w, cfg.group_size, cfg.qmax, cfg.dtype)
     return fake_quantize_int4(w, cfg.group_size, cfg.qmax, scale_dtype=cfg.dtype, dtype=cfg.dtype)
@@ -121,7 +126,7 @@ class QATLinear(nn.Linear):
             if self.cfg.fmt == "nvfp4":
                 return quantize_nvfp4(self.weight)
             if self.cfg.fmt == "mxfp8":
-                return quantize_fp8(self.weight, "block", MX_BLOCK, "ue8m0")
+                return quantize_fp8(self.weight, "block", MXFP8_BLOCK, MXFP8_SCALE_FMT)
             return quantize_int4(self.weight, self.cfg.group_size, self.cfg.qmax, scale_dtype=self.cfg.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +134,7 @@ class QATLinear(nn.Linear):
         bias = None if self.bias is None else self.bias.to(w.dtype)
         x = x.to(w.dtype)
         if self.cfg.fmt == "mxfp8":  # the engine's dynamic 1x32 activation quantization
-            x = fake_quantize_fp8_activation(x, MX_BLOCK[1], "ue8m0")
+            x = fake_quantize_fp8_activation(x, MXFP8_BLOCK[1], MXFP8_SCALE_FMT)
         return kernels.linear_fp32_acc(x, w, bias)
 
     def extra_repr(self) -> str:
