@@ -20,7 +20,7 @@ from quantrl.kernels import _numerics as nm
 from quantrl.kernels.block_gemm import fp8_block_gemm_triton
 from quantrl.kernels.fp8_quant import quantize_fp8_activation_triton, quantize_fp8_block_triton
 from quantrl.kernels.int4_quant import fake_quantize_int4_triton, quantize_pack_int4_triton
-from quantrl.kernels.w4a16 import W4A16Config, pick_config, w4a16_gemm
+from quantrl.kernels.w4a16 import W4A16Config, nvfp4_gemm, pick_config, w4a16_gemm
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -368,6 +368,84 @@ def test_w4a16_linear_dispatch_matches_engine_layer(gen):
     assert y.shape == (2, 3, 96) and gemm_ulps(y.view(6, 96), x.view(6, 256), layer.dequantized_weight(), bias) <= 1.0
     with torch.no_grad():
         assert gemm_ulps(layer(x).view(6, 96), x.view(6, 256), layer.dequantized_weight(), bias) <= 1.0
+
+
+# NVFP4A16: the same kernels with the e2m1 decode and the layer's scale table
+def _nvfp4_weight(n, k, gen, act_dtype=torch.bfloat16, every_code=False):
+    """(qweight_t, scale_t, lut, engine weight fp32). ``every_code``: random codes 0..15 and random e4m3
+    scale bytes (subnormal to 448), so every nibble value and a wide spread of table entries occur."""
+    if every_code:
+        codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32).to(torch.uint8)
+        scale = torch.randint(1, 0x7F, (n, k // 16), generator=gen, dtype=torch.int32).to(torch.uint8)
+        scale = scale.view(torch.float8_e4m3fn)
+        gs = torch.tensor([2.0**5 * 1.37])
+    else:
+        codes, scale, gs = fm.quantize_nvfp4(rand((n, k), torch.float32, gen, "cpu"))
+    qt, st = kernels.nvfp4_repack(fm.pack_nvfp4(codes), scale)
+    w_eng = fm.dequantize_nvfp4(codes, scale, gs, act_dtype)
+    return qt.to(DEV), st.to(DEV), kernels.nvfp4_scale_lut(gs.to(DEV)), w_eng.float()
+
+
+@pytest.mark.parametrize(
+    "m,config",
+    [(1, "auto"), (1, "gemv-split3"), (3, "gemv-split3"), (3, "auto"), (3, "mma16"), (17, "mma16-split2"),
+     (64, "mma64"), (64, "auto")],
+)  # fmt: skip
+def test_nvfp4_gemm_matches_reference(m, config, gen):
+    n, k = 200, 384  # N not a multiple of any tile; K = 24 groups of 16
+    qt, st, lut, w = _nvfp4_weight(n, k, gen)
+    x = rand((m, k), torch.bfloat16, gen) / 4
+    bias = rand((n,), torch.bfloat16, gen)
+    y = nvfp4_gemm(x, qt, st, lut, bias, CONFIGS[config])
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert gemm_ulps(y, x, w, bias) <= 1.0
+
+
+@pytest.mark.parametrize("config", ["auto", "gemv-split3", "mma16-split2", "mma64"])
+def test_nvfp4_gemm_ragged_k_and_fp16(config, gen):
+    n, k = 72, 336  # K = 21 groups of 16: the last K tile is partial and ends inside a word-row pair
+    for act in (torch.bfloat16, torch.float16):
+        qt, st, lut, w = _nvfp4_weight(n, k, gen, act)
+        m = 5 if config.startswith("mma") else 1
+        x = rand((m, k), act, gen) / 4
+        y = nvfp4_gemm(x, qt, st, lut, None, CONFIGS[config])
+        assert y.dtype == act and gemm_ulps(y, x, w) <= 1.0
+
+
+@pytest.mark.parametrize("path", ["gemv", "mma"])
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
+def test_nvfp4_unpacks_the_formats_weights_exactly(path, act, gen):
+    """Rows of the identity read out every dequantized weight in place: all 16 codes under e4m3 scales from
+    subnormal to 448 give formats' values, in both paths (the gemv one row at a time; -0.0 reads out as +0.0,
+    the accumulator starts at +0)."""
+    n, k = 40, 128
+    qt, st, lut, w = _nvfp4_weight(n, k, gen, act, every_code=True)
+    eye = torch.eye(k, dtype=act, device=DEV)
+    cfg = W4A16Config(path, bn=32, bk=64, bm=64, split_k=1)
+    rows = [eye] if path == "mma" else [eye[i : i + 1] for i in (0, 1, 7, 8, 15, 16, 63, 64, 127)]
+    for x in rows:
+        y = nvfp4_gemm(x, qt, st, lut, None, cfg)
+        want = w.T[x.argmax(dim=1).cpu()]
+        assert torch.equal(y.cpu().float(), want)
+
+
+def test_nvfp4_linear_dispatch_matches_engine_layer(gen):
+    from quantrl.model.linear import Nvfp4Linear
+    from quantrl.model.quant_scheme import QuantScheme
+
+    layer = Nvfp4Linear(256, 96, True, QuantScheme.nvfp4())
+    codes, scale, gs = fm.quantize_nvfp4(rand((96, 256), torch.float32, gen, "cpu"))
+    layer.load_({"weight_packed": fm.pack_nvfp4(codes), "weight_scale": scale, "weight_global_scale": gs,
+                 "bias": rand((96,), torch.bfloat16, gen, "cpu")})  # fmt: skip
+    qt, st = kernels.nvfp4_repack(layer.weight_packed, layer.weight_scale)
+    x = rand((2, 3, 256), torch.bfloat16, gen, "cpu") / 4
+    bias, w = layer.bias.detach(), layer.dequantized_weight()
+    assert torch.equal(kernels.nvfp4_dequantize(qt, st, gs), w)
+    y = kernels.nvfp4_linear(x.to(DEV), qt.to(DEV), st.to(DEV), gs.to(DEV), layer.bias.to(DEV), backend="triton")
+    assert y.shape == (2, 3, 96) and gemm_ulps(y.view(6, 96), x.view(6, 256), w, bias) <= 1.0
+    ref = kernels.nvfp4_linear(x, qt, st, gs, layer.bias, backend="reference")
+    with torch.no_grad():
+        assert torch.equal(layer(x), ref)  # the CPU layer is the dispatcher's reference
 
 
 def test_pick_config_paths_by_m():

@@ -24,10 +24,12 @@ from quantrl.formats import (
     dequantize_fp8,
     dequantize_fp8_activation,
     dequantize_int,
+    dequantize_nvfp4,
     pack_int4,
     quantize_fp8,
     quantize_int4,
     unpack_int4,
+    unpack_nvfp4,
 )
 from quantrl.formats import fake_quantize_int4 as _ref_fake_quantize_int4
 from quantrl.formats import (
@@ -38,7 +40,7 @@ from quantrl.formats.fp8 import _check_scale_fmt
 from quantrl.formats.int4 import _check_weight, int_range
 from quantrl.formats.ste import straight_through
 from quantrl.kernels._triton import HAVE_TRITON
-from quantrl.kernels.layout import group_size_of, w4a16_unrepack
+from quantrl.kernels.layout import check_nvfp4_layout, group_size_of, nvfp4_scale_lut, nvfp4_unrepack, w4a16_unrepack
 
 Backend = Literal["auto", "triton", "reference"]
 _BACKENDS = ("auto", "triton", "reference")
@@ -401,6 +403,50 @@ def w4a16_linear(
         y = w4a16_gemm(x2, qweight_t.contiguous(), scale_t.contiguous(), g, bias, config)
         return y.view(*x.shape[:-1], n)
     return linear_fp32_acc(x, w4a16_dequantize(qweight_t, scale_t, x.dtype), bias)
+
+
+def nvfp4_dequantize(
+    qweight_t: torch.Tensor, scale_t: torch.Tensor, global_scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """The ``[N, K]`` weight the NVFP4 kernel multiplies by (``formats.dequantize_nvfp4`` of the checkpoint form)."""
+    packed, scale = nvfp4_unrepack(qweight_t, scale_t)
+    return dequantize_nvfp4(unpack_nvfp4(packed), scale, global_scale, dtype)
+
+
+def nvfp4_linear(
+    x: torch.Tensor,
+    qweight_t: torch.Tensor,
+    scale_t: torch.Tensor,
+    global_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    lut: torch.Tensor | None = None,
+    backend: Backend = "auto",
+    config=None,
+) -> torch.Tensor:
+    """``y [..., N] = x [..., K] @ W.T + bias``, W NVFP4 in the kernel layout (``nvfp4_repack``). Reference:
+    ``formats.dequantize_nvfp4`` in x's dtype, then a GEMM with fp32 accumulation rounded once. Kernel:
+    bf16/fp16 activations; ``lut`` is the layer's ``nvfp4_scale_lut(global_scale)`` (computed when not given;
+    a layer keeps its own, refilled per load, so the forward has no host sync)."""
+    check_float_tensor(x, what="nvfp4_linear")
+    k = qweight_t.shape[0] * 8 if qweight_t.ndim == 2 else -1
+    if x.shape[-1] != k:
+        raise ValueError(f"nvfp4_linear: x has K={x.shape[-1]} but the weight holds K={k} "
+                         f"(qweight_t {qweight_t.dtype} {tuple(qweight_t.shape)})")  # fmt: skip
+    check_nvfp4_layout(qweight_t, scale_t, "nvfp4_linear")
+    if use_triton(x, backend, x.dtype in (torch.bfloat16, torch.float16), "nvfp4_linear", f"activation dtype {x.dtype}"):
+        from quantrl.kernels.w4a16 import nvfp4_gemm
+
+        if lut is None:
+            lut = nvfp4_scale_lut(global_scale.to(x.device))
+        if lut.dtype != torch.float32 or lut.shape != (256,):
+            raise ValueError(f"nvfp4_linear: lut must be fp32 [256], got {lut.dtype} {tuple(lut.shape)}")
+        x2 = x.reshape(-1, k)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = nvfp4_gemm(x2, qweight_t.contiguous(), scale_t.contiguous(), lut, bias, config)
+        return y.view(*x.shape[:-1], qweight_t.shape[1])
+    return linear_fp32_acc(x, nvfp4_dequantize(qweight_t, scale_t, global_scale, x.dtype), bias)
 
 
 def linear_fp32_acc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -62,3 +62,69 @@ def group_size_of(qweight_t: torch.Tensor, scale_t: torch.Tensor) -> int:
     if scale_t.shape[0] == 0 or k % scale_t.shape[0]:
         raise ValueError(f"scale_t {tuple(scale_t.shape)} does not divide K={k} into groups")
     return k // scale_t.shape[0]
+
+
+# ------------------------------------------------------------------------------------------------------
+# NVFP4 (formats.nvfp4): the same word transpose, plus a per-layer scale table
+# ------------------------------------------------------------------------------------------------------
+# Checkpoint: ``weight_packed`` uint8 [N, K/2] (element 2i in the low nibble of byte i) and e4m3
+# ``weight_scale`` [N, K/16]. Read as little-endian int32, four bytes are one word holding elements
+# k = 8w .. 8w+7 with element i in bits 4i..4i+3: the INT4 word order, so the kernel layout is again a pure
+# transpose, ``qweight_t`` int32 [K/8, N] and ``scale_t`` uint8 [K/16, N] (the e4m3 bits).
+#
+# The scale table. The weight is ``fp32(e2m1 * (fp32(s) / gs))`` rounded to the output dtype, one IEEE
+# division per group; an e4m3 byte has only 256 values, so every quotient is computed once per layer and
+# load: ``lut[b] = (fp32(e4m3 b) / gs) * 2^14``. The 2^14 undoes the kernel's e2m1 decode, which yields
+# ``q * 2^-14`` (e2m1 bits placed in an fp16: its subnormals are e2m1's). Both scalings by 2^14 are exact,
+# so the kernel's fp32 product ``(q * 2^-14) * lut[b]`` is the same rounding of the same exact number as
+# formats' ``q * s_eff``.
+NVFP4_LUT_SHIFT = 2.0**14
+
+
+def nvfp4_repack(weight_packed: torch.Tensor, weight_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checkpoint ``(weight_packed uint8 [N, K/2], weight_scale e4m3 [N, K/16])`` -> kernel ``(qweight_t
+    int32 [K/8, N], scale_t uint8 [K/16, N])``, contiguous, same device."""
+    if weight_packed.dtype != torch.uint8 or weight_packed.ndim != 2 or weight_packed.shape[1] % 4:
+        raise ValueError(f"nvfp4_repack: weight_packed must be 2-D uint8 with K/2 a multiple of 4, got "
+                         f"{weight_packed.dtype} {tuple(weight_packed.shape)}")  # fmt: skip
+    n, half_k = weight_packed.shape
+    if weight_scale.dtype != torch.float8_e4m3fn or tuple(weight_scale.shape) != (n, half_k // 8):
+        raise ValueError(f"nvfp4_repack: weight_scale must be float8_e4m3fn {(n, half_k // 8)}, got "
+                         f"{weight_scale.dtype} {tuple(weight_scale.shape)}")  # fmt: skip
+    words = weight_packed.contiguous().view(torch.int32)  # [N, K/8]
+    return words.t().contiguous(), weight_scale.view(torch.uint8).t().contiguous()
+
+
+def check_nvfp4_layout(qweight_t: torch.Tensor, scale_t: torch.Tensor, what: str) -> None:
+    """int32 [K/8, N] words and uint8 [K/16, N] scale bytes of one weight, or a ValueError naming ``what``."""
+    if qweight_t.dtype != torch.int32 or qweight_t.ndim != 2 or scale_t.dtype != torch.uint8 or scale_t.ndim != 2:
+        raise ValueError(f"{what}: expected int32 [K/8, N] words and uint8 [K/16, N] scales, got "
+                         f"{qweight_t.dtype} {tuple(qweight_t.shape)} / {scale_t.dtype} {tuple(scale_t.shape)}")  # fmt: skip
+    if qweight_t.shape[1] != scale_t.shape[1] or qweight_t.shape[0] != 2 * scale_t.shape[0]:
+        raise ValueError(f"{what}: qweight_t {tuple(qweight_t.shape)} and scale_t {tuple(scale_t.shape)} do not "
+                         "describe one [N, K] weight (groups of 16)")  # fmt: skip
+
+
+def nvfp4_unrepack(qweight_t: torch.Tensor, scale_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``nvfp4_repack``: kernel layout -> checkpoint ``(weight_packed, weight_scale)``."""
+    check_nvfp4_layout(qweight_t, scale_t, "nvfp4_unrepack")
+    packed = qweight_t.t().contiguous().view(torch.uint8)  # [N, K/2]
+    return packed, scale_t.t().contiguous().view(torch.float8_e4m3fn)
+
+
+def nvfp4_scale_lut(global_scale: torch.Tensor) -> torch.Tensor:
+    """fp32 [256]: ``lut[b] = (fp32(e4m3 bits b) / global_scale) * 2^14`` on global_scale's device (the
+    division is formats' own, tensor by tensor). Refuses a global scale so small that the largest e4m3
+    scale would overflow fp32 after the 2^14 (weights above ~1e35)."""
+    if global_scale.numel() != 1 or not global_scale.is_floating_point():
+        raise ValueError(f"nvfp4_scale_lut: global scale must be one float, got {global_scale.dtype} "
+                         f"{tuple(global_scale.shape)}")  # fmt: skip
+    gs = global_scale.float().reshape(1)
+    if not bool(torch.isfinite(gs).all() and (gs > 0).all()):
+        raise ValueError(f"nvfp4_scale_lut: global scale must be finite and positive, got {float(gs)}")
+    codes = torch.arange(256, dtype=torch.int32, device=gs.device).to(torch.uint8)
+    lut = codes.view(torch.float8_e4m3fn).float().div_(gs).mul_(NVFP4_LUT_SHIFT)
+    finite = torch.cat((lut[:0x7F], lut[0x80:0xFF]))  # 0x7F / 0xFF are e4m3fn's NaN
+    if not bool(torch.isfinite(finite).all()):
+        raise ValueError(f"nvfp4_scale_lut: global scale {float(gs)} is too small for the kernel's scale table")
+    return lut

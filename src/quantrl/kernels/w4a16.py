@@ -155,10 +155,55 @@ def _k_major_tile(words, s_pair, NATIVE: tl.constexpr):
     row w), bf16 on the GPU. Nested joins put the 8 nibbles on a trailing [2, 2, 2] axis whose flat index is
     j: the innermost join pairs (j, j + 4), the halves of one bf16x2 word, so it costs no data movement."""
     w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_bf16x2(words, s_pair, NATIVE, True)
+    return _join8(w0, w1, w2, w3, w4, w5, w6, w7)
+
+
+@triton.jit
+def _join8(w0, w1, w2, w3, w4, w5, w6, w7):
+    """8 tensors [BKW, BN] (the weights of nibbles 0..7) -> the K-major tile [8 * BKW, BN]."""
     # F[..., a, b, c] = w_{4a + 2b + c}: the last join picks c, the middle b, the first a
     f = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
-    t = tl.permute(tl.reshape(f, (words.shape[0], words.shape[1], 8)), (0, 2, 1))  # [BKW, 8, BN]
-    return tl.reshape(t, (words.shape[0] * 8, words.shape[1]))
+    t = tl.permute(tl.reshape(f, (w0.shape[0], w0.shape[1], 8)), (0, 2, 1))  # [BKW, 8, BN]
+    return tl.reshape(t, (w0.shape[0] * 8, w0.shape[1]))
+
+
+@triton.jit
+def _fp4_half(h):
+    """16-bit halves of int32 (low bits) -> fp32: the fp16 holding an e2m1 code's q * 2^-14."""
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _fp4_pair(words, s14, SHIFT: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr):
+    """Nibbles SHIFT/4 and SHIFT/4 + 4 of int32 words [R, C] -> their weights, DT(fp32(q * s_eff)).
+
+    The e2m1 bits (s, e1, e0, m) go to fp16 bits 15 and 11..9, so the fp16 is q * 2^-14 exactly and
+    e2m1's subnormal (0.5) is fp16's; ``s14`` (the layer's scale table) is s_eff * 2^14. One mask-shift-or
+    builds both halves of a word at once.
+    """
+    t = words >> SHIFT
+    h = ((t & 0x00070007) << 9) | ((t & 0x00080008) << 12)
+    lo = _fp4_half(h) * s14  # fp32 rounding, as formats
+    hi = _fp4_half(h >> 16) * s14
+    return _round_to(lo, DT, NATIVE), _round_to(hi, DT, NATIVE)
+
+
+@triton.jit
+def _dequant8_fp4(words, s14, DT: tl.constexpr, NATIVE: tl.constexpr):
+    """int32 words [R, C] + fp32 scales (broadcastable) -> 8 tensors [R, C], the NVFP4 weights of nibbles
+    0..7 rounded to DT (held in DT on the GPU, as fp32 under NATIVE=False)."""
+    w0, w4 = _fp4_pair(words, s14, 0, DT, NATIVE)
+    w1, w5 = _fp4_pair(words, s14, 4, DT, NATIVE)
+    w2, w6 = _fp4_pair(words, s14, 8, DT, NATIVE)
+    w3, w7 = _fp4_pair(words, s14, 12, DT, NATIVE)
+    return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.jit
+def _fp4_scales(st_ptr, lut_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP: tl.constexpr, BK: tl.constexpr):
+    """e4m3 scale bytes of a [BK/8, BN] word tile through the layer's table -> fp32 s_eff * 2^14."""
+    b = _load_scale_tile(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK)
+    return tl.load(lut_ptr + b.to(tl.int32))  # masked bytes are 0: lut[0] = 0, a zero weight
 
 
 @triton.jit
@@ -175,11 +220,27 @@ def _round_to(x, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def _x_at(xk, J: tl.constexpr, mask, NATIVE: tl.constexpr):
+    """x[8w + J] for the word rows w of a tile, as fp32 [BKW, 1]."""
+    return widen(tl.load(xk + J, mask=mask, other=0.0), NATIVE)[:, None]
+
+
+@triton.jit
+def _rows_times8(xk, mask, w0, w1, w2, w3, w4, w5, w6, w7, NATIVE: tl.constexpr):
+    """sum_j x[8w + j] * w_j: [BKW, BN] fp32 partial products of a word tile (weights in any float dtype)."""
+    acc = _x_at(xk, 0, mask, NATIVE) * w0.to(tl.float32) + _x_at(xk, 1, mask, NATIVE) * w1.to(tl.float32)
+    acc += _x_at(xk, 2, mask, NATIVE) * w2.to(tl.float32) + _x_at(xk, 3, mask, NATIVE) * w3.to(tl.float32)
+    acc += _x_at(xk, 4, mask, NATIVE) * w4.to(tl.float32) + _x_at(xk, 5, mask, NATIVE) * w5.to(tl.float32)
+    acc += _x_at(xk, 6, mask, NATIVE) * w6.to(tl.float32) + _x_at(xk, 7, mask, NATIVE) * w7.to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qt_ptr, st_ptr, bias_ptr, out_ptr, part_ptr,
+    x_ptr, qt_ptr, st_ptr, lut_ptr, bias_ptr, out_ptr, part_ptr,
     M, N, K, stride_xm, kw_per_split,
     GROUP: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr, BF16X2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr, BF16X2: tl.constexpr, FP4: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -197,7 +258,11 @@ def _w4a16_gemv_kernel(
         kw_mask = rkw < kw_hi
         mask2d = kw_mask[:, None] & n_mask[None, :]
         words = tl.load(qt_ptr + rkw[:, None] * N + rn[None, :], mask=mask2d, other=0)
-        if BF16X2:
+        if FP4:
+            s14 = _fp4_scales(st_ptr, lut_ptr, rkw, kw0 * 8, rn, mask2d, n_mask, N, GROUP, BKW * 8)
+            w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_fp4(words, s14, x_ptr.dtype.element_ty, NATIVE)
+            acc += _rows_times8(x_row + rkw * 8, kw_mask, w0, w1, w2, w3, w4, w5, w6, w7, NATIVE)
+        elif BF16X2:
             sp = _bf16_pair(_load_scale_tile(st_ptr, rkw, kw0 * 8, rn, mask2d, n_mask, N, GROUP, BKW * 8))
             w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_bf16x2(words, sp, NATIVE)  # each [BKW, BN]
             # x as int32 pairs of bf16 (4 loads per word row, not 8), widened exactly like the weights
@@ -226,10 +291,10 @@ def _w4a16_gemv_kernel(
 
 @triton.jit
 def _w4a16_mma_kernel(
-    x_ptr, qt_ptr, st_ptr, bias_ptr, out_ptr, part_ptr,
+    x_ptr, qt_ptr, st_ptr, lut_ptr, bias_ptr, out_ptr, part_ptr,
     M, N, K, stride_xm, k_per_split,
     GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr, BF16X2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr, BF16X2: tl.constexpr, FP4: tl.constexpr,
 ):  # fmt: skip
     pid_s = tl.program_id(1)
     pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
@@ -248,7 +313,11 @@ def _w4a16_mma_kernel(
                     other=0.0)  # fmt: skip
         mask2d = (rkw < k_hi // 8)[:, None] & n_mask[None, :]
         words = tl.load(qt_ptr + rkw[:, None] * N + rn[None, :], mask=mask2d, other=0)
-        if BF16X2:
+        if FP4:
+            s14 = _fp4_scales(st_ptr, lut_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK)
+            w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_fp4(words, s14, dt, NATIVE)
+            w = _join8(w0, w1, w2, w3, w4, w5, w6, w7)
+        elif BF16X2:
             w = _k_major_tile(words, _bf16_pair(_load_scale_tile(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK)),
                               NATIVE)  # fmt: skip
         else:
@@ -368,13 +437,44 @@ def w4a16_gemm(
     unit inner stride, contiguous kernel-layout weights and ``K % group_size == 0``.
     """
     m, k = x2d.shape
+    cfg = config or pick_config(m, qweight_t.shape[1], k, sm_count(x2d.device))
+    if config is None and cfg.unpack == "bf16x2" and not (x2d.dtype == scale_t.dtype == torch.bfloat16):
+        cfg = replace(cfg, unpack="magic")  # bf16x2 rounds weights to bf16; fp16 activations need fp16(q * s)
+    if cfg.unpack not in ("magic", "bf16x2"):
+        raise ValueError(f"w4a16_gemm: unpack {cfg.unpack!r} (expected 'magic' or 'bf16x2')")
+    if cfg.unpack == "bf16x2" and not (x2d.dtype == scale_t.dtype == torch.bfloat16):
+        raise ValueError(f"w4a16_gemm: unpack 'bf16x2' needs bf16 activations and scales, got "
+                         f"{x2d.dtype} / {scale_t.dtype}")  # fmt: skip
+    if cfg.path == "gemv" and cfg.unpack == "bf16x2" and (x2d.data_ptr() % 4 or x2d.stride(0) % 2):
+        x2d = x2d.clone(memory_format=torch.contiguous_format)  # it reads x as int32 pairs: 4-byte aligned
+    return _launch(x2d, qweight_t, scale_t, None, group_size, bias, cfg, native, "w4a16_gemm")
+
+
+def nvfp4_gemm(
+    x2d: torch.Tensor,
+    qweight_t: torch.Tensor,
+    scale_t: torch.Tensor,
+    lut: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: W4A16Config | None = None,
+    native: bool | None = None,
+) -> torch.Tensor:
+    """NVFP4A16: ``x2d [M, K] @ dequant(...) + bias`` with the weight in ``layout.nvfp4_repack``'s layout and
+    the layer's scale table ``layout.nvfp4_scale_lut`` (fp32 [256]); the W4A16 kernels' tiling, split-K and
+    paths, with the e2m1 decode in place of the INT4 one (``config.unpack`` is not used). Validated by the
+    dispatcher (``quantrl.kernels.nvfp4_linear``)."""
+    m, k = x2d.shape
+    cfg = config or pick_config(m, qweight_t.shape[1], k, sm_count(x2d.device))
+    return _launch(x2d, qweight_t, scale_t, lut, 16, bias, cfg, native, "nvfp4_gemm")
+
+
+def _launch(x2d, qweight_t, scale_t, lut, group_size, bias, cfg: W4A16Config, native, what: str) -> torch.Tensor:
+    """Both formats' launches (``lut`` given: NVFP4): split-K ranges, the path's grid, the reduction."""
+    m, k = x2d.shape
     n = qweight_t.shape[1]
     out = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
     if m == 0:
         return out
-    cfg = config or pick_config(m, n, k, sm_count(x2d.device))
-    if config is None and cfg.unpack == "bf16x2" and not (x2d.dtype == scale_t.dtype == torch.bfloat16):
-        cfg = replace(cfg, unpack="magic")  # bf16x2 rounds weights to bf16; fp16 activations need fp16(q * s)
     if cfg.split_k is None:
         cfg = replace(cfg, split_k=auto_split(cfg, m, n, k, sm_count(x2d.device)))
     per, split = _split_ranges(k, cfg.bk, cfg.split_k)
@@ -382,26 +482,21 @@ def w4a16_gemm(
     has_bias = bias is not None
     b = bias if has_bias else out
     nat = native_default(native)
-    common = {"GROUP": group_size, "HAS_BIAS": has_bias, "SPLIT": split > 1, "NATIVE": nat,
-              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}  # fmt: skip
-    if cfg.unpack not in ("magic", "bf16x2"):
-        raise ValueError(f"w4a16_gemm: unpack {cfg.unpack!r} (expected 'magic' or 'bf16x2')")
-    if cfg.unpack == "bf16x2" and not (x2d.dtype == scale_t.dtype == torch.bfloat16):
-        raise ValueError(f"w4a16_gemm: unpack 'bf16x2' needs bf16 activations and scales, got "
-                         f"{x2d.dtype} / {scale_t.dtype}")  # fmt: skip
+    fp4 = lut is not None
+    common = {"GROUP": group_size, "HAS_BIAS": has_bias, "SPLIT": split > 1, "NATIVE": nat, "FP4": fp4,
+              "BF16X2": not fp4 and cfg.unpack == "bf16x2", "num_warps": cfg.num_warps,
+              "num_stages": cfg.num_stages}  # fmt: skip
+    lut = lut if fp4 else scale_t  # an unused pointer argument when not FP4
     if cfg.path == "gemv":
-        if cfg.unpack == "bf16x2" and (x2d.data_ptr() % 4 or x2d.stride(0) % 2):
-            x2d = x2d.clone(memory_format=torch.contiguous_format)  # it reads x as int32 pairs: 4-byte aligned
         grid = (triton.cdiv(n, cfg.bn), split, m)
-        _w4a16_gemv_kernel[grid](x2d, qweight_t, scale_t, b, out, part, m, n, k, x2d.stride(0), per // 8,
-                                 BN=cfg.bn, BKW=cfg.bk // 8, BF16X2=cfg.unpack == "bf16x2", **common)  # fmt: skip
+        _w4a16_gemv_kernel[grid](x2d, qweight_t, scale_t, lut, b, out, part, m, n, k, x2d.stride(0), per // 8,
+                                 BN=cfg.bn, BKW=cfg.bk // 8, **common)  # fmt: skip
     elif cfg.path == "mma":
         grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), split)
-        _w4a16_mma_kernel[grid](x2d, qweight_t, scale_t, b, out, part, m, n, k, x2d.stride(0), per,
-                                BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m, BF16X2=cfg.unpack == "bf16x2",
-                                **common)  # fmt: skip
+        _w4a16_mma_kernel[grid](x2d, qweight_t, scale_t, lut, b, out, part, m, n, k, x2d.stride(0), per,
+                                BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m, **common)  # fmt: skip
     else:
-        raise ValueError(f"w4a16_gemm: unknown path {cfg.path!r} (expected 'gemv' or 'mma')")
+        raise ValueError(f"{what}: unknown path {cfg.path!r} (expected 'gemv' or 'mma')")
     if split > 1:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](part, b, out, m * n, n, split, HAS_BIAS=has_bias,

@@ -43,7 +43,15 @@ from quantrl.formats import (
     unpack_nvfp4,
 )
 from quantrl.formats._checks import cdiv
-from quantrl.kernels import fp8_block_linear, triton_available, w4a16_linear, w4a16_repack
+from quantrl.kernels import (
+    fp8_block_linear,
+    nvfp4_linear,
+    nvfp4_repack,
+    nvfp4_scale_lut,
+    triton_available,
+    w4a16_linear,
+    w4a16_repack,
+)
 from quantrl.kernels import linear_fp32_acc as linear
 from quantrl.kernels.dispatch import PROBE_RTOL as SCALED_MM_PROBE_RTOL
 from quantrl.model import fp8_gemm
@@ -296,55 +304,38 @@ class _DequantCache:
         return self.dequantized_weight(x.dtype)
 
 
-class W4A16Linear(_DequantCache, QLinear):
-    """Weight-only group INT4 (or INT8): packed codes + scales, activations in the model dtype.
+class _KernelLinear(_DequantCache, QLinear):
+    """A packed weight with a Triton kernel on CUDA (W4A16Linear, Nvfp4Linear share this protocol).
 
-    CPU: the weight is unpacked and dequantized through ``formats`` (to x's dtype) on every call, then a
-    GEMM with fp32 accumulation. CUDA, INT4: ``post_process_weights`` repacks into the W4A16 Triton
-    kernel's layout (``kernels.w4a16_repack``: a transpose of the same words and scales), and the kernel
-    unpacks on the fly; its first call is compared with the reference, and on disagreement (or without
-    Triton, or for INT8) the layer falls back to a cached dequantized weight (correct, BF16 speed and
-    memory). The checkpoint-layout buffers are always kept, so ``restore_weights_before_loading`` only
-    invalidates the derived copies, and post-process refills them in place (same addresses: captured
-    CUDA graphs keep reading the right memory).
+    ``post_process_weights`` derives the kernel's layout (``_kernel_layout``) from the checkpoint-layout
+    buffers, which are always kept, so ``restore_weights_before_loading`` only invalidates the derived
+    copies and post-process refills them in place (same addresses: captured CUDA graphs keep reading the
+    right memory). The kernel's first call is compared with the reference; on disagreement (or without
+    Triton, or for what the kernel does not take) the layer falls back to a cached dequantized weight
+    (correct, BF16 speed and memory). CPU dequantizes through ``formats`` on every call.
     """
 
     cache_on_cuda = True  # class switch: False dequantizes per call on CUDA too (when the kernel is off)
     kernel_enabled = True  # class switch: False keeps CUDA on the dequantized-cache path
     kernel_backend = "auto"  # "triton": the kernel on CPU tensors too (Triton's interpreter, for tests)
     PROBE_RTOL = 1e-2  # the kernel's only difference from the reference is fp32 summation order (~1e-3)
+    kernel_name = "kernel"  # for messages
+    weight_packed: torch.Tensor
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):  # fmt: skip
-        super().__init__(in_features, out_features, bias, dtype, device)
-        if in_features % scheme.group_size:
-            raise ValueError(
-                f"W4A16Linear: in_features={in_features} is not divisible by group_size={scheme.group_size}"
-            )
-        self.num_bits, self.group_size = scheme.num_bits, scheme.group_size
-        n, k = out_features, in_features
-        words = cdiv(k * self.num_bits, 32)
-        self.register_buffer("weight_packed", torch.zeros(n, words, dtype=torch.int32, device=device))
-        groups = k // self.group_size
-        self.register_buffer("weight_scale", torch.ones(n, groups, dtype=scheme.scale_dtype, device=device))
-        self.register_buffer("weight_shape", torch.tensor([n, k], dtype=torch.int64, device=device))
-        self._kernel_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (qweight_t, scale_t)
+    def _init_kernel_state(self) -> None:
+        self._kernel_weights: tuple[torch.Tensor, ...] | None = None
         self._kernel_valid = False
         self._kernel_ok: bool | None = None  # None: not yet compared against the reference on this device
 
-    def specs(self) -> dict[str, WeightSpec]:
-        return {
-            "weight_packed": WeightSpec(tuple(self.weight_packed.shape), torch.int32),
-            "weight_scale": WeightSpec(tuple(self.weight_scale.shape), self.weight_scale.dtype),
-            "weight_shape": WeightSpec((2,), torch.int64, optional=True),
-        }
+    def _kernel_supported(self) -> bool:
+        return True
 
-    def codes(self) -> torch.Tensor:
-        """int8 codes [N, K] (signed, offset removed)."""
-        return unpack_int(self.weight_packed, self.in_features, self.num_bits)
+    def _kernel_layout(self) -> tuple[torch.Tensor, ...]:
+        """The kernel's tensors, derived from the checkpoint-layout buffers (ValueError: not for the kernel)."""
+        raise NotImplementedError
 
-    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_int(self.codes(), self.weight_scale, self.group_size, dtype or self.compute_dtype)
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def restore_weights_before_loading(self) -> None:
         self._cache_valid = False
@@ -352,24 +343,34 @@ class W4A16Linear(_DequantCache, QLinear):
 
     def _wants_kernel(self) -> bool:
         on_device = self.weight_packed.is_cuda or self.kernel_backend == "triton"
-        return self.kernel_enabled and self._kernel_ok is not False and self.num_bits == 4 and on_device \
+        return self.kernel_enabled and self._kernel_ok is not False and self._kernel_supported() and on_device \
             and triton_available()  # fmt: skip
+
+    def _disable_kernel(self, why: str, stacklevel: int) -> None:
+        self._kernel_ok = False
+        warnings.warn(
+            f"{type(self).__name__} [{self.out_features}x{self.in_features}]: {self.kernel_name} kernel disabled "
+            f"({why}); using the cached dequantized weight",
+            stacklevel=stacklevel + 1,
+        )
+        if self.cache_on_cuda and self.weight_packed.is_cuda:
+            self._fill_cache()
 
     def post_process_weights(self) -> None:
         if self._wants_kernel():
-            q, s = w4a16_repack(self.weight_packed, self.weight_scale)
-            old = self._kernel_weights or (None, None)
-            self._kernel_weights = (_refill(old[0], q), _refill(old[1], s))
+            try:
+                new = self._kernel_layout()
+            except ValueError as e:  # e.g. an NVFP4 global scale the kernel's table cannot hold
+                self._disable_kernel(str(e), 2)
+                return
+            old = self._kernel_weights or (None,) * len(new)
+            self._kernel_weights = tuple(_refill(o, t) for o, t in zip(old, new, strict=True))
             self._kernel_valid = True
         elif self.cache_on_cuda and self.weight_packed.is_cuda:
             self._fill_cache()
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self._weight_for(x), self.bias)
-
-    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, s = self._kernel_weights
-        return w4a16_linear(x, q, s, self.bias, group_size=self.group_size, backend="triton")
 
     def _probe(self, x: torch.Tensor) -> torch.Tensor:
         """First kernel call: keep the kernel only if it agrees with the reference on these activations, and
@@ -385,15 +386,10 @@ class W4A16Linear(_DequantCache, QLinear):
             ok, why = err <= self.PROBE_RTOL, f"relative error {err:.2e} against the reference"
         except (RuntimeError, ValueError, NotImplementedError) as e:  # a Triton compile / launch failure
             ok, why = False, str(e).splitlines()[0] if str(e) else type(e).__name__
-        self._kernel_ok = ok
-        if not ok:
-            warnings.warn(
-                f"W4A16Linear [{self.out_features}x{self.in_features}]: W4A16 kernel disabled ({why}); "
-                "using the cached dequantized weight",
-                stacklevel=3,
-            )
-            if self.cache_on_cuda and self.weight_packed.is_cuda:
-                self._fill_cache()
+        if ok:
+            self._kernel_ok = True
+        else:
+            self._disable_kernel(why, 3)
         return ref
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -407,15 +403,70 @@ class W4A16Linear(_DequantCache, QLinear):
         return self._probe(x)
 
 
-class Nvfp4Linear(_DequantCache, QLinear):
-    """Weight-only NVFP4 (NVFP4A16): packed e2m1 codes, e4m3 group scales and a global scale.
+class W4A16Linear(_KernelLinear):
+    """Weight-only group INT4 (or INT8): packed codes + scales, activations in the model dtype.
 
-    Hopper has no FP4 tensor cores and quantrl no NVFP4 kernel yet: CPU dequantizes through ``formats`` on
-    every call (then a GEMM with fp32 accumulation), CUDA keeps a dequantized copy in the model dtype,
-    refilled in place by ``post_process_weights`` (BF16 speed and memory, the same numbers).
+    CPU: the weight is unpacked and dequantized through ``formats`` (to x's dtype) on every call, then a
+    GEMM with fp32 accumulation. CUDA, INT4: ``post_process_weights`` repacks into the W4A16 Triton
+    kernel's layout (``kernels.w4a16_repack``: a transpose of the same words and scales), and the kernel
+    unpacks on the fly (``_KernelLinear``: first-call check, fallback to a dequantized cache, which is
+    also INT8's path).
     """
 
-    cache_on_cuda = True  # class switch: False dequantizes per call on CUDA too
+    kernel_name = "W4A16"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):  # fmt: skip
+        super().__init__(in_features, out_features, bias, dtype, device)
+        if in_features % scheme.group_size:
+            raise ValueError(
+                f"W4A16Linear: in_features={in_features} is not divisible by group_size={scheme.group_size}"
+            )
+        self.num_bits, self.group_size = scheme.num_bits, scheme.group_size
+        n, k = out_features, in_features
+        words = cdiv(k * self.num_bits, 32)
+        self.register_buffer("weight_packed", torch.zeros(n, words, dtype=torch.int32, device=device))
+        groups = k // self.group_size
+        self.register_buffer("weight_scale", torch.ones(n, groups, dtype=scheme.scale_dtype, device=device))
+        self.register_buffer("weight_shape", torch.tensor([n, k], dtype=torch.int64, device=device))
+        self._init_kernel_state()
+
+    def specs(self) -> dict[str, WeightSpec]:
+        return {
+            "weight_packed": WeightSpec(tuple(self.weight_packed.shape), torch.int32),
+            "weight_scale": WeightSpec(tuple(self.weight_scale.shape), self.weight_scale.dtype),
+            "weight_shape": WeightSpec((2,), torch.int64, optional=True),
+        }
+
+    def codes(self) -> torch.Tensor:
+        """int8 codes [N, K] (signed, offset removed)."""
+        return unpack_int(self.weight_packed, self.in_features, self.num_bits)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_int(self.codes(), self.weight_scale, self.group_size, dtype or self.compute_dtype)
+
+    def _kernel_supported(self) -> bool:
+        return self.num_bits == 4
+
+    def _kernel_layout(self) -> tuple[torch.Tensor, ...]:
+        return w4a16_repack(self.weight_packed, self.weight_scale)
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, s = self._kernel_weights
+        return w4a16_linear(x, q, s, self.bias, group_size=self.group_size, backend="triton")
+
+
+class Nvfp4Linear(_KernelLinear):
+    """Weight-only NVFP4 (NVFP4A16): packed e2m1 codes, e4m3 group scales and a global scale.
+
+    Hopper has no FP4 tensor cores; CUDA runs the W4A16 kernels with an e2m1 decode (``kernels.nvfp4_linear``:
+    4.5 bits per weight read, BF16 tensor cores), on the layout ``post_process_weights`` derives
+    (``kernels.nvfp4_repack``, a transpose of the same words, and the layer's 256-entry scale table), with
+    ``_KernelLinear``'s first-call check and dequantized-cache fallback. CPU dequantizes through ``formats``
+    on every call (then a GEMM with fp32 accumulation).
+    """
+
+    kernel_name = "NVFP4"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):  # fmt: skip
@@ -426,6 +477,7 @@ class Nvfp4Linear(_DequantCache, QLinear):
         self.register_buffer("weight_packed", torch.zeros(n, k // 2, dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.ones(n, k // 16, dtype=torch.float8_e4m3fn, device=device))
         self.register_buffer("weight_global_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self._init_kernel_state()
 
     def specs(self) -> dict[str, WeightSpec]:
         return {name: WeightSpec(tuple(t.shape), t.dtype)
@@ -436,15 +488,13 @@ class Nvfp4Linear(_DequantCache, QLinear):
         return dequantize_nvfp4(unpack_nvfp4(self.weight_packed), self.weight_scale, self.weight_global_scale,
                                 dtype or self.compute_dtype)  # fmt: skip
 
-    def restore_weights_before_loading(self) -> None:
-        self._cache_valid = False
+    def _kernel_layout(self) -> tuple[torch.Tensor, ...]:
+        q, s = nvfp4_repack(self.weight_packed, self.weight_scale)
+        return q, s, nvfp4_scale_lut(self.weight_global_scale)
 
-    def post_process_weights(self) -> None:
-        if self.cache_on_cuda and self.weight_packed.is_cuda:
-            self._fill_cache()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self._weight_for(x), self.bias)
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, s, lut = self._kernel_weights
+        return nvfp4_linear(x, q, s, self.weight_global_scale, self.bias, lut=lut, backend="triton")
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
