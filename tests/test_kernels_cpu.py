@@ -1,4 +1,4 @@
-"""quantrl.kernels without a GPU: the W4A16 kernel layout (pure torch) and the dispatchers' reference path.
+"""quantrl.kernels without a GPU: the W4A16 and NVFP4 kernel layouts (pure torch) and the dispatchers' reference path.
 
 The dispatchers must compute exactly the ``formats`` numbers on CPU (bitwise), accept the same inputs and
 raise the same errors, and the package must import on a machine without Triton.
@@ -49,6 +49,52 @@ def test_repack_rejects_bad_shapes():
         w4a16_repack(torch.zeros(4, 4, dtype=torch.int32), torch.ones(4, 8, dtype=torch.bfloat16))  # G = 4
     with pytest.raises(ValueError, match="disagree on N"):
         w4a16_unrepack(torch.zeros(4, 4, dtype=torch.int32), torch.ones(1, 5, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("n,k", [(1, 16), (37, 256), (64, 4096)])
+def test_nvfp4_repack_is_exactly_reversible(n, k, gen):
+    packed = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.int32).to(torch.uint8)
+    scale = torch.randint(0, 256, (n, k // 16), generator=gen, dtype=torch.int32).to(torch.uint8)
+    scale = scale.view(torch.float8_e4m3fn)  # NaN bytes included: bits are moved, never read
+    qt, st = kernels.nvfp4_repack(packed, scale)
+    assert qt.dtype == torch.int32 and qt.shape == (k // 8, n) and st.dtype == torch.uint8 and st.shape == (k // 16, n)
+    back_p, back_s = kernels.nvfp4_unrepack(qt, st)
+    assert torch.equal(back_p, packed) and torch.equal(bits(back_s), bits(scale))
+    # word [w, n] holds elements 8w..8w+7 of row n, element i in bits 4i..4i+3 (the INT4 word order)
+    codes = fm.unpack_nvfp4(packed)
+    w = 3 % (k // 8)
+    for i in range(8):
+        assert torch.equal((qt[w] >> (4 * i)) & 0xF, codes[:, 8 * w + i].to(torch.int32))
+
+
+def test_nvfp4_scale_table_is_formats_quotient(gen):
+    """lut[b] / 2^14 is formats' per-group multiplier fp32(e4m3 b) / gs, bit for bit, for every finite byte
+    and global scales of any magnitude (the kernel's exactness rests on this division)."""
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    finite = torch.isfinite(every.view(torch.float8_e4m3fn).float())
+    ones = torch.full((1, 16 * 256), 2, dtype=torch.uint8)  # code 2 is e2m1's 1.0
+    for gs in (torch.rand(4, generator=gen) * 10.0 ** torch.randint(-20, 20, (4,), generator=gen)).tolist():
+        gs_t = torch.tensor([gs])
+        lut = kernels.nvfp4_scale_lut(gs_t)
+        scales = every.view(torch.float8_e4m3fn).view(1, 256)
+        want = fm.dequantize_nvfp4(ones, scales, gs_t, torch.float32).view(256, 16)[:, 0]
+        assert torch.equal(lut[finite] / 2.0**14, want[finite])
+    with pytest.raises(ValueError, match="too small"):
+        kernels.nvfp4_scale_lut(torch.tensor([1e-36]))
+    with pytest.raises(ValueError, match="finite and positive"):
+        kernels.nvfp4_scale_lut(torch.tensor([-1.0]))
+
+
+def test_nvfp4_repack_rejects_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        kernels.nvfp4_repack(torch.zeros(4, 8, dtype=torch.int32), torch.ones(4, 1, dtype=torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        kernels.nvfp4_repack(torch.zeros(4, 8, dtype=torch.uint8), torch.ones(4, 1, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="groups of 16"):
+        kernels.nvfp4_unrepack(torch.zeros(4, 4, dtype=torch.int32), torch.ones(1, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="K=100"):
+        kernels.nvfp4_linear(torch.zeros(2, 100), torch.zeros(4, 4, dtype=torch.int32),
+                             torch.zeros(2, 4, dtype=torch.uint8), torch.ones(1))  # fmt: skip
 
 
 @pytest.mark.parametrize("group_size", [32, 128])
