@@ -81,6 +81,10 @@ def test_cuda_graph_decode_matches_a_full_forward_and_follows_weight_updates(kin
     assert float(new_err.mean()) < 0.05 and float(new_err.max()) < 1.0
     assert float(stale_err.mean()) > 10 * float(new_err.mean()) + 1e-3, "replays kept the old weights"
     assert [r.weight_version for r in res2] == [1] * len(res2)
+    from quantrl.model.linear import _KernelLinear
+
+    packed = [m for m in model.modules() if isinstance(m, _KernelLinear)]
+    assert all(m._kernel_ok is True for m in packed), "an INT4 / NVFP4 layer fell back from its kernel"
 
 
 def test_moe_cuda_graph_decode_routes_and_scores_like_a_full_forward():

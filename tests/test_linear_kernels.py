@@ -1,6 +1,6 @@
 """The engine Linears on their Triton kernel paths (CUDA, or CPU through Triton's interpreter).
 
-W4A16Linear: repack at post-process, kernel output within the bf16 rounding floor of the reference, new
+W4A16Linear (and Nvfp4Linear, the same protocol): repack at post-process, kernel output within the bf16 rounding floor of the reference, new
 weights after restore/load/post-process in the same buffers, and a warned fallback when the first-call
 comparison fails. Fp8Linear (128x128 blocks): the kernels.fp8_block_linear path, exact tiles and ragged."""
 
@@ -116,3 +116,55 @@ def test_fp8_block_linear_kernel_path_matches_reference(n, k, m, gen):
         ref = lin.reference_forward(x)
         assert torch.equal(lin(x), ref) and lin._fast is True  # probed against the reference, kept
         assert _rel(lin(x), ref) < 3e-3  # now the kernel itself
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Nvfp4Linear: the same kernel protocol (repack + scale table at post-process, probe, in-place refills)
+# ---------------------------------------------------------------------------------------------------------
+def _nvfp4_layer(n, k, gen):
+    from quantrl.model.linear import Nvfp4Linear
+
+    lin = Nvfp4Linear(k, n, True, QuantScheme.nvfp4(), torch.bfloat16, DEV)
+    lin.kernel_backend = "triton"
+    with torch.no_grad():
+        lin.bias.copy_(torch.randn(n, generator=gen).to(torch.bfloat16))
+    return lin
+
+
+def _load_nvfp4(lin, w):
+    codes, s, gs = fm.quantize_nvfp4(w)
+    lin.restore_weights_before_loading()
+    lin.load_({"weight_packed": fm.pack_nvfp4(codes).to(DEV), "weight_scale": s.to(DEV),
+               "weight_global_scale": gs.to(DEV)})  # fmt: skip
+    lin.post_process_weights()
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_nvfp4_kernel_path_matches_reference_and_follows_updates(m, gen):
+    n, k = 80, 256
+    lin = _nvfp4_layer(n, k, gen)
+    _load_nvfp4(lin, torch.randn(n, k, generator=gen))
+    q, s, lut = lin._kernel_weights
+    assert lin._kernel_valid and q.shape == (k // 8, n) and s.shape == (k // 16, n) and lut.shape == (256,)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
+    y = lin(x)  # first call: compared with the reference, which it returns
+    assert lin._kernel_ok is True and torch.equal(y, lin.reference_forward(x))
+    assert _rel(lin(x), lin.reference_forward(x)) < 3e-3  # the kernel itself
+    addrs = [t.data_ptr() for t in lin._kernel_weights]
+    _load_nvfp4(lin, 100 * torch.randn(n, k, generator=gen))  # new numbers, and a new global scale
+    assert [t.data_ptr() for t in lin._kernel_weights] == addrs
+    y2, ref2 = lin(x), lin.reference_forward(x)
+    assert _rel(y2, ref2) < 3e-3 and _rel(y2, y) > 0.1
+
+
+def test_nvfp4_global_scale_the_table_cannot_hold_falls_back(gen):
+    n, k = 32, 64
+    lin = _nvfp4_layer(n, k, gen)
+    lin.restore_weights_before_loading()
+    lin.load_({"weight_packed": torch.zeros(n, k // 2, dtype=torch.uint8, device=DEV),
+               "weight_scale": torch.ones(n, k // 16, dtype=torch.float8_e4m3fn, device=DEV),
+               "weight_global_scale": torch.tensor([1e-36], device=DEV)})  # fmt: skip
+    with pytest.warns(UserWarning, match="NVFP4 kernel disabled .*too small"):
+        lin.post_process_weights()
+    x = torch.randn(2, k, generator=gen).to(torch.bfloat16).to(DEV)
+    assert lin._kernel_ok is False and not lin._kernel_valid and torch.equal(lin(x), lin.reference_forward(x))
