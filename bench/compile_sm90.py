@@ -103,7 +103,7 @@ class Case:
 
 def _cases() -> list[Case]:
     from quantrl.kernels import block_gemm, fp8_quant, int4_quant
-    from quantrl.kernels.w4a16 import DEFAULT_UNPACK, GEMV_CONFIG, MMA_CONFIGS, W4A16Config, w4a16_gemm
+    from quantrl.kernels.w4a16 import DEFAULT_UNPACK, GEMV_CONFIG, MMA_CONFIGS, W4A16Config, nvfp4_gemm, w4a16_gemm
 
     n, k = 1024, 1024  # multiples of 16: the pointer/int divisibility specializations real shapes get
     bf = torch.bfloat16
@@ -130,6 +130,21 @@ def _cases() -> list[Case]:
                 cases.append(Case(f"w4a16 mma {unpack} bm={cfg.bm} bn={cfg.bn} bk={cfg.bk} G={g}", w4(m, c, g)))
     split_cfg = replace(MMA_CONFIGS[0][1], split_k=4, unpack=DEFAULT_UNPACK)
     cases.append(Case("w4a16 mma split-K + reduce", w4(16, split_cfg, 128, bias=True)))
+
+    def fp4(m, cfg, dt=bf, bias=False):
+        x = torch.empty(m, k, dtype=dt)
+        qt = torch.empty(k // 8, n, dtype=torch.int32)
+        st = torch.empty(k // 16, n, dtype=torch.uint8)
+        lut = torch.empty(256, dtype=torch.float32)
+        b = torch.empty(n, dtype=dt) if bias else None
+        return lambda: nvfp4_gemm(x, qt, st, lut, b, cfg, native=True)
+
+    for split in (1, 8):
+        cases.append(Case(f"nvfp4 gemv split={split}", fp4(1, replace(GEMV_CONFIG, split_k=split), bias=split == 1)))
+    cases.append(Case("nvfp4 gemv fp16", fp4(1, replace(GEMV_CONFIG, split_k=1), torch.float16)))
+    for limit, cfg in MMA_CONFIGS:
+        c = replace(cfg, split_k=1)
+        cases.append(Case(f"nvfp4 mma bm={cfg.bm} bn={cfg.bn} bk={cfg.bk}", fp4(min(limit, 4096), c)))
 
     x = torch.empty(256, k, dtype=bf)
     w = torch.empty(n, k, dtype=bf)

@@ -19,7 +19,8 @@
 #                        Triton compiles (~40 variants x ~1.5 s) plus fp64 references; warms Triton's cache
 #   pytest-triton  60 s  test_kernels_triton + test_linear_kernels + test_fp8_training on CUDA (~170 small tests)
 #   kernels       120 s  kernels_gpu.py, all 9 shapes, --reps 7: correctness gate (9 shapes x ~8 kernel calls,
-#                        compiles mostly cached by now), then 9 shapes x 51 graph-timed figures (~30 ms each)
+#                        compiles mostly cached by now), then 9 shapes x 60 graph-timed figures (~30 ms each;
+#                        NVFP4A16 at the 9 W4A16 M values included)
 #                        + 6 quantizers; ~100 s expected
 #   rollout        85 s  rollout_gpu.py, batches 1/8/64/256 x bf16/fp8/int4 with CUDA graphs: 12 engines x
 #                        (warm 16+144 steps + 2 x (16+144)) = 480 decode steps each at ~1-5 ms, 3 model builds,

@@ -16,6 +16,8 @@ against the measured copy bandwidth.
 
   W4A16   ours (``w4a16_linear``, group 128, path by M) vs ``F.linear`` bf16 (cuBLAS) and
           ``torch.ops.aten._weight_int4pack_mm`` (tinygemm; same codes and scales, zero points 0)
+  NVFP4   ``nvfp4_linear`` (NVFP4A16: the W4A16 kernels with an e2m1 decode, e4m3 scales per 16) vs the
+          same ``F.linear`` and our W4A16 at the same M
   FP8     ``fp8_block_linear`` (Triton 1x128 activation quantization included) through
           ``torch._scaled_mm`` blockwise and through the Triton block GEMM, vs ``F.linear`` bf16
   quant   8192 x 8192 bf16 (128 MB) through each quantizer vs the ``formats`` reference on the GPU and a
@@ -96,6 +98,10 @@ SMOKE_TARGETS = TargetSpec(largest=tuple(TINY_SHAPES), fp8_shape="tiny.256x384",
 # ---------------------------------------------------------------------------------------------------------
 def w4a16_bytes(m: int, n: int, k: int, g: int = GROUP) -> int:
     return m * k * 2 + n * k // 2 + (n * k // g) * 2 + m * n * 2
+
+
+def nvfp4_bytes(m: int, n: int, k: int) -> int:
+    return m * k * 2 + n * k // 2 + n * k // 16 + 256 * 4 + m * n * 2  # e4m3 scale per 16, the 1 KB scale table
 
 
 def bf16_bytes(m: int, n: int, k: int) -> int:
@@ -210,6 +216,8 @@ class Weights:
     fp8_q: torch.Tensor
     fp8_s: torch.Tensor
     fp8_deq: torch.Tensor  # fp32
+    nv: tuple  # NVFP4 kernel layout: (qweight_t int32 [K/8, N], scale_t uint8 [K/16, N], lut fp32 [256], gs)
+    nv_deq: torch.Tensor  # bf16 [N, K]: formats.dequantize_nvfp4
 
 
 def make_weights(n: int, k: int, device, seed: int) -> Weights:
@@ -221,7 +229,11 @@ def make_weights(n: int, k: int, device, seed: int) -> Weights:
     qt, st = kernels.w4a16_repack(fm.pack_int4(q), s)
     w_deq = fm.dequantize_int4(q, s, GROUP, torch.bfloat16)
     fq, fs = fm.quantize_fp8(w, "block")
-    return Weights(n, k, w_deq, qt, st, w_deq, fq, fs, fm.dequantize_fp8(fq, fs, dtype=torch.float32))
+    codes, ns, gs = fm.quantize_nvfp4(w)
+    nq, nst = kernels.nvfp4_repack(fm.pack_nvfp4(codes), ns)
+    nv = (nq, nst, kernels.nvfp4_scale_lut(gs), gs)
+    return Weights(n, k, w_deq, qt, st, w_deq, fq, fs, fm.dequantize_fp8(fq, fs, dtype=torch.float32), nv,
+                   fm.dequantize_nvfp4(codes, ns, gs, torch.bfloat16))
 
 
 def int4pack_weight(wt: Weights):
@@ -252,10 +264,10 @@ def int4pack_weight(wt: Weights):
 def run_checks(shapes: dict, device, tiny: bool) -> tuple[list[str], dict]:
     from quantrl import formats as fm
     from quantrl import kernels
-    from quantrl.kernels.w4a16 import W4A16Config, w4a16_gemm
+    from quantrl.kernels.w4a16 import W4A16Config, nvfp4_gemm, w4a16_gemm
 
     failures: list[str] = []
-    notes: dict = {"w4a16_rel_error_max": 0.0, "fp8_rel_error_max": 0.0, "int4pack_verified": {}, "scaled_mm": {}}
+    notes: dict = {"w4a16_rel_error_max": 0.0, "nvfp4_rel_error_max": 0.0, "fp8_rel_error_max": 0.0, "int4pack_verified": {}, "scaled_mm": {}}
     ms_w = [1, 3, 17] if tiny else [1, 3, 16, 64, 256]
     ms_f = [1, 20] if tiny else [1, 256, 4096]
     for name, (n, k) in shapes.items():
@@ -277,6 +289,17 @@ def run_checks(shapes: dict, device, tiny: bool) -> tuple[list[str], dict]:
                     ok, rel = gemm_ok(w4a16_gemm(x, wt.qt, wt.st, GROUP, None, cfg), x, wt.w_deq)
                     if not ok:
                         failures.append(f"w4a16 {name} M={m} {cfg}: rel error {rel:.2e}")
+            nq, nst, lut, gs = wt.nv
+            y = kernels.nvfp4_linear(x, nq, nst, gs, bias, lut=lut, backend="triton")
+            ok, rel = gemm_ok(y, x, wt.nv_deq, bias)
+            notes["nvfp4_rel_error_max"] = max(notes["nvfp4_rel_error_max"], rel)
+            if not ok:
+                failures.append(f"nvfp4 {name} M={m}: rel error {rel:.2e}")
+            if m <= 16:  # the path pick_config did not choose at this M
+                cfg = W4A16Config("mma", bm=16, bn=64, bk=128) if m == 1 else W4A16Config("gemv", bn=64, bk=128)
+                ok, rel = gemm_ok(nvfp4_gemm(x, nq, nst, lut, None, cfg), x, wt.nv_deq)
+                if not ok:
+                    failures.append(f"nvfp4 {name} M={m} {cfg}: rel error {rel:.2e}")
             if tg is not None:
                 try:
                     yt = torch.ops.aten._weight_int4pack_mm(x, tg[0], GROUP, tg[1])
@@ -364,6 +387,7 @@ def bench_shape(name: str, n: int, k: int, ms_w: list[int], ms_f: list[int], dev
     i4_w = [(wt.qt.clone(), wt.st.clone()) for _ in range(c_i4)]
     tg_w = [(tg[0].clone(), tg[1].clone()) for _ in range(c_i4)] if tg is not None else []
     f8_w = [(wt.fp8_q.clone(), wt.fp8_s.clone()) for _ in range(c_f8)]
+    nv_w = [tuple(t.clone() for t in wt.nv) for _ in range(c_i4)]
     # verified only if checked (with --skip-checks there is nothing to go on: all([]) would say True)
     checked = [v for key, v in notes.get("int4pack_verified", {}).items() if key.startswith(name + " ")]
     tg_ok = bool(checked) and all(v is True for v in checked)
@@ -384,6 +408,10 @@ def bench_shape(name: str, n: int, k: int, ms_w: list[int], ms_f: list[int], dev
             rows.append({**base, "kernel": "w4a16", "method": "quantrl magic unpack", "time_s": t_mg,
                          "bytes": w4a16_bytes(m, n, k), "x_bf16": t_bf / t_mg, "config": repr(cfg)})  # fmt: skip
             ours["x_magic_unpack"] = t_mg / t
+            t_nv = timer([lambda q=q, st=st, lut=lut, gs=gs, x=x: kernels.nvfp4_linear(
+                x, q, st, gs, lut=lut, backend="triton") for q, st, lut, gs in nv_w])  # fmt: skip
+            rows.append({**base, "kernel": "nvfp4", "method": "quantrl", "time_s": t_nv, "bytes": nvfp4_bytes(m, n, k),
+                         "x_bf16": t_bf / t_nv, "x_w4a16": t / t_nv})  # fmt: skip
             if tg_w:
                 try:
                     t_tg = timer([lambda p=p, sz=sz, x=x: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz)
@@ -540,6 +568,16 @@ def print_w4a16_table(by: dict) -> None:
               f"{_f(r.get('x_magic_unpack'), '.2f', 8)}")  # fmt: skip
 
 
+def print_nvfp4_table(by: dict) -> None:
+    print("\nNVFP4A16 (e4m3 scales per 16): time us; %BW of the measured copy bandwidth; x bf16 = F.linear time / "
+          "ours; x w4a16 = our INT4 (group 128) time / ours")  # fmt: skip
+    print(f"{'shape':<18}{'M':>5}{'ours us':>9}{'%BW':>6}{'%H100':>6}{'x bf16':>8}{'x w4a16':>8}")
+    for (kern, meth, shape, m), r in by.items():
+        if kern == "nvfp4" and meth == "quantrl":
+            print(f"{shape:<18}{m:>5}{_f(r['time_us'], '.1f', 9)}{_f(r['pct_bw_measured'], '.0%', 6)}"
+                  f"{_f(r['pct_bw_h100'], '.0%', 6)}{_f(r.get('x_bf16'), '.2f', 8)}{_f(r.get('x_w4a16'), '.2f', 8)}")
+
+
 def print_fp8_table(by: dict) -> None:
     print("\nFP8 block linear (1x128 activation quantization included): %BW of the measured copy bandwidth, "
           "%FL of the H100's 1260 TFLOP/s fp8")  # fmt: skip
@@ -563,6 +601,7 @@ def print_tables(rows: list[dict], quant: list[dict], sweep: list[dict], roof: d
     print(f"\n{describe_roofline(roof)}")
     by = _by_key(rows)
     print_w4a16_table(by)
+    print_nvfp4_table(by)
     print_fp8_table(by)
     if sweep:
         print("\nW4A16 config sweep (time us, % of the measured copy bandwidth)")

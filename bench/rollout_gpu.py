@@ -14,9 +14,9 @@ Roofline: a decode step must read every weight once (lm_head included; the embed
 rows), so step time >= weight bytes / copy bandwidth and roofline tok/s = batch * bandwidth / weight
 bytes, with the bandwidth measured on this device (a 1 GiB ``copy_``, ``_common.roofline``; the target
 uses it) and, beside it, the H100's 3.0e12 B/s. It ignores KV-cache reads, so it is a loose bound at
-large batch. INT4's bytes are its packed format; note that until the W4A16 kernel lands, our CUDA path
-computes from a cached dequantized BF16 weight and reads BF16 bytes. ``--formats ... nvfp4`` adds the
-NVFP4A16 engine, which has no kernel yet (cached BF16 weight): its row is that fallback's baseline.
+large batch. INT4's bytes are its packed format (the W4A16 kernel reads them; a layer whose first-call
+check fails falls back to a cached BF16 weight, which ``linear_paths`` reports). ``--formats ... nvfp4`` adds
+the NVFP4A16 engine (the same kernels with an e2m1 decode: 4.5 bits per weight read).
 
 Targets (issue 4): BF16 batch 1 >= 50% of roofline and >= 20x transformers; INT4 batch 1 >= 1.8x BF16.
 Run: ``python bench/rollout_gpu.py`` (needs CUDA; writes bench/results/rollout_gpu.json). ``--smoke``: the same
@@ -78,15 +78,15 @@ def decode_rate(run, batch: int, n_short: int, n_long: int, repeats: int, device
 
 
 def linear_paths(model) -> dict[str, int]:
-    """Quantized Linears by the path their first-call check left them on: ``fast`` (Triton W4A16 kernel /
+    """Quantized Linears by the path their first-call check left them on: ``fast`` (Triton W4A16 / NVFP4 kernel /
     FP8 kernels or ``_scaled_mm``), ``reference`` (fell back, with a warning) or ``unprobed``. A row's speed
     means nothing for its format unless every layer is ``fast``."""
-    from quantrl.model.linear import Fp8Linear, W4A16Linear
+    from quantrl.model.linear import Fp8Linear, _KernelLinear
 
     out: dict[str, int] = {}
     for m in model.modules():
-        if isinstance(m, (W4A16Linear, Fp8Linear)):
-            state = m._kernel_ok if isinstance(m, W4A16Linear) else m._fast
+        if isinstance(m, (_KernelLinear, Fp8Linear)):
+            state = m._kernel_ok if isinstance(m, _KernelLinear) else m._fast
             key = {True: "fast", False: "reference", None: "unprobed"}[state]
             out[key] = out.get(key, 0) + 1
     return out

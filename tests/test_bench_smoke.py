@@ -53,7 +53,7 @@ def test_kernels_gpu_smoke():
     pytest.importorskip("triton")
     out = _smoke("kernels_gpu")
     assert "correctness: 0 failure(s)" in out
-    for line in ("W4A16 (group 128)", "FP8 block linear", "W4A16 config sweep", "quantizers (GB/s"):
+    for line in ("W4A16 (group 128)", "NVFP4A16 (e4m3", "FP8 block linear", "W4A16 config sweep", "quantizers (GB/s"):
         assert line in out
     # every target's code ran (on the tiny shapes the verdicts are meaningless)
     for target in ("w4a16_m1_ge_3x_bf16_largest", "w4a16_m32_256_not_slower_than_bf16", "fp8_m4096_8192_ge_1.4x_bf16",

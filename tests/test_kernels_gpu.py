@@ -26,7 +26,7 @@ from quantrl.kernels.fp8_quant import (
     quantize_fp8_block_triton,
 )
 from quantrl.kernels.int4_quant import fake_quantize_int4_triton, quantize_pack_int4_triton
-from quantrl.kernels.w4a16 import W4A16Config, w4a16_gemm
+from quantrl.kernels.w4a16 import W4A16Config, nvfp4_gemm, w4a16_gemm
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_empty")]
 DEV = "cuda"
@@ -130,6 +130,42 @@ def test_w4a16_unpackings_give_the_formats_weights_bitwise(path, unpack):
     assert torch.equal(w4a16_gemm(eye, qt, st, g, None, cfg).float(), w.T.float())
 
 
+def _nvfp4_weight(n, k, seed, act=torch.bfloat16):
+    codes, s, gs = fm.quantize_nvfp4(rand((n, k), torch.float32, seed))
+    qt, st = kernels.nvfp4_repack(fm.pack_nvfp4(codes), s)
+    return qt, st, kernels.nvfp4_scale_lut(gs), gs, fm.dequantize_nvfp4(codes, s, gs, act)
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (4096, 14336), (3072, 1024), (1000, 4160)])
+def test_nvfp4_gemm_all_m(n, k):
+    qt, st, lut, gs, w = _nvfp4_weight(n, k, n + k)
+    bias = rand((n,), torch.bfloat16, 1)
+    for m in MS:
+        x = rand((m, k), torch.bfloat16, m) / 4
+        b = bias if m % 2 else None
+        y = kernels.nvfp4_linear(x, qt, st, gs, b, lut=lut)
+        assert gemm_ulps(y, x, w, b) <= 2.0, f"M={m}"
+        assert rel_error(y, x.double() @ w.double().T + (0 if b is None else b.double())) < 3e-3, f"M={m}"
+
+
+@pytest.mark.parametrize("path", ["gemv", "mma"])
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
+def test_nvfp4_decode_gives_the_formats_weights_bitwise(path, act):
+    """Every code under every finite positive e4m3 scale (random bytes) read out through identity rows: the
+    hardware fp16 subnormal widening and fp32 multiply must give formats' weights bit for bit."""
+    n, k = 1000, 512
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32).to(torch.uint8)
+    scale = torch.randint(1, 0x7F, (n, k // 16), generator=g, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    gs = torch.tensor([37.13])
+    qt, st = kernels.nvfp4_repack(fm.pack_nvfp4(codes), scale)
+    w = fm.dequantize_nvfp4(codes.to(DEV), scale.to(DEV), gs.to(DEV), act)
+    eye = torch.eye(k, dtype=act, device=DEV)
+    cfg = W4A16Config(path, bn=64, bk=128, bm=64, split_k=1)
+    y = nvfp4_gemm(eye, qt.to(DEV), st.to(DEV), kernels.nvfp4_scale_lut(gs.to(DEV)), None, cfg)
+    assert torch.equal(y.float(), w.T.float())
+
+
 def test_w4a16_fp16_activations():
     qt, st, w = _int4_weight(4096, 4096, 64, 7, torch.float16)
     for m in (1, 16, 256):
@@ -204,17 +240,23 @@ def test_fp8_training_linear_on_cuda_matches_the_reference():
 
 def test_kernels_replay_in_cuda_graphs():
     qt, st, _ = _int4_weight(4096, 4096, 128, 3)
+    nq, nst, lut, gs, _ = _nvfp4_weight(4096, 4096, 9)
     x = rand((4, 4096), torch.bfloat16, 4)
     wq, ws = fm.quantize_fp8(rand((4096, 4096), torch.bfloat16, 5), "block")
-    eager = (kernels.w4a16_linear(x, qt, st), kernels.fp8_block_linear(x, wq, ws, gemm="triton", check=False))
+
+    def run():
+        return (kernels.w4a16_linear(x, qt, st), kernels.nvfp4_linear(x, nq, nst, gs, lut=lut),
+                kernels.fp8_block_linear(x, wq, ws, gemm="triton", check=False))  # fmt: skip
+
+    eager = run()
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
-        out = (kernels.w4a16_linear(x, qt, st), kernels.fp8_block_linear(x, wq, ws, gemm="triton", check=False))
+        out = run()
     x.copy_(rand((4, 4096), torch.bfloat16, 6))
     graph.replay()
-    fresh = (kernels.w4a16_linear(x, qt, st), kernels.fp8_block_linear(x, wq, ws, gemm="triton", check=False))
-    for a, b, e in zip(out, fresh, eager):
+    fresh = run()
+    for a, b, e in zip(out, fresh, eager, strict=True):
         assert torch.equal(a, b) and not torch.equal(a, e)
 
 
