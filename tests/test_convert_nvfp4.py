@@ -133,3 +133,44 @@ def test_w4a4_nvfp4_checkpoint_runs_weight_only(conv, tmp_path):
     ids = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
         assert torch.equal(model(ids), load_model(out, dtype=torch.bfloat16)(ids))
+
+
+def test_gptq_checkpoint(tiny_ckpts, ckpt_tools, tmp_path, capsys):
+    """``--method gptq``: the same layout and config (provenance says gptq), global scales from the BF16
+    weights (RTN's), codes that differ from RTN in every decoder Linear, and transformers (through
+    compressed-tensors) and our engine both compute with exactly ``formats.dequantize_nvfp4`` of what was
+    written; the logits stay near BF16."""
+    from quantrl.checkpoint.convert_nvfp4 import Nvfp4ConvertOptions
+    from quantrl.formats import dequantize_nvfp4, unpack_nvfp4
+
+    ckpt = tiny_ckpts["qwen3"]
+    opts = Nvfp4ConvertOptions(method="gptq", data_dir="synthetic", num_calibration_samples=8, max_sequence_length=64)
+    out = convert_to_nvfp4(ckpt.path, tmp_path / "gptq", opts, progress=False).output_dir
+    rtn = ckpt_tools.read(convert_to_nvfp4(ckpt.path, tmp_path / "rtn", progress=False).output_dir)
+    tensors = ckpt_tools.read(out)
+    assert {n: (t.dtype, t.shape) for n, t in tensors.items()} == {n: (t.dtype, t.shape) for n, t in rtn.items()}
+    prov = json.loads((out / "config.json").read_text())["quantrl_quantization"]
+    assert prov["method"] == "gptq" and prov["format"] == "nvfp4" and prov["num_calibration_samples"] == 8
+    hf_state = ckpt_tools.load_hf(out, compressed_tensors=True).state_dict() if _has_ct() else None
+    ours = dequantized_weights(load_model(out, dtype=torch.bfloat16))
+    for name in ckpt.quantizable():
+        m = module(name)
+        assert torch.equal(tensors[f"{m}.weight_global_scale"], rtn[f"{m}.weight_global_scale"]), name
+        assert not torch.equal(tensors[f"{m}.weight_packed"], rtn[f"{m}.weight_packed"]), f"{name}: GPTQ equals RTN"
+        want = dequantize_nvfp4(unpack_nvfp4(tensors[f"{m}.weight_packed"]), tensors[f"{m}.weight_scale"],
+                                tensors[f"{m}.weight_global_scale"], torch.bfloat16)  # fmt: skip
+        assert torch.equal(ours[name], want), name
+        if hf_state is not None:
+            assert torch.equal(hf_state[name], want), name
+    with torch.no_grad():
+        logits = load_model(out, dtype=torch.float32)(ckpt.input_ids)
+    assert 0 < ckpt_tools.rel_error(logits.float(), ckpt.logits) < LOGITS_REL_ERROR
+    args = ["convert", "nvfp4", "--input-dir", str(ckpt.path), "--output-dir", str(tmp_path / "cli"), "--method",
+            "gptq", "--no-progress"]  # fmt: skip
+    assert main(args) == 2 and "GPTQ needs calibration text" in capsys.readouterr().err
+
+
+def _has_ct() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("compressed_tensors") is not None

@@ -207,3 +207,37 @@ def default_calibration_texts(num_texts: int = 256, *, seed: int = 0) -> list[st
         raise ValueError(f"default_calibration_texts: num_texts must be positive, got {num_texts}")
     rng = random.Random(seed)
     return [" ".join(_sentence(rng) for _ in range(rng.randint(4, 10))) for _ in range(num_texts)]
+
+
+CALIB_BATCH = 8  # windows per calibration batch: one decoder-layer call per 8 windows, not per window
+
+
+def gptq_calibration_batches(model_dir: str | Path, data_dir: str | None, num_samples: int, max_sequence_length: int,
+                             seed: int) -> list[torch.Tensor]:  # fmt: skip
+    """The converters' GPTQ calibration: texts from ``data_dir`` (or ``"synthetic"``: the built-in text),
+    tokenized with the model's own tokenizer, cut into windows, stacked into ``[B, L]`` batches. Every
+    failure is a ``CheckpointError`` naming what to pass instead."""
+    from quantrl.checkpoint.safetensors_io import CheckpointError
+
+    if not data_dir:
+        raise CheckpointError(
+            "GPTQ needs calibration text: pass --data-dir (wikitext-style parquet, .txt or .jsonl), "
+            "--data-dir synthetic for the built-in text, or --method rtn"
+        )
+    texts = default_calibration_texts() if data_dir == "synthetic" else load_calibration_texts(data_dir)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{model_dir}: cannot load the tokenizer needed to tokenize calibration text ({e})") from None
+    if not tokenizer(texts[0], add_special_tokens=False)["input_ids"]:
+        # transformers builds an empty tokenizer for some model types when the dir has no tokenizer files
+        raise CheckpointError(f"{model_dir}: the tokenizer loaded from it turns text into no tokens (are its tokenizer files missing?)")
+    try:
+        windows = build_calibration_batches(texts, tokenizer, num_samples=num_samples,
+                                            max_sequence_length=max_sequence_length, seed=seed)  # fmt: skip
+    except ValueError as e:  # e.g. too short: name the data the user passed
+        raise CheckpointError(f"{data_dir}: {e}") from None
+    # equal-length [1, L] windows -> [B, L] batches
+    return [torch.cat(windows[i : i + CALIB_BATCH]) for i in range(0, len(windows), CALIB_BATCH)]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from quantrl.checkpoint.calibration import gptq_calibration_batches
 from quantrl.checkpoint.convert_common import ConvertReport, write_converted
 from quantrl.checkpoint.layout import ensure_unquantized, is_quantizable, kept_modules, load_config, module_of
 from quantrl.checkpoint.quant_config import ct_int_config
@@ -22,7 +23,6 @@ from quantrl.formats._checks import cdiv
 from quantrl.formats.int4 import pack_int, quantize_int
 
 QUANT_TYPES = {"W4A16": 4, "W8A16": 8}
-CALIB_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -89,38 +89,6 @@ def packed_tensors(name: str, q: torch.Tensor, s: torch.Tensor, num_bits: int) -
     }
 
 
-def _calibration_batches(model_dir: str | Path, opts: IntConvertOptions) -> list[torch.Tensor]:
-    from quantrl.checkpoint.calibration import (
-        build_calibration_batches,
-        default_calibration_texts,
-        load_calibration_texts,
-    )
-
-    if not opts.data_dir:
-        raise CheckpointError(
-            "GPTQ needs calibration text: pass --data-dir (wikitext-style parquet, .txt or .jsonl), "
-            "--data-dir synthetic for the built-in text, or --method rtn"
-        )
-    texts = default_calibration_texts() if opts.data_dir == "synthetic" else load_calibration_texts(opts.data_dir)
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{model_dir}: cannot load the tokenizer needed to tokenize calibration text ({e})") from None
-    if not tokenizer(texts[0], add_special_tokens=False)["input_ids"]:
-        # transformers builds an empty tokenizer for some model types when the dir has no tokenizer files
-        raise CheckpointError(f"{model_dir}: the tokenizer loaded from it turns text into no tokens (are its tokenizer files missing?)")
-    try:
-        windows = build_calibration_batches(
-            texts, tokenizer, num_samples=opts.num_calibration_samples, max_sequence_length=opts.max_sequence_length, seed=opts.seed
-        )
-    except ValueError as e:  # e.g. too short: name the data the user passed
-        raise CheckpointError(f"{opts.data_dir}: {e}") from None
-    # equal-length [1, L] windows -> [B, L] batches: one layer call per CALIB_BATCH windows, not per window
-    return [torch.cat(windows[i : i + CALIB_BATCH]) for i in range(0, len(windows), CALIB_BATCH)]
-
-
 def convert_to_int(
     input_dir: str | Path, output_dir: str | Path, opts: IntConvertOptions = IntConvertOptions(), *, progress: bool = True
 ) -> ConvertReport:
@@ -156,7 +124,8 @@ def convert_to_int(
         jobs = kept + [rtn_job(n) for n in targets]
     else:
         jobs = kept
-        batches = _calibration_batches(input_dir, opts)
+        batches = gptq_calibration_batches(input_dir, opts.data_dir, opts.num_calibration_samples,
+                                           opts.max_sequence_length, opts.seed)  # fmt: skip
         extra_specs = [s for n in targets for s in packed_specs(n, reader.infos[n].shape, num_bits, opts.group_size)]
 
         def extra(writer: ShardedWriter) -> None:

@@ -1,4 +1,5 @@
-"""BF16 -> NVFP4 weight-only checkpoints (``quantrl convert nvfp4``), round to nearest, streaming.
+"""BF16 -> NVFP4 weight-only checkpoints (``quantrl convert nvfp4``): round to nearest (streaming) or GPTQ
+(``--method gptq``: calibrated layer by layer on the NVFP4 grid, ``checkpoint.gptq.gptq_quantize_nvfp4``).
 
 Output is compressed-tensors ``nvfp4-pack-quantized`` (the NVFP4A16 preset): per quantized Linear
 ``weight_packed`` uint8 [N, K/2], ``weight_scale`` e4m3 [N, K/16] and ``weight_global_scale`` fp32 [1],
@@ -13,16 +14,31 @@ from pathlib import Path
 
 import torch
 
+from quantrl.checkpoint.calibration import gptq_calibration_batches
 from quantrl.checkpoint.convert_common import ConvertReport, write_converted
 from quantrl.checkpoint.layout import ensure_unquantized, is_quantizable, kept_modules, load_config, module_of
 from quantrl.checkpoint.quant_config import ct_nvfp4_config
-from quantrl.checkpoint.safetensors_io import CheckpointError, SafetensorsDir, TensorSpec
+from quantrl.checkpoint.safetensors_io import CheckpointError, SafetensorsDir, ShardedWriter, TensorSpec
 from quantrl.checkpoint.stream import Job, copy_job
 from quantrl.formats.nvfp4 import GROUP, SCALE_DTYPE, pack_nvfp4, quantize_nvfp4
 
 
 @dataclass(frozen=True)
 class Nvfp4ConvertOptions:
+    method: str = "rtn"
+    "rtn (round to nearest, no data) or gptq (calibrated, layer by layer)"
+    data_dir: str | None = None
+    "GPTQ calibration texts: wikitext-style parquet (text column), .txt or .jsonl; 'synthetic' for built-in text"
+    num_calibration_samples: int = 256
+    "calibration windows"
+    max_sequence_length: int = 2048
+    "tokens per calibration window"
+    dampening_frac: float = 0.01
+    "GPTQ: fraction of mean(diag H) added to the Hessian diagonal"
+    act_order: bool = False
+    "GPTQ: process columns by decreasing Hessian diagonal (groups stay static)"
+    seed: int = 0
+    "calibration window sampling seed"
     max_workers: int = 1
     "tensors converted in parallel"
     device: str = "cpu"
@@ -52,20 +68,57 @@ def convert_to_nvfp4(input_dir: str | Path, output_dir: str | Path, opts: Nvfp4C
     if bad:
         raise CheckpointError(f"{input_dir}: {len(bad)} Linear weight(s) have K not divisible by {GROUP}, e.g. {bad[:3]}")
 
-    def job(name: str) -> Job:
+    if opts.method not in ("gptq", "rtn"):
+        raise ValueError(f"--method must be gptq or rtn, got {opts.method!r}")
+
+    def specs(name: str) -> tuple[TensorSpec, ...]:
         n, k = reader.infos[name].shape
         m = module_of(name)
-        outputs = (TensorSpec(f"{m}.weight_packed", torch.uint8, (n, k // 2)),
-                   TensorSpec(f"{m}.weight_scale", SCALE_DTYPE, (n, k // GROUP)),
-                   TensorSpec(f"{m}.weight_global_scale", torch.float32, (1,)))  # fmt: skip
-        return Job(name, outputs, lambda w: nvfp4_tensors(m, w))
+        return (TensorSpec(f"{m}.weight_packed", torch.uint8, (n, k // 2)),
+                TensorSpec(f"{m}.weight_scale", SCALE_DTYPE, (n, k // GROUP)),
+                TensorSpec(f"{m}.weight_global_scale", torch.float32, (1,)))  # fmt: skip
+
+    def job(name: str) -> Job:
+        return Job(name, specs(name), lambda w: nvfp4_tensors(module_of(name), w))
 
     target_set = set(targets)
-    jobs = [job(n) if n in target_set else copy_job(reader, n) for n in reader.names()]
+    kept = [copy_job(reader, n) for n in reader.names() if n not in target_set]
+    extra = extra_specs = None
+    provenance: dict = {"method": opts.method, "format": "nvfp4"}
+    if opts.method == "rtn":
+        jobs = kept + [job(n) for n in targets]
+    else:
+        jobs = kept
+        batches = gptq_calibration_batches(input_dir, opts.data_dir, opts.num_calibration_samples,
+                                           opts.max_sequence_length, opts.seed)  # fmt: skip
+        extra_specs = [s for n in targets for s in specs(n)]
+        provenance.update(dampening_frac=opts.dampening_frac, act_order=opts.act_order,
+                          num_calibration_samples=opts.num_calibration_samples,
+                          max_sequence_length=opts.max_sequence_length)  # fmt: skip
+
+        def extra(writer: ShardedWriter) -> None:
+            from quantrl.checkpoint.gptq_model import gptq_quantize_layers_nvfp4
+
+            done: set[str] = set()
+            for name, codes, scale, gs in gptq_quantize_layers_nvfp4(
+                input_dir, reader, target_set, batches, dampening_frac=opts.dampening_frac, act_order=opts.act_order,
+                device=opts.device, progress=progress,
+            ):  # fmt: skip
+                m = module_of(name)
+                for out_name, t in ((f"{m}.weight_packed", pack_nvfp4(codes)), (f"{m}.weight_scale", scale),
+                                    (f"{m}.weight_global_scale", gs)):  # fmt: skip
+                    writer.write(out_name, t)
+                done.add(name)
+            for name in targets:  # Linear weights outside the decoder stack: round to nearest
+                if name not in done:
+                    for out_name, t in nvfp4_tensors(module_of(name), reader.read(name).to(opts.device)).items():
+                        writer.write(out_name, t)
+
     qc = ct_nvfp4_config(kept_modules(reader))
-    out_config = {**config, "quantization_config": qc, "quantrl_quantization": {"method": "rtn", "format": "nvfp4"}}
+    out_config = {**config, "quantization_config": qc, "quantrl_quantization": provenance}
     return write_converted(
         input_dir, output_dir, reader, out_config, jobs,
         overwrite=opts.overwrite, max_workers=opts.max_workers, device=opts.device,
-        desc="nvfp4 rtn", max_shard_bytes=opts.max_shard_bytes, progress=progress,
+        desc=f"nvfp4 {opts.method}", max_shard_bytes=opts.max_shard_bytes,
+        extra=extra, extra_specs=extra_specs, extra_quantized=len(targets) if extra else 0, progress=progress,
     )

@@ -31,15 +31,23 @@ outer matrix whenever a group starts inside a block, e.g. group 32 with block 12
 carries no ``g_idx`` permutation; since a group's columns are then visited out of order, all scales are
 computed from the original weights before the loop (the reference's ``static_groups=True``).
 
+NVFP4 (``gptq_quantize_nvfp4``). The same loop on the NVFP4 grid (``formats.nvfp4``): the tensor's global
+scale is fixed first, from the original weights (as llm-compressor does; GPTQ's updates may then push a
+group past it, where the e4m3 scale clamps at 448 and the codes at ±6), group scales are e4m3 from the
+current weights as above, codes are e2m1 of ``w / (fp32(s) / gs)`` rounded to nearest even, and the error
+fed back is that of ``dequantize_nvfp4``. With ``H = c·I`` the result is ``quantize_nvfp4`` bit for bit.
+
 All arithmetic is fp32 on the device of ``w`` (the Cholesky chain in fp64), whatever the input dtype.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from quantrl.formats import nvfp4
 from quantrl.formats._checks import check_float_tensor
 from quantrl.formats.int4 import SCALE_DTYPE, _codes, _group_scale, int_range
 
@@ -120,9 +128,44 @@ def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
     return u
 
 
-def _scale(g: torch.Tensor, div: float, scale_dtype: torch.dtype, num_bits: int) -> torch.Tensor:
-    """[R, K/G, G] fp32 -> stored scale [R, K/G]: formats' rule, the one place this module calls it."""
-    return _group_scale(g, div, scale_dtype, num_bits, g, "gptq_quantize: error-updated weight")
+@dataclass(frozen=True)
+class _IntGrid:
+    """formats.int4's grid: stored scales from a group, codes and dequantized values of one column."""
+
+    num_bits: int
+    qmax: int
+    scale_dtype: torch.dtype
+    dequant_dtype: torch.dtype
+    code_dtype = torch.int8
+
+    def scales(self, g: torch.Tensor) -> torch.Tensor:
+        """[R, K/G, G] fp32 -> stored scale [R, K/G]: formats' rule."""
+        div = int_range(self.num_bits, self.qmax)[2]
+        return _group_scale(g, div, self.scale_dtype, self.num_bits, g, "gptq_quantize: error-updated weight")
+
+    def column(self, col: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """col fp32 [N], stored scales [N] -> (codes [N], what dequantize_int yields for them, as fp32)."""
+        qlo, qhi, _ = int_range(self.num_bits, self.qmax)
+        q = _codes(col.view(-1, 1, 1), s.view(-1, 1), qlo, qhi).view(-1)
+        return q, (q * s.float()).to(self.dequant_dtype).float()
+
+
+@dataclass(frozen=True)
+class _Nvfp4Grid:
+    """formats.nvfp4's grid under a fixed global scale ``gs`` (fp32 [1])."""
+
+    gs: torch.Tensor
+    dequant_dtype: torch.dtype
+    code_dtype = torch.uint8
+
+    def scales(self, g: torch.Tensor) -> torch.Tensor:
+        return nvfp4._group_scales(g, self.gs, g, "gptq_quantize_nvfp4: error-updated weight")
+
+    def column(self, col: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s_eff = s.float().div_(self.gs)  # formats' one division per group
+        codes = nvfp4._e2m1_codes(torch.div(col, s_eff))
+        deq = nvfp4.E2M1_VALUES.to(col.device)[codes.long()] * s_eff
+        return codes, deq.to(self.dequant_dtype).float()
 
 
 def _check_finite(x: torch.Tensor, what: str) -> None:
@@ -180,7 +223,32 @@ def gptq_quantize(
     modified.
     """
     _check_inputs(w, H, group_size, block_size, dampening_frac)
-    qlo, qhi, div = int_range(num_bits, qmax)
+    int_range(num_bits, qmax)  # validates the convention
+    grid = _IntGrid(num_bits, qmax, scale_dtype, dequant_dtype)
+    return _gptq(w, H, grid, group_size, dampening_frac, act_order, block_size)
+
+
+def gptq_quantize_nvfp4(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    dampening_frac: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    dequant_dtype: torch.dtype = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ on the NVFP4 grid: ``w [N, K]``, ``H [K, K]`` -> ``(codes uint8 [N, K], scale e4m3 [N, K/16],
+    global_scale fp32 [1])``, the ``formats.quantize_nvfp4`` outputs; ``dequantize_nvfp4(codes, scale, gs,
+    dequant_dtype)`` are the weights whose error was compensated. The global scale is that of ``w``."""
+    _check_inputs(w, H, nvfp4.GROUP, block_size, dampening_frac)
+    gs = nvfp4.global_scale_nvfp4(w)
+    codes, scale = _gptq(w, H, _Nvfp4Grid(gs, dequant_dtype), nvfp4.GROUP, dampening_frac, act_order, block_size)
+    return codes, scale, gs
+
+
+def _gptq(w: torch.Tensor, H: torch.Tensor, grid, group_size: int, dampening_frac: float, act_order: bool,
+          block_size: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The column loop on ``grid`` (``_IntGrid`` / ``_Nvfp4Grid``) -> (codes [N, K], stored scales [N, K/G])."""
     n, k = w.shape
     dev = w.device
 
@@ -198,14 +266,14 @@ def gptq_quantize(
     if act_order:
         # Static groups over the original column ranges (no g_idx in our output format).
         grouped = Wt.T.reshape(n, num_groups, group_size)  # [N, K/G, G] (a copy: Wt.T is strided)
-        scale_t = _scale(grouped, div, scale_dtype, num_bits).T.contiguous()  # [K/G, N]
+        scale_t = grid.scales(grouped).T.contiguous()  # [K/G, N]
         perm = torch.argsort(diag, descending=True, stable=True)
         Wt = Wt[perm]
         h = h[perm][:, perm]
         diag = torch.diagonal(h)
         group_of = (perm // group_size).tolist()  # processed position -> original group
     else:
-        scale_t = torch.empty(num_groups, n, dtype=scale_dtype, device=dev)  # [K/G, N], filled in the loop
+        scale_t = None  # [K/G, N], allocated at the first group (its dtype is the grid's)
         perm = None
         group_of = [j // group_size for j in range(k)]
 
@@ -213,7 +281,7 @@ def gptq_quantize(
     U = _inverse_cholesky_upper(h).to(torch.float32)  # [K, K] upper
     del h, diag
 
-    Qt = torch.empty(k, n, dtype=torch.int8, device=dev)  # [K, N]
+    Qt = torch.empty(k, n, dtype=grid.code_dtype, device=dev)  # [K, N]
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1 = Wt[i1:i2].clone()  # [B, N]: the block, kept current within the block
@@ -222,14 +290,13 @@ def gptq_quantize(
         for i in range(i2 - i1):
             j = i1 + i
             if not act_order and j % group_size == 0:
-                scale_t[j // group_size] = _current_group_scale(
-                    Wt, W1, Err1, U, i1, i2, i, group_size, div, scale_dtype, num_bits
-                )
-            s_col = scale_t[group_of[j]].view(n, 1)  # stored scale of each row's group
+                s_new = _current_group_scale(Wt, W1, Err1, U, i1, i2, i, group_size, grid)
+                if scale_t is None:
+                    scale_t = torch.empty(num_groups, n, dtype=s_new.dtype, device=dev)
+                scale_t[j // group_size] = s_new
             col = W1[i]  # [N]
-            q = _codes(col.view(n, 1, 1), s_col, qlo, qhi).view(n)
-            deq = (q * s_col.view(n).float()).to(dequant_dtype).float()  # what dequantize_int yields
-            Qt[j] = q.to(torch.int8)
+            q, deq = grid.column(col, scale_t[group_of[j]])  # stored scale of each row's group
+            Qt[j] = q.to(grid.code_dtype)
             err = (col - deq) / U1[i, i]
             W1[i:] -= U1[i, i:].unsqueeze(1) * err.unsqueeze(0)
             Err1[i] = err
@@ -241,18 +308,9 @@ def gptq_quantize(
 
 
 def _current_group_scale(
-    Wt: torch.Tensor,
-    W1: torch.Tensor,
-    Err1: torch.Tensor,
-    U: torch.Tensor,
-    i1: int,
-    i2: int,
-    i: int,
-    group_size: int,
-    div: float,
-    scale_dtype: torch.dtype,
-    num_bits: int,
-) -> torch.Tensor:
+    Wt: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, i1: int, i2: int, i: int,
+    group_size: int, grid,
+) -> torch.Tensor:  # fmt: skip
     """Scale [N] of the group starting at column ``i1 + i`` from its fully error-updated weights."""
     j = i1 + i
     end = j + group_size
@@ -261,4 +319,4 @@ def _current_group_scale(
         # Beyond the block Wt still lacks this block's first i errors; apply them to a copy.
         rest = Wt[i2:end] - U[i1:j, i2:end].T @ Err1[:i]  # [end-i2, N]
         cur = torch.cat((cur, rest), dim=0)
-    return _scale(cur.T.unsqueeze(1), div, scale_dtype, num_bits).view(-1)  # [N, 1, G] -> [N]
+    return grid.scales(cur.T.unsqueeze(1)).view(-1)  # [N, 1, G] -> [N]

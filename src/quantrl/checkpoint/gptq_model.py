@@ -6,7 +6,7 @@ The driver walks the decoder the way the GPTQ paper does ("sequential" over laye
     for each decoder layer i:
         load layer i from the safetensors reader
         run hⁱ through it, hooks collect H = 2/n Σ xᵀx for every target Linear's input
-        GPTQ-quantize each target Linear with its H; yield (weight name, q, scale)
+        GPTQ-quantize each target Linear with its H; yield (weight name, q, scale) (NVFP4: codes, scale, gs)
         put the *dequantized* weights into the layer and run hⁱ through it again -> hⁱ⁺¹
         free the layer and its Hessians
 
@@ -26,7 +26,8 @@ weights convert exactly, and fp32 activations make H as good as the data allows;
 speed reason for anything else). On CUDA ``compute_dtype=torch.bfloat16`` halves the hidden-state
 memory and is what the reference implementations do. H is always accumulated in fp32 and GPTQ itself
 always works in fp32/fp64 (``checkpoint.gptq``). The dequantized weights written back into a layer are
-``dequantize_int(q, s, dtype=checkpoint dtype)`` -- exactly the weights the engine will use.
+``dequantize_int(q, s, dtype=checkpoint dtype)`` (``dequantize_nvfp4`` for NVFP4) -- exactly the weights
+the engine will use.
 
 Layer calling convention (transformers 5.x): ``layer(hidden_states, attention_mask=..., position_ids=...,
 position_embeddings=(cos, sin), use_cache=False)`` returns a tensor (4.x returned a
@@ -52,7 +53,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantrl.checkpoint.gptq import HessianAccumulator, gptq_quantize
+from quantrl.checkpoint.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_nvfp4
 from quantrl.checkpoint.safetensors_io import SafetensorsDir
 from quantrl.formats.int4 import dequantize_int, int_range
+from quantrl.formats.nvfp4 import GROUP as NVFP4_GROUP
+from quantrl.formats.nvfp4 import dequantize_nvfp4
 
 # Model types whose layer-by-layer forward is checked against transformers' full forward in the tests.
 VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -424,6 +427,50 @@ def gptq_quantize_layers(
     divisible by ``group_size``.
     """
     int_range(num_bits, qmax)  # validates the code convention
+
+    def quantize(w: torch.Tensor, h: torch.Tensor, ddtype: torch.dtype):
+        q, s = gptq_quantize(w, h, num_bits=num_bits, group_size=group_size, qmax=qmax, dampening_frac=dampening_frac,
+                             act_order=act_order, block_size=block_size, scale_dtype=scale_dtype, dequant_dtype=ddtype)  # fmt: skip
+        return (q, s), dequantize_int(q, s, group_size, dtype=ddtype)
+
+    return _start(model_dir, reader, targets, batches, group_size, block_size, dampening_frac, device, compute_dtype,
+                  dequant_dtype, quantize, progress)  # fmt: skip
+
+
+def gptq_quantize_layers_nvfp4(
+    model_dir: str | Path,
+    reader: SafetensorsDir,
+    targets: set[str],
+    batches: list[torch.LongTensor],
+    *,
+    dampening_frac: float = 0.01,
+    act_order: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    dequant_dtype: torch.dtype | None = None,
+    block_size: int = 128,
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``gptq_quantize_layers`` on the NVFP4 grid (``checkpoint.gptq.gptq_quantize_nvfp4``): yields
+    ``(weight name, codes uint8 [N, K], scale e4m3 [N, K/16], global_scale fp32 [1])``, on the CPU."""
+
+    def quantize(w: torch.Tensor, h: torch.Tensor, ddtype: torch.dtype):
+        codes, s, gs = gptq_quantize_nvfp4(w, h, dampening_frac=dampening_frac, act_order=act_order,
+                                           block_size=block_size, dequant_dtype=ddtype)  # fmt: skip
+        return (codes, s, gs), dequantize_nvfp4(codes, s, gs, ddtype)
+
+    return _start(model_dir, reader, targets, batches, NVFP4_GROUP, block_size, dampening_frac, device, compute_dtype,
+                  dequant_dtype, quantize, progress)  # fmt: skip
+
+
+# (weight, H, engine dtype) -> (the format's tensors, the dequantized weight the next layers are fed with)
+LayerQuantizer = Callable[[torch.Tensor, torch.Tensor, torch.dtype], tuple[tuple[torch.Tensor, ...], torch.Tensor]]
+
+
+def _start(model_dir, reader: SafetensorsDir, targets: set[str], batches, group_size: int, block_size: int,
+           dampening_frac: float, device, compute_dtype, dequant_dtype, quantize: LayerQuantizer,
+           progress: bool) -> Iterator[tuple]:  # fmt: skip
+    """Validate everything, then return the (lazy) layer-by-layer generator."""
     if group_size <= 0 or block_size <= 0:
         raise ValueError(f"gptq: group_size and block_size must be positive, got {group_size} and {block_size}")
     if not (math.isfinite(dampening_frac) and dampening_frac >= 0):
@@ -457,10 +504,8 @@ def gptq_quantize_layers(
     if not sk.plan:
         return iter(())
     runner = _LayerRunner(sk, device)  # validates the layers' attention types
-    gptq_kwargs = dict(num_bits=num_bits, group_size=group_size, qmax=qmax, dampening_frac=dampening_frac,
-                       act_order=act_order, block_size=block_size, scale_dtype=scale_dtype)  # fmt: skip
     # Everything above runs at call time, so bad arguments fail before the caller starts writing.
-    return _drive(sk, runner, reader, batches, device, cdtype, gptq_kwargs, dequant_dtype, progress)
+    return _drive(sk, runner, reader, batches, device, cdtype, quantize, dequant_dtype, progress)
 
 
 def _drive(
@@ -470,10 +515,10 @@ def _drive(
     batches: Sequence[torch.Tensor],
     device: torch.device,
     cdtype: torch.dtype,
-    gptq_kwargs: dict,
+    quantize: LayerQuantizer,
     dequant_dtype: torch.dtype | None,
     progress: bool,
-) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple]:
     last = max(sk.plan)  # later layers have no targets: they are never loaded
     hs = _embed(sk, reader, batches, device, cdtype)
     bar = _progress(last + 1, progress)
@@ -485,7 +530,7 @@ def _drive(
                 entries = sk.plan.get(i, [])
                 if entries:
                     yield from _quantize_layer(
-                        runner, layer, i, entries, hs, reader, device, cdtype, gptq_kwargs, dequant_dtype
+                        runner, layer, i, entries, hs, reader, device, cdtype, quantize, dequant_dtype
                     )
                 if i < last:  # inputs of layer i+1, computed with layer i's quantized weights
                     runner.run_all(layer, i, hs, keep=True)
@@ -506,9 +551,9 @@ def _quantize_layer(
     reader: SafetensorsDir,
     device: torch.device,
     cdtype: torch.dtype,
-    gptq_kwargs: dict,
+    quantize: LayerQuantizer,
     dequant_dtype: torch.dtype | None,
-) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple]:
     hooks = _HessianHooks(entries, device)
     try:
         for b in range(len(hs)):
@@ -523,12 +568,12 @@ def _quantize_layer(
             # The layer's copy is exact when fp32 holds the checkpoint dtype (or the dtypes agree).
             exact = cdtype == ckpt_dtype or (cdtype == torch.float32 and ckpt_dtype in _FLOAT_WEIGHT_DTYPES)
             w = mod.weight if exact else reader.read(wname).to(device)
-            q, s = gptq_quantize(w, hooks.hessian(name), dequant_dtype=ddtype, **gptq_kwargs)
+            out, deq = quantize(w, hooks.hessian(name), ddtype)
             del w
             hooks.release(name)
             with torch.no_grad():
-                mod.weight.copy_(dequantize_int(q, s, gptq_kwargs["group_size"], dtype=ddtype))
-            yield wname, q.cpu(), s.cpu()
+                mod.weight.copy_(deq)
+            yield (wname, *(t.cpu() for t in out))
     finally:
         hooks.acc.clear()
 

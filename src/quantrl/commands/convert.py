@@ -19,6 +19,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _gptq_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, help="calibration text: parquet (text column), .txt, .jsonl, or 'synthetic'")
+    p.add_argument("--num-calibration-samples", type=int, default=256)
+    p.add_argument("--max-sequence-length", type=int, default=2048)
+    p.add_argument("--dampening-frac", type=float, default=0.01)
+    p.add_argument("--act-order", action="store_true", help="GPTQ columns by decreasing Hessian diagonal")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _gptq_opts(args: argparse.Namespace) -> dict:
+    return {"method": args.method, "data_dir": args.data_dir, "num_calibration_samples": args.num_calibration_samples,
+            "max_sequence_length": args.max_sequence_length, "dampening_frac": args.dampening_frac,
+            "act_order": args.act_order, "seed": args.seed}  # fmt: skip
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     conv = sub.add_parser("convert", help="convert HF checkpoints: BF16 -> FP8 / INT4 / INT8 / NVFP4, and back to BF16")
     csub = conv.add_subparsers(dest="target", metavar="TARGET", required=True)
@@ -39,21 +54,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-dir", required=True, help="input HF directory")
     p.add_argument("--output-dir", required=True, help="output directory (created atomically)")
     p.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
-    p.add_argument("--data-dir", default=None, help="calibration text: parquet (text column), .txt, .jsonl, or 'synthetic'")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=128)
     p.add_argument("--qmax", type=int, choices=[7, 8], default=7, help="7: absmax/7, q in [-7,7]; 8: absmax/7.5, q in [-8,7]")
     p.add_argument("--quant-type", choices=["W4A16", "W8A16"], default="W4A16")
-    p.add_argument("--num-calibration-samples", type=int, default=256)
-    p.add_argument("--max-sequence-length", type=int, default=2048)
-    p.add_argument("--dampening-frac", type=float, default=0.01)
-    p.add_argument("--act-order", action="store_true", help="GPTQ columns by decreasing Hessian diagonal")
-    p.add_argument("--seed", type=int, default=0)
+    _gptq_flags(p)
     _common(p)
     p.set_defaults(func=_int4)
 
     p = csub.add_parser("nvfp4", help="BF16 -> NVFP4 weight-only (NVFP4A16) compressed-tensors nvfp4-pack-quantized")
     p.add_argument("--input-dir", required=True, help="input HF directory")
     p.add_argument("--output-dir", required=True, help="output directory (created atomically)")
+    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn", help="gptq: calibrated on the NVFP4 grid")
+    _gptq_flags(p)
     _common(p)
     p.set_defaults(func=_nvfp4)
 
@@ -93,10 +105,8 @@ def _int4(args: argparse.Namespace) -> int:
     from quantrl.checkpoint.convert_int import IntConvertOptions, convert_to_int
 
     opts = IntConvertOptions(
-        method=args.method, quant_type=args.quant_type, group_size=args.group_size, qmax=args.qmax, data_dir=args.data_dir,
-        num_calibration_samples=args.num_calibration_samples, max_sequence_length=args.max_sequence_length,
-        dampening_frac=args.dampening_frac, act_order=args.act_order, seed=args.seed, max_workers=args.max_workers,
-        device=args.device, overwrite=args.overwrite, max_shard_bytes=_shard_bytes(args),
+        **_gptq_opts(args), quant_type=args.quant_type, group_size=args.group_size, qmax=args.qmax,
+        max_workers=args.max_workers, device=args.device, overwrite=args.overwrite, max_shard_bytes=_shard_bytes(args),
     )
     return _run(convert_to_int, args.input_dir, args.output_dir, opts, progress=not args.no_progress)
 
@@ -104,8 +114,8 @@ def _int4(args: argparse.Namespace) -> int:
 def _nvfp4(args: argparse.Namespace) -> int:
     from quantrl.checkpoint.convert_nvfp4 import Nvfp4ConvertOptions, convert_to_nvfp4
 
-    opts = Nvfp4ConvertOptions(max_workers=args.max_workers, device=args.device, overwrite=args.overwrite,
-                               max_shard_bytes=_shard_bytes(args))  # fmt: skip
+    opts = Nvfp4ConvertOptions(**_gptq_opts(args), max_workers=args.max_workers, device=args.device,
+                               overwrite=args.overwrite, max_shard_bytes=_shard_bytes(args))  # fmt: skip
     return _run(convert_to_nvfp4, args.input_dir, args.output_dir, opts, progress=not args.no_progress)
 
 
