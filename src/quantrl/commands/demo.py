@@ -95,6 +95,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> list[dict]:
             bf16_dir, d, IntConvertOptions(method="gptq", data_dir=str(calib_file), num_calibration_samples=64,
                                            max_sequence_length=256, overwrite=True), progress=progress),
         "nvfp4 rtn": lambda d: convert_to_nvfp4(bf16_dir, d, Nvfp4ConvertOptions(overwrite=True), progress=progress),
+        "nvfp4 gptq": lambda d: convert_to_nvfp4(
+            bf16_dir, d, Nvfp4ConvertOptions(method="gptq", data_dir=str(calib_file), num_calibration_samples=64,
+                                             max_sequence_length=256, overwrite=True), progress=progress),
     }
     eval_tokens, eval_mask = ids(held)
     base, ref_logp = _evaluate(bf16_dir, eval_tokens, eval_mask, None)
@@ -119,7 +122,7 @@ def print_table(rows: list[dict]) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     from quantrl.config_cli import add_dataclass_args
 
-    p = sub.add_parser("demo", help="convert the embedded model to FP8/MXFP8/INT4 (RTN, GPTQ)/NVFP4 and compare in transformers (CPU)")
+    p = sub.add_parser("demo", help="convert the embedded model to FP8/MXFP8/INT4 / NVFP4 (RTN, GPTQ) and compare in transformers (CPU)")
     add_dataclass_args(p, DemoConfig)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
