@@ -134,7 +134,7 @@ def _cases() -> list[Case]:
     def fp4(m, cfg, dt=bf, bias=False):
         x = torch.empty(m, k, dtype=dt)
         qt = torch.empty(k // 8, n, dtype=torch.int32)
-        st = torch.empty(k // 16, n, dtype=torch.uint8)
+        st = torch.empty(-(-k // 64), n, dtype=torch.int32)
         lut = torch.empty(256, dtype=torch.float32)
         b = torch.empty(n, dtype=dt) if bias else None
         return lambda: nvfp4_gemm(x, qt, st, lut, b, cfg, native=True)

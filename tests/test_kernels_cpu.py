@@ -57,7 +57,9 @@ def test_nvfp4_repack_is_exactly_reversible(n, k, gen):
     scale = torch.randint(0, 256, (n, k // 16), generator=gen, dtype=torch.int32).to(torch.uint8)
     scale = scale.view(torch.float8_e4m3fn)  # NaN bytes included: bits are moved, never read
     qt, st = kernels.nvfp4_repack(packed, scale)
-    assert qt.dtype == torch.int32 and qt.shape == (k // 8, n) and st.dtype == torch.uint8 and st.shape == (k // 16, n)
+    groups = k // 16
+    assert qt.dtype == torch.int32 and qt.shape == (k // 8, n) and st.dtype == torch.int32
+    assert st.shape == (-(-groups // 4), n)
     back_p, back_s = kernels.nvfp4_unrepack(qt, st)
     assert torch.equal(back_p, packed) and torch.equal(bits(back_s), bits(scale))
     # word [w, n] holds elements 8w..8w+7 of row n, element i in bits 4i..4i+3 (the INT4 word order)
@@ -65,6 +67,11 @@ def test_nvfp4_repack_is_exactly_reversible(n, k, gen):
     w = 3 % (k // 8)
     for i in range(8):
         assert torch.equal((qt[w] >> (4 * i)) & 0xF, codes[:, 8 * w + i].to(torch.int32))
+    # scale word [r, n]: byte j is group 4r + j of row n; bytes past the last group are 0
+    for g in range(4 * st.shape[0]):
+        byte = (st[g // 4] >> (8 * (g % 4))) & 0xFF
+        want = scale.view(torch.uint8)[:, g].to(torch.int32) if g < groups else torch.zeros(n, dtype=torch.int32)
+        assert torch.equal(byte, want), g
 
 
 def test_nvfp4_scale_table_is_formats_quotient(gen):
@@ -91,10 +98,12 @@ def test_nvfp4_repack_rejects_bad_input():
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         kernels.nvfp4_repack(torch.zeros(4, 8, dtype=torch.uint8), torch.ones(4, 1, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="groups of 16"):
+        kernels.nvfp4_unrepack(torch.zeros(4, 4, dtype=torch.int32), torch.ones(2, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32"):
         kernels.nvfp4_unrepack(torch.zeros(4, 4, dtype=torch.int32), torch.ones(1, 4, dtype=torch.uint8))
     with pytest.raises(ValueError, match="K=100"):
         kernels.nvfp4_linear(torch.zeros(2, 100), torch.zeros(4, 4, dtype=torch.int32),
-                             torch.zeros(2, 4, dtype=torch.uint8), torch.ones(1))  # fmt: skip
+                             torch.zeros(1, 4, dtype=torch.int32), torch.ones(1))  # fmt: skip
 
 
 @pytest.mark.parametrize("group_size", [32, 128])

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from quantrl.formats._checks import cdiv
+
 
 def _check_pair(packed: torch.Tensor, scale: torch.Tensor, what: str, packed_name: str, scale_name: str) -> None:
     if packed.dtype != torch.int32 or packed.ndim != 2:
@@ -70,7 +72,11 @@ def group_size_of(qweight_t: torch.Tensor, scale_t: torch.Tensor) -> int:
 # Checkpoint: ``weight_packed`` uint8 [N, K/2] (element 2i in the low nibble of byte i) and e4m3
 # ``weight_scale`` [N, K/16]. Read as little-endian int32, four bytes are one word holding elements
 # k = 8w .. 8w+7 with element i in bits 4i..4i+3: the INT4 word order, so the kernel layout is again a pure
-# transpose, ``qweight_t`` int32 [K/8, N] and ``scale_t`` uint8 [K/16, N] (the e4m3 bits).
+# transpose, ``qweight_t`` int32 [K/8, N]. The scale bytes travel as int32 words too, ``scale_t`` int32
+# [ceil(K/64), N], byte j of word [r, n] the e4m3 bits of group 4r + j of column n (zero bytes pad the
+# last word): the kernel then loads scales in the same layout as the weight words (Triton gives 8-bit
+# tiles another layout, converted through shared memory with barriers, in the hot loop) and extracts the
+# byte with a shift; the bytes and their count are unchanged.
 #
 # The scale table. The weight is ``fp32(e2m1 * (fp32(s) / gs))`` rounded to the output dtype, one IEEE
 # division per group; an e4m3 byte has only 256 values, so every quotient is computed once per layer and
@@ -83,33 +89,39 @@ NVFP4_LUT_SHIFT = 2.0**14
 
 def nvfp4_repack(weight_packed: torch.Tensor, weight_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Checkpoint ``(weight_packed uint8 [N, K/2], weight_scale e4m3 [N, K/16])`` -> kernel ``(qweight_t
-    int32 [K/8, N], scale_t uint8 [K/16, N])``, contiguous, same device."""
-    if weight_packed.dtype != torch.uint8 or weight_packed.ndim != 2 or weight_packed.shape[1] % 4:
-        raise ValueError(f"nvfp4_repack: weight_packed must be 2-D uint8 with K/2 a multiple of 4, got "
+    int32 [K/8, N], scale_t int32 [ceil(K/64), N])``, contiguous, same device."""
+    if weight_packed.dtype != torch.uint8 or weight_packed.ndim != 2 or weight_packed.shape[1] % 8:
+        raise ValueError(f"nvfp4_repack: weight_packed must be 2-D uint8 [N, K/2] with K a multiple of 16, got "
                          f"{weight_packed.dtype} {tuple(weight_packed.shape)}")  # fmt: skip
     n, half_k = weight_packed.shape
-    if weight_scale.dtype != torch.float8_e4m3fn or tuple(weight_scale.shape) != (n, half_k // 8):
-        raise ValueError(f"nvfp4_repack: weight_scale must be float8_e4m3fn {(n, half_k // 8)}, got "
+    groups = half_k // 8
+    if weight_scale.dtype != torch.float8_e4m3fn or tuple(weight_scale.shape) != (n, groups):
+        raise ValueError(f"nvfp4_repack: weight_scale must be float8_e4m3fn {(n, groups)}, got "
                          f"{weight_scale.dtype} {tuple(weight_scale.shape)}")  # fmt: skip
     words = weight_packed.contiguous().view(torch.int32)  # [N, K/8]
-    return words.t().contiguous(), weight_scale.view(torch.uint8).t().contiguous()
+    padded = torch.zeros(n, 4 * cdiv(groups, 4), dtype=torch.uint8, device=weight_scale.device)
+    padded[:, :groups] = weight_scale.view(torch.uint8)
+    return words.t().contiguous(), padded.view(torch.int32).t().contiguous()  # [K/8, N], [ceil(K/64), N]
 
 
 def check_nvfp4_layout(qweight_t: torch.Tensor, scale_t: torch.Tensor, what: str) -> None:
-    """int32 [K/8, N] words and uint8 [K/16, N] scale bytes of one weight, or a ValueError naming ``what``."""
-    if qweight_t.dtype != torch.int32 or qweight_t.ndim != 2 or scale_t.dtype != torch.uint8 or scale_t.ndim != 2:
-        raise ValueError(f"{what}: expected int32 [K/8, N] words and uint8 [K/16, N] scales, got "
+    """int32 [K/8, N] words and int32 [ceil(K/64), N] scale words of one weight, or a ValueError naming ``what``."""
+    if qweight_t.dtype != torch.int32 or qweight_t.ndim != 2 or scale_t.dtype != torch.int32 or scale_t.ndim != 2:
+        raise ValueError(f"{what}: expected int32 [K/8, N] words and int32 [ceil(K/64), N] scale words, got "
                          f"{qweight_t.dtype} {tuple(qweight_t.shape)} / {scale_t.dtype} {tuple(scale_t.shape)}")  # fmt: skip
-    if qweight_t.shape[1] != scale_t.shape[1] or qweight_t.shape[0] != 2 * scale_t.shape[0]:
+    kw = qweight_t.shape[0]
+    if qweight_t.shape[1] != scale_t.shape[1] or kw % 2 or scale_t.shape[0] != cdiv(kw // 2, 4):
         raise ValueError(f"{what}: qweight_t {tuple(qweight_t.shape)} and scale_t {tuple(scale_t.shape)} do not "
-                         "describe one [N, K] weight (groups of 16)")  # fmt: skip
+                         "describe one [N, K] weight (groups of 16, four group scales per word)")  # fmt: skip
 
 
 def nvfp4_unrepack(qweight_t: torch.Tensor, scale_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of ``nvfp4_repack``: kernel layout -> checkpoint ``(weight_packed, weight_scale)``."""
     check_nvfp4_layout(qweight_t, scale_t, "nvfp4_unrepack")
     packed = qweight_t.t().contiguous().view(torch.uint8)  # [N, K/2]
-    return packed, scale_t.t().contiguous().view(torch.float8_e4m3fn)
+    groups = qweight_t.shape[0] // 2
+    scale = scale_t.t().contiguous().view(torch.uint8)[:, :groups].contiguous()
+    return packed, scale.view(torch.float8_e4m3fn)
 
 
 def nvfp4_scale_lut(global_scale: torch.Tensor) -> torch.Tensor:

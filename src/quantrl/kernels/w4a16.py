@@ -167,6 +167,16 @@ def _join8(w0, w1, w2, w3, w4, w5, w6, w7):
     return tl.reshape(t, (w0.shape[0] * 8, w0.shape[1]))
 
 
+# int32 $2 (codes in bits 0..3 and 16..19) -> fp32 $0, $1: each code's q * 2^-14 (see _fp4_pair). In PTX
+# so that no 16-bit tensor exists at the Triton level (Triton 3.6 gives those another layout and converts
+# through shared memory, with barriers, in the hot loop); cvt.f32.f16 without .ftz keeps fp16 subnormals.
+_FP4_PAIR_PTX = tl.constexpr(
+    "{\n.reg .b32 a, b;\n.reg .b16 l, h;\n"
+    "and.b32 a, $2, 0x00070007;\nshl.b32 a, a, 9;\nand.b32 b, $2, 0x00080008;\nshl.b32 b, b, 12;\n"
+    "or.b32 a, a, b;\nmov.b32 {l, h}, a;\ncvt.f32.f16 $0, l;\ncvt.f32.f16 $1, h;\n}"
+)
+
+
 @triton.jit
 def _fp4_half(h):
     """16-bit halves of int32 (low bits) -> fp32: the fp16 holding an e2m1 code's q * 2^-14."""
@@ -182,10 +192,14 @@ def _fp4_pair(words, s14, SHIFT: tl.constexpr, DT: tl.constexpr, NATIVE: tl.cons
     builds both halves of a word at once.
     """
     t = words >> SHIFT
-    h = ((t & 0x00070007) << 9) | ((t & 0x00080008) << 12)
-    lo = _fp4_half(h) * s14  # fp32 rounding, as formats
-    hi = _fp4_half(h >> 16) * s14
-    return _round_to(lo, DT, NATIVE), _round_to(hi, DT, NATIVE)
+    if NATIVE:
+        lo, hi = tl.inline_asm_elementwise(_FP4_PAIR_PTX, "=r,=r,r", [t], dtype=(tl.float32, tl.float32),
+                                           is_pure=True, pack=1)  # fmt: skip
+    else:  # the same steps in Triton ops (the interpreter)
+        h = ((t & 0x00070007) << 9) | ((t & 0x00080008) << 12)
+        lo = _fp4_half(h)
+        hi = _fp4_half(h >> 16)
+    return _round_to(lo * s14, DT, NATIVE), _round_to(hi * s14, DT, NATIVE)  # fp32 rounding, as formats
 
 
 @triton.jit
@@ -199,11 +213,26 @@ def _dequant8_fp4(words, s14, DT: tl.constexpr, NATIVE: tl.constexpr):
     return w0, w1, w2, w3, w4, w5, w6, w7
 
 
+# One fp32 load from the scale table. A Triton gather (tl.load of data-dependent addresses) is a layout
+# anchor of its own: Triton 3.6 gives it a layout unlike the weight words' and converts every dequantized
+# weight through shared memory (18 barriers per loop iteration in the gemv); as inline PTX the load is an
+# elementwise op and keeps the words' layout. ``.nc``: the table is read-only while a kernel runs.
+_LUT_LOAD_PTX = tl.constexpr("ld.global.nc.f32 $0, [$1];")
+
+
 @triton.jit
-def _fp4_scales(st_ptr, lut_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP: tl.constexpr, BK: tl.constexpr):
-    """e4m3 scale bytes of a [BK/8, BN] word tile through the layer's table -> fp32 s_eff * 2^14."""
-    b = _load_scale_tile(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK)
-    return tl.load(lut_ptr + b.to(tl.int32))  # masked bytes are 0: lut[0] = 0, a zero weight
+def _fp4_scales(st_ptr, lut_ptr, rkw, rn, mask2d, N, NATIVE: tl.constexpr):
+    """Scales of a [BKW, BN] word tile -> fp32 s_eff * 2^14, [BKW, BN]. Word row w is in group w // 2, whose
+    e4m3 byte is byte (w // 2) % 4 of scale word row w // 8 (``layout.nvfp4_repack``); repeated addresses
+    hit L1. The byte goes through the layer's 256-entry table (masked words are 0: lut[0] = 0, a zero
+    weight)."""
+    sw = tl.load(st_ptr + (rkw // 8)[:, None] * N + rn[None, :], mask=mask2d, other=0)
+    b = (sw >> (8 * ((rkw // 2) % 4))[:, None]) & 0xFF
+    if NATIVE:
+        s14 = tl.inline_asm_elementwise(_LUT_LOAD_PTX, "=r,l", [lut_ptr + b], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        s14 = tl.load(lut_ptr + b)
+    return s14
 
 
 @triton.jit
@@ -259,7 +288,7 @@ def _w4a16_gemv_kernel(
         mask2d = kw_mask[:, None] & n_mask[None, :]
         words = tl.load(qt_ptr + rkw[:, None] * N + rn[None, :], mask=mask2d, other=0)
         if FP4:
-            s14 = _fp4_scales(st_ptr, lut_ptr, rkw, kw0 * 8, rn, mask2d, n_mask, N, GROUP, BKW * 8)
+            s14 = _fp4_scales(st_ptr, lut_ptr, rkw, rn, mask2d, N, NATIVE)
             w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_fp4(words, s14, x_ptr.dtype.element_ty, NATIVE)
             acc += _rows_times8(x_row + rkw * 8, kw_mask, w0, w1, w2, w3, w4, w5, w6, w7, NATIVE)
         elif BF16X2:
@@ -314,7 +343,7 @@ def _w4a16_mma_kernel(
         mask2d = (rkw < k_hi // 8)[:, None] & n_mask[None, :]
         words = tl.load(qt_ptr + rkw[:, None] * N + rn[None, :], mask=mask2d, other=0)
         if FP4:
-            s14 = _fp4_scales(st_ptr, lut_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK)
+            s14 = _fp4_scales(st_ptr, lut_ptr, rkw, rn, mask2d, N, NATIVE)
             w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_fp4(words, s14, dt, NATIVE)
             w = _join8(w0, w1, w2, w3, w4, w5, w6, w7)
         elif BF16X2:
