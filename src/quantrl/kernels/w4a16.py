@@ -31,6 +31,9 @@ Two paths, chosen by M (``pick_config``):
         order, so the weight is read from DRAM about once.
   mma   M >= 2: dequantize the tile into registers (activation dtype) and ``tl.dot`` (fp32 accumulate);
         BM = 16..128 by M, GROUP_M swizzle so neighbouring programs share weight tiles in L2.
+NVFP4A16 (``nvfp4_gemm``; ``FP4=True``) runs the same two kernels on ``layout.nvfp4_repack``'s layout: the
+same int32 word order, e2m1 decoded through an fp16 pair (``_fp4_pair``) and scaled by the layer's table of
+the 256 e4m3 quotients (``_fp4_scales``); the weight is formats' ``dtype(fp32(q * s_eff))`` bit for bit.
 Both split K over S programs when the ``[M, N]`` tile grid alone cannot fill the GPU. Split-K writes fp32
 partials ``[S, M, N]`` and a second small kernel sums them in a fixed order, adds the bias and rounds once
 (deterministic, unlike atomics: reruns give identical rollouts). K must be a multiple of G and of 8; any
