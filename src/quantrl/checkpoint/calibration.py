@@ -25,6 +25,7 @@ import random
 import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -212,12 +213,31 @@ def default_calibration_texts(num_texts: int = 256, *, seed: int = 0) -> list[st
 CALIB_BATCH = 8  # windows per calibration batch: one decoder-layer call per 8 windows, not per window
 
 
-def gptq_calibration_batches(model_dir: str | Path, data_dir: str | None, num_samples: int, max_sequence_length: int,
-                             seed: int) -> list[torch.Tensor]:  # fmt: skip
-    """The converters' GPTQ calibration: texts from ``data_dir`` (or ``"synthetic"``: the built-in text),
-    tokenized with the model's own tokenizer, cut into windows, stacked into ``[B, L]`` batches. Every
-    failure is a ``CheckpointError`` naming what to pass instead."""
+@dataclass(frozen=True)
+class GptqCalibrationOptions:
+    """The GPTQ options every weight converter shares (INT4/INT8, NVFP4)."""
+
+    data_dir: str | None = None
+    "calibration texts: wikitext-style parquet (text column), .txt or .jsonl; 'synthetic' for built-in text"
+    num_calibration_samples: int = 256
+    "calibration windows"
+    max_sequence_length: int = 2048
+    "tokens per calibration window"
+    dampening_frac: float = 0.01
+    "GPTQ: fraction of mean(diag H) added to the Hessian diagonal"
+    act_order: bool = False
+    "GPTQ: process columns by decreasing Hessian diagonal (groups stay static)"
+    seed: int = 0
+    "calibration window sampling seed"
+
+
+def gptq_calibration_batches(model_dir: str | Path, opts: GptqCalibrationOptions) -> list[torch.Tensor]:
+    """The converters' GPTQ calibration: texts from ``opts.data_dir`` (or ``"synthetic"``: the built-in
+    text), tokenized with the model's own tokenizer, cut into windows, stacked into ``[B, L]`` batches.
+    Every failure is a ``CheckpointError`` naming what to pass instead."""
     from quantrl.checkpoint.safetensors_io import CheckpointError
+
+    data_dir = opts.data_dir
 
     if not data_dir:
         raise CheckpointError(
@@ -235,8 +255,8 @@ def gptq_calibration_batches(model_dir: str | Path, data_dir: str | None, num_sa
         # transformers builds an empty tokenizer for some model types when the dir has no tokenizer files
         raise CheckpointError(f"{model_dir}: the tokenizer loaded from it turns text into no tokens (are its tokenizer files missing?)")
     try:
-        windows = build_calibration_batches(texts, tokenizer, num_samples=num_samples,
-                                            max_sequence_length=max_sequence_length, seed=seed)  # fmt: skip
+        windows = build_calibration_batches(texts, tokenizer, num_samples=opts.num_calibration_samples,
+                                            max_sequence_length=opts.max_sequence_length, seed=opts.seed)  # fmt: skip
     except ValueError as e:  # e.g. too short: name the data the user passed
         raise CheckpointError(f"{data_dir}: {e}") from None
     # equal-length [1, L] windows -> [B, L] batches

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from quantrl.checkpoint.calibration import gptq_calibration_batches
+from quantrl.checkpoint.calibration import GptqCalibrationOptions, gptq_calibration_batches
 from quantrl.checkpoint.convert_common import ConvertReport, write_converted
 from quantrl.checkpoint.layout import ensure_unquantized, is_quantizable, kept_modules, load_config, module_of
 from quantrl.checkpoint.quant_config import ct_int_config
@@ -26,7 +26,7 @@ QUANT_TYPES = {"W4A16": 4, "W8A16": 8}
 
 
 @dataclass(frozen=True)
-class IntConvertOptions:
+class IntConvertOptions(GptqCalibrationOptions):
     method: str = "gptq"
     "gptq (calibrated, layer by layer) or rtn (round to nearest, no data)"
     quant_type: str = "W4A16"
@@ -35,18 +35,6 @@ class IntConvertOptions:
     "input channels per scale"
     qmax: int = 7
     "7: s=absmax/7, q in [-7,7] (slime/Kimi QAT); 8: s=absmax/7.5, q in [-8,7] (compressed-tensors). int8: 127/128"
-    data_dir: str | None = None
-    "calibration texts: wikitext-style parquet (text column), .txt or .jsonl; 'synthetic' for built-in text"
-    num_calibration_samples: int = 256
-    "calibration windows"
-    max_sequence_length: int = 2048
-    "tokens per calibration window"
-    dampening_frac: float = 0.01
-    "GPTQ: fraction of mean(diag H) added to the Hessian diagonal"
-    act_order: bool = False
-    "GPTQ: process columns by decreasing Hessian diagonal (groups stay static)"
-    seed: int = 0
-    "calibration window sampling seed"
     max_workers: int = 1
     "tensors converted in parallel (RTN and copies)"
     device: str = "cpu"
@@ -124,8 +112,7 @@ def convert_to_int(
         jobs = kept + [rtn_job(n) for n in targets]
     else:
         jobs = kept
-        batches = gptq_calibration_batches(input_dir, opts.data_dir, opts.num_calibration_samples,
-                                           opts.max_sequence_length, opts.seed)  # fmt: skip
+        batches = gptq_calibration_batches(input_dir, opts)
         extra_specs = [s for n in targets for s in packed_specs(n, reader.infos[n].shape, num_bits, opts.group_size)]
 
         def extra(writer: ShardedWriter) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from quantrl.checkpoint.calibration import gptq_calibration_batches
+from quantrl.checkpoint.calibration import GptqCalibrationOptions, gptq_calibration_batches
 from quantrl.checkpoint.convert_common import ConvertReport, write_converted
 from quantrl.checkpoint.layout import ensure_unquantized, is_quantizable, kept_modules, load_config, module_of
 from quantrl.checkpoint.quant_config import ct_nvfp4_config
@@ -24,21 +24,9 @@ from quantrl.formats.nvfp4 import GROUP, SCALE_DTYPE, pack_nvfp4, quantize_nvfp4
 
 
 @dataclass(frozen=True)
-class Nvfp4ConvertOptions:
+class Nvfp4ConvertOptions(GptqCalibrationOptions):
     method: str = "rtn"
     "rtn (round to nearest, no data) or gptq (calibrated, layer by layer)"
-    data_dir: str | None = None
-    "GPTQ calibration texts: wikitext-style parquet (text column), .txt or .jsonl; 'synthetic' for built-in text"
-    num_calibration_samples: int = 256
-    "calibration windows"
-    max_sequence_length: int = 2048
-    "tokens per calibration window"
-    dampening_frac: float = 0.01
-    "GPTQ: fraction of mean(diag H) added to the Hessian diagonal"
-    act_order: bool = False
-    "GPTQ: process columns by decreasing Hessian diagonal (groups stay static)"
-    seed: int = 0
-    "calibration window sampling seed"
     max_workers: int = 1
     "tensors converted in parallel"
     device: str = "cpu"
@@ -89,8 +77,7 @@ def convert_to_nvfp4(input_dir: str | Path, output_dir: str | Path, opts: Nvfp4C
         jobs = kept + [job(n) for n in targets]
     else:
         jobs = kept
-        batches = gptq_calibration_batches(input_dir, opts.data_dir, opts.num_calibration_samples,
-                                           opts.max_sequence_length, opts.seed)  # fmt: skip
+        batches = gptq_calibration_batches(input_dir, opts)
         extra_specs = [s for n in targets for s in specs(n)]
         provenance.update(dampening_frac=opts.dampening_frac, act_order=opts.act_order,
                           num_calibration_samples=opts.num_calibration_samples,
