@@ -156,6 +156,7 @@ class _Nvfp4Grid:
 
     gs: torch.Tensor
     dequant_dtype: torch.dtype
+    table: torch.Tensor  # formats.nvfp4.E2M1_VALUES on the weight's device (not copied once per column)
     code_dtype = torch.uint8
 
     def scales(self, g: torch.Tensor) -> torch.Tensor:
@@ -164,7 +165,7 @@ class _Nvfp4Grid:
     def column(self, col: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s_eff = s.float().div_(self.gs)  # formats' one division per group
         codes = nvfp4._e2m1_codes(torch.div(col, s_eff))
-        deq = nvfp4.E2M1_VALUES.to(col.device)[codes.long()] * s_eff
+        deq = self.table[codes.long()] * s_eff
         return codes, deq.to(self.dequant_dtype).float()
 
 
@@ -242,7 +243,8 @@ def gptq_quantize_nvfp4(
     dequant_dtype)`` are the weights whose error was compensated. The global scale is that of ``w``."""
     _check_inputs(w, H, nvfp4.GROUP, block_size, dampening_frac)
     gs = nvfp4.global_scale_nvfp4(w)
-    codes, scale = _gptq(w, H, _Nvfp4Grid(gs, dequant_dtype), nvfp4.GROUP, dampening_frac, act_order, block_size)
+    grid = _Nvfp4Grid(gs, dequant_dtype, nvfp4.E2M1_VALUES.to(w.device))
+    codes, scale = _gptq(w, H, grid, nvfp4.GROUP, dampening_frac, act_order, block_size)
     return codes, scale, gs
 
 
