@@ -39,7 +39,10 @@ class Nvfp4ConvertOptions(GptqCalibrationOptions):
 
 def nvfp4_tensors(module: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """A Linear's ``[N, K]`` weight -> its three checkpoint tensors (CPU)."""
-    codes, scale, gs = quantize_nvfp4(w)
+    return _checkpoint_tensors(module, *quantize_nvfp4(w))
+
+
+def _checkpoint_tensors(module: str, codes: torch.Tensor, scale: torch.Tensor, gs: torch.Tensor) -> dict[str, torch.Tensor]:
     return {f"{module}.weight_packed": pack_nvfp4(codes).cpu(), f"{module}.weight_scale": scale.cpu(),
             f"{module}.weight_global_scale": gs.cpu()}  # fmt: skip
 
@@ -91,9 +94,7 @@ def convert_to_nvfp4(input_dir: str | Path, output_dir: str | Path, opts: Nvfp4C
                 input_dir, reader, target_set, batches, dampening_frac=opts.dampening_frac, act_order=opts.act_order,
                 device=opts.device, progress=progress,
             ):  # fmt: skip
-                m = module_of(name)
-                for out_name, t in ((f"{m}.weight_packed", pack_nvfp4(codes)), (f"{m}.weight_scale", scale),
-                                    (f"{m}.weight_global_scale", gs)):  # fmt: skip
+                for out_name, t in _checkpoint_tensors(module_of(name), codes, scale, gs).items():
                     writer.write(out_name, t)
                 done.add(name)
             for name in targets:  # Linear weights outside the decoder stack: round to nearest
