@@ -135,9 +135,9 @@ def _cases() -> list[Case]:
         x = torch.empty(m, k, dtype=dt)
         qt = torch.empty(k // 8, n, dtype=torch.int32)
         st = torch.empty(-(-k // 64), n, dtype=torch.int32)
-        lut = torch.empty(256, dtype=torch.float32)
+        table = torch.empty(2, 256, 4, dtype=torch.int32)
         b = torch.empty(n, dtype=dt) if bias else None
-        return lambda: nvfp4_gemm(x, qt, st, lut, b, cfg, native=True)
+        return lambda: nvfp4_gemm(x, qt, st, table, b, cfg, native=True)
 
     for split in (1, 8):
         cases.append(Case(f"nvfp4 gemv split={split}", fp4(1, replace(GEMV_CONFIG, split_k=split), bias=split == 1)))

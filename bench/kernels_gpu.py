@@ -101,7 +101,7 @@ def w4a16_bytes(m: int, n: int, k: int, g: int = GROUP) -> int:
 
 
 def nvfp4_bytes(m: int, n: int, k: int) -> int:
-    return m * k * 2 + n * k // 2 + n * k // 16 + 256 * 4 + m * n * 2  # e4m3 scale per 16, the 1 KB scale table
+    return m * k * 2 + n * k // 2 + n * k // 16 + 2 * 256 * 16 + m * n * 2  # e4m3 scale per 16, the 8 KB decode table
 
 
 def bf16_bytes(m: int, n: int, k: int) -> int:
@@ -216,7 +216,7 @@ class Weights:
     fp8_q: torch.Tensor
     fp8_s: torch.Tensor
     fp8_deq: torch.Tensor  # fp32
-    nv: tuple  # NVFP4 kernel layout: (qweight_t int32 [K/8, N], scale_t uint8 [K/16, N], lut fp32 [256], gs)
+    nv: tuple  # NVFP4 kernel layout: (qweight_t int32 [K/8, N], scale_t uint8 [K/16, N], table int32 [2, 256, 4], gs)
     nv_deq: torch.Tensor  # bf16 [N, K]: formats.dequantize_nvfp4
 
 
@@ -231,7 +231,7 @@ def make_weights(n: int, k: int, device, seed: int) -> Weights:
     fq, fs = fm.quantize_fp8(w, "block")
     codes, ns, gs = fm.quantize_nvfp4(w)
     nq, nst = kernels.nvfp4_repack(fm.pack_nvfp4(codes), ns)
-    nv = (nq, nst, kernels.nvfp4_scale_lut(gs), gs)
+    nv = (nq, nst, kernels.nvfp4_decode_table(gs), gs)
     return Weights(n, k, w_deq, qt, st, w_deq, fq, fs, fm.dequantize_fp8(fq, fs, dtype=torch.float32), nv,
                    fm.dequantize_nvfp4(codes, ns, gs, torch.bfloat16))
 
@@ -289,15 +289,15 @@ def run_checks(shapes: dict, device, tiny: bool) -> tuple[list[str], dict]:
                     ok, rel = gemm_ok(w4a16_gemm(x, wt.qt, wt.st, GROUP, None, cfg), x, wt.w_deq)
                     if not ok:
                         failures.append(f"w4a16 {name} M={m} {cfg}: rel error {rel:.2e}")
-            nq, nst, lut, gs = wt.nv
-            y = kernels.nvfp4_linear(x, nq, nst, gs, bias, lut=lut, backend="triton")
+            nq, nst, table, gs = wt.nv
+            y = kernels.nvfp4_linear(x, nq, nst, gs, bias, table=table, backend="triton")
             ok, rel = gemm_ok(y, x, wt.nv_deq, bias)
             notes["nvfp4_rel_error_max"] = max(notes["nvfp4_rel_error_max"], rel)
             if not ok:
                 failures.append(f"nvfp4 {name} M={m}: rel error {rel:.2e}")
             if m <= 16:  # the path pick_config did not choose at this M
                 cfg = W4A16Config("mma", bm=16, bn=64, bk=128) if m == 1 else W4A16Config("gemv", bn=64, bk=128)
-                ok, rel = gemm_ok(nvfp4_gemm(x, nq, nst, lut, None, cfg), x, wt.nv_deq)
+                ok, rel = gemm_ok(nvfp4_gemm(x, nq, nst, table, None, cfg), x, wt.nv_deq)
                 if not ok:
                     failures.append(f"nvfp4 {name} M={m} {cfg}: rel error {rel:.2e}")
             if tg is not None:
@@ -408,8 +408,8 @@ def bench_shape(name: str, n: int, k: int, ms_w: list[int], ms_f: list[int], dev
             rows.append({**base, "kernel": "w4a16", "method": "quantrl magic unpack", "time_s": t_mg,
                          "bytes": w4a16_bytes(m, n, k), "x_bf16": t_bf / t_mg, "config": repr(cfg)})  # fmt: skip
             ours["x_magic_unpack"] = t_mg / t
-            t_nv = timer([lambda q=q, st=st, lut=lut, gs=gs, x=x: kernels.nvfp4_linear(
-                x, q, st, gs, lut=lut, backend="triton") for q, st, lut, gs in nv_w])  # fmt: skip
+            t_nv = timer([lambda q=q, st=st, tab=tab, gs=gs, x=x: kernels.nvfp4_linear(
+                x, q, st, gs, table=tab, backend="triton") for q, st, tab, gs in nv_w])  # fmt: skip
             rows.append({**base, "kernel": "nvfp4", "method": "quantrl", "time_s": t_nv, "bytes": nvfp4_bytes(m, n, k),
                          "x_bf16": t_bf / t_nv, "x_w4a16": t / t_nv})  # fmt: skip
             if tg_w:

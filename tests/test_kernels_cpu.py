@@ -62,11 +62,16 @@ def test_nvfp4_repack_is_exactly_reversible(n, k, gen):
     assert st.shape == (-(-groups // 4), n)
     back_p, back_s = kernels.nvfp4_unrepack(qt, st)
     assert torch.equal(back_p, packed) and torch.equal(bits(back_s), bits(scale))
-    # word [w, n] holds elements 8w..8w+7 of row n, element i in bits 4i..4i+3 (the INT4 word order)
-    codes = fm.unpack_nvfp4(packed)
+    # word [w, n] holds elements 8w..8w+7 of row n: nibble i has element MAG_AT[i]'s magnitude in bits 0..2
+    # and element SIGN_AT[i]'s sign in bit 3 (the decode's byte-permute order)
+    from quantrl.kernels.layout import NVFP4_MAG_AT, NVFP4_SIGN_AT
+
+    codes = fm.unpack_nvfp4(packed).to(torch.int32)
     w = 3 % (k // 8)
     for i in range(8):
-        assert torch.equal((qt[w] >> (4 * i)) & 0xF, codes[:, 8 * w + i].to(torch.int32))
+        nib = (qt[w] >> (4 * i)) & 0xF
+        assert torch.equal(nib & 7, codes[:, 8 * w + NVFP4_MAG_AT[i]] & 7)
+        assert torch.equal(nib >> 3, codes[:, 8 * w + NVFP4_SIGN_AT[i]] >> 3)
     # scale word [r, n]: byte j is group 4r + j of row n; bytes past the last group are 0
     for g in range(4 * st.shape[0]):
         byte = (st[g // 4] >> (8 * (g % 4))) & 0xFF
@@ -74,22 +79,29 @@ def test_nvfp4_repack_is_exactly_reversible(n, k, gen):
         assert torch.equal(byte, want), g
 
 
-def test_nvfp4_scale_table_is_formats_quotient(gen):
-    """lut[b] / 2^14 is formats' per-group multiplier fp32(e4m3 b) / gs, bit for bit, for every finite byte
-    and global scales of any magnitude (the kernel's exactness rests on this division)."""
+def test_nvfp4_decode_table_is_formats_weights(gen):
+    """Entry [d, b] holds formats' weights of magnitudes 0..7 under e4m3 byte b in bf16 (d = 0) and fp16
+    (d = 1), low bytes then high bytes, and flipping an entry's sign bit gives formats' weight of the
+    negative code, bit for bit (-0.0 included): the kernel's decode is exactly these lookups and flips. Any
+    global scale, from one that overflows fp16 to one that makes subnormals."""
     every = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     finite = torch.isfinite(every.view(torch.float8_e4m3fn).float())
-    ones = torch.full((1, 16 * 256), 2, dtype=torch.uint8)  # code 2 is e2m1's 1.0
-    for gs in (torch.rand(4, generator=gen) * 10.0 ** torch.randint(-20, 20, (4,), generator=gen)).tolist():
+    codes = torch.arange(16, dtype=torch.uint8).repeat(256, 1)  # one group per scale byte: codes 0..15
+    scales = every.view(torch.float8_e4m3fn).view(256, 1)
+    for gs in (torch.rand(4, generator=gen) * 10.0 ** torch.randint(-30, 30, (4,), generator=gen)).tolist():
         gs_t = torch.tensor([gs])
-        lut = kernels.nvfp4_scale_lut(gs_t)
-        scales = every.view(torch.float8_e4m3fn).view(1, 256)
-        want = fm.dequantize_nvfp4(ones, scales, gs_t, torch.float32).view(256, 16)[:, 0]
-        assert torch.equal(lut[finite] / 2.0**14, want[finite])
-    with pytest.raises(ValueError, match="too small"):
-        kernels.nvfp4_scale_lut(torch.tensor([1e-36]))
-    with pytest.raises(ValueError, match="finite and positive"):
-        kernels.nvfp4_scale_lut(torch.tensor([-1.0]))
+        table = kernels.nvfp4_decode_table(gs_t)
+        assert table.dtype == torch.int32 and table.shape == (2, 256, 4)
+        for d, dtype in enumerate((torch.bfloat16, torch.float16)):
+            raw = table[d].contiguous().view(torch.uint8).to(torch.int32)  # [256, 16]
+            mags = raw[:, :8] | (raw[:, 8:] << 8)  # [256, 8] 16-bit patterns
+            want = fm.dequantize_nvfp4(codes, scales, gs_t, dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+            assert torch.equal(mags[finite], want[finite, :8]), (gs, dtype)
+            assert torch.equal((mags ^ 0x8000)[finite], want[finite, 8:]), (gs, dtype)
+    with pytest.raises(ValueError, match="one float"):
+        kernels.nvfp4_decode_table(torch.ones(2))
+    with pytest.raises(ValueError):
+        kernels.nvfp4_decode_table(torch.tensor([-1.0]))
 
 
 def test_nvfp4_repack_rejects_bad_input():

@@ -133,17 +133,17 @@ def test_w4a16_unpackings_give_the_formats_weights_bitwise(path, unpack):
 def _nvfp4_weight(n, k, seed, act=torch.bfloat16):
     codes, s, gs = fm.quantize_nvfp4(rand((n, k), torch.float32, seed))
     qt, st = kernels.nvfp4_repack(fm.pack_nvfp4(codes), s)
-    return qt, st, kernels.nvfp4_scale_lut(gs), gs, fm.dequantize_nvfp4(codes, s, gs, act)
+    return qt, st, kernels.nvfp4_decode_table(gs), gs, fm.dequantize_nvfp4(codes, s, gs, act)
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (4096, 14336), (3072, 1024), (1000, 4160)])
 def test_nvfp4_gemm_all_m(n, k):
-    qt, st, lut, gs, w = _nvfp4_weight(n, k, n + k)
+    qt, st, table, gs, w = _nvfp4_weight(n, k, n + k)
     bias = rand((n,), torch.bfloat16, 1)
     for m in MS:
         x = rand((m, k), torch.bfloat16, m) / 4
         b = bias if m % 2 else None
-        y = kernels.nvfp4_linear(x, qt, st, gs, b, lut=lut)
+        y = kernels.nvfp4_linear(x, qt, st, gs, b, table=table)
         assert gemm_ulps(y, x, w, b) <= 2.0, f"M={m}"
         assert rel_error(y, x.double() @ w.double().T + (0 if b is None else b.double())) < 3e-3, f"M={m}"
 
@@ -152,7 +152,7 @@ def test_nvfp4_gemm_all_m(n, k):
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
 def test_nvfp4_decode_gives_the_formats_weights_bitwise(path, act):
     """Every code under every finite positive e4m3 scale (random bytes) read out through identity rows: the
-    hardware fp16 subnormal widening and fp32 multiply must give formats' weights bit for bit."""
+    byte permutes of the decode (inline PTX) must give formats' weights bit for bit."""
     n, k = 1000, 512
     g = torch.Generator().manual_seed(3)
     codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32).to(torch.uint8)
@@ -162,7 +162,7 @@ def test_nvfp4_decode_gives_the_formats_weights_bitwise(path, act):
     w = fm.dequantize_nvfp4(codes.to(DEV), scale.to(DEV), gs.to(DEV), act)
     eye = torch.eye(k, dtype=act, device=DEV)
     cfg = W4A16Config(path, bn=64, bk=128, bm=64, split_k=1)
-    y = nvfp4_gemm(eye, qt.to(DEV), st.to(DEV), kernels.nvfp4_scale_lut(gs.to(DEV)), None, cfg)
+    y = nvfp4_gemm(eye, qt.to(DEV), st.to(DEV), kernels.nvfp4_decode_table(gs.to(DEV)), None, cfg)
     assert torch.equal(y.float(), w.T.float())
 
 
@@ -240,12 +240,12 @@ def test_fp8_training_linear_on_cuda_matches_the_reference():
 
 def test_kernels_replay_in_cuda_graphs():
     qt, st, _ = _int4_weight(4096, 4096, 128, 3)
-    nq, nst, lut, gs, _ = _nvfp4_weight(4096, 4096, 9)
+    nq, nst, table, gs, _ = _nvfp4_weight(4096, 4096, 9)
     x = rand((4, 4096), torch.bfloat16, 4)
     wq, ws = fm.quantize_fp8(rand((4096, 4096), torch.bfloat16, 5), "block")
 
     def run():
-        return (kernels.w4a16_linear(x, qt, st), kernels.nvfp4_linear(x, nq, nst, gs, lut=lut),
+        return (kernels.w4a16_linear(x, qt, st), kernels.nvfp4_linear(x, nq, nst, gs, table=table),
                 kernels.fp8_block_linear(x, wq, ws, gemm="triton", check=False))  # fmt: skip
 
     eager = run()

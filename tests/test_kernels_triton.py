@@ -370,9 +370,9 @@ def test_w4a16_linear_dispatch_matches_engine_layer(gen):
         assert gemm_ulps(layer(x).view(6, 96), x.view(6, 256), layer.dequantized_weight(), bias) <= 1.0
 
 
-# NVFP4A16: the same kernels with the e2m1 decode and the layer's scale table
+# NVFP4A16: the same kernels with the e2m1 decode and the layer's decode table
 def _nvfp4_weight(n, k, gen, act_dtype=torch.bfloat16, every_code=False):
-    """(qweight_t, scale_t, lut, engine weight fp32). ``every_code``: random codes 0..15 and random e4m3
+    """(qweight_t, scale_t, decode table, engine weight fp32). ``every_code``: random codes 0..15 and random e4m3
     scale bytes (subnormal to 448), so every nibble value and a wide spread of table entries occur."""
     if every_code:
         codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32).to(torch.uint8)
@@ -383,7 +383,7 @@ def _nvfp4_weight(n, k, gen, act_dtype=torch.bfloat16, every_code=False):
         codes, scale, gs = fm.quantize_nvfp4(rand((n, k), torch.float32, gen, "cpu"))
     qt, st = kernels.nvfp4_repack(fm.pack_nvfp4(codes), scale)
     w_eng = fm.dequantize_nvfp4(codes, scale, gs, act_dtype)
-    return qt.to(DEV), st.to(DEV), kernels.nvfp4_scale_lut(gs.to(DEV)), w_eng.float()
+    return qt.to(DEV), st.to(DEV), kernels.nvfp4_decode_table(gs.to(DEV)), w_eng.float()
 
 
 @pytest.mark.parametrize(
@@ -393,10 +393,10 @@ def _nvfp4_weight(n, k, gen, act_dtype=torch.bfloat16, every_code=False):
 )  # fmt: skip
 def test_nvfp4_gemm_matches_reference(m, config, gen):
     n, k = 200, 384  # N not a multiple of any tile; K = 24 groups of 16
-    qt, st, lut, w = _nvfp4_weight(n, k, gen)
+    qt, st, table, w = _nvfp4_weight(n, k, gen)
     x = rand((m, k), torch.bfloat16, gen) / 4
     bias = rand((n,), torch.bfloat16, gen)
-    y = nvfp4_gemm(x, qt, st, lut, bias, CONFIGS[config])
+    y = nvfp4_gemm(x, qt, st, table, bias, CONFIGS[config])
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     assert gemm_ulps(y, x, w, bias) <= 1.0
 
@@ -405,10 +405,10 @@ def test_nvfp4_gemm_matches_reference(m, config, gen):
 def test_nvfp4_gemm_ragged_k_and_fp16(config, gen):
     n, k = 72, 336  # K = 21 groups of 16: the last K tile is partial and ends inside a word-row pair
     for act in (torch.bfloat16, torch.float16):
-        qt, st, lut, w = _nvfp4_weight(n, k, gen, act)
+        qt, st, table, w = _nvfp4_weight(n, k, gen, act)
         m = 5 if config.startswith("mma") else 1
         x = rand((m, k), act, gen) / 4
-        y = nvfp4_gemm(x, qt, st, lut, None, CONFIGS[config])
+        y = nvfp4_gemm(x, qt, st, table, None, CONFIGS[config])
         assert y.dtype == act and gemm_ulps(y, x, w) <= 1.0
 
 
@@ -419,12 +419,12 @@ def test_nvfp4_unpacks_the_formats_weights_exactly(path, act, gen):
     subnormal to 448 give formats' values, in both paths (the gemv one row at a time; -0.0 reads out as +0.0,
     the accumulator starts at +0)."""
     n, k = 40, 128
-    qt, st, lut, w = _nvfp4_weight(n, k, gen, act, every_code=True)
+    qt, st, table, w = _nvfp4_weight(n, k, gen, act, every_code=True)
     eye = torch.eye(k, dtype=act, device=DEV)
     cfg = W4A16Config(path, bn=32, bk=64, bm=64, split_k=1)
     rows = [eye] if path == "mma" else [eye[i : i + 1] for i in (0, 1, 7, 8, 15, 16, 63, 64, 127)]
     for x in rows:
-        y = nvfp4_gemm(x, qt, st, lut, None, cfg)
+        y = nvfp4_gemm(x, qt, st, table, None, cfg)
         want = w.T[x.argmax(dim=1).cpu()]
         assert torch.equal(y.cpu().float(), want)
 

@@ -119,7 +119,7 @@ def test_fp8_block_linear_kernel_path_matches_reference(n, k, m, gen):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Nvfp4Linear: the same kernel protocol (repack + scale table at post-process, probe, in-place refills)
+# Nvfp4Linear: the same kernel protocol (repack + decode table at post-process, probe, in-place refills)
 # ---------------------------------------------------------------------------------------------------------
 def _nvfp4_layer(n, k, gen):
     from quantrl.model.linear import Nvfp4Linear
@@ -144,8 +144,8 @@ def test_nvfp4_kernel_path_matches_reference_and_follows_updates(m, gen):
     n, k = 80, 256
     lin = _nvfp4_layer(n, k, gen)
     _load_nvfp4(lin, torch.randn(n, k, generator=gen))
-    q, s, lut = lin._kernel_weights
-    assert lin._kernel_valid and q.shape == (k // 8, n) and s.shape == (k // 64, n) and lut.shape == (256,)
+    q, s, table = lin._kernel_weights
+    assert lin._kernel_valid and q.shape == (k // 8, n) and s.shape == (k // 64, n) and table.shape == (2, 256, 4)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
     y = lin(x)  # first call: compared with the reference, which it returns
     assert lin._kernel_ok is True and torch.equal(y, lin.reference_forward(x))
@@ -157,14 +157,21 @@ def test_nvfp4_kernel_path_matches_reference_and_follows_updates(m, gen):
     assert _rel(y2, ref2) < 3e-3 and _rel(y2, y) > 0.1
 
 
-def test_nvfp4_global_scale_the_table_cannot_hold_falls_back(gen):
+def test_nvfp4_extreme_global_scales_keep_the_kernel(gen):
+    """The decode table holds formats' final weights, so any finite global scale works on the kernel path:
+    a tiny one (weights near bf16's top, where a table of scale quotients overflowed) and a huge one (small
+    e4m3 scales make subnormal weights)."""
     n, k = 32, 64
-    lin = _nvfp4_layer(n, k, gen)
-    lin.restore_weights_before_loading()
-    lin.load_({"weight_packed": torch.zeros(n, k // 2, dtype=torch.uint8, device=DEV),
-               "weight_scale": torch.ones(n, k // 16, dtype=torch.float8_e4m3fn, device=DEV),
-               "weight_global_scale": torch.tensor([1e-36], device=DEV)})  # fmt: skip
-    with pytest.warns(UserWarning, match="NVFP4 kernel disabled .*too small"):
+    x = torch.randn(3, k, generator=gen).to(torch.bfloat16).to(DEV)
+    for gs in (1e-36, 1e36):
+        lin = _nvfp4_layer(n, k, gen)
+        lin.restore_weights_before_loading()
+        lin.load_({"weight_packed": torch.randint(0, 256, (n, k // 2), generator=gen).to(torch.uint8).to(DEV),
+                   "weight_scale": torch.randint(1, 0x50, (n, k // 16), generator=gen).to(torch.uint8)
+                   .view(torch.float8_e4m3fn).to(DEV),
+                   "weight_global_scale": torch.tensor([gs], device=DEV)})  # fmt: skip
         lin.post_process_weights()
-    x = torch.randn(2, k, generator=gen).to(torch.bfloat16).to(DEV)
-    assert lin._kernel_ok is False and not lin._kernel_valid and torch.equal(lin(x), lin.reference_forward(x))
+        ref = lin.reference_forward(x)
+        assert bool(torch.isfinite(ref).all()) and lin._kernel_valid
+        assert torch.equal(lin(x), ref) and lin._kernel_ok is True  # the probe
+        assert _rel(lin(x), ref) < 3e-3  # the kernel itself

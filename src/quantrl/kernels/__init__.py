@@ -1,7 +1,8 @@
 """GPU kernels (Triton) for quantrl's number formats; each has the ``formats`` reference as its oracle.
 
     w4a16_linear / w4a16_repack / w4a16_unrepack   INT4 weight-only GEMM and its weight layout
-    nvfp4_linear / nvfp4_repack / nvfp4_scale_lut  NVFP4 weight-only GEMM (the same kernels, e2m1 decode)
+    nvfp4_linear / nvfp4_repack / nvfp4_decode_table
+                                                   NVFP4 weight-only GEMM (the same kernels, e2m1 decode)
     quantize_fp8_activation / fp8_block_gemm / fp8_block_linear
                                                    1x128 activation quantization, block-scaled FP8 GEMM
     quantize_fp8_activation_2d                     x and x^T in 1x128 groups at once (FP8 training)
@@ -29,7 +30,7 @@ from quantrl.kernels.dispatch import (
     w4a16_dequantize,
     w4a16_linear,
 )
-from quantrl.kernels.layout import nvfp4_repack, nvfp4_scale_lut, nvfp4_unrepack, w4a16_repack, w4a16_unrepack
+from quantrl.kernels.layout import nvfp4_decode_table, nvfp4_repack, nvfp4_unrepack, w4a16_repack, w4a16_unrepack
 
 __all__ = [
     "fake_quantize_int4",
@@ -37,10 +38,10 @@ __all__ = [
     "fp8_block_linear",
     "interpreted",
     "linear_fp32_acc",
+    "nvfp4_decode_table",
     "nvfp4_dequantize",
     "nvfp4_linear",
     "nvfp4_repack",
-    "nvfp4_scale_lut",
     "nvfp4_unrepack",
     "quantize_fp8_activation",
     "quantize_fp8_activation_2d",

@@ -40,7 +40,13 @@ from quantrl.formats.fp8 import _check_scale_fmt
 from quantrl.formats.int4 import _check_weight, int_range
 from quantrl.formats.ste import straight_through
 from quantrl.kernels._triton import HAVE_TRITON
-from quantrl.kernels.layout import check_nvfp4_layout, group_size_of, nvfp4_scale_lut, nvfp4_unrepack, w4a16_unrepack
+from quantrl.kernels.layout import (
+    check_nvfp4_layout,
+    group_size_of,
+    nvfp4_decode_table,
+    nvfp4_unrepack,
+    w4a16_unrepack,
+)
 
 Backend = Literal["auto", "triton", "reference"]
 _BACKENDS = ("auto", "triton", "reference")
@@ -420,14 +426,14 @@ def nvfp4_linear(
     global_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    lut: torch.Tensor | None = None,
+    table: torch.Tensor | None = None,
     backend: Backend = "auto",
     config=None,
 ) -> torch.Tensor:
     """``y [..., N] = x [..., K] @ W.T + bias``, W NVFP4 in the kernel layout (``nvfp4_repack``). Reference:
     ``formats.dequantize_nvfp4`` in x's dtype, then a GEMM with fp32 accumulation rounded once. Kernel:
-    bf16/fp16 activations; ``lut`` is the layer's ``nvfp4_scale_lut(global_scale)`` (computed when not given;
-    a layer keeps its own, refilled per load, so the forward has no host sync)."""
+    bf16/fp16 activations; ``table`` is the layer's ``nvfp4_decode_table(global_scale)`` (computed when not
+    given; a layer keeps its own, refilled per load, so the forward has no host sync)."""
     check_float_tensor(x, what="nvfp4_linear")
     k = qweight_t.shape[0] * 8 if qweight_t.ndim == 2 else -1
     if x.shape[-1] != k:
@@ -437,14 +443,16 @@ def nvfp4_linear(
     if use_triton(x, backend, x.dtype in (torch.bfloat16, torch.float16), "nvfp4_linear", f"activation dtype {x.dtype}"):
         from quantrl.kernels.w4a16 import nvfp4_gemm
 
-        if lut is None:
-            lut = nvfp4_scale_lut(global_scale.to(x.device))
-        if lut.dtype != torch.float32 or lut.shape != (256,):
-            raise ValueError(f"nvfp4_linear: lut must be fp32 [256], got {lut.dtype} {tuple(lut.shape)}")
+        if table is None:
+            table = nvfp4_decode_table(global_scale.to(x.device))
+        if table.dtype != torch.int32 or table.shape != (2, 256, 4) or not table.is_contiguous() \
+                or table.data_ptr() % 16 or table.device != x.device:  # the kernel loads 16-byte entries
+            raise ValueError(f"nvfp4_linear: table must be a contiguous, 16-byte aligned int32 [2, 256, 4] on "
+                             f"{x.device} (nvfp4_decode_table), got {table.dtype} {tuple(table.shape)} on {table.device}")  # fmt: skip
         x2 = x.reshape(-1, k)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        y = nvfp4_gemm(x2, qweight_t.contiguous(), scale_t.contiguous(), lut, bias, config)
+        y = nvfp4_gemm(x2, qweight_t.contiguous(), scale_t.contiguous(), table, bias, config)
         return y.view(*x.shape[:-1], qweight_t.shape[1])
     return linear_fp32_acc(x, nvfp4_dequantize(qweight_t, scale_t, global_scale, x.dtype), bias)
 

@@ -31,9 +31,11 @@ Two paths, chosen by M (``pick_config``):
         order, so the weight is read from DRAM about once.
   mma   M >= 2: dequantize the tile into registers (activation dtype) and ``tl.dot`` (fp32 accumulate);
         BM = 16..128 by M, GROUP_M swizzle so neighbouring programs share weight tiles in L2.
-NVFP4A16 (``nvfp4_gemm``; ``FP4=True``) runs the same two kernels on ``layout.nvfp4_repack``'s layout: the
-same int32 word order, e2m1 decoded through an fp16 pair (``_fp4_pair``) and scaled by the layer's table of
-the 256 e4m3 quotients (``_fp4_scales``); the weight is formats' ``dtype(fp32(q * s_eff))`` bit for bit.
+NVFP4A16 (``nvfp4_gemm``; ``FP4=True``) runs the same two kernels on ``layout.nvfp4_repack``'s layout:
+int32 words of 8 codes (bits rearranged for the decode) and the layer's decode table, which holds formats'
+weight for each of the 256 e4m3 scales x 8 magnitudes. Per word, 8 byte permutes (``prmt``) look the 8
+weights up and pair them, two ``lop3`` put the signs in (``_fp4_decode_ptx``): no float arithmetic, and
+the weight is formats' ``dtype(fp32(q * s_eff))`` bit for bit by construction.
 Both split K over S programs when the ``[M, N]`` tile grid alone cannot fill the GPU. Split-K writes fp32
 partials ``[S, M, N]`` and a second small kernel sums them in a fixed order, adds the bias and rounds once
 (deterministic, unlike atomics: reruns give identical rollouts). K must be a multiple of G and of 8; any
@@ -170,72 +172,123 @@ def _join8(w0, w1, w2, w3, w4, w5, w6, w7):
     return tl.reshape(t, (w0.shape[0] * 8, w0.shape[1]))
 
 
-# int32 $2 (codes in bits 0..3 and 16..19) -> fp32 $0, $1: each code's q * 2^-14 (see _fp4_pair). In PTX
-# so that no 16-bit tensor exists at the Triton level (Triton 3.6 gives those another layout and converts
-# through shared memory, with barriers, in the hot loop); cvt.f32.f16 without .ftz keeps fp16 subnormals.
-_FP4_PAIR_PTX = tl.constexpr(
-    "{\n.reg .b32 a, b;\n.reg .b16 l, h;\n"
-    "and.b32 a, $2, 0x00070007;\nshl.b32 a, a, 9;\nand.b32 b, $2, 0x00080008;\nshl.b32 b, b, 12;\n"
-    "or.b32 a, a, b;\nmov.b32 {l, h}, a;\ncvt.f32.f16 $0, l;\ncvt.f32.f16 $1, h;\n}"
+def _fp4_decode_ptx(out: str) -> str:
+    """PTX for one kernel word ($8, ``layout.nvfp4_repack``) and its group's table entry ($9..$12: the low
+    bytes of magnitudes 0..3, 4..7, then the high bytes) -> the weights of codes 0..7, $0..$7: 16-bit
+    (``out="h"``, a tensor-core operand), or fp32 from bf16 (``"bf16"``) or from fp16 (``"fp16"``) for
+    the gemv's FMAs. Byte permutes only: the table holds formats' rounded numbers (``layout``'s note)."""
+    body = (
+        "and.b32 m, $8, 0x77777777;\nshr.u32 mb, m, 16;\n"  # byte selectors a0 a4 a1 a5 | a2 a6 a3 a7
+        "prmt.b32 la, $9, $10, m;\nprmt.b32 ha, $11, $12, m;\n"
+        "prmt.b32 lb, $9, $10, mb;\nprmt.b32 hb, $11, $12, mb;\n"
+        "and.b32 t, $8, 0x80808080;\nxor.b32 ha, ha, t;\n"  # the signs, already at the high bytes' bit 7
+        "shl.b32 t, $8, 4;\nand.b32 t, t, 0x80808080;\nxor.b32 hb, hb, t;\n"
+    )
+    for i, (lo, hi, sel) in enumerate((("la", "ha", "0x5140"), ("la", "ha", "0x7362"),
+                                       ("lb", "hb", "0x5140"), ("lb", "hb", "0x7362"))):  # fmt: skip
+        body += f"prmt.b32 p, {lo}, {hi}, {sel};\n"  # the pair (code i, code i + 4)
+        if out == "h":
+            body += f"mov.b32 {{${i}, ${i + 4}}}, p;\n"
+        elif out == "bf16":
+            body += f"shl.b32 ${i}, p, 16;\nand.b32 ${i + 4}, p, 0xFFFF0000;\n"
+        else:
+            body += f"mov.b32 {{l, h}}, p;\ncvt.f32.f16 ${i}, l;\ncvt.f32.f16 ${i + 4}, h;\n"
+    return "{\n.reg .b32 m, mb, la, ha, lb, hb, t, p;\n.reg .b16 l, h;\n" + body + "}"
+
+
+_FP4_DECODE_H = tl.constexpr(_fp4_decode_ptx("h"))
+_FP4_DECODE_BF16 = tl.constexpr(_fp4_decode_ptx("bf16"))
+_FP4_DECODE_FP16 = tl.constexpr(_fp4_decode_ptx("fp16"))
+
+
+@triton.jit
+def _prmt(a, b, sel):
+    """PTX ``prmt.b32`` (default mode, selector nibbles' bit 3 clear) in Triton ops: byte i of the result is
+    byte ``(sel >> 4i) & 7`` of the 8 bytes {b, a}."""
+    out = a & 0
+    for i in tl.static_range(4):
+        idx = (sel >> (4 * i)) & 7
+        byte = (tl.where(idx < 4, a, b) >> (8 * (idx & 3))) & 0xFF
+        out = out | (byte << (8 * i))
+    return out
+
+
+@triton.jit
+def _fp4_out(p, DT: tl.constexpr, HIGH: tl.constexpr):
+    """One weight of a decoded pair word, as fp32 (the interpreter's stand-in for DT)."""
+    if DT == tl.bfloat16:
+        y = _pair_half(p, HIGH)
+    else:
+        h = (p >> 16) if HIGH else p
+        y = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _dequant8_fp4(words, t0, t1, t2, t3, DT: tl.constexpr, NATIVE: tl.constexpr, F32_OUT: tl.constexpr):
+    """Kernel words [R, C] + their groups' table entries (4 int32 tensors, broadcastable) -> 8 tensors [R, C],
+    the NVFP4 weights of codes 0..7: on the GPU DT (or fp32 with ``F32_OUT``); fp32 under NATIVE=False."""
+    if NATIVE:
+        if F32_OUT and DT == tl.bfloat16:
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _FP4_DECODE_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [words, t0, t1, t2, t3],
+                dtype=(tl.float32,) * 8, is_pure=True, pack=1)  # fmt: skip
+        elif F32_OUT:
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _FP4_DECODE_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [words, t0, t1, t2, t3],
+                dtype=(tl.float32,) * 8, is_pure=True, pack=1)  # fmt: skip
+        elif DT == tl.bfloat16:
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _FP4_DECODE_H, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [words, t0, t1, t2, t3],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)  # fmt: skip
+        else:
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _FP4_DECODE_H, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [words, t0, t1, t2, t3],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1)  # fmt: skip
+    else:  # the PTX's steps in Triton ops (-2139062144 is 0x80808080 as int32)
+        m = words & 0x77777777
+        mb = m >> 16
+        la = _prmt(t0, t1, m)
+        ha = _prmt(t2, t3, m) ^ (words & -2139062144)
+        lb = _prmt(t0, t1, mb)
+        hb = _prmt(t2, t3, mb) ^ ((words << 4) & -2139062144)
+        p04 = _prmt(la, ha, 0x5140)
+        p15 = _prmt(la, ha, 0x7362)
+        p26 = _prmt(lb, hb, 0x5140)
+        p37 = _prmt(lb, hb, 0x7362)
+        w0, w4 = _fp4_out(p04, DT, False), _fp4_out(p04, DT, True)
+        w1, w5 = _fp4_out(p15, DT, False), _fp4_out(p15, DT, True)
+        w2, w6 = _fp4_out(p26, DT, False), _fp4_out(p26, DT, True)
+        w3, w7 = _fp4_out(p37, DT, False), _fp4_out(p37, DT, True)
+    return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+# One 16-byte table entry: the group's byte (shift, mask), its address (one 32x64-bit multiply-add, on the
+# FMA pipe) and one 16-byte load. A Triton gather (tl.load of data-dependent addresses) is a layout anchor
+# of its own: Triton 3.6 gives it a layout unlike the weight words' and converts every dequantized weight
+# through shared memory (18 barriers per gemv loop iteration, measured with an earlier table); as inline
+# PTX the load is an elementwise op and keeps the words' layout. ``.nc``: the table is read-only here.
+_TABLE_LOAD_PTX = tl.constexpr(
+    "{\n.reg .b32 b;\n.reg .b64 a;\nshr.u32 b, $4, $5;\nand.b32 b, b, 255;\nmad.wide.u32 a, b, 16, $6;\n"
+    "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [a];\n}"
 )
 
 
 @triton.jit
-def _fp4_half(h):
-    """16-bit halves of int32 (low bits) -> fp32: the fp16 holding an e2m1 code's q * 2^-14."""
-    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _fp4_pair(words, s14, SHIFT: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr):
-    """Nibbles SHIFT/4 and SHIFT/4 + 4 of int32 words [R, C] -> their weights, DT(fp32(q * s_eff)).
-
-    The e2m1 bits (s, e1, e0, m) go to fp16 bits 15 and 11..9, so the fp16 is q * 2^-14 exactly and
-    e2m1's subnormal (0.5) is fp16's; ``s14`` (the layer's scale table) is s_eff * 2^14. One mask-shift-or
-    builds both halves of a word at once.
-    """
-    t = words >> SHIFT
-    if NATIVE:
-        lo, hi = tl.inline_asm_elementwise(_FP4_PAIR_PTX, "=r,=r,r", [t], dtype=(tl.float32, tl.float32),
-                                           is_pure=True, pack=1)  # fmt: skip
-    else:  # the same steps in Triton ops (the interpreter)
-        h = ((t & 0x00070007) << 9) | ((t & 0x00080008) << 12)
-        lo = _fp4_half(h)
-        hi = _fp4_half(h >> 16)
-    return _round_to(lo * s14, DT, NATIVE), _round_to(hi * s14, DT, NATIVE)  # fp32 rounding, as formats
-
-
-@triton.jit
-def _dequant8_fp4(words, s14, DT: tl.constexpr, NATIVE: tl.constexpr):
-    """int32 words [R, C] + fp32 scales (broadcastable) -> 8 tensors [R, C], the NVFP4 weights of nibbles
-    0..7 rounded to DT (held in DT on the GPU, as fp32 under NATIVE=False)."""
-    w0, w4 = _fp4_pair(words, s14, 0, DT, NATIVE)
-    w1, w5 = _fp4_pair(words, s14, 4, DT, NATIVE)
-    w2, w6 = _fp4_pair(words, s14, 8, DT, NATIVE)
-    w3, w7 = _fp4_pair(words, s14, 12, DT, NATIVE)
-    return w0, w1, w2, w3, w4, w5, w6, w7
-
-
-# One fp32 load from the scale table. A Triton gather (tl.load of data-dependent addresses) is a layout
-# anchor of its own: Triton 3.6 gives it a layout unlike the weight words' and converts every dequantized
-# weight through shared memory (18 barriers per loop iteration in the gemv); as inline PTX the load is an
-# elementwise op and keeps the words' layout. ``.nc``: the table is read-only while a kernel runs.
-_LUT_LOAD_PTX = tl.constexpr("ld.global.nc.f32 $0, [$1];")
-
-
-@triton.jit
-def _fp4_scales(st_ptr, lut_ptr, rkw, rn, mask2d, N, NATIVE: tl.constexpr):
-    """Scales of a [BKW, BN] word tile -> fp32 s_eff * 2^14, [BKW, BN]. Word row w is in group w // 2, whose
-    e4m3 byte is byte (w // 2) % 4 of scale word row w // 8 (``layout.nvfp4_repack``); repeated addresses
-    hit L1. The byte goes through the layer's 256-entry table (masked words are 0: lut[0] = 0, a zero
-    weight)."""
+def _fp4_table(st_ptr, tab_ptr, rkw, rn, mask2d, N, DT: tl.constexpr, NATIVE: tl.constexpr):
+    """Table entries for a [BKW, BN] word tile -> 4 int32 tensors [BKW, BN]. Word row w is in group w // 2,
+    whose e4m3 byte is byte (w // 2) % 4 of scale word row w // 8 (``layout.nvfp4_repack``); repeated
+    addresses hit L1. Masked words and scales load as 0, and byte 0's entry is all zeros, a zero weight."""
     sw = tl.load(st_ptr + (rkw // 8)[:, None] * N + rn[None, :], mask=mask2d, other=0)
-    b = (sw >> (8 * ((rkw // 2) % 4))[:, None]) & 0xFF
+    shift = ((rkw << 2) & 24)[:, None]  # 8 * ((w // 2) % 4) for w >= 0, without signed division
+    table = tab_ptr + (0 if DT == tl.bfloat16 else 1024)  # [2, 256, 4] int32: this dtype's half
     if NATIVE:
-        s14 = tl.inline_asm_elementwise(_LUT_LOAD_PTX, "=r,l", [lut_ptr + b], dtype=tl.float32, is_pure=True, pack=1)
+        t0, t1, t2, t3 = tl.inline_asm_elementwise(_TABLE_LOAD_PTX, "=r,=r,=r,=r,r,r,l", [sw, shift, table],
+                                                   dtype=(tl.int32,) * 4, is_pure=True, pack=1)  # fmt: skip
     else:
-        s14 = tl.load(lut_ptr + b)
-    return s14
+        entry = table + 4 * ((sw >> shift) & 0xFF)
+        t0, t1, t2, t3 = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2), tl.load(entry + 3)
+    return t0, t1, t2, t3
 
 
 @triton.jit
@@ -251,25 +304,41 @@ def _round_to(x, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
     return y
 
 
-@triton.jit
-def _x_at(xk, J: tl.constexpr, mask, NATIVE: tl.constexpr):
-    """x[8w + J] for the word rows w of a tile, as fp32 [BKW, 1]."""
-    return widen(tl.load(xk + J, mask=mask, other=0.0), NATIVE)[:, None]
+# int32 $2 holding two fp16 -> fp32 $0 (low half), $1 (high half); in PTX so that no 16-bit tensor exists
+# at the Triton level (Triton 3.6 gives those another layout, converted through shared memory in the loop).
+_FP16_PAIR_PTX = tl.constexpr("{\n.reg .b16 l, h;\nmov.b32 {l, h}, $2;\ncvt.f32.f16 $0, l;\ncvt.f32.f16 $1, h;\n}")
 
 
 @triton.jit
-def _rows_times8(xk, mask, w0, w1, w2, w3, w4, w5, w6, w7, NATIVE: tl.constexpr):
-    """sum_j x[8w + j] * w_j: [BKW, BN] fp32 partial products of a word tile (weights in any float dtype)."""
-    acc = _x_at(xk, 0, mask, NATIVE) * w0.to(tl.float32) + _x_at(xk, 1, mask, NATIVE) * w1.to(tl.float32)
-    acc += _x_at(xk, 2, mask, NATIVE) * w2.to(tl.float32) + _x_at(xk, 3, mask, NATIVE) * w3.to(tl.float32)
-    acc += _x_at(xk, 4, mask, NATIVE) * w4.to(tl.float32) + _x_at(xk, 5, mask, NATIVE) * w5.to(tl.float32)
-    acc += _x_at(xk, 6, mask, NATIVE) * w6.to(tl.float32) + _x_at(xk, 7, mask, NATIVE) * w7.to(tl.float32)
-    return acc
+def _x_pair(xw, mask, FP16: tl.constexpr, NATIVE: tl.constexpr):
+    """Two consecutive activations read as one int32 -> (x[2i], x[2i + 1]) as fp32 [BKW, 1] each."""
+    v = tl.load(xw, mask=mask, other=0)[:, None]
+    if not FP16:
+        lo, hi = _pair_half(v, False), _pair_half(v, True)
+    elif NATIVE:
+        lo, hi = tl.inline_asm_elementwise(_FP16_PAIR_PTX, "=r,=r,r", [v], dtype=(tl.float32, tl.float32),
+                                           is_pure=True, pack=1)  # fmt: skip
+    else:
+        lo = v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _rows_times8_pairs(x_row, rkw, mask, w0, w1, w2, w3, w4, w5, w6, w7, FP16: tl.constexpr, NATIVE: tl.constexpr):
+    """sum_j x[8w + j] * w_j: [BKW, BN] fp32 partial products of a word tile (weights as fp32), x read as
+    int32 pairs (4 loads per word row, not 8), bf16 or fp16."""
+    xw = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + rkw * 4
+    x0, x1 = _x_pair(xw, mask, FP16, NATIVE)
+    x2, x3 = _x_pair(xw + 1, mask, FP16, NATIVE)
+    x4, x5 = _x_pair(xw + 2, mask, FP16, NATIVE)
+    x6, x7 = _x_pair(xw + 3, mask, FP16, NATIVE)
+    return x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3 + x4 * w4 + x5 * w5 + x6 * w6 + x7 * w7
 
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qt_ptr, st_ptr, lut_ptr, bias_ptr, out_ptr, part_ptr,
+    x_ptr, qt_ptr, st_ptr, tab_ptr, bias_ptr, out_ptr, part_ptr,
     M, N, K, stride_xm, kw_per_split,
     GROUP: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr, BF16X2: tl.constexpr, FP4: tl.constexpr,
@@ -285,32 +354,25 @@ def _w4a16_gemv_kernel(
     kw_hi = tl.minimum(kw_lo + kw_per_split, KW)
     acc = tl.zeros((BKW, BN), dtype=tl.float32)
     x_row = x_ptr + m * stride_xm
+    dt = x_ptr.dtype.element_ty
     for kw0 in range(kw_lo, kw_hi, BKW):
         rkw = kw0 + tl.arange(0, BKW)
         kw_mask = rkw < kw_hi
         mask2d = kw_mask[:, None] & n_mask[None, :]
         words = tl.load(qt_ptr + rkw[:, None] * N + rn[None, :], mask=mask2d, other=0)
         if FP4:
-            s14 = _fp4_scales(st_ptr, lut_ptr, rkw, rn, mask2d, N, NATIVE)
-            w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_fp4(words, s14, x_ptr.dtype.element_ty, NATIVE)
-            acc += _rows_times8(x_row + rkw * 8, kw_mask, w0, w1, w2, w3, w4, w5, w6, w7, NATIVE)
+            t0, t1, t2, t3 = _fp4_table(st_ptr, tab_ptr, rkw, rn, mask2d, N, dt, NATIVE)
+            w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_fp4(words, t0, t1, t2, t3, dt, NATIVE, True)
+            acc += _rows_times8_pairs(x_row, rkw, kw_mask, w0, w1, w2, w3, w4, w5, w6, w7, dt == tl.float16, NATIVE)
         elif BF16X2:
             sp = _bf16_pair(_load_scale_tile(st_ptr, rkw, kw0 * 8, rn, mask2d, n_mask, N, GROUP, BKW * 8))
             w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_bf16x2(words, sp, NATIVE)  # each [BKW, BN]
-            # x as int32 pairs of bf16 (4 loads per word row, not 8), widened exactly like the weights
-            xw = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + rkw * 4
-            x01 = tl.load(xw, mask=kw_mask, other=0)[:, None]
-            x23 = tl.load(xw + 1, mask=kw_mask, other=0)[:, None]
-            x45 = tl.load(xw + 2, mask=kw_mask, other=0)[:, None]
-            x67 = tl.load(xw + 3, mask=kw_mask, other=0)[:, None]
-            acc += (_pair_half(x01, False) * w0 + _pair_half(x01, True) * w1 + _pair_half(x23, False) * w2
-                    + _pair_half(x23, True) * w3 + _pair_half(x45, False) * w4 + _pair_half(x45, True) * w5
-                    + _pair_half(x67, False) * w6 + _pair_half(x67, True) * w7)  # fmt: skip
+            acc += _rows_times8_pairs(x_row, rkw, kw_mask, w0, w1, w2, w3, w4, w5, w6, w7, False, NATIVE)
         else:
             sf = _load_scales(st_ptr, rkw, kw0 * 8, rn, mask2d, n_mask, N, GROUP, BKW * 8, NATIVE)
             xv = tl.load(x_row + rkw[:, None] * 8 + j[None, :], mask=kw_mask[:, None], other=0.0)
             xf = widen(xv, NATIVE)  # [BKW, 8]
-            w = _round_to(_nibbles(words) * sf, x_ptr.dtype.element_ty, NATIVE).to(tl.float32)
+            w = _round_to(_nibbles(words) * sf, dt, NATIVE).to(tl.float32)
             acc += tl.sum(xf[:, :, None] * w, axis=1)
     y = tl.sum(acc, axis=0)  # [BN]
     if SPLIT:
@@ -323,7 +385,7 @@ def _w4a16_gemv_kernel(
 
 @triton.jit
 def _w4a16_mma_kernel(
-    x_ptr, qt_ptr, st_ptr, lut_ptr, bias_ptr, out_ptr, part_ptr,
+    x_ptr, qt_ptr, st_ptr, tab_ptr, bias_ptr, out_ptr, part_ptr,
     M, N, K, stride_xm, k_per_split,
     GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr, BF16X2: tl.constexpr, FP4: tl.constexpr,
@@ -346,8 +408,8 @@ def _w4a16_mma_kernel(
         mask2d = (rkw < k_hi // 8)[:, None] & n_mask[None, :]
         words = tl.load(qt_ptr + rkw[:, None] * N + rn[None, :], mask=mask2d, other=0)
         if FP4:
-            s14 = _fp4_scales(st_ptr, lut_ptr, rkw, rn, mask2d, N, NATIVE)
-            w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_fp4(words, s14, dt, NATIVE)
+            t0, t1, t2, t3 = _fp4_table(st_ptr, tab_ptr, rkw, rn, mask2d, N, dt, NATIVE)
+            w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_fp4(words, t0, t1, t2, t3, dt, NATIVE, False)
             w = _join8(w0, w1, w2, w3, w4, w5, w6, w7)
         elif BF16X2:
             w = _k_major_tile(words, _bf16_pair(_load_scale_tile(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK)),
@@ -477,8 +539,8 @@ def w4a16_gemm(
     if cfg.unpack == "bf16x2" and not (x2d.dtype == scale_t.dtype == torch.bfloat16):
         raise ValueError(f"w4a16_gemm: unpack 'bf16x2' needs bf16 activations and scales, got "
                          f"{x2d.dtype} / {scale_t.dtype}")  # fmt: skip
-    if cfg.path == "gemv" and cfg.unpack == "bf16x2" and (x2d.data_ptr() % 4 or x2d.stride(0) % 2):
-        x2d = x2d.clone(memory_format=torch.contiguous_format)  # it reads x as int32 pairs: 4-byte aligned
+    if cfg.path == "gemv" and cfg.unpack == "bf16x2":
+        x2d = _int32_readable(x2d)
     return _launch(x2d, qweight_t, scale_t, None, group_size, bias, cfg, native, "w4a16_gemm")
 
 
@@ -486,22 +548,29 @@ def nvfp4_gemm(
     x2d: torch.Tensor,
     qweight_t: torch.Tensor,
     scale_t: torch.Tensor,
-    lut: torch.Tensor,
+    table: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: W4A16Config | None = None,
     native: bool | None = None,
 ) -> torch.Tensor:
     """NVFP4A16: ``x2d [M, K] @ dequant(...) + bias`` with the weight in ``layout.nvfp4_repack``'s layout and
-    the layer's scale table ``layout.nvfp4_scale_lut`` (fp32 [256]); the W4A16 kernels' tiling, split-K and
+    the layer's ``layout.nvfp4_decode_table`` (int32 [2, 256, 4]); the W4A16 kernels' tiling, split-K and
     paths, with the e2m1 decode in place of the INT4 one (``config.unpack`` is not used). Validated by the
     dispatcher (``quantrl.kernels.nvfp4_linear``)."""
     m, k = x2d.shape
     cfg = config or pick_config(m, qweight_t.shape[1], k, sm_count(x2d.device))
-    return _launch(x2d, qweight_t, scale_t, lut, 16, bias, cfg, native, "nvfp4_gemm")
+    if cfg.path == "gemv":
+        x2d = _int32_readable(x2d)
+    return _launch(x2d, qweight_t, scale_t, table, 16, bias, cfg, native, "nvfp4_gemm")
 
 
-def _launch(x2d, qweight_t, scale_t, lut, group_size, bias, cfg: W4A16Config, native, what: str) -> torch.Tensor:
-    """Both formats' launches (``lut`` given: NVFP4): split-K ranges, the path's grid, the reduction."""
+def _int32_readable(x2d: torch.Tensor) -> torch.Tensor:
+    """x2d itself, or a contiguous copy where the gemv could not read its rows as int32 pairs."""
+    return x2d.clone(memory_format=torch.contiguous_format) if x2d.data_ptr() % 4 or x2d.stride(0) % 2 else x2d
+
+
+def _launch(x2d, qweight_t, scale_t, table, group_size, bias, cfg: W4A16Config, native, what: str) -> torch.Tensor:
+    """Both formats' launches (``table`` given: NVFP4): split-K ranges, the path's grid, the reduction."""
     m, k = x2d.shape
     n = qweight_t.shape[1]
     out = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
@@ -514,18 +583,21 @@ def _launch(x2d, qweight_t, scale_t, lut, group_size, bias, cfg: W4A16Config, na
     has_bias = bias is not None
     b = bias if has_bias else out
     nat = native_default(native)
-    fp4 = lut is not None
+    fp4 = table is not None
+    # NVFP4 mma: with no register ceiling, ptxas (Triton 3.9's) squeezes the 16-row tile into 96 registers
+    # and spills one; with this one it takes ~122 and every tile fits (bench/compile_sm90.py).
+    maxnreg = 168 if fp4 and cfg.path == "mma" else None
     common = {"GROUP": group_size, "HAS_BIAS": has_bias, "SPLIT": split > 1, "NATIVE": nat, "FP4": fp4,
               "BF16X2": not fp4 and cfg.unpack == "bf16x2", "num_warps": cfg.num_warps,
-              "num_stages": cfg.num_stages}  # fmt: skip
-    lut = lut if fp4 else scale_t  # an unused pointer argument when not FP4
+              "num_stages": cfg.num_stages, "maxnreg": maxnreg}  # fmt: skip
+    tab = table if fp4 else scale_t  # an unused pointer argument when not FP4
     if cfg.path == "gemv":
         grid = (triton.cdiv(n, cfg.bn), split, m)
-        _w4a16_gemv_kernel[grid](x2d, qweight_t, scale_t, lut, b, out, part, m, n, k, x2d.stride(0), per // 8,
+        _w4a16_gemv_kernel[grid](x2d, qweight_t, scale_t, tab, b, out, part, m, n, k, x2d.stride(0), per // 8,
                                  BN=cfg.bn, BKW=cfg.bk // 8, **common)  # fmt: skip
     elif cfg.path == "mma":
         grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), split)
-        _w4a16_mma_kernel[grid](x2d, qweight_t, scale_t, lut, b, out, part, m, n, k, x2d.stride(0), per,
+        _w4a16_mma_kernel[grid](x2d, qweight_t, scale_t, tab, b, out, part, m, n, k, x2d.stride(0), per,
                                 BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m, **common)  # fmt: skip
     else:
         raise ValueError(f"{what}: unknown path {cfg.path!r} (expected 'gemv' or 'mma')")

@@ -45,9 +45,9 @@ from quantrl.formats import (
 from quantrl.formats._checks import cdiv
 from quantrl.kernels import (
     fp8_block_linear,
+    nvfp4_decode_table,
     nvfp4_linear,
     nvfp4_repack,
-    nvfp4_scale_lut,
     triton_available,
     w4a16_linear,
     w4a16_repack,
@@ -360,7 +360,7 @@ class _KernelLinear(_DequantCache, QLinear):
         if self._wants_kernel():
             try:
                 new = self._kernel_layout()
-            except ValueError as e:  # e.g. an NVFP4 global scale the kernel's table cannot hold
+            except ValueError as e:  # a weight the kernel layout cannot take
                 self._disable_kernel(str(e), 2)
                 return
             old = self._kernel_weights or (None,) * len(new)
@@ -461,7 +461,8 @@ class Nvfp4Linear(_KernelLinear):
 
     Hopper has no FP4 tensor cores; CUDA runs the W4A16 kernels with an e2m1 decode (``kernels.nvfp4_linear``:
     4.5 bits per weight read, BF16 tensor cores), on the layout ``post_process_weights`` derives
-    (``kernels.nvfp4_repack``, a transpose of the same words, and the layer's 256-entry scale table), with
+    (``kernels.nvfp4_repack``: the same words transposed, bits rearranged for the decode; and the layer's
+    decode table, formats' weight for each e4m3 scale x e2m1 magnitude), with
     ``_KernelLinear``'s first-call check and dequantized-cache fallback. CPU dequantizes through ``formats``
     on every call (then a GEMM with fp32 accumulation).
     """
@@ -490,11 +491,11 @@ class Nvfp4Linear(_KernelLinear):
 
     def _kernel_layout(self) -> tuple[torch.Tensor, ...]:
         q, s = nvfp4_repack(self.weight_packed, self.weight_scale)
-        return q, s, nvfp4_scale_lut(self.weight_global_scale)
+        return q, s, nvfp4_decode_table(self.weight_global_scale)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, s, lut = self._kernel_weights
-        return nvfp4_linear(x, q, s, self.weight_global_scale, self.bias, lut=lut, backend="triton")
+        q, s, table = self._kernel_weights
+        return nvfp4_linear(x, q, s, self.weight_global_scale, self.bias, table=table, backend="triton")
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
