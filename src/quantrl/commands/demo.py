@@ -66,9 +66,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> list[dict]:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*loading attributes.*")
+    bf16_dir = Path(cfg.model or default_model_dir())
+    if not (bf16_dir / "config.json").is_file():
+        raise FileNotFoundError(f"demo: {bf16_dir} is not a Hugging Face model directory (no config.json)")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    bf16_dir = Path(cfg.model or default_model_dir())
     tok = AutoTokenizer.from_pretrained(str(bf16_dir))
     calib, held = make_split(2000, 64, cfg.seed + 7, "medium")
     calib_file = out / "calibration.txt"
