@@ -370,6 +370,33 @@ def test_w4a16_linear_dispatch_matches_engine_layer(gen):
         assert gemm_ulps(layer(x).view(6, 96), x.view(6, 256), layer.dequantized_weight(), bias) <= 1.0
 
 
+@triton.jit
+def _prmt_kernel(a_ptr, b_ptr, c_ptr, out_ptr, BLOCK: tl.constexpr):
+    from quantrl.kernels.w4a16 import _prmt
+
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, _prmt(tl.load(a_ptr + offs), tl.load(b_ptr + offs), tl.load(c_ptr + offs)))
+
+
+def test_prmt_emulation_follows_ptx_semantics(gen):
+    """The interpreter's stand-in for ``prmt.b32`` (the NVFP4 decode) against PTX's definition: byte i of d is
+    byte ``(c >> 4i) & 7`` of ``(b << 32) | a``; CUB's documented example, then random operands against a
+    Python transcription of that rule (selector nibbles with bit 3 clear, as the decode uses them)."""
+    n = 64
+    a = torch.randint(-(2**31), 2**31, (n,), generator=gen, dtype=torch.int64).to(torch.int32)
+    b = torch.randint(-(2**31), 2**31, (n,), generator=gen, dtype=torch.int64).to(torch.int32)
+    c = torch.randint(0, 2**16, (n,), generator=gen, dtype=torch.int32) & 0x7777
+    a[0], b[0], c[0] = 0x03020100, 0x07060504, 0x7531
+    out = torch.empty(n, dtype=torch.int32, device=DEV)
+    _prmt_kernel[(1,)](a.to(DEV), b.to(DEV), c.to(DEV), out, BLOCK=n)
+    got = out.cpu()
+    assert int(got[0]) == 0x07050301
+    for i in range(n):
+        src = (int(b[i]) & 0xFFFFFFFF) << 32 | (int(a[i]) & 0xFFFFFFFF)
+        want = sum(((src >> (8 * ((int(c[i]) >> (4 * j)) & 7))) & 0xFF) << (8 * j) for j in range(4))
+        assert int(got[i]) & 0xFFFFFFFF == want, i
+
+
 # NVFP4A16: the same kernels with the e2m1 decode and the layer's decode table
 def _nvfp4_weight(n, k, gen, act_dtype=torch.bfloat16, every_code=False):
     """(qweight_t, scale_t, decode table, engine weight fp32). ``every_code``: random codes 0..15 and random e4m3
