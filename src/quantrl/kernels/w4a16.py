@@ -214,13 +214,19 @@ def _prmt(a, b, sel):
 
 
 @triton.jit
+def _fp16_half(v, HIGH: tl.constexpr):
+    """One fp16 of an int32 holding two, as fp32 (the interpreter path: a 16-bit tensor is fine there)."""
+    h = (v >> 16) if HIGH else v
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _fp4_out(p, DT: tl.constexpr, HIGH: tl.constexpr):
     """One weight of a decoded pair word, as fp32 (the interpreter's stand-in for DT)."""
     if DT == tl.bfloat16:
         y = _pair_half(p, HIGH)
     else:
-        h = (p >> 16) if HIGH else p
-        y = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        y = _fp16_half(p, HIGH)
     return y
 
 
@@ -319,8 +325,7 @@ def _x_pair(xw, mask, FP16: tl.constexpr, NATIVE: tl.constexpr):
         lo, hi = tl.inline_asm_elementwise(_FP16_PAIR_PTX, "=r,=r,r", [v], dtype=(tl.float32, tl.float32),
                                            is_pure=True, pack=1)  # fmt: skip
     else:
-        lo = v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        lo, hi = _fp16_half(v, False), _fp16_half(v, True)
     return lo, hi
 
 
