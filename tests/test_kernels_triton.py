@@ -130,7 +130,8 @@ def test_int4_quant_pack_bitwise(group_size, qmax, dtype, gen):
 
 
 def _extremes(dtype, device=DEV) -> torch.Tensor:
-    """Rows of subnormals, ties, the dtype's largest values, mixed magnitudes within a group."""
+    """Rows of subnormals, ties, the dtype's largest values, mixed magnitudes within a group, signed zeros
+    (-0.0 must keep its sign through the quantizers' division: code 0x80, not 0x00)."""
     fi = torch.finfo(dtype)
     rows = [
         torch.full((128,), fi.tiny) * torch.arange(128),  # down to 0 and subnormal
@@ -138,6 +139,7 @@ def _extremes(dtype, device=DEV) -> torch.Tensor:
         torch.arange(128).float() - 63.5,  # exact halves after scaling
         torch.cat([torch.tensor([7.0]), torch.arange(127).float() / 18]),  # x / s near .5 boundaries
         torch.cat([torch.tensor([fi.max]), torch.full((127,), fi.tiny)]),
+        torch.cat([torch.tensor([3.0, -5.0]), torch.tensor([-0.0, 0.0] * 63)]),
     ]
     return torch.stack(rows).to(dtype).to(device)
 
@@ -368,6 +370,50 @@ def test_w4a16_linear_dispatch_matches_engine_layer(gen):
     assert y.shape == (2, 3, 96) and gemm_ulps(y.view(6, 96), x.view(6, 256), layer.dequantized_weight(), bias) <= 1.0
     with torch.no_grad():
         assert gemm_ulps(layer(x).view(6, 96), x.view(6, 256), layer.dequantized_weight(), bias) <= 1.0
+
+
+@triton.jit
+def _div_kernel(a_ptr, b_ptr, q_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    k, bk, r = nm.recip_rn(tl.load(b_ptr + offs))
+    tl.store(q_ptr + offs, nm.div_by_recip(tl.load(a_ptr + offs), k, bk, r))
+
+
+def _hard_quotients(n, gen):
+    """(a, b) fp32 pairs where a reciprocal-based division is most likely to round wrong: divisor
+    significands next to 1 and 2, quotient significands next to 2, quotients on and next to e4m3 / half-integer
+    ties, signed zeros, and scales from fp32's subnormals to 2^118."""
+    u = lambda: torch.rand(n, generator=gen, dtype=torch.float64)  # noqa: E731
+    e = lambda lo, hi: 2.0 ** torch.randint(lo, hi, (n,), generator=gen).double()  # noqa: E731
+    ulp = torch.randint(1, 1024, (n,), generator=gen).double() * 2.0**-23
+    bs = [(1 + ulp) * e(-60, 60), (2 - ulp) * e(-60, 60), (1 + u()) * e(-149, 117), (1 + u()) * e(-10, 10)]
+    qs = [(u() * 2 - 1) * 448, (2 - u() * 2**-10) * e(-12, 8) * torch.sign(u() - 0.5),
+          torch.randint(-3584, 3585, (n,), generator=gen).double() / 8 + torch.randint(-2, 3, (n,), generator=gen) * 2.0**-21,
+          torch.randint(-16, 17, (n,), generator=gen).double() / 2]  # fmt: skip
+    out = []
+    for b in bs:
+        b = b.float()
+        for q in qs:
+            a = (q * b.double()).float()
+            a[:64] = torch.tensor([0.0, -0.0] * 32)
+            out.append((a, b))
+    return out
+
+
+def test_reciprocal_division_is_ieee_division(gen):
+    """``recip_rn`` + ``div_by_recip`` (the quantizers' x / s) against IEEE fp32 division, 16 x 2^16 hard
+    pairs: bit for bit wherever |a / b| >= 2^-11, and below that still under 2^-10 with a's sign, which
+    is all e4m3 and integer rounding can see."""
+    n = 1 << 16
+    for a, b in _hard_quotients(n, gen):
+        assert bool(torch.isfinite(a).all() and (b > 0).all())
+        q = torch.empty_like(a, device=DEV)
+        _div_kernel[(1,)](a.to(DEV), b.to(DEV), q, BLOCK=n)
+        got, want = q.cpu(), a / b  # torch's CPU fp32 division is IEEE
+        big = want.abs() >= 2.0**-11
+        assert torch.equal(got[big].view(torch.int32), want[big].view(torch.int32))
+        assert bool((got[~big].abs() < 2.0**-10).all())
+        assert torch.equal(torch.signbit(got), torch.signbit(want))
 
 
 @triton.jit

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from quantrl.formats._checks import cdiv, check_amax
-from quantrl.kernels._numerics import abs_bits, div_rn, fp8_scale, native_default, to_e4m3_bits, widen
+from quantrl.kernels._numerics import abs_bits, div_by_recip, fp8_scale, native_default, recip_rn, to_e4m3_bits, widen
 from quantrl.kernels._triton import tl, triton
 
 
@@ -44,7 +44,8 @@ def _fp8_act_quant_kernel(
     x = tl.load(x_ptr + rm[:, None, None] * stride_xm + k, mask=mask, other=0.0)
     xf = widen(x, NATIVE)
     s = fp8_scale(tl.max(abs_bits(xf), axis=2), UE8M0)  # [ROWS, GPP]
-    y = tl.minimum(tl.maximum(div_rn(xf, s[:, :, None]), -448.0), 448.0)
+    sk, bk, r = recip_rn(s)
+    y = tl.minimum(tl.maximum(div_by_recip(xf, sk[:, :, None], bk[:, :, None], r[:, :, None]), -448.0), 448.0)
     tl.store(q_ptr + rm[:, None, None] * K + k, to_e4m3_bits(y, NATIVE), mask=mask)
     tl.store(s_ptr + rm[:, None] * n_groups + g[None, :], s, mask=(rm < M)[:, None] & (g < n_groups)[None, :])
 
@@ -62,7 +63,8 @@ def _fp8_block_quant_kernel(
     x = tl.load(x_ptr + rn[:, None] * stride_xn + rk[None, :], mask=mask, other=0.0)
     xf = widen(x, NATIVE)
     s = fp8_scale(tl.max(tl.max(abs_bits(xf), axis=1), axis=0), UE8M0)  # scalar
-    y = tl.minimum(tl.maximum(div_rn(xf, s), -448.0), 448.0)
+    sk, bk, r = recip_rn(s)
+    y = tl.minimum(tl.maximum(div_by_recip(xf, sk, bk, r), -448.0), 448.0)
     tl.store(q_ptr + rn[:, None] * K + rk[None, :], to_e4m3_bits(y, NATIVE), mask=mask)
     tl.store(s_ptr + pid_n * n_kb + pid_k, s)
 
@@ -83,10 +85,14 @@ def _fp8_act_quant_2d_kernel(
     a = abs_bits(xf)
     s_row = fp8_scale(tl.max(a, axis=1), UE8M0)  # [G]: token m's group pid_k along K
     s_col = fp8_scale(tl.max(a, axis=0), UE8M0)  # [G]: channel k's group pid_m along M
-    q = to_e4m3_bits(tl.minimum(tl.maximum(div_rn(xf, s_row[:, None]), -448.0), 448.0), NATIVE)
+    sk, bk, r = recip_rn(s_row)
+    q = to_e4m3_bits(tl.minimum(tl.maximum(div_by_recip(xf, sk[:, None], bk[:, None], r[:, None]), -448.0), 448.0),
+                     NATIVE)  # fmt: skip
     tl.store(q_ptr + rm[:, None] * K + rk[None, :], q, mask=mask)
     tl.store(s_ptr + pid_k * M + rm, s_row, mask=m_ok)  # scales column-major (see the launcher)
-    qt = to_e4m3_bits(tl.minimum(tl.maximum(div_rn(xf, s_col[None, :]), -448.0), 448.0), NATIVE)
+    sk, bk, r = recip_rn(s_col)
+    qt = to_e4m3_bits(tl.minimum(tl.maximum(div_by_recip(xf, sk[None, :], bk[None, :], r[None, :]), -448.0), 448.0),
+                      NATIVE)  # fmt: skip
     # [K, M] output: transpose in registers so the store runs along M, its contiguous axis
     tl.store(qt_ptr + rk[:, None] * M + rm[None, :], tl.trans(qt), mask=k_ok[:, None] & m_ok[None, :])
     tl.store(st_ptr + pid_m * K + rk, s_col, mask=k_ok)

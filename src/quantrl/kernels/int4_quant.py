@@ -26,7 +26,18 @@ import torch
 
 from quantrl.formats._checks import check_amax
 from quantrl.formats.int4 import int_range
-from quantrl.kernels._numerics import abs_bits, bits_to_f32, cast_out, div_rn, native_default, rne_int, to_bf16, widen
+from quantrl.kernels._numerics import (
+    abs_bits,
+    bits_to_f32,
+    cast_out,
+    div_by_recip,
+    div_rn,
+    native_default,
+    recip_rn,
+    rne_int,
+    to_bf16,
+    widen,
+)
 from quantrl.kernels._triton import tl, triton
 
 _BF16 = torch.finfo(torch.bfloat16)
@@ -43,8 +54,9 @@ def _group_scale(amax_bits, DIV: tl.constexpr, SMIN: tl.constexpr, SMAX: tl.cons
 
 
 @triton.jit
-def _codes(xf, sf, QLO: tl.constexpr, QHI: tl.constexpr):
-    return tl.minimum(tl.maximum(rne_int(div_rn(xf, sf)), QLO), QHI)
+def _codes(xf, sk, bk, r, QLO: tl.constexpr, QHI: tl.constexpr):
+    """Integer codes ``clamp(rne(x / s))`` from ``recip_rn(s)`` (broadcastable to xf)."""
+    return tl.minimum(tl.maximum(rne_int(div_by_recip(xf, sk, bk, r)), QLO), QHI)
 
 
 @triton.jit
@@ -62,7 +74,8 @@ def _int4_quant_pack_kernel(
     w = tl.load(w_ptr + rn[:, None, None] * stride_wn + k[None, :, :], mask=n_mask[:, None, None], other=0.0)
     xf = widen(w, NATIVE)  # [ROWS, G/8, 8]
     s = _group_scale(tl.max(tl.max(abs_bits(xf), axis=2), axis=1), DIV, SMIN, SMAX, NATIVE)  # [ROWS] bf16
-    q = _codes(xf, widen(s, NATIVE)[:, None, None], QLO, QHI).to(tl.int32)
+    sk, bk, r = recip_rn(widen(s, NATIVE))  # [ROWS]
+    q = _codes(xf, sk[:, None, None], bk[:, None, None], r[:, None, None], QLO, QHI).to(tl.int32)
     # the 8 shifted nibbles occupy disjoint bits, so their wrapping int32 sum is their OR (and ``tl.sum``
     # is a native reduction, also in the interpreter, where a custom combine function runs per element)
     word = tl.sum((q + 8) << (4 * j)[None, None, :], axis=2)  # [ROWS, G/8]
@@ -85,8 +98,9 @@ def _int4_fake_quant_kernel(
     w = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :], mask=n_mask[:, None], other=0.0)
     xf = widen(w, NATIVE)  # [ROWS, G]
     s = _group_scale(tl.max(abs_bits(xf), axis=1), DIV, SMIN, SMAX, NATIVE)  # [ROWS] bf16
-    sf = widen(s, NATIVE)[:, None]
-    deq = _codes(xf, sf, QLO, QHI) * sf  # exact in fp32
+    sf = widen(s, NATIVE)
+    sk, bk, r = recip_rn(sf)  # [ROWS]
+    deq = _codes(xf, sk[:, None], bk[:, None], r[:, None], QLO, QHI) * sf[:, None]  # exact in fp32
     tl.store(out_ptr + rn[:, None] * K + k[None, :], cast_out(deq, out_ptr.dtype.element_ty, NATIVE),
              mask=n_mask[:, None])  # fmt: skip
     tl.store(s_ptr + rn * (K // GROUP) + pid_g, s, mask=n_mask)
