@@ -383,8 +383,12 @@ def _hard_quotients(n, gen):
     """(a, b) fp32 pairs where a reciprocal-based division is most likely to round wrong: divisor
     significands next to 1 and 2, quotient significands next to 2, quotients on and next to e4m3 / half-integer
     ties, signed zeros, and scales from fp32's subnormals to 2^118."""
-    u = lambda: torch.rand(n, generator=gen, dtype=torch.float64)  # noqa: E731
-    e = lambda lo, hi: 2.0 ** torch.randint(lo, hi, (n,), generator=gen).double()  # noqa: E731
+    def u():
+        return torch.rand(n, generator=gen, dtype=torch.float64)
+
+    def e(lo, hi):  # random powers of two
+        return 2.0 ** torch.randint(lo, hi, (n,), generator=gen).double()
+
     ulp = torch.randint(1, 1024, (n,), generator=gen).double() * 2.0**-23
     bs = [(1 + ulp) * e(-60, 60), (2 - ulp) * e(-60, 60), (1 + u()) * e(-149, 117), (1 + u()) * e(-10, 10)]
     qs = [(u() * 2 - 1) * 448, (2 - u() * 2**-10) * e(-12, 8) * torch.sign(u() - 0.5),
