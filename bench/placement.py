@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--model", default="", help="HF model dir (default: the embedded model)")
     ap.add_argument("--recipe", default="int4-qat")
     ap.add_argument("--num-steps", type=int, default=12)
+    ap.add_argument("--prompts-per-step", type=int, default=RLConfig.prompts_per_step)
+    ap.add_argument("--n-samples-per-prompt", type=int, default=RLConfig.n_samples_per_prompt)
     ap.add_argument("--rollout-num-engines", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of the trainer and of each engine")
     ap.add_argument("--out", default="runs/placement")
@@ -68,8 +70,10 @@ def main() -> None:
         shutil.rmtree(run, ignore_errors=True)
         engines = args.rollout_num_engines if flags["placement"] == "ray" else 1
         cfg = dataclasses.replace(RLConfig(), recipe=args.recipe, model=args.model, run_dir=str(run),
-                                  num_steps=args.num_steps, eval_interval=0, save_interval=0, device=args.device,
-                                  threads=args.threads, rollout_num_engines=engines, **flags)  # fmt: skip
+                                  num_steps=args.num_steps, prompts_per_step=args.prompts_per_step,
+                                  n_samples_per_prompt=args.n_samples_per_prompt, eval_interval=0, save_interval=0,
+                                  device=args.device, threads=args.threads, rollout_num_engines=engines,
+                                  **flags)  # fmt: skip
         results[name] = summarize(train(cfg, progress=True))
     base = results["local"]["step_s_median"]
     print(f"{'placement':<11}{'step s':>8}{'x local':>9}{'rollout':>9}{'waited':>8}{'train':>8}{'sync':>8}{'|dlogp|':>10}{'lag':>5}")

@@ -223,8 +223,9 @@ def test_kernels_gate_falls_back_to_the_magic_unpacking(monkeypatch, other_failu
 
 def test_placement_bench_runs_every_placement(tmp_path):
     pytest.importorskip("ray")
-    proc = subprocess.run([sys.executable, "bench/placement.py", "--device", "cpu", "--num-steps", "2", "--no-write",
-                           "--out", str(tmp_path)], check=False, cwd=ROOT, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "bench/placement.py", "--device", "cpu", "--num-steps", "2",
+                           "--prompts-per-step", "4", "--n-samples-per-prompt", "4", "--no-write", "--out",
+                           str(tmp_path)], check=False, cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, f"placement.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     table = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.split()[:1] and

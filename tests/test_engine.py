@@ -140,6 +140,8 @@ def test_bf16_update_good_and_bad(model_dir):
         "dtype": [(name, new[name].to(torch.bfloat16))],
         "unknown": [("model.layers.0.mlp.up_proj.weight", new[name]), ("model.layers.9.mlp.up_proj.weight", new[name])],
         "typo": [("lm_head.weigth", new["lm_head.weight"])],
+        "nan": [("model.norm.weight", torch.full_like(state["model.norm.weight"], float("nan")))],
+        "inf": [(name, new[name].index_fill(1, torch.tensor([3]), float("inf")))],
     }
     for why, update in bad_updates.items():
         with pytest.raises(ValueError, match="nothing was loaded"):
@@ -163,6 +165,14 @@ def test_bf16_update_good_and_bad(model_dir):
         for n, t in new.items():
             fresh.get_parameter(n).copy_(t)
     assert _snapshot(Engine(fresh, kv_cache_tokens=512), prompts) == [(x.tokens, x.logprobs) for x in after]
+
+
+def test_nan_logits_raise_instead_of_sampling_token_0(model_dir):
+    model = load_model(model_dir, dtype=torch.float32)
+    with torch.no_grad():  # past update_weights' checks: e.g. an activation overflow in low precision
+        model.get_parameter("model.norm.weight")[5] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN after 0 tokens"):
+        Engine(model, kv_cache_tokens=256).generate(random_prompts([4], seed=1), SamplingParams(max_new_tokens=3))
 
 
 def test_check_equal_detects_a_load_that_did_not_happen(model_dir, monkeypatch):
@@ -216,6 +226,20 @@ def test_quantized_engine_update(kind):
     partial = [(n, t) for n, t in update if not n.endswith(("weight_scale_inv", "weight_scale"))]
     with pytest.raises(ValueError, match="incomplete update of 'model.layers.0.self_attn.q_proj'"):
         engine.update_weights(partial, version=1)
+    assert engine.weight_version == 0 and _snapshot(engine, prompts) == before
+    assert all(bitwise_equal(t, state[n]) for n, t in engine_state(model).items())
+
+    # a value post-processing would choke on, or the engine sample garbage from, in the LAST unit: refused
+    # before the first write (E8M0's NaN byte, fp8's NaN code, a NaN scale)
+    last = max(i for i, (n, _) in enumerate(update) if n.endswith(("weight_scale_inv", "weight_scale")))
+    bad_name, poisoned = update[last][0], update[last][1].clone()
+    codes = poisoned.view(torch.uint8) if poisoned.element_size() == 1 else None
+    if codes is not None:
+        codes.view(-1)[0] = 255 if kind == "mxfp8" else 0x7F
+    else:
+        poisoned.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=f"'{bad_name}': 1 of {poisoned.numel()} values are"):
+        engine.update_weights([*update[:last], (bad_name, poisoned), *update[last + 1 :]], version=1)
     assert engine.weight_version == 0 and _snapshot(engine, prompts) == before
     assert all(bitwise_equal(t, state[n]) for n, t in engine_state(model).items())
 

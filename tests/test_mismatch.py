@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from quantrl.rl.mismatch import ISConfig, importance_weights, mismatch_metrics
+from quantrl.rl.mismatch import ISConfig, importance_weights, mismatch_metrics, quantiles
 
 
 def test_metrics_on_hand_computed_values():
@@ -19,6 +19,20 @@ def test_metrics_on_hand_computed_values():
     assert m["mismatch_k3"] == pytest.approx(float((r.exp() - 1 - r).mean()))
     assert m["is_ratio_max"] == pytest.approx(math.exp(0.5)) and m["is_ratio_min"] == pytest.approx(math.exp(-0.8))
     assert m["tokens"] == 4
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+def test_quantiles_are_torch_quantiles(n):
+    x = torch.randn(n).exp()
+    qs = (0.0, 0.01, 0.5, 0.99, 1.0)
+    want = torch.quantile(x.double(), torch.tensor(qs, dtype=torch.float64)).tolist()
+    assert quantiles(x, qs) == pytest.approx(want, rel=1e-6, abs=0)
+
+
+def test_quantiles_beyond_torch_quantiles_limit():
+    """More tokens in a step than torch.quantile takes (2^24: e.g. 128 prompts x 16 samples x 8k tokens)."""
+    x = torch.arange(2**24 + 3, dtype=torch.float32).flip(0)  # exact in fp32: quantiles are known
+    assert quantiles(x, (0.0, 0.5, 1.0)) == [0.0, (2**24 + 2) / 2, 2**24 + 2]
 
 
 def test_identical_policies_have_zero_mismatch():

@@ -18,7 +18,16 @@ from quantrl.rl.rewards import answers_match, extract_final_answer, math_reward,
         (r"early \boxed{8} then cut off \boxed{12", "8"),  # unclosed last box: the last complete one
         (r"cut off \boxed{12", None),  # tried to box, never closed: no answer, not the stray 12
         ("Answer: 17", "17"),
-        ("blah\nthe answer is 1,234.\n", "1,234."),
+        ("blah\nthe answer is 1,234.\n", "1,234"),  # up to the end of the sentence
+        ("The answer is 5 apples", "5"),  # prose around a number: the number
+        ("The answer is 42, since 6*7=42.", "42"),
+        ("The answer is **5**.", "5"),  # markdown bold
+        ("**Answer:** 5", "5"),
+        (r"The answer is \(5\).", "5"),
+        ("Final Answer: The final answer is $5$. I hope it is correct.", "$5$"),  # the line's last marker
+        ("The answer is 1, 2, 3", "1, 2, 3"),  # a list is not a sentence end
+        ("The answer is yes.", "yes"),  # prose without a number stays as it is
+        ("the answer isn't 4, it's 5", "5"),  # "answer isn't" is no marker
         ("work 3+4=7\n#### 7", "7"),
         ("#### 5\nAnswer: 6", "6"),  # the last marker
         ("so we get -5 and then 3.50", "3.50"),  # last number
@@ -66,6 +75,13 @@ def test_extract_final_answer(text, want):
         (r"90^\circ", "90"),
         ("\u22127", "-7"),  # unicode minus
         (r"\left( 1, 2 \right)", "(1,2)"),
+        (r"\$18.00", "18"),  # an escaped dollar
+        (r"1{,}000", "1000"),
+        ("1, 234", "1,234"),  # a spaced list, not a thousands separator
+        (r"\{1, 2\}", "{1,2}"),
+        (r"\frac{\pi}{2}", r"\pi/2"),  # a LaTeX term is one term
+        (r"\frac{\sqrt3}{2}", r"\sqrt{3}/2"),
+        (r"\frac{3}{-4}", "-3/4"),  # the sign moves to the front
     ],
 )
 def test_normalize_answer(raw, want):
@@ -93,6 +109,11 @@ def test_normalize_answer(raw, want):
         (r"\boxed{\text{(B)}}", "(B)", 1.0),
         (r"\boxed{72}", "Natalia sold 48/2 = 24 clips.\n#### 72", 1.0),  # GSM8K-style label
         (r"\boxed{72}", 72, 1.0),  # a numeric label from JSON
+        (r"\boxed{\$18}", "18", 1.0),
+        (r"\boxed{\frac{3\pi}{4}}", r"3\pi/4", 1.0),
+        (r"\boxed{\frac{3}{-4}}", "-0.75", 1.0),
+        ("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.", "0.5", 1.0),
+        ("The answer is 18 dollars.", "18", 1.0),
     ],
 )
 def test_math_reward(response, label, reward):

@@ -32,6 +32,17 @@ def tiny_moe_model(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def ray_up():
+    """One local Ray for the module's Ray runs. ``train()`` then joins it, as it joins a user's
+    ``ray.init()``, instead of starting and stopping its own (~5 s a run here); starting its own is
+    covered by bench/placement.py's smoke test."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 def cfg(model, run_dir, **kw):
     base = RLConfig(model=str(model) if model else "", run_dir=str(run_dir), num_steps=2, prompts_per_step=2, n_samples_per_prompt=3,
                     max_new_tokens=12, eval_size=4, eval_interval=2, save_interval=2, micro_batch_size=4,
@@ -65,13 +76,32 @@ def test_bf16_recipe_has_the_smallest_mismatch(tiny_model, tmp_path):
     assert bf16[-1]["mismatch_abs_mean"] < ptq[-1]["mismatch_abs_mean"]
 
 
-def test_resume_repeats_the_uninterrupted_run(tiny_model, tmp_path):
-    full = train(cfg(tiny_model, tmp_path / "full", num_steps=4), progress=False)
-    train(cfg(tiny_model, tmp_path / "cut", num_steps=2), progress=False)
-    resumed_rows = train(cfg(tiny_model, tmp_path / "cut", num_steps=4, resume=True), progress=False)
+def test_resume_repeats_the_uninterrupted_run(tmp_path):
+    """The embedded model, which solves some problems, so that gradients, optimizer states and the KL term
+    are not zero; the resumed run's KL reference must be the initial policy, not the checkpoint's."""
+    run = functools.partial(cfg, "", kl_coef=0.1, lr=1e-3, prompts_per_step=4, n_samples_per_prompt=4,
+                            max_new_tokens=40, difficulty="medium", threads=1)  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        full = train(run(tmp_path / "full", num_steps=4), progress=False)
+        train(run(tmp_path / "cut", num_steps=2), progress=False)
+        resumed_rows = train(run(tmp_path / "cut", num_steps=4, resume=True), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(r["grad_norm"] > 0 and r["kl_ref"] > 0 for r in full[2:] if "reward" in r), full
     assert [r["step"] for r in resumed_rows if "reward" in r] == [3, 4]
     on_disk = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert untimed(on_disk) == untimed(full)
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tiny_model, tmp_path):
+    run = RLRun(cfg(tiny_model, tmp_path / "r", num_steps=3, save_interval=5), progress=False)
+    run.start()
+    run.advance()  # step 1 is logged, no checkpoint is written yet: then the process dies
+    del run
+    train(cfg(tiny_model, tmp_path / "r", num_steps=3, save_interval=5, resume=True), progress=False)
+    on_disk = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert on_disk == [0, 1, 2, 3]  # once each: not the dead run's rows before them
 
 
 def test_crash_mid_step_keeps_the_last_checkpoint(tiny_model, tmp_path, monkeypatch):
@@ -124,6 +154,22 @@ def test_cli_resume_reuses_the_saved_config(tiny_model, tmp_path, capsys):
     assert "fp8" in capsys.readouterr().out  # the saved recipe, not the default one
 
 
+def test_resume_flags_given_at_their_default_value_still_count(tmp_path):
+    import argparse
+
+    from quantrl.commands.train import register, resumed_config
+    from quantrl.config_cli import flags_given, from_args
+
+    saved = RLConfig(run_dir=str(tmp_path), is_mode="tis", num_steps=100, device="cpu", lr=3e-4)
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(saved)))
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["train", "--run-dir", str(tmp_path), "--resume", "--is-mode", "", "--num-steps", "40"])
+    assert flags_given(args) == {"run_dir", "resume", "is_mode", "num_steps"}
+    cfg = resumed_config(from_args(RLConfig, args), flags_given(args))
+    assert (cfg.is_mode, cfg.num_steps, cfg.lr, cfg.resume) == ("", 40, 3e-4, True)  # 40 and '' are the defaults
+
+
 def test_cuda_graph_needs_cuda(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="--cuda-graph needs --device cuda"):
         train(cfg(tiny_model, tmp_path / "g", cuda_graph=True), progress=False)
@@ -142,10 +188,9 @@ def test_recipes_run_on_cuda(recipe, cuda_graph, tiny_model, tmp_path):
     assert all(0 <= r["mismatch_abs_mean"] < 0.5 for r in steps), [r["mismatch_abs_mean"] for r in steps]
 
 
-def test_ray_placement_repeats_the_local_run(tiny_model, tmp_path):
+def test_ray_placement_repeats_the_local_run(tiny_model, tmp_path, ray_up):
     """Trainer and one engine as Ray actors: the same metrics as the local run, number for number (one CPU
     thread each side, so that no reduction order differs); then two engines share the batch and resume."""
-    pytest.importorskip("ray")
     threads = torch.get_num_threads()
     try:
         local = train(cfg(tiny_model, tmp_path / "local", threads=1), progress=False)
@@ -161,16 +206,14 @@ def test_ray_placement_repeats_the_local_run(tiny_model, tmp_path):
     assert [r["rollout_weight_version"] for r in local if "reward" in r] == [0, 1]  # on-policy
 
 
-def test_async_rollout_is_one_step_off_policy_and_resumes_exactly(tiny_model, tmp_path):
+def test_async_rollout_is_one_step_off_policy_and_resumes_exactly(tiny_model, tmp_path, ray_up):
     """--async-rollout: step t + 1's samples come from the weights before step t's update; the samples
     pending at a checkpoint are saved with it, so a run stopped after it repeats the uninterrupted one."""
-    ray = pytest.importorskip("ray")
     run = functools.partial(cfg, tiny_model, placement="ray", async_rollout=True, is_mode="tis", eval_interval=0,
                             num_steps=4, threads=1)  # fmt: skip
     full = train(run(tmp_path / "full"), progress=False)
     assert [r["rollout_weight_version"] for r in full] == [0, 0, 1, 2]
     assert [r["weight_version"] for r in full] == [1, 2, 3, 4]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     threads = torch.get_num_threads()
     try:
         cut = RLRun(run(tmp_path / "cut"), progress=False)  # this process is the trainer, the engine an actor
@@ -179,7 +222,6 @@ def test_async_rollout_is_one_step_off_policy_and_resumes_exactly(tiny_model, tm
         cut.close()  # the run stops here
         train(run(tmp_path / "cut", resume=True), progress=False)
     finally:
-        ray.shutdown()
         torch.set_num_threads(threads)
     on_disk = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert untimed(on_disk) == untimed(full)
@@ -196,13 +238,14 @@ def test_placement_flags_are_checked():
         RLConfig(placement="slurm")
     with pytest.raises(ValueError, match="needs --placement ray"):
         RLConfig(rollout_num_engines=2)
+    with pytest.raises(ValueError, match="needs held-out prompts"):
+        RLConfig(eval_size=0)
 
 
-def test_data_parallel_replicas_take_the_single_trainer_step(tiny_model, tmp_path):
+def test_data_parallel_replicas_take_the_single_trainer_step(tiny_model, tmp_path, ray_up):
     """--dp-size 2: two trainer replicas split every batch and stay bit-identical (the replica check of
     --check-weight-update-equal runs every step); the first step, sampled before any update, matches
     the single trainer's up to bf16 rounding of the different batch shapes."""
-    pytest.importorskip("ray")
     # the embedded model: the tiny one solves no problem, so its advantages, and gradients, would be all zero
     run = functools.partial(cfg, "", placement="ray", threads=1, eval_interval=0, prompts_per_step=4,
                             n_samples_per_prompt=4, max_new_tokens=48, difficulty="medium")  # fmt: skip
@@ -227,6 +270,7 @@ def test_ray_run_refuses_a_used_run_dir_before_starting_actors(tiny_model, tmp_p
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "metrics.jsonl").write_text("{}\n")
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a run that cannot run"))
+    monkeypatch.setattr(ray, "remote", lambda *a, **k: pytest.fail("an actor started for a run that cannot run"))
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg(tiny_model, tmp_path / "x", placement="ray"), progress=False)
 
@@ -261,11 +305,10 @@ def test_moe_routing_flips_are_counted_and_replay_needs_moe(tiny_model, tiny_moe
         RLRun(cfg(tiny_model, tmp_path / "c", use_rollout_routing_replay=True), progress=False)
 
 
-def test_routing_replay_on_ray_with_two_engines_and_replicas(tiny_moe_model, tmp_path):
+def test_routing_replay_on_ray_with_two_engines_and_replicas(tiny_moe_model, tmp_path, ray_up):
     """The engines' routing travels back through Ray, is cut into the replicas' rows with the rest of the
     batch, and the replicas' flip counts add up on the lead: with one engine and one trainer the metrics
     equal the local run's, number for number."""
-    pytest.importorskip("ray")
     run = functools.partial(cfg, tiny_moe_model, use_rollout_routing_replay=True, recipe="int4-ptq", threads=1,
                             eval_interval=0, num_steps=1)  # fmt: skip
     threads = torch.get_num_threads()

@@ -27,6 +27,31 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+_GIVEN = "_flags_given"  # namespace attribute: the fields whose flag was on the command line
+
+
+def _remember(namespace: argparse.Namespace, dest: str) -> None:
+    getattr(namespace, _GIVEN, None) or setattr(namespace, _GIVEN, set())
+    getattr(namespace, _GIVEN).add(dest)
+
+
+class _Store(argparse._StoreAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        _remember(namespace, self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _Bool(argparse.BooleanOptionalAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        _remember(namespace, self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def flags_given(args: argparse.Namespace) -> set[str]:
+    """The fields set on the command line, also where the value given equals the default."""
+    return set(getattr(args, _GIVEN, ()))
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, defaults: Any | None = None) -> None:
     docs = field_docs(cls)
     base = defaults or cls()
@@ -35,11 +60,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, defaults: Any
         flag = "--" + f.name.replace("_", "-")
         help_ = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")  # argparse %-formats help
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            parser.add_argument(flag, dest=f.name, action=_Bool, default=default, help=help_)
         elif isinstance(default, (int, float, str)):
-            parser.add_argument(flag, dest=f.name, type=type(default), default=default, help=help_)
+            parser.add_argument(flag, dest=f.name, action=_Store, type=type(default), default=default, help=help_)
         elif default is None:
-            parser.add_argument(flag, dest=f.name, default=None, help=help_)
+            parser.add_argument(flag, dest=f.name, action=_Store, default=None, help=help_)
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no CLI mapping for {type(default).__name__}")
 

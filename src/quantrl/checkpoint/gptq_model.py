@@ -51,6 +51,7 @@ shared experts get GPTQ and the routed experts round-to-nearest.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -246,13 +247,10 @@ class _LayerRunner:
         if key not in self._cache:
             pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)  # [1, L]
             cos_sin = self.rotary(h, pos)  # each [1, L, head_dim], in h's dtype
-            mask = self._mask_fns[kind](
-                config=self._sk.model.config,
-                inputs_embeds=h,
-                attention_mask=None,
-                past_key_values=None,
-                position_ids=pos,
-            )
+            fn = self._mask_fns[kind]
+            # transformers renamed the mask builders' cache argument (5.17: past_key_values; 5.24: cache)
+            no_cache = {"cache" if "cache" in inspect.signature(fn).parameters else "past_key_values": None}
+            mask = fn(config=self._sk.model.config, inputs_embeds=h, attention_mask=None, position_ids=pos, **no_cache)
             self._cache[key] = (pos, cos_sin, mask)
         return self._cache[key]
 

@@ -22,12 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from quantrl.config_cli import from_args
+    from quantrl.config_cli import flags_given, from_args
     from quantrl.rl.loop import RLConfig, train
 
     cfg = from_args(RLConfig, args)
     if cfg.resume:
-        cfg = resumed_config(cfg)
+        cfg = resumed_config(cfg, flags_given(args))
     rows = train(cfg, progress=not args.no_progress)
     steps = [r for r in rows if "reward" in r]
     if steps:
@@ -43,8 +43,9 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def resumed_config(cfg):
-    """On --resume, the run's saved config, with only the flags given on this command line changed."""
+def resumed_config(cfg, given: set[str]):
+    """On --resume, the run's saved config, with only the flags given on this command line (``given``)
+    changed, also to their default value (``--is-mode ''`` after a TIS run)."""
     import dataclasses
     import json
     from pathlib import Path
@@ -55,10 +56,9 @@ def resumed_config(cfg):
     if not saved_path.exists():
         return cfg
     saved = json.loads(saved_path.read_text())
-    default = RLConfig()
     fields = {f.name for f in dataclasses.fields(RLConfig)}
     merged = {k: v for k, v in saved.items() if k in fields}
-    merged.update({k: getattr(cfg, k) for k in fields if getattr(cfg, k) != getattr(default, k)})
+    merged.update({k: getattr(cfg, k) for k in given & fields})
     return RLConfig(**{**merged, "resume": True})
 
 

@@ -75,6 +75,8 @@ class WeightSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     optional: bool = False
+    e8m0: bool = False
+    "uint8 E8M0 scale exponents (MX formats), where byte 255 is NaN"
 
 
 class QLinear(nn.Module):
@@ -171,7 +173,7 @@ class Fp8Linear(QLinear):
         s = self.weight_scale_tensor
         return {
             "weight": WeightSpec(tuple(self.weight.shape), FP8_DTYPE),
-            self.scale_name: WeightSpec(tuple(s.shape), s.dtype),
+            self.scale_name: WeightSpec(tuple(s.shape), s.dtype, e8m0=self._e8m0),
         }
 
     def weight_scale_fp32(self) -> torch.Tensor:

@@ -137,6 +137,9 @@ class RLConfig:
                              "sequences of a step: every replica needs rows")  # fmt: skip
         if self.placement == "local" and self.async_rollout:
             raise ValueError("--async-rollout needs --placement ray (the engines must run beside the trainer)")
+        if self.eval_interval and not self.eval_size and not self.eval_data:
+            raise ValueError(f"--eval-interval {self.eval_interval} needs held-out prompts: --eval-size > 0 or "
+                             "--eval-data (or --eval-interval 0)")  # fmt: skip
 
 
 def default_model_dir() -> str:
@@ -172,7 +175,7 @@ def _task(cfg: RLConfig, tok):
     if cfg.prompt_data:
         dcfg = DataConfig(prompt_data=cfg.prompt_data, input_key=cfg.input_key, label_key=cfg.label_key,
                           apply_chat_template=cfg.apply_chat_template, seed=cfg.seed, eval_data=cfg.eval_data or None,
-                          eval_size=0 if cfg.eval_data else cfg.eval_size)  # fmt: skip
+                          eval_size=0 if cfg.eval_data or not cfg.eval_interval else cfg.eval_size)  # fmt: skip
         ds, held = load_data(dcfg, tok)
         return ds, held, reward
     from quantrl.tasks.arithmetic import make_split
@@ -283,7 +286,14 @@ class RLRun:
             mode=self.recipe.train_mode, lr=cfg.lr, micro_batch_size=cfg.micro_batch_size, grad_clip=cfg.grad_clip,
             qat_group_size=cfg.group_size, qat_qmax=cfg.qmax, fp8_param_gather=cfg.fp8_param_gather),
             dp_group=self.dp_group)  # fmt: skip
-        self.ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+        self.ref = None
+        if cfg.kl_coef > 0:  # the initial policy, in the trainer's mode (QAT's fake quant, FP8 GEMMs)
+            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+            if resume_from is not None:  # `model` holds the checkpoint's weights; the reference must not move
+                init = dict(load_model(self.model_dir, dtype=torch.bfloat16, device=cfg.device).named_parameters())
+                with torch.no_grad():
+                    for name, p in self.ref.named_parameters():
+                        p.copy_(init[name])
         is_cfg = ISConfig(cfg.is_mode or None, cfg.is_cap)
         self.loss_fn = make_loss_fn(GRPOConfig(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, is_cfg=is_cfg,
                                                kl_coef=cfg.kl_coef, temperature=cfg.temperature))  # fmt: skip

@@ -107,8 +107,8 @@ def sft_loss(model, micro, aux_coef: float = 0.0):
     logp, _ = token_logprobs(model, micro["input_ids"], micro["attention_mask"], routing=routing)
     nll = -(logp * micro["loss_mask"][:, 1:]).sum()
     if routing is None:
-        return nll, {"nll": float(nll)}
-    return nll + aux_coef * routing.balance_loss() * micro["loss_mask"][:, 1:].sum(), {"nll": float(nll)}
+        return nll, {"nll": float(nll.detach())}
+    return nll + aux_coef * routing.balance_loss() * micro["loss_mask"][:, 1:].sum(), {"nll": float(nll.detach())}
 
 
 def greedy_accuracy(model, tok, problems, max_new_tokens: int = 48) -> float:

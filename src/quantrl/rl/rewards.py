@@ -4,12 +4,17 @@ Extraction (``extract_final_answer``), first rule that finds something wins:
   1. the content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces matched; an unclosed
      one, e.g. a response cut at max length, is skipped), or ``\\boxed 5``; a text that has ``\\boxed`` but
      no complete one has no answer (rules 2-3 would reward a truncated response for a stray number);
-  2. the last explicit marker line: ``Answer: X`` / ``the answer is X`` / GSM8K's ``#### X`` (rest of that line);
+  2. the last explicit marker line: ``Answer: X`` / ``the answer is X`` / GSM8K's ``#### X``; X is what follows
+     the line's last marker (so ``Final Answer: The final answer is $5$.`` gives ``5``), without markdown bold
+     or ``\\(..\\)``, up to the end of its sentence (``5. I hope...``, ``42, since...``); when X is prose
+     around a number (``18 dollars``) the number is the answer;
   3. the last number in the text (sign, thousands separators, decimals, ``a/b``).
 
-Normalization (``normalize_answer``) removes presentation only: spaces, ``$``, ``\\text{..}``/``\\mathrm{..}``
-wrappers, ``\\left``/``\\right``, thin spaces, degree and percent signs, a trailing period, a leading ``+``,
-a leading ``x =``; ``\\frac{a}{b}``/``\\dfrac``/``\\frac12`` become ``a/b``; thousands commas go; numbers get
+Normalization (``normalize_answer``) removes presentation only: spaces, ``$`` and ``\\$``, ``\\text{..}``/
+``\\mathrm{..}`` wrappers, ``\\left``/``\\right``, thin spaces, degree and percent signs, a trailing period, a
+leading ``+``, a leading ``x =``; ``\\{``/``\\}`` become braces, ``\\sqrt3`` becomes ``\\sqrt{3}``;
+``\\frac{a}{b}``/``\\dfrac``/``\\frac12`` become ``a/b`` (a sign in b moves to the front); thousands commas
+(``1,000`` and ``1{,}000``, not a spaced list ``1, 234``) go; numbers get
 one spelling (``1.0``/``1.`` -> ``1``, ``1.50`` -> ``1.5``, ``.5`` -> ``0.5``, ``-0`` -> ``0``, ``4/2`` -> ``2``).
 ``math_reward`` then also accepts numeric equality across spellings (``0.5`` == ``1/2`` == ``2/4``), exact
 (``fractions.Fraction``), never within a tolerance: a reward that is noisy near the answer teaches rounding.
@@ -21,14 +26,18 @@ import re
 from fractions import Fraction
 
 _BOX_CMDS = ("\\boxed", "\\fbox")
-_MARKER = re.compile(r"(?:answer\s*(?:is\s*:?|:)|####)[ \t]*([^\n]*)", re.IGNORECASE)
+_MARKER = re.compile(r"(?:answer\s*(?:is\b\s*:?|:)|####)[ \t]*", re.IGNORECASE)
+_MARKUP = re.compile(r"\*+|\\[()\[\]]")  # markdown bold, \( \) \[ \]: how an answer is shown
+_SENTENCE_END = re.compile(r"[.;!?](?=\s|$)|,\s+(?=[A-Za-z]{2})")  # not a decimal point, not a list "1, 2"
+_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")  # prose: a word that is not a LaTeX command
 _SIGN = r"(?:(?<![\w)\]}])-)?"  # a minus counts as a sign only where it cannot be a binary minus
 _NUMBER = re.compile(_SIGN + r"(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?|\.\d+)")
 _DECIMAL = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
 _FRACTION = re.compile(r"-?\d+/\d+")
 # markup that changes how an answer looks, not what it is
-_PRESENTATION = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ", "$",
+_PRESENTATION = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ", "\\$", "$",
                  "^\\circ", "^{\\circ}", "\u00b0", "\\%", "%")
+_SPELLING = (("{,}", ","), ("\\{", "{"), ("\\}", "}"), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"))
 
 
 def _braced(text: str, start: int) -> tuple[str, int] | None:
@@ -74,12 +83,22 @@ def extract_final_answer(text: str) -> str | None:
         return boxed
     if any(cmd in text for cmd in _BOX_CMDS):
         return None  # it tried to box and was cut off: a stray earlier number is not its answer
-    markers = [m.group(1).strip() for m in _MARKER.finditer(text)]
-    markers = [s for s in markers if s]
-    if markers:
-        return markers[-1]
+    for line in reversed(text.splitlines()):
+        found = list(_MARKER.finditer(line))
+        if found and (answer := _marker_answer(line[found[-1].end() :])):
+            return answer
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
+
+
+def _marker_answer(rest: str) -> str:
+    """What a marker line says after its marker: the first sentence, or the number in it when it is prose."""
+    s = _MARKUP.sub("", rest).strip()
+    if end := _SENTENCE_END.search(s):
+        s = s[: end.start()].strip()
+    if _WORD.search(s) and (numbers := _NUMBER.findall(s)):
+        return numbers[0]
+    return s
 
 
 def _unwrap(s: str, cmd: str) -> str:
@@ -104,7 +123,8 @@ def _frac_arg(s: str, i: int) -> tuple[str, int] | None:
 
 
 def _atom(x: str) -> bool:
-    return re.fullmatch(r"-?[\w.]+", x) is not None
+    """One term: no operator outside a leading sign (``3``, ``-1``, ``\\pi``, ``3\\pi``, ``\\sqrt{3}``, ``x^2``)."""
+    return re.fullmatch(r"-?[^-+*/=<>,\s()]+", x) is not None
 
 
 def _fracs(s: str) -> str:
@@ -114,7 +134,10 @@ def _fracs(s: str) -> str:
         den = num and _frac_arg(s, num[1])
         if not num or not den:
             break
-        a, b = (x if _atom(x) else f"({x})" for x in (num[0], den[0]))
+        a, b = (x.strip() for x in (num[0], den[0]))
+        if b.startswith("-") and _atom(b) and _atom(a):  # 3/-4 -> -3/4
+            a, b = (a[1:] if a.startswith("-") else "-" + a), b[1:]
+        a, b = (x if _atom(x) else f"({x})" for x in (a, b))
         s = s[:i] + f"{a}/{b}" + s[den[1] :]
     return s
 
@@ -142,13 +165,16 @@ def normalize_answer(s: str) -> str:
         s = _unwrap(s, cmd)
     for junk in _PRESENTATION:
         s = s.replace(junk, "")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    for spelling, canonical in _SPELLING:
+        s = s.replace(spelling, canonical)
+    s = re.sub(r"\\sqrt\s*([0-9A-Za-z])", r"\\sqrt{\1}", s)
     s = _fracs(s)
+    # 1,234,567 -> 1234567, before spaces go: a list "1,2" or "1, 234" keeps its comma
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
     s = re.sub(r"\s+", "", s)
     s = s.rstrip(".")
     s = re.sub(r"^[A-Za-z]=(?=.)", "", s)  # "x=5" -> "5"
     s = s.removeprefix("+")
-    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)  # 1,234,567 -> 1234567 (a list "1,2" keeps its comma)
     return _canonical_number(s)
 
 

@@ -29,8 +29,9 @@ class RunDir:
     def prepare(self, config: dict, resume: bool) -> None:
         self.check_usable(resume)
         self.ckpt_root.mkdir(parents=True, exist_ok=True)
-        if not resume or not (self.path / "config.json").exists():
+        if not resume or self.latest_checkpoint() is None:  # a resume before the first checkpoint starts over
             (self.path / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+            self.metrics_path.unlink(missing_ok=True)
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.ckpt_root / f"step_{step:06d}"

@@ -186,6 +186,10 @@ class Engine:
                 done = []
                 for row, (t, lp) in enumerate(zip(new_tok.tolist(), new_lp.tolist()), start=first):
                     s = act.ids[row]
+                    if lp != lp:  # NaN logits sample token 0 with NaN logprob: garbage, not a sample
+                        raise FloatingPointError(f"generate: the logits of sample {s} (prompt {s // params.n}) "
+                                                 f"are NaN after {len(tokens[s])} tokens, at weight version "
+                                                 f"{self.weight_version}")  # fmt: skip
                     tokens[s].append(t)
                     logprobs[s].append(lp)
                     act.last[row] = t

@@ -6,9 +6,11 @@ An update is a list of (name, tensor) in the engine's format: BF16 ``<m>.weight`
 cover *complete units* (a Linear's weight together with its scales), because a new weight with an old
 scale is a silently wrong model.
 
-``plan_update`` checks every name, shape, dtype and unit before anything is written and reports all
-problems at once; only then does ``apply_update`` restore kernel layouts, copy in place and post-process.
-After validation the only possible failures are device errors.
+``plan_update`` checks every name, shape, dtype, unit and value (no NaN/Inf in a float or fp8 tensor, no
+NaN byte in E8M0 scales: what post-processing would choke on, or the engine would sample garbage from)
+before anything is written and reports all problems at once; only then does ``apply_update`` restore
+kernel layouts, copy in place and post-process. After validation the only possible failures are device
+errors.
 """
 
 from __future__ import annotations
@@ -26,12 +28,39 @@ MAX_LISTED = 8
 Plan = list[tuple[Unit, dict[str, torch.Tensor]]]
 
 
+def _invalid_values(t: torch.Tensor, spec) -> tuple[str, torch.Tensor] | None:
+    """(what, count) of the values no engine can serve; the count is a 0-d tensor on ``t``'s device, so
+    that all tensors of an update cost one host sync."""
+    if spec.e8m0:
+        return "E8M0 NaN bytes (255)", (t == 255).sum()
+    if t.dtype == torch.float8_e4m3fn:  # its only non-finite codes: S.1111.111
+        return "NaN", ((t.view(torch.uint8) & 0x7F) == 0x7F).sum()
+    if t.dtype == torch.float8_e5m2:  # exponent all ones: Inf or NaN
+        return "NaN/Inf", ((t.view(torch.uint8) & 0x7C) == 0x7C).sum()
+    if t.is_floating_point():
+        return "NaN/Inf", t.numel() - torch.isfinite(t).sum()
+    return None
+
+
+def _value_errors(counts: list[tuple[str, torch.Tensor, str, torch.Tensor]]) -> list[str]:
+    """[(name, tensor, what, count)] -> one error per tensor with a nonzero count (one sync per device)."""
+    by_device: dict[torch.device, list] = {}
+    for item in counts:
+        by_device.setdefault(item[3].device, []).append(item)
+    errors = []
+    for items in by_device.values():
+        bad = torch.stack([c for *_, c in items]).tolist()
+        errors += [f"{name!r}: {b} of {t.numel()} values are {what}" for (name, t, what, _), b in zip(items, bad) if b]
+    return errors
+
+
 def plan_update(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Plan:
     """[(unit, {attribute: tensor})] for a valid update; ``ValueError`` listing every problem otherwise."""
     index = tensor_index(model)
     errors: list[str] = []
     plan: dict[str, tuple[Unit, dict[str, torch.Tensor]]] = {}
     seen: set[str] = set()
+    counts: list[tuple[str, torch.Tensor, str, torch.Tensor]] = []
     for item in named_tensors:
         try:
             name, t = item
@@ -57,7 +86,10 @@ def plan_update(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tenso
         if attr == "weight_shape" and t.tolist() != unit.tensor(attr).tolist():
             errors.append(f"{name!r} says {t.tolist()}, the engine's module is {unit.tensor(attr).tolist()}")
             continue
+        if (bad := _invalid_values(t, spec)) is not None:
+            counts.append((name, t, *bad))
         plan.setdefault(unit.name, (unit, {}))[1][attr] = t
+    errors += _value_errors(counts)
     for unit, given in plan.values():
         missing = [unit.full_name(a) for a, s in unit.specs.items() if a not in given and not s.optional]
         if missing:
