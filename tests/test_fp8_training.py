@@ -94,6 +94,19 @@ def test_fp8_param_gather_works_with_cpu_adam():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_param_gather_survives_inference_mode_and_direct_construction():
+    """A forward under ``torch.inference_mode`` caches nothing autograd could not save later; a layer
+    built with the plain constructor works like one from ``from_linear``."""
+    _, f = make()
+    f.fp8_param_gather = True
+    with torch.inference_mode():
+        f(torch.randn(4, 256))
+    f(torch.randn(4, 256, requires_grad=True)).sum().backward()
+    assert f.weight.grad is not None
+    direct = Fp8BlockTrainLinear(256, 128)
+    assert direct(torch.randn(4, 256)).shape == (4, 128)
+
+
 def test_param_gather_caches_the_transposed_weight_for_dgrad():
     _, f = make()
     f.fp8_param_gather = True

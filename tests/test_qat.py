@@ -120,6 +120,17 @@ def test_straight_through_gradient_reaches_master(model):
     torch.testing.assert_close(m.weight.grad, expect, rtol=1e-2, atol=1e-2)
 
 
+def test_a_trained_qat_model_deep_copies(model):
+    """A copy mid-training (a reference or EMA model) recomputes its own fake-quant weight."""
+    import copy
+
+    prepare_qat(model, QATConfig(group_size=32))
+    model.up_proj(torch.randn(5, 128)).sum().backward()  # the cache now holds a graph node
+    twin = copy.deepcopy(model)
+    x = torch.randn(3, 128)
+    assert twin.up_proj._cache is None and torch.equal(twin.up_proj(x), model.up_proj(x))
+
+
 def test_fake_quant_computed_once_per_optimizer_step(model, monkeypatch):
     prepare_qat(model, QATConfig(group_size=32))
     calls = []

@@ -154,6 +154,26 @@ def test_cli_resume_reuses_the_saved_config(tiny_model, tmp_path, capsys):
     assert "fp8" in capsys.readouterr().out  # the saved recipe, not the default one
 
 
+def test_slime_env_switches_pick_or_check_the_recipe(monkeypatch):
+    from quantrl.rl.recipes import apply_slime_env
+
+    monkeypatch.setenv("OPEN_TRAINING_INT4_FAKE_QAT_FLAG", "1")
+    monkeypatch.setenv("OPEN_TRAINING_INT4_GROUP_SIZE", "32")
+    cfg = apply_slime_env(RLConfig(), set())
+    assert (cfg.recipe, cfg.group_size) == ("int4-qat", 32)
+    with pytest.raises(ValueError, match="disagree"):
+        apply_slime_env(RLConfig(group_size=64), {"group_size"})
+    with pytest.raises(ValueError, match="does not train"):
+        apply_slime_env(RLConfig(recipe="int4-ptq"), {"recipe"})
+    monkeypatch.setenv("OPEN_TRAINING_INT4_FAKE_QAT_FLAG", "0")
+    assert apply_slime_env(RLConfig(recipe="int4-ptq"), {"recipe"}).recipe == "int4-ptq"
+    with pytest.raises(ValueError, match="the default recipe 'int4-qat' trains with it"):
+        apply_slime_env(RLConfig(), set())
+    monkeypatch.setenv("OPEN_TRAINING_INT4_FAKE_QAT_FLAG", "maybe")
+    with pytest.raises(ValueError, match="expected 1 or 0"):
+        apply_slime_env(RLConfig(), set())
+
+
 def test_resume_flags_given_at_their_default_value_still_count(tmp_path):
     import argparse
 

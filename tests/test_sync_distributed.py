@@ -2,7 +2,8 @@
 
 Rank 0 is the trainer (INT4 QAT), rank 1 the engine. The engine must end up bit for bit where an
 in-process sync of the same trainer puts it, with ``check_equal=True`` passing; an update the engine
-rejects, and a conversion the trainer cannot do, must raise on both ranks and leave the engine as it was.
+rejects, a conversion the trainer cannot do, and an engine failure of any type must raise on both ranks
+(not hang one in a collective) and leave the engine as it was.
 """
 
 import os
@@ -47,6 +48,9 @@ def _trainer_rank() -> None:
         nan.get_parameter("model.layers.0.self_attn.o_proj.weight")[0, 0] = float("nan")
     with pytest.raises(SyncError, match="o_proj.weight"):
         send_weights(nan, target, src=0, bucket_bytes=64 << 10)
+    # 3. the engine fails in a way no validation names (a TypeError): the trainer learns it, no hang
+    with pytest.raises(RuntimeError, match="an engine rank rejected the update"):
+        send_weights(_qat_trainer(), target, src=0)
 
 
 def _engine_rank() -> None:
@@ -66,6 +70,13 @@ def _engine_rank() -> None:
     with pytest.raises(SyncError, match=r"the trainer \(rank 0\) failed.*o_proj.weight"):
         receive_weights(engine, src=0, version=5, check_equal=True)
     assert engine.weight_version == 3 and unchanged(engine, before)
+
+    def broken(*args, **kwargs):
+        raise TypeError("an engine bug")
+
+    engine.update_weights = broken
+    with pytest.raises(TypeError, match="an engine bug"):
+        receive_weights(engine, src=0, version=6)
 
 
 def _worker(rank: int, world: int, store_file: str) -> None:

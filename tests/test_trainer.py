@@ -66,6 +66,26 @@ def test_micro_batching_does_not_change_the_step():
         torch.testing.assert_close(w, out[0][2], rtol=1e-5, atol=1e-6)
 
 
+def test_a_failed_step_leaves_no_gradient_behind():
+    """A NaN gradient norm, or an error in a later micro-batch (an OOM): the next step is the clean one."""
+    b = batch(n=4, t=16)
+    clean = Trainer(tiny(dtype=torch.float32), TrainConfig(lr=1e-3, micro_batch_size=2)).train_step(b, lm_loss)
+    tr = Trainer(tiny(dtype=torch.float32), TrainConfig(lr=1e-3, micro_batch_size=2))
+    with pytest.raises(FloatingPointError):
+        tr.train_step(b, lambda m, micro: (lm_loss(m, micro)[0] * float("inf"), {}))
+    calls = []
+
+    def second_micro_batch_fails(model, micro):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated OOM")
+        return lm_loss(model, micro)
+
+    with pytest.raises(RuntimeError, match="simulated OOM"):
+        tr.train_step(b, second_micro_batch_fails)
+    assert tr.train_step(b, lm_loss) == clean
+
+
 def test_logprobs_are_padding_and_length_correct():
     model = tiny(dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(3)

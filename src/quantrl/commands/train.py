@@ -25,9 +25,13 @@ def _train(args: argparse.Namespace) -> int:
     from quantrl.config_cli import flags_given, from_args
     from quantrl.rl.loop import RLConfig, train
 
+    from quantrl.rl.recipes import apply_slime_env
+
     cfg = from_args(RLConfig, args)
     if cfg.resume:
         cfg = resumed_config(cfg, flags_given(args))
+    else:  # a resumed run keeps the recipe and group size it started with
+        cfg = apply_slime_env(cfg, flags_given(args))
     rows = train(cfg, progress=not args.no_progress)
     steps = [r for r in rows if "reward" in r]
     if steps:

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -43,3 +43,24 @@ def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
     return RECIPES[name]
+
+
+def apply_slime_env(cfg, given: set[str]):
+    """``cfg`` (an ``RLConfig``) as slime's QAT switches ask for, for users who launch with them set:
+    ``OPEN_TRAINING_INT4_FAKE_QAT_FLAG=1`` needs a recipe that trains with INT4 QAT (the default
+    ``int4-qat`` does), ``=0`` one that does not; ``OPEN_TRAINING_INT4_GROUP_SIZE`` sets ``group_size``.
+    A switch that contradicts a flag on the command line (``given``) is a ``ValueError``, not a choice."""
+    from quantrl.train.qat import ENV_FLAG, ENV_GROUP, slime_env
+
+    on, group = slime_env()
+    qat = get_recipe(cfg.recipe).train_mode == "int4-qat"
+    if on is not None and on != qat:
+        how = "--recipe" if "recipe" in given else "the default recipe"
+        want = "int4-qat or int4-qat-bf16-rollout" if on else "e.g. int4-ptq or bf16"
+        raise ValueError(f"{ENV_FLAG}={int(on)} turns INT4 QAT {'on' if on else 'off'}, but {how} {cfg.recipe!r} "
+                         f"{'does not train' if on else 'trains'} with it: choose {want}, or unset {ENV_FLAG}")
+    if group is not None and group != cfg.group_size:
+        if "group_size" in given:
+            raise ValueError(f"{ENV_GROUP}={group} and --group-size {cfg.group_size} disagree")
+        cfg = replace(cfg, group_size=group)
+    return cfg

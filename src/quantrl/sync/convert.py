@@ -218,7 +218,7 @@ def check_compatible(model: nn.Module, target: SyncTarget) -> None:
 
     A ``QATLinear`` needs an engine of its format (INT4 or NVFP4) that quantizes that module, computing in
     the QAT dtype; INT4 also needs the same group size and qmax, and scales in the QAT dtype; an ``Fp8BlockTrainLinear`` needs an FP8 engine
-    with 128x128 blocks, plain (non-ue8m0) scales. Plain Linears sync to any engine format.
+    with 128x128 blocks, plain (non-ue8m0) fp32 scales. Plain Linears sync to any engine format.
     """
     problems: list[str] = []
     for name, m in model.named_modules():
@@ -247,6 +247,9 @@ def check_compatible(model: nn.Module, target: SyncTarget) -> None:
                                 f"{target.describe() if target.method != 'fp8' else 'high precision'}")  # fmt: skip
             elif (target.strategy, target.block_size, target.scale_fmt) != ("block", (FP8_TRAIN_BLOCK,) * 2, None):
                 problems.append(f"{name}: trains with FP8 128x128 blocks but the engine uses {target.describe()}")
+            elif target.scale_dtype != torch.float32:  # rounded scales: other weights than the forward's
+                problems.append(f"{name}: trains with fp32 FP8 block scales but the engine holds "
+                                f"{target.scale_dtype} ones")  # fmt: skip
     if problems:
         more = f" ... and {len(problems) - 4} more" if len(problems) > 4 else ""
         raise SyncError(

@@ -75,15 +75,15 @@ def send_weights(trainer_model: nn.Module, target: SyncTarget, group=None, src: 
             check_compatible(trainer_model, target)
         pending = iter_buckets(engine_tensors(counted(), target, modules=dict(trainer_model.named_modules())),
                                bucket_bytes)  # fmt: skip
-    except SyncError as e:
+    except Exception as e:  # noqa: BLE001 -- any failure here must still reach the engines, or they wait forever
         error, pending = e, iter(())
     while error is None:
-        try:  # conversion errors are reported to the engines; communication errors are not recoverable
+        try:  # conversion errors, of any type, are reported to the engines (communication errors are fatal)
             bucket = next(pending, None)
             if bucket is None:
                 break
             buf, meta = flatten_bucket(bucket, dev)
-        except (ValueError, TypeError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001
             error = e
             break
         _broadcast_object(("bucket", meta), src, group, dev)
@@ -135,7 +135,7 @@ def receive_weights(engine, group=None, src: int = 0, *, version: int, check_equ
         try:
             check_complete(engine.model, (n for n, _ in received))
             engine.update_weights(received, version, check_equal=check_equal)
-        except (ValueError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 -- the trainer waits in the all_reduce below: always reach it
             error = e
     ok = _all_ok(error is None, group, dev)
     if error is not None:

@@ -82,6 +82,7 @@ class Fp8BlockTrainLinear(nn.Linear):
 
     fp8_param_gather: bool = False
     kernel_backend: str = "auto"  # quantrl.kernels backend; "triton" runs the kernels in the CPU tests
+    _cache: dict | None = None  # slot -> ((version, data_ptr), (q, scale)); also for a directly built one
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, fp8_param_gather: bool = False) -> Fp8BlockTrainLinear:
@@ -101,7 +102,8 @@ class Fp8BlockTrainLinear(nn.Linear):
             return cache[1]
         with torch.no_grad():
             qs = make()
-        if self.fp8_param_gather:
+        # inference-mode tensors must not outlive inference mode: autograd could not save them later
+        if self.fp8_param_gather and not torch.is_inference_mode_enabled():
             self._cache = {k: v for k, v in (self._cache or {}).items() if v[0] == key}
             self._cache[slot] = (key, qs)
         return qs

@@ -104,21 +104,23 @@ class Trainer:
         self.model.train()
         loss_total = 0.0
         sums: dict[str, float] = {}
-        for i in range(0, n, self.cfg.micro_batch_size):
-            micro = {k: v[i : i + self.cfg.micro_batch_size] for k, v in batch.items()}
-            loss_sum, metrics = loss_fn(self.model, micro)
-            (loss_sum / total_tokens).backward()
-            loss_total += float(loss_sum.detach())
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        if self.dp_group is not None:
-            self._dp_sum_grads()
-            keys = sorted(sums)
-            loss_total, *vals = self._dp_sum([loss_total] + [sums[k] for k in keys])
-            sums = dict(zip(keys, vals))
-        grad_norm = self.optimizer.grad_norm_and_clip(self.cfg.grad_clip or None)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        try:
+            for i in range(0, n, self.cfg.micro_batch_size):
+                micro = {k: v[i : i + self.cfg.micro_batch_size] for k, v in batch.items()}
+                loss_sum, metrics = loss_fn(self.model, micro)
+                (loss_sum / total_tokens).backward()
+                loss_total += float(loss_sum.detach())
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            if self.dp_group is not None:
+                self._dp_sum_grads()
+                keys = sorted(sums)
+                loss_total, *vals = self._dp_sum([loss_total] + [sums[k] for k in keys])
+                sums = dict(zip(keys, vals))
+            grad_norm = self.optimizer.grad_norm_and_clip(self.cfg.grad_clip or None)
+            self.optimizer.step()
+        finally:  # a step that fails (a NaN gradient norm, an OOM in a micro-batch) leaves no gradient behind
+            self.optimizer.zero_grad()
         self.step_count += 1
         return {"loss": loss_total / total_tokens, "grad_norm": grad_norm, "lr": self.optimizer.lr, **sums}
 
