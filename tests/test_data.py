@@ -49,6 +49,28 @@ def test_jsonl_and_parquet_give_the_same_prompts(tmp_path):
     assert unlabeled[0].label is None and unlabeled[0].metadata is None
 
 
+def test_verl_style_rows_and_file_quirks(tmp_path):
+    """Nested keys (verl's ``reward_model.ground_truth``), a byte-order mark, a JSON array after blank
+    space, an upper-case .PARQUET suffix."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"q{i}", "reward_model": {"style": "rule", "ground_truth": str(i)}} for i in range(3)]
+    want = [Prompt(f"q{i}", str(i), i) for i in range(3)]
+    jsonl = tmp_path / "v.jsonl"
+    jsonl.write_text("\ufeff" + "\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    assert load_prompts(jsonl, "prompt", "reward_model.ground_truth") == want
+    (tmp_path / "v.json").write_text("\n  " + json.dumps(rows))
+    assert load_prompts(tmp_path / "v.json", "prompt", "reward_model.ground_truth") == want
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "v.PARQUET")
+    assert load_prompts(tmp_path / "v.PARQUET", "prompt", "reward_model.ground_truth") == want
+    with pytest.raises(DataError, match=r"no key 'reward_model.answer' \(no 'answer' in 'reward_model'\)"):
+        load_prompts(jsonl, "prompt", "reward_model.answer")
+    write_jsonl(tmp_path / "null.jsonl", [{"prompt": "a", "label": "1"}, {"prompt": "b", "label": None}])
+    with pytest.raises(DataError, match="line 2: 'label' is null"):
+        load_prompts(tmp_path / "null.jsonl")
+
+
 def test_chat_template_is_applied_with_the_generation_prompt(tmp_path, tok):
     rows = [{"prompt": "what is 1+2?", "label": "3"},
             {"prompt": [{"role": "system", "content": "add"}, {"role": "user", "content": "what is 2+2?"}],

@@ -1,6 +1,7 @@
 """Prompt data for RL: JSONL / parquet rows -> ``Prompt`` records, a resumable shuffled stream, a held-out split.
 
-Rows are read with slime's ``--input-key`` / ``--label-key`` (defaults ``prompt`` / ``label``). The input is
+Rows are read with slime's ``--input-key`` / ``--label-key`` (defaults ``prompt`` / ``label``; a dotted key
+such as verl's ``reward_model.ground_truth`` reads a nested field). The input is
 a string, or a list of chat messages (``[{"role": ..., "content": ...}]``); with ``apply_chat_template`` a
 string becomes one user message and the tokenizer's template renders the text with the generation prompt.
 Templated text already holds the template's special tokens (BOS etc.): encode it with
@@ -66,7 +67,7 @@ class DataConfig:
 
 def _rows(path: Path) -> Iterator[tuple[str, dict]]:
     """(location, row) pairs; the location ("line 3", "row 2") is what errors quote."""
-    if path.suffix in PARQUET_SUFFIXES:
+    if path.suffix.lower() in PARQUET_SUFFIXES:
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -78,8 +79,8 @@ def _rows(path: Path) -> Iterator[tuple[str, dict]]:
         for i, row in enumerate(table.to_pylist()):
             yield f"row {i}", row
         return
-    with path.open(encoding="utf-8") as f:
-        first = f.read(1)
+    with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark, as some editors write, is skipped
+        first = f.read(1 << 16).lstrip()[:1]
         f.seek(0)
         if first == "[":  # a .json file holding one array of objects
             try:
@@ -101,6 +102,19 @@ def _rows(path: Path) -> Iterator[tuple[str, dict]]:
             if not isinstance(row, dict):
                 raise DataError(f"{path}: line {lineno} is a JSON {type(row).__name__}, expected an object")
             yield f"line {lineno}", row
+
+
+def _lookup(row: dict, key: str, where: str) -> Any:
+    """``row[key]``, or for a dotted key absent as such a nested field (verl's ``reward_model.ground_truth``)."""
+    if key in row:
+        return row[key]
+    value: Any = row
+    for i, part in enumerate(parts := key.split(".")):
+        if not isinstance(value, dict) or part not in value:
+            at = "" if i == 0 else f" (no {part!r} in {'.'.join(parts[:i])!r})"
+            raise DataError(f"{where} has no key {key!r}{at}; its keys are {sorted(row)}")
+        value = value[part]
+    return value
 
 
 def _as_messages(value: Any, where: str) -> list[dict]:
@@ -131,10 +145,11 @@ def load_prompts(
     out: list[Prompt] = []
     for i, (loc, row) in enumerate(_rows(path)):
         where = f"{path}: {loc}"
-        for key in (input_key, label_key, *metadata_keys):
-            if key is not None and key not in row:
-                raise DataError(f"{where} has no key {key!r}; its keys are {sorted(row)}")
-        value, label = row[input_key], (None if label_key is None else row[label_key])
+        value = _lookup(row, input_key, where)
+        label = None if label_key is None else _lookup(row, label_key, where)
+        meta = {k: _lookup(row, k, where) for k in metadata_keys} or None
+        if label_key is not None and label is None:
+            raise DataError(f"{where}: {label_key!r} is null; every prompt needs its reference answer")
         if apply_chat_template:
             text = tokenizer.apply_chat_template(
                 _as_messages(value, where), add_generation_prompt=True, tokenize=False
@@ -146,7 +161,6 @@ def load_prompts(
             raise DataError(f"{where}: {input_key!r} is a {kind}; chat messages need apply_chat_template")
         if label is not None and not isinstance(label, str):
             label = json.dumps(label) if isinstance(label, (dict, list)) else str(label)
-        meta = {k: row[k] for k in metadata_keys} or None
         out.append(Prompt(text, label, i, apply_chat_template, meta))
     if not out:
         raise DataError(f"{path}: no prompts (the file has no rows)")

@@ -49,7 +49,7 @@ class RLConfig:
     input_key: str = "prompt"
     "prompt column (slime --input-key)"
     label_key: str = "label"
-    "answer column (slime --label-key)"
+    "answer column (slime --label-key); a dotted key reads a nested field (verl's reward_model.ground_truth)"
     apply_chat_template: bool = False
     "render prompts with the tokenizer's chat template"
     eval_data: str = ""
