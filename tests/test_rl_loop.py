@@ -140,6 +140,17 @@ def test_plot_writes_the_three_figures(tiny_model, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+def test_plot_labels_tell_runs_with_the_same_dir_name_apart(tmp_path):
+    from quantrl.rl.plot import _labels
+
+    runs = [tmp_path / "a" / "bf16", tmp_path / "b" / "bf16", tmp_path / "b" / "x"]
+    for run, recipe in zip(runs, ("bf16", "bf16", "int4-qat")):
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"recipe": recipe}))
+    assert list(_labels(runs).values()) == ["bf16 (a/bf16)", "bf16 (b/bf16)", "int4-qat (b/x)"]
+    assert list(_labels(runs[1:]).values()) == ["bf16", "int4-qat (x)"]
+
+
 def test_cli_resume_reuses_the_saved_config(tiny_model, tmp_path, capsys):
     from quantrl.cli import main
 

@@ -13,10 +13,23 @@ import json
 from pathlib import Path
 
 
-def _label(run: Path) -> str:
-    cfg_path = run / "config.json"
-    recipe = json.loads(cfg_path.read_text()).get("recipe") if cfg_path.exists() else None
-    return f"{recipe} ({run.name})" if recipe and recipe != run.name else run.name
+def _labels(runs: list[Path]) -> dict[Path, str]:
+    """"recipe (dir)" per run, the dir named by as many trailing path parts as it takes to tell runs apart
+    (``a/bf16`` and ``b/bf16``)."""
+
+    def recipe(run: Path) -> str | None:
+        cfg_path = run / "config.json"
+        return json.loads(cfg_path.read_text()).get("recipe") if cfg_path.exists() else None
+
+    parts = [run.resolve().parts for run in runs]
+    k = 1
+    while k < max(map(len, parts)) and len({p[-k:] for p in parts}) < len(set(parts)):
+        k += 1
+    out = {}
+    for run, p in zip(runs, parts):
+        name, r = "/".join(p[-k:]), recipe(run)
+        out[run] = f"{r} ({name})" if r and r != name else name
+    return out
 
 
 def _smooth(xs: list[float], k: int) -> list[float]:
@@ -46,6 +59,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) 
     from quantrl.rl.run_dir import RunDir
 
     runs = [(Path(r), RunDir(r).metrics()) for r in run_dirs]
+    label = _labels([r for r, _ in runs])
     missing = [str(r) for r, m in runs if not m]
     if missing:
         raise FileNotFoundError(f"no metrics.jsonl rows in: {', '.join(missing)}")
@@ -56,10 +70,10 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) 
     fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run, rows in runs:
         steps = [r for r in rows if "reward" in r]
-        line = ax_r.plot([r["step"] for r in steps], _smooth([r["reward"] for r in steps], smooth), label=_label(run))[0]
+        line = ax_r.plot([r["step"] for r in steps], _smooth([r["reward"] for r in steps], smooth), label=label[run])[0]
         ev = [r for r in rows if "eval_accuracy" in r]
         if ev:
-            ax_e.plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], "o-", color=line.get_color(), label=_label(run))
+            ax_e.plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], "o-", color=line.get_color(), label=label[run])
     ax_r.set(title=f"training reward (mean over samples, {smooth}-step moving average)", xlabel="step", ylabel="reward")
     ax_e.set(title="held-out accuracy (greedy)", xlabel="step", ylabel="accuracy")
     for ax in (ax_r, ax_e):
@@ -69,10 +83,17 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) 
     _save(fig, out / "reward.png", paths)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    values = []
     for run, rows in runs:
         steps = [r for r in rows if "mismatch_abs_mean" in r]
-        ax.plot([r["step"] for r in steps], [r["mismatch_abs_mean"] for r in steps], label=_label(run))
-    ax.set(title="train-rollout mismatch: mean |logp_train - logp_rollout|", xlabel="step", ylabel="mean |Δ logprob|", yscale="log")
+        values += [r["mismatch_abs_mean"] for r in steps]
+        ax.plot([r["step"] for r in steps], [r["mismatch_abs_mean"] for r in steps], label=label[run])
+    ax.set(title="train-rollout mismatch: mean |logp_train - logp_rollout|", xlabel="step", ylabel="mean |Δ logprob|")
+    positive = [v for v in values if v > 0]
+    if positive and len(positive) == len(values):
+        ax.set_yscale("log")
+    elif positive:  # exact zeros (identical engines) would vanish from a log axis: linear below the smallest
+        ax.set_yscale("symlog", linthresh=min(positive))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     _save(fig, out / "mismatch.png", paths)
@@ -82,7 +103,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) 
     for run, rows in runs:
         vals = sorted(r["rollout_tokens_per_s"] for r in rows if "rollout_tokens_per_s" in r)
         if vals:
-            labels.append(_label(run))
+            labels.append(label[run])
             rates.append(vals[len(vals) // 2])
     ax.barh(labels, rates)
     ax.set(title="rollout throughput (median over steps)", xlabel="generated tokens / s")
@@ -94,7 +115,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) 
     if routed:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for run, steps in routed:
-            ax.plot([r["step"] for r in steps], [r["routing_flip_frac"] for r in steps], label=_label(run))
+            ax.plot([r["step"] for r in steps], [r["routing_flip_frac"] for r in steps], label=label[run])
         ax.set(title="MoE routing: expert choices where trainer and engine disagree", xlabel="step",
                ylabel="fraction of (token, layer) choices")  # fmt: skip
         ax.grid(alpha=0.3)
