@@ -76,6 +76,16 @@ def test_directory_reads_supported_files_sorted(tmp_path):
     assert load_calibration_texts(tmp_path) == ["from txt", "second txt", "from parquet", "from jsonl"]
 
 
+def test_a_dataset_folder_calibrates_on_its_train_split(tmp_path):
+    """wikitext-2-raw-v1/ holds train-, validation- and test- files: the test text must not calibrate."""
+    for split in ("test", "train", "validation"):
+        write_parquet(tmp_path / f"{split}-00000-of-00001.parquet", {"text": [f"{split} row"]})
+    with pytest.warns(UserWarning, match="using the train files"):
+        assert load_calibration_texts(tmp_path) == ["train row"]
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + json.dumps({"text": "with a byte-order mark"}) + "\n")
+    assert load_calibration_texts(tmp_path / "bom.jsonl") == ["with a byte-order mark"]
+
+
 def test_loading_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_calibration_texts(tmp_path / "nope")

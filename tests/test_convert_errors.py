@@ -403,6 +403,33 @@ def test_interrupt_midway_leaves_nothing(small_ckpt, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
+def test_ctrl_c_with_workers_stops_the_queued_jobs(small_ckpt, tmp_path, monkeypatch):
+    """Ctrl-C while two workers convert: the jobs not yet started never start (not the whole model first)."""
+    import time
+
+    import quantrl.checkpoint.convert_fp8 as convert_fp8_module
+    import quantrl.checkpoint.stream as stream
+
+    calls = []
+    real_quantize, real_wait = convert_fp8_module.quantize_fp8, stream.wait
+
+    def slow(*a, **kw):
+        calls.append(1)
+        time.sleep(0.2)
+        return real_quantize(*a, **kw)
+
+    def ctrl_c(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_fp8_module, "quantize_fp8", slow)
+    monkeypatch.setattr(stream, "wait", ctrl_c)
+    total = sum(n.endswith("_proj.weight") for n in SafetensorsDir(small_ckpt).names())
+    with pytest.raises(KeyboardInterrupt):
+        convert_to_fp8(small_ckpt, tmp_path / "out", Fp8ConvertOptions(max_workers=2), progress=False)
+    assert len(calls) < total, (len(calls), total)  # without the cancel: every job, Ctrl-C or not
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
 # ---- CLI -------------------------------------------------------------------------------------------------
 
 

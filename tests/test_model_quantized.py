@@ -140,7 +140,8 @@ def test_mxfp8_linear_quantizes_both_operands_in_1x32_blocks(checkpoints, gen):
     with torch.no_grad():
         assert torch.equal(lin(x), expected)
     assert QuantScheme.from_hf(json.loads((checkpoints["mxfp8"] / "config.json").read_text())["quantization_config"]) \
-        == dataclasses.replace(QuantScheme.mxfp8(), ignore=("lm_head", "model.embed_tokens"))  # fmt: skip
+        == dataclasses.replace(QuantScheme.mxfp8(), ignore=("lm_head", "model.embed_tokens"),
+                               ignore_rule="compressed-tensors")  # fmt: skip
 
 
 def test_fp8_channel_linear_quantizes_activations_per_token(checkpoints, gen):
@@ -189,12 +190,32 @@ def test_scheme_respects_ignored_modules():
         QuantScheme.from_hf({"quant_method": "awq"})
 
 
+def test_ignore_entries_match_as_their_dialects_libraries_match_them():
+    """compressed-tensors' ``ignore`` by its own ``match_name`` (exact names, 're:' from the start);
+    quant_method fp8's ``modules_to_not_convert`` by transformers' ``should_convert_module``."""
+    from compressed_tensors.utils.match import match_name
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from quantrl.checkpoint.quant_config import ct_int_config
+
+    names = [f"model.layers.{i}.{m}" for i in (0, 1, 11) for m in ("self_attn.q_proj", "self_attn.k_proj",
+             "mlp.up_proj", "mlp.gate_proj", "mlp.gate")] + ["lm_head"]  # fmt: skip
+    ignore = ["lm_head", "re:.*self_attn", "re:model.layers.1.mlp", "mlp.gate", "model.layers.0.mlp.up_proj"]
+    ct = QuantScheme.from_hf(ct_int_config(4, 32, ignore))
+    skip = ["lm_head", "model.layers.*.self_attn", "model.layers.1", "mlp.gate", "k_proj"]
+    fp8 = QuantScheme.from_hf({"quant_method": "fp8", "weight_block_size": [128, 128], "modules_to_not_convert": skip})
+    for name in names:
+        assert ct.quantizes(name) == (not any(match_name(name, t) for t in ignore)), name
+        assert fp8.quantizes(name) == should_convert_module(name, skip), name
+    assert not ct.quantizes("model.layers.0.self_attn.q_proj") and ct.quantizes("model.layers.0.mlp.gate")
+
+
 def test_nvfp4_configs():
     from quantrl.checkpoint.quant_config import ct_nvfp4_config
 
     qc = ct_nvfp4_config(["lm_head", "model.layers.0.mlp.up_proj"])
     scheme = QuantScheme.from_hf(qc)
-    assert scheme == dataclasses.replace(QuantScheme.nvfp4(), ignore=tuple(qc["ignore"]))
+    assert scheme == dataclasses.replace(QuantScheme.nvfp4(), ignore=tuple(qc["ignore"]), ignore_rule="compressed-tensors")
     assert not scheme.quantizes("model.layers.0.mlp.up_proj") and scheme.quantizes("model.layers.1.mlp.up_proj")
     w4a4 = {**qc, "config_groups": {"group_0": {**qc["config_groups"]["group_0"], "input_activations": {
         "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "dynamic": "local"}}}}

@@ -63,6 +63,14 @@ def _calibration_files(path: Path) -> list[Path]:
             )
         return [path]
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+    # a Hugging Face dataset folder (wikitext-2-raw-v1/) holds train-*, validation-* and test-* files:
+    # calibrating on the test split would flatter every later test-set perplexity
+    train = [p for p in files if p.name.lower().startswith("train")]
+    if train and len(train) < len(files):
+        left = [p.name for p in files if p not in train]
+        warnings.warn(f"calibration data: {path} holds dataset splits; using the train files {[p.name for p in train]}, "
+                      f"not {left} (pass a file to choose another)", stacklevel=3)  # fmt: skip
+        files = train
     if not files:
         subdirs = sorted(p.name for p in path.iterdir() if p.is_dir())
         hint = f" (subdirectories are not searched; found {subdirs[:8]})" if subdirs else ""
@@ -95,7 +103,7 @@ def _read_parquet(path: Path, text_key: str) -> list[str]:
 
 def _read_jsonl(path: Path, text_key: str) -> list[str]:
     texts: list[str] = []
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -117,7 +125,7 @@ def _read_jsonl(path: Path, text_key: str) -> list[str]:
 
 def _read_txt(path: Path) -> list[str]:
     # Paragraphs: split on lines that are empty or whitespace only.
-    return [p.strip() for p in re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8"))]
+    return [p.strip() for p in re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8-sig"))]
 
 
 def _token_stream(texts: Sequence[str], tokenizer: Any) -> list[int]:

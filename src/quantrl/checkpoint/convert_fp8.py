@@ -17,7 +17,7 @@ from quantrl.checkpoint.layout import ensure_unquantized, is_quantizable, kept_m
 from quantrl.checkpoint.quant_config import ct_fp8_config, ct_mxfp8_config, fp8_block_config
 from quantrl.checkpoint.safetensors_io import CheckpointError, SafetensorsDir, TensorSpec
 from quantrl.checkpoint.stream import Job, copy_job
-from quantrl.formats._checks import cdiv
+from quantrl.formats._checks import cdiv, check_block_size
 from quantrl.formats.fp8 import FP8_DTYPE, MXFP8_BLOCK, MXFP8_SCALE_FMT, encode_e8m0, quantize_fp8
 
 
@@ -51,6 +51,8 @@ def resolve_format(opts: Fp8ConvertOptions) -> str:
         raise ValueError("the 'fp8' dialect stores 128x128 block scales only; use --format compressed-tensors for channel/tensor")
     if fmt == "compressed-tensors" and opts.scale_fmt:
         raise ValueError("--scale-fmt ue8m0 is only expressible in the 'fp8' dialect")
+    if opts.strategy == "block" and fmt != "mxfp8":
+        check_block_size(opts.block_size)  # before planning divides by it
     return fmt
 
 

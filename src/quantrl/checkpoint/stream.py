@@ -64,14 +64,14 @@ def run_jobs(
             for job in jobs:
                 bar.update(work(job))
             return
-        with ThreadPoolExecutor(max_workers=max_workers) as pool:
-            futures = [pool.submit(work, j) for j in jobs]
-            pending = set(futures)
+        pool = ThreadPoolExecutor(max_workers=max_workers)
+        try:
+            pending = {pool.submit(work, j) for j in jobs}
             while pending:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 for f in done:
                     if f.exception() is not None:
-                        for p in pending:
-                            p.cancel()
                         raise f.exception()
                     bar.update(f.result())
+        finally:  # a failed job or Ctrl-C: the queued jobs never start, the running ones finish
+            pool.shutdown(wait=True, cancel_futures=True)

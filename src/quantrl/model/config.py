@@ -118,6 +118,7 @@ class ModelConfig:
         if mt not in SUPPORTED_MODEL_TYPES:
             supported = ", ".join(SUPPORTED_MODEL_TYPES)
             raise ValueError(f"unsupported model_type {mt!r}: quantrl's decoder supports {supported}")
+        d = _as_transformers_resolves(d)
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{mt}: hidden_act {act!r} is not supported (SwiGLU with silu only)")
@@ -150,6 +151,20 @@ class ModelConfig:
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
             **moe,
         )
+
+
+def _as_transformers_resolves(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with every field transformers' config class fills in when config.json leaves it out (its
+    per-family defaults: Qwen3's head_dim 128, Mistral's 4096 window, Qwen2's max_window_layers 28, ...,
+    and what it derives: layer_types, rope parameters), so that a sparse config.json means here what it
+    means to transformers. Without transformers, or for a config it rejects, ``d`` as it is."""
+    try:
+        from transformers import CONFIG_MAPPING
+
+        hf = CONFIG_MAPPING[d["model_type"]](**{k: v for k, v in d.items() if k != "model_type"})
+    except (ImportError, KeyError, TypeError, ValueError):
+        return d
+    return {**d, **hf.to_dict()}
 
 
 def _moe_fields(mt: str, d: dict[str, Any], layers: int) -> dict[str, Any]:

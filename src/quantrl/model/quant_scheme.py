@@ -25,6 +25,7 @@ import torch
 from quantrl.formats.fp8 import MXFP8_BLOCK, MXFP8_SCALE_FMT
 
 METHODS = ("none", "fp8", "int", "nvfp4")
+IGNORE_RULES = ("quantrl", "compressed-tensors", "transformers")
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,16 @@ class QuantScheme:
     scale_dtype: torch.dtype = torch.bfloat16
     "weight_scale dtype: int bf16 (or the checkpoint's), fp8 fp32 (uint8: MXFP8's E8M0 bytes), nvfp4 e4m3"
     ignore: tuple[str, ...] = ()
-    "modules kept in high precision: names, dotted suffixes/prefixes, or 're:<regex>'"
+    "modules kept in high precision, matched by ignore_rule"
+    ignore_rule: str = "quantrl"
+    ("how ignore entries match a module name, as the dialect that wrote them: quantrl (a name, a dotted "
+     "suffix or prefix, or 're:<regex>' matching the whole name) | compressed-tensors (the exact name, or "
+     "'re:<regex>' matching from the start) | transformers (modules_to_not_convert: a regex matching from the "
+     "start up to a module boundary, or a plain suffix)")
 
     def __post_init__(self) -> None:
+        if self.ignore_rule not in IGNORE_RULES:
+            raise ValueError(f"ignore_rule must be one of {IGNORE_RULES}, got {self.ignore_rule!r}")
         if self.method not in METHODS:
             raise ValueError(f"quantization method must be one of {METHODS}, got {self.method!r}")
         if self.method == "int" and self.num_bits not in (4, 8):
@@ -91,7 +99,7 @@ class QuantScheme:
         """Does Linear ``module`` (e.g. ``model.layers.0.mlp.up_proj``) get the quantized variant?"""
         if self.method == "none" or module == "lm_head" or module.endswith("embed_tokens"):
             return False
-        return not any(_matches(module, pat) for pat in self.ignore)
+        return not any(_matches(module, pat, self.ignore_rule) for pat in self.ignore)
 
     @classmethod
     def from_hf(cls, qc: dict[str, Any] | None) -> QuantScheme:
@@ -110,6 +118,7 @@ class QuantScheme:
             return cls(
                 method="fp8", block_size=(int(bs[0]), int(bs[1])), act_group=int(bs[1]), scale_fmt=qc.get("scale_fmt"),
                 scale_dtype=torch.float32, ignore=tuple(qc.get("modules_to_not_convert") or ()),
+                ignore_rule="transformers",
             )
         if method == "compressed-tensors":
             return _from_compressed_tensors(qc)
@@ -118,7 +127,13 @@ class QuantScheme:
         )
 
 
-def _matches(module: str, pat: str) -> bool:
+def _matches(module: str, pat: str, rule: str = "quantrl") -> bool:
+    """Does ignore entry ``pat`` name ``module``, under the rule of the dialect that wrote it?"""
+    if rule == "compressed-tensors":  # compressed_tensors.utils.match_name (and vLLM)
+        return re.match(pat[3:], module) is not None if pat.startswith("re:") else module == pat
+    if rule == "transformers":  # transformers' should_convert_module; 're:' accepted too, as a plain regex
+        key = pat[3:] if pat.startswith("re:") else pat
+        return re.match(rf"(?:{key})(?:(?<=\.)|(?=\.|$))", module) is not None or module.endswith(key)
     if pat.startswith("re:"):
         return re.fullmatch(pat[3:], module) is not None
     # a name, a dotted suffix ("lm_head", "mlp.gate") or a subtree prefix ("model.layers.0")
@@ -149,12 +164,13 @@ def _from_compressed_tensors(qc: dict[str, Any]) -> QuantScheme:
         return QuantScheme(
             method="fp8", fp8_strategy=strategy, block_size=(bs[0], bs[1]), scale_suffix="weight_scale",
             act_strategy=act_strategy, act_group=int(acts.get("group_size") or bs[1]), scale_dtype=torch.float32,
-            ignore=ignore,
+            ignore=ignore, ignore_rule="compressed-tensors",
         )
     if fmt == "pack-quantized" and w.get("type") == "int" and w.get("strategy") == "group":
         if acts:
             raise ValueError("int weights with quantized activations (W4A8) are not supported")
-        return QuantScheme(method="int", num_bits=int(w["num_bits"]), group_size=int(w["group_size"]), ignore=ignore)
+        return QuantScheme(method="int", num_bits=int(w["num_bits"]), group_size=int(w["group_size"]), ignore=ignore,
+                           ignore_rule="compressed-tensors")
     if fmt == "mxfp8-quantized":
         if (w.get("type"), int(w.get("num_bits", 0)), w.get("group_size")) != ("float", 8, MXFP8_BLOCK[1]):
             raise ValueError(f"mxfp8-quantized needs 8-bit float weights in groups of {MXFP8_BLOCK[1]}, got {w}")
@@ -162,12 +178,12 @@ def _from_compressed_tensors(qc: dict[str, Any]) -> QuantScheme:
             raise ValueError("weight-only MXFP8 (MXFP8A16) is not supported; MXFP8 W8A8 (dynamic 1x32 activations) is")
         if not acts.get("dynamic", False) or acts.get("group_size") != MXFP8_BLOCK[1]:
             raise ValueError(f"MXFP8 activations must be dynamic in groups of {MXFP8_BLOCK[1]}, got {acts}")
-        return dataclasses.replace(QuantScheme.mxfp8(), ignore=ignore)
+        return dataclasses.replace(QuantScheme.mxfp8(), ignore=ignore, ignore_rule="compressed-tensors")
     if fmt == "nvfp4-pack-quantized":
         if (w.get("type"), int(w.get("num_bits", 0)), w.get("group_size")) != ("float", 4, 16):
             raise ValueError(f"nvfp4-pack-quantized needs 4-bit float weights in groups of 16, got {w}")
         if acts:  # W4A4 NVFP4: what vLLM does below SM100 too
             warnings.warn("NVFP4 checkpoint with quantized activations (W4A4): activations are not quantized here; "
                           "the model runs weight-only (NVFP4A16), as on GPUs without FP4 tensor cores", stacklevel=3)  # fmt: skip
-        return dataclasses.replace(QuantScheme.nvfp4(), ignore=ignore)
+        return dataclasses.replace(QuantScheme.nvfp4(), ignore=ignore, ignore_rule="compressed-tensors")
     raise ValueError(f"unsupported compressed-tensors format {fmt!r} with weights {w}")

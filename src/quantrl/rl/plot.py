@@ -58,6 +58,8 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) 
 
     from quantrl.rl.run_dir import RunDir
 
+    if smooth < 1:
+        raise ValueError(f"smooth must be >= 1 (1: no smoothing), got {smooth}")
     runs = [(Path(r), RunDir(r).metrics()) for r in run_dirs]
     label = _labels([r for r, _ in runs])
     missing = [str(r) for r, m in runs if not m]

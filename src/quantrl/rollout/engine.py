@@ -5,7 +5,8 @@ Scheduling (continuous batching over a fixed set of KV slots):
     ``capacity // (P + M)`` slots (at most ``max_batch_size``); prompts that cannot fit raise before
     anything is allocated;
   * samples wait in FIFO order; whenever slots are free, waiting samples are admitted: each distinct
-    prompt among them is prefilled once (right-padded batch, bounded by ``max_prefill_tokens``) and its
+    prompt among them is prefilled once (right-padded batch, bounded by ``max_prefill_tokens``; a longer
+    prompt is prefilled alone) and its
     KV copied to the slots of its other samples (``n`` > 1 shares the prompt);
   * otherwise every active sequence decodes one token;
   * a sequence that samples a stop token or reaches M tokens leaves at once: the last active slots move

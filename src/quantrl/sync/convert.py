@@ -94,6 +94,8 @@ class SyncTarget:
     "Linear modules the engine holds quantized (None: every quantizable Linear weight, minus ``ignore``)"
     ignore: tuple[str, ...] = ()
     "with ``modules=None``: modules kept in high precision (QuantScheme.ignore patterns)"
+    ignore_rule: str = "quantrl"
+    "how ``ignore`` entries match (QuantScheme.ignore_rule)"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -153,23 +155,24 @@ class SyncTarget:
                             "weight sync supports one quantized format per engine")  # fmt: skip
         (fmt_items,) = formats
         scheme = getattr(model, "scheme", None)
-        ignore = tuple(scheme.ignore) if isinstance(scheme, QuantScheme) else ()
+        rule = {"ignore": tuple(scheme.ignore), "ignore_rule": scheme.ignore_rule} if isinstance(scheme, QuantScheme) else {}
         extra = {"qmax": qmax} if dict(fmt_items)["method"] == "int" else {}
-        return cls(dtype=dtype, modules=frozenset(quantized), ignore=ignore, **dict(fmt_items), **extra)
+        return cls(dtype=dtype, modules=frozenset(quantized), **rule, **dict(fmt_items), **extra)
 
     @classmethod
     def from_scheme(cls, scheme: QuantScheme, dtype: torch.dtype = torch.bfloat16, qmax: int = 7) -> SyncTarget:
         """The format an engine built with ``scheme`` holds, for a trainer process that has no engine at
         hand (``torch.distributed`` sync). Quantized modules follow the rule (``modules=None``)."""
+        rule = {"ignore": tuple(scheme.ignore), "ignore_rule": scheme.ignore_rule}
         if scheme.method == "fp8":
             return cls(method="fp8", dtype=dtype, strategy=scheme.fp8_strategy, block_size=tuple(scheme.block_size),
                        scale_fmt=scheme.scale_fmt, scale_name=scheme.scale_suffix, scale_dtype=scheme.scale_dtype,
-                       ignore=tuple(scheme.ignore))  # fmt: skip
+                       **rule)  # fmt: skip
         if scheme.method == "int":
             return cls(method="int", dtype=dtype, num_bits=scheme.num_bits, group_size=scheme.group_size, qmax=qmax,
-                       scale_dtype=scheme.scale_dtype, ignore=tuple(scheme.ignore))  # fmt: skip
+                       scale_dtype=scheme.scale_dtype, **rule)  # fmt: skip
         if scheme.method == "nvfp4":
-            return cls(method="nvfp4", dtype=dtype, ignore=tuple(scheme.ignore))
+            return cls(method="nvfp4", dtype=dtype, **rule)
         return cls(method="none", dtype=dtype)
 
     def replace(self, **changes) -> SyncTarget:
@@ -184,7 +187,7 @@ class SyncTarget:
             return module in self.modules
         if not is_quantizable(f"{module}.weight", tuple(weight_shape)):
             return False
-        return QuantScheme(method=self.method, ignore=self.ignore).quantizes(module)
+        return QuantScheme(method=self.method, ignore=self.ignore, ignore_rule=self.ignore_rule).quantizes(module)
 
     def describe(self) -> str:
         if self.method == "fp8" and self.scale_dtype == torch.uint8:
