@@ -218,6 +218,22 @@ def test_bf16_of_unquantized_input(small_ckpt, tmp_path):
     )
 
 
+def test_bf16_refuses_tensors_it_cannot_dequantize_and_drops_activation_scales(small_ckpt, tmp_path):
+    """A GPTQ act-order ``weight_g_idx`` copied as is would be a silently wrong "bf16" checkpoint."""
+    from safetensors.torch import load_file
+
+    int4 = tmp_path / "int4"
+    convert_to_int(small_ckpt, int4, RTN, progress=False)
+    tensors = load_file(int4 / "model.safetensors")
+    packed = next(n for n in tensors if n.endswith(".weight_packed"))
+    module = packed.removesuffix(".weight_packed")
+    save_file({**tensors, f"{module}.input_scale": torch.ones(1)}, int4 / "model.safetensors")
+    convert_to_bf16(int4, tmp_path / "bf16", progress=False)
+    assert not any(n.endswith("input_scale") for n in load_file(tmp_path / "bf16" / "model.safetensors"))
+    save_file({**tensors, f"{module}.weight_g_idx": torch.zeros(8, dtype=torch.int32)}, int4 / "model.safetensors")
+    assert_raises_naming(lambda: convert_to_bf16(int4, tmp_path / "bf16-2", progress=False), "weight_g_idx")
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("convert", ["fp8", "int4"])
 def test_non_finite_weight_names_the_tensor(small_ckpt, tmp_path, gen, value, convert):

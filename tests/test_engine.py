@@ -265,6 +265,16 @@ def test_generate_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert out.count("mean logprob") == 2 and "finish: length" in out
+    # an end-of-turn id named only in generation_config.json stops generation too
+    import json
+
+    ids = tok("the quick")["input_ids"]
+    engine = Engine(load_model(tmp_path, dtype=torch.float32), kv_cache_tokens=64)
+    first = engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=1))[0].tokens[0]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [first]}))
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "the quick", "--max-new-tokens", "5",
+                 "--temperature", "0", "--dtype", "float32"]) == 0  # fmt: skip
+    assert "finish: stop, 1 tokens" in capsys.readouterr().out
 
 
 def test_cuda_graph_bucketing_logic_on_cpu(model):

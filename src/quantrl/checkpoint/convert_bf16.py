@@ -132,7 +132,15 @@ def convert_to_bf16(model_dir: str | Path, save_dir: str | Path, opts: Bf16Conve
     if not jobs:
         raise CheckpointError(f"{model_dir}: no quantized weights found for {scheme.kind} config")
     sources = {j.source for j in jobs}
-    jobs += [copy_job(reader, n) for n in infos if n not in consumed and n not in sources]
+    rest = [n for n in infos if n not in consumed and n not in sources]
+    unknown = [n for n in rest if n.endswith(".weight_g_idx") or (infos[n].dtype.is_floating_point
+                                                                   and infos[n].dtype.itemsize == 1)]  # fmt: skip
+    if unknown:  # copied as they are, they would be silently wrong weights in a "bf16" checkpoint
+        raise CheckpointError(f"{model_dir}: {len(unknown)} tensor(s) this {scheme.kind} dequantizer does not "
+                              f"understand (act-order g_idx, other fp8 formats), e.g. {unknown[:3]}")  # fmt: skip
+    # activation / KV-cache scales mean nothing without quantization: a strict loader would reject them
+    rest = [n for n in rest if not n.endswith(ACTIVATION_SCALE_SUFFIXES)]
+    jobs += [copy_job(reader, n) for n in rest]  # kept tensors keep their dtype (--dtype is the dequantized one)
     out_config = {k: v for k, v in config.items() if k not in ("quantization_config", "quantrl_quantization")}
     for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:
         out_config[key] = opts.dtype
@@ -141,6 +149,9 @@ def convert_to_bf16(model_dir: str | Path, save_dir: str | Path, opts: Bf16Conve
         overwrite=opts.overwrite, max_workers=opts.max_workers, device=opts.device,
         desc=f"dequantize -> {opts.dtype}", max_shard_bytes=opts.max_shard_bytes, progress=progress,
     )
+
+
+ACTIVATION_SCALE_SUFFIXES = (".input_scale", ".input_global_scale", ".k_scale", ".v_scale")
 
 
 def q_name(scale_name: str, suffix: str) -> str:

@@ -28,6 +28,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_main)
 
 
+def _generation_config_eos(model_dir: str) -> set[int]:
+    """generation_config.json's eos ids: instruct models often name their end-of-turn token only there."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+
+
 def _main(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
@@ -44,7 +54,7 @@ def _main(args: argparse.Namespace) -> int:
             ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding in newer transformers
         else:
             ids = tokenizer(args.prompt)["input_ids"]
-        stop = set(model.config.eos_token_ids)
+        stop = set(model.config.eos_token_ids) | _generation_config_eos(args.model)
         if tokenizer.eos_token_id is not None:
             stop.add(tokenizer.eos_token_id)
         params = SamplingParams(
