@@ -419,6 +419,13 @@ def test_interrupt_midway_leaves_nothing(small_ckpt, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
+def test_a_killed_conversions_leftovers_are_reported(small_ckpt, tmp_path):
+    (tmp_path / ".out.tmp-deadbeef").mkdir()  # what a SIGKILL mid-conversion leaves
+    with pytest.warns(UserWarning, match=r"killed conversion.*\.out\.tmp-deadbeef"):
+        convert_to_fp8(small_ckpt, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "config.json").exists()
+
+
 def test_ctrl_c_with_workers_stops_the_queued_jobs(small_ckpt, tmp_path, monkeypatch):
     """Ctrl-C while two workers convert: the jobs not yet started never start (not the whole model first)."""
     import time

@@ -84,7 +84,7 @@ def _shard_bytes(args: argparse.Namespace) -> int:
 def _run(fn, *a, **kw) -> int:
     try:
         report = fn(*a, **kw)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, OSError, ImportError, ValueError) as e:  # a full disk, no pyarrow: words, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.summary())
