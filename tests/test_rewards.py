@@ -27,6 +27,8 @@ from quantrl.rl.rewards import answers_match, extract_final_answer, math_reward,
         ("Final Answer: The final answer is $5$. I hope it is correct.", "$5$"),  # the line's last marker
         ("The answer is 1, 2, 3", "1, 2, 3"),  # a list is not a sentence end
         ("The answer is yes.", "yes"),  # prose without a number stays as it is
+        (r"The answer is \frac{1}{2} cm", r"\frac{1}{2}"),  # the math before the prose
+        ("The answer is about 7 apples", "7"),
         ("the answer isn't 4, it's 5", "5"),  # "answer isn't" is no marker
         ("work 3+4=7\n#### 7", "7"),
         ("#### 5\nAnswer: 6", "6"),  # the last marker

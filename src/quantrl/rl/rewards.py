@@ -7,7 +7,7 @@ Extraction (``extract_final_answer``), first rule that finds something wins:
   2. the last explicit marker line: ``Answer: X`` / ``the answer is X`` / GSM8K's ``#### X``; X is what follows
      the line's last marker (so ``Final Answer: The final answer is $5$.`` gives ``5``), without markdown bold
      or ``\\(..\\)``, up to the end of its sentence (``5. I hope...``, ``42, since...``); when X is prose
-     around a number (``18 dollars``) the number is the answer;
+     around math, the math before the first word (``18 dollars``, ``\\frac{1}{2} cm``), else its first number;
   3. the last number in the text (sign, thousands separators, decimals, ``a/b``).
 
 Normalization (``normalize_answer``) removes presentation only: spaces, ``$`` and ``\\$``, ``\\text{..}``/
@@ -96,8 +96,9 @@ def _marker_answer(rest: str) -> str:
     s = _MARKUP.sub("", rest).strip()
     if end := _SENTENCE_END.search(s):
         s = s[: end.start()].strip()
-    if _WORD.search(s) and (numbers := _NUMBER.findall(s)):
-        return numbers[0]
+    if (word := _WORD.search(s)) and (numbers := _NUMBER.findall(s)):
+        head = s[: word.start()].strip()  # "\frac{1}{2} cm", "x = 5 meters": the math before the prose
+        return head if re.search(r"\d", head) else numbers[0]
     return s
 
 
