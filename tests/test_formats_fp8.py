@@ -90,6 +90,16 @@ def test_ue8m0_keeps_exact_powers_of_two():
     assert s.item() == 2.0**-3
 
 
+def test_ue8m0_scale_of_a_tiny_block_is_e8m0s_smallest():
+    """A block whose max is below 448 * 2^-127: its scale must still be an E8M0 code (MXFP8 checkpoints)."""
+    w = torch.ones(2, 64)
+    w[0, :32] = 1e-37
+    q, s = quantize_fp8(w, "block", (1, 32), "ue8m0")
+    assert s[0, 0].item() == 2.0**-127 and fp8.decode_e8m0(fp8.encode_e8m0(s)).equal(s)
+    deq = fp8.dequantize_fp8(q, s, (1, 32), torch.float32)
+    assert torch.equal(deq, fake_quantize_fp8(w, "block", (1, 32), "ue8m0", dtype=torch.float32))
+
+
 def test_all_zero_blocks_give_finite_scale_and_zero_values(gen):
     w = rand((256, 256), torch.bfloat16, gen)
     w[:128, 128:] = 0
@@ -205,3 +215,14 @@ def test_e8m0_codec_round_trips_every_code_and_refuses_the_rest():
     w = torch.randn(64, 96) * torch.logspace(-30, 30, 96)
     _, s = quantize_fp8(w, "block", (1, 32), "ue8m0")
     assert torch.equal(decode_e8m0(encode_e8m0(s)), s)
+
+
+def test_group_sizes_and_scale_dtypes_are_checked():
+    x = torch.randn(2, 64)
+    q, s = quantize_fp8_activation(x, 32)
+    for call in (lambda: fake_quantize_fp8_activation(x, 0), lambda: fp8.dequantize_fp8_activation(q, s, 0)):
+        with pytest.raises(ValueError, match="group_size must be positive"):
+            call()
+    wq, ws = quantize_fp8(x, "block", (1, 32), "ue8m0")
+    with pytest.raises(TypeError, match="decode_e8m0 first"):
+        fp8.dequantize_fp8(wq, fp8.encode_e8m0(ws), (1, 32))

@@ -42,7 +42,9 @@ def test_fake_quant_equals_dequant_of_real_quant_bitwise(shape, dtype, group_siz
     assert s.dtype == torch.bfloat16 and s.shape == (shape[0], shape[1] // group_size)
     for out in (torch.bfloat16, torch.float32, dtype):
         fq = fake_quantize_int4(w, group_size, qmax, dtype=out)
-        assert fq.dtype == out and torch.equal(fq, dequantize_int4(q, s, group_size, out))
+        deq = dequantize_int4(q, s, group_size, out)
+        as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[fq.element_size()]
+        assert fq.dtype == out and torch.equal(fq.view(as_int), deq.view(as_int))  # bits: +0.0, never -0.0
     # and through the packed form the engine receives
     q2 = unpack_int4(pack_int4(q), shape[1])
     assert torch.equal(q2, q)
@@ -132,6 +134,14 @@ def test_fp16_scale_saturates_instead_of_inf():
     assert torch.equal(
         fake_quantize_int4(w, 32, 7, scale_dtype=torch.float16), dequantize_int4(q, s, 32, torch.float32)
     )
+
+
+def test_fp16_scales_of_small_groups_are_not_floored_at_fp16s_smallest_normal():
+    w = torch.linspace(-1e-4, 1e-4, 64).reshape(1, 64)
+    q, s = quantize_int4(w, 32, 7, scale_dtype=torch.float16)
+    assert float(s.max()) < 1.5e-5 and int(q.abs().max()) == 7  # absmax / 7, not 6.1e-5
+    deq = dequantize_int4(q, s, 32, torch.float32)
+    assert float((deq - w).abs().max()) <= float(s.float().max()) / 2 * 1.01
 
 
 def test_straight_through_gradient_reaches_master_weight(gen):

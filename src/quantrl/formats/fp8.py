@@ -22,7 +22,8 @@ Arithmetic, fixed here; kernels must reproduce it bit for bit:
     amax = max |w| over the tile, in fp32       (exact: bf16/fp16 -> fp32 and max are exact)
     s    = amax / 448 in fp32                   (one IEEE division, round to nearest even)
            ue8m0: s rounded *up* to a power of two (DeepGEMM's scale format, exponent-only),
-                  capped at 2^119 so that 448 * s stays finite
+                  capped at 2^119 so that 448 * s stays finite, floored at 2^-127 (E8M0's smallest:
+                  a larger scale only shrinks w / s, and a tile of tiny values stays storable)
            s = 1 where that gives 0 (all-zero tile, or amax so small s underflows): never 0/0
     q    = e4m3(clamp(w / s, -448, 448))        (IEEE division; round-to-nearest-even cast)
     deq  = fp32(q) * s, rounded once to the output dtype
@@ -34,7 +35,9 @@ MXFP8 (OCP microscaling) is this arithmetic with 1×32 blocks and ue8m0 scales, 
 (1, 32)) and activations (group 32) alike. Its checkpoints (compressed-tensors ``mxfp8-quantized``) store
 each power-of-two scale as an E8M0 byte, the biased exponent: ``s = 2^(e - 127)`` (``encode_e8m0`` /
 ``decode_e8m0``; 255 is NaN and never written). Rounding the scale *up* to a power of two is what
-compressed-tensors and cuBLAS do too (no element saturates); OCP's reference rule rounds down and clamps.
+SGLang/DeepGEMM (``ceil_to_ue8m0``) and cuBLAS do too (no element saturates); OCP's reference rule rounds
+down and clamps, and llm-compressor's ``generate_mx_scales`` differs from ours where a block's max has
+mantissa 1.75 (it doubles that scale). Any of these scales loads and dequantizes the same way.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ DEFAULT_ACT_GROUP = 128
 # Largest power of two s with 448 * s finite in fp32; rounding up could otherwise push the scale of a
 # near-fp32-max tile to 2^120, whose 448 * 2^120 overflows on dequantization.
 UE8M0_MAX_SCALE = 2.0**119
+UE8M0_MIN_SCALE = 2.0**-127  # E8M0 code 0
 
 Strategy = Literal["block", "channel", "tensor"]
 ScaleFmt = Literal["ue8m0"] | None
@@ -65,6 +69,11 @@ def _check_scale_fmt(scale_fmt: str | None) -> None:
         raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
 
 
+def _check_group(group_size: int) -> None:
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+
+
 def scale_from_amax(amax: torch.Tensor, scale_fmt: ScaleFmt = None) -> torch.Tensor:
     """fp32 dequantization scale from an fp32 max-abs (see the module note for the exact rule)."""
     s = amax.float() / FP8_MAX
@@ -72,7 +81,7 @@ def scale_from_amax(amax: torch.Tensor, scale_fmt: ScaleFmt = None) -> torch.Ten
         # s = m * 2^e with m in [0.5, 1): a power of two already when m == 0.5, else round up to 2^e.
         m, e = torch.frexp(s)
         s = torch.where(s > 0, torch.ldexp(torch.ones_like(s), e - (m == 0.5).to(e.dtype)), s)
-        s = s.clamp_(max=UE8M0_MAX_SCALE)
+        s = torch.where(s > 0, s.clamp(min=UE8M0_MIN_SCALE, max=UE8M0_MAX_SCALE), s)
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
@@ -244,6 +253,8 @@ def dequantize_fp8(
         raise TypeError(f"dequantize_fp8: expected {FP8_DTYPE} values, got {q.dtype}")
     if q.numel() == 0:
         raise ValueError("dequantize_fp8: tensor is empty")
+    if not scale.is_floating_point():  # e.g. raw E8M0 bytes: decode_e8m0 them first
+        raise TypeError(f"dequantize_fp8: expected float scales, got {scale.dtype} (E8M0 bytes: decode_e8m0 first)")
     bn, bk = _infer_tile(q, scale, block_size)
     n, k = q.shape
     s = scale.reshape(cdiv(n, bn), cdiv(k, bk))
@@ -282,8 +293,7 @@ def quantize_fp8_activation(
     uses its real elements.
     """
     _check_scale_fmt(scale_fmt)
-    if group_size <= 0:
-        raise ValueError(f"group_size must be positive, got {group_size}")
+    _check_group(group_size)
     check_float_tensor(x, what="quantize_fp8_activation")
     rows = _rows(x)
     q, s = _quantize_tiles(rows, 1, group_size, scale_fmt, "quantize_fp8_activation")  # s: [M, kb]
@@ -296,6 +306,7 @@ def dequantize_fp8_activation(
     """Inverse of ``quantize_fp8_activation``: ``fp32(q) * scale`` per 1×g group, rounded to ``dtype``."""
     if q.dtype != FP8_DTYPE:
         raise TypeError(f"dequantize_fp8_activation: expected {FP8_DTYPE} values, got {q.dtype}")
+    _check_group(group_size)
     expected = (*q.shape[:-1], cdiv(q.shape[-1], group_size))
     if tuple(scale.shape) != expected:
         raise ValueError(
@@ -313,6 +324,7 @@ def fake_quantize_fp8_activation(
 ) -> torch.Tensor:
     """1×g quantize-dequantize of activations/gradients (STE gradient): what an FP8 GEMM consumes."""
     _check_scale_fmt(scale_fmt)
+    _check_group(group_size)
     check_float_tensor(x, what="fake_quantize_fp8_activation")
 
     def qdq(v: torch.Tensor) -> torch.Tensor:

@@ -73,8 +73,11 @@ def _group_scale(
     absmax = g.abs().amax(dim=-1).float()
     check_amax(absmax, g if src is None else src, what)
     fi = torch.finfo(scale_dtype)
-    # The upper cap (exact: a power-of-two division) keeps |q| * s finite in the scale's dtype.
-    return (absmax / div).clamp_(fi.tiny, fi.max / (1 << (num_bits - 1))).to(scale_dtype)
+    # The floor only keeps an all-zero group's scale nonzero. fp16's smallest normal (6e-5) would coarsen
+    # every group below 4e-4: its floor is the smallest subnormal (codes divide by the stored scale, so a
+    # subnormal one stays exact). The upper cap (a power-of-two division) keeps |q| * s finite.
+    lo = 2.0**-24 if scale_dtype == torch.float16 else fi.tiny
+    return (absmax / div).clamp_(lo, fi.max / (1 << (num_bits - 1))).to(scale_dtype)
 
 
 def _codes(g: torch.Tensor, s: torch.Tensor, qlo: int, qhi: int) -> torch.Tensor:
@@ -82,7 +85,8 @@ def _codes(g: torch.Tensor, s: torch.Tensor, qlo: int, qhi: int) -> torch.Tensor
 
     ``g / fp32(s)`` promotes a bf16 ``g`` exactly, so no fp32 copy of the weight is made.
     """
-    return torch.div(g, s.float().unsqueeze(-1)).round_().clamp_(qlo, qhi)
+    # + 0.0: a small negative weight rounds to -0.0, and the engine's integer code 0 dequantizes to +0.0
+    return torch.div(g, s.float().unsqueeze(-1)).round_().clamp_(qlo, qhi).add_(0.0)
 
 
 def _grouped_chunks(w: torch.Tensor, group_size: int):
@@ -121,6 +125,8 @@ def dequantize_int(
     if q.ndim != 2 or q.dtype not in (torch.int8, torch.int32, torch.uint8):
         raise ValueError(f"dequantize_int: expected 2-D integer codes, got {q.dtype} {tuple(q.shape)}")
     n, k = q.shape
+    if group_size <= 0:
+        raise ValueError(f"dequantize_int: group_size must be positive, got {group_size}")
     if k % group_size or tuple(scale.shape) != (n, k // group_size):
         raise ValueError(
             f"dequantize_int: scale shape {tuple(scale.shape)} does not fit codes {tuple(q.shape)} "

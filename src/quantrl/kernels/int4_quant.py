@@ -55,8 +55,10 @@ def _group_scale(amax_bits, DIV: tl.constexpr, SMIN: tl.constexpr, SMAX: tl.cons
 
 @triton.jit
 def _codes(xf, sk, bk, r, QLO: tl.constexpr, QHI: tl.constexpr):
-    """Integer codes ``clamp(rne(x / s))`` from ``recip_rn(s)`` (broadcastable to xf)."""
-    return tl.minimum(tl.maximum(rne_int(div_by_recip(xf, sk, bk, r)), QLO), QHI)
+    """Integer codes ``clamp(rne(x / s))`` from ``recip_rn(s)`` (broadcastable to xf), zero unsigned as
+    in ``formats`` (a select, not ``+ 0.0``, which a compiler may treat as a no-op)."""
+    q = tl.minimum(tl.maximum(rne_int(div_by_recip(xf, sk, bk, r)), QLO), QHI)
+    return tl.where(q == 0.0, 0.0, q)
 
 
 @triton.jit
