@@ -5,10 +5,11 @@
 #     bash bench/gpu_session.sh rollout sync # a rerun of chosen steps (same slots)
 #
 # Runs from the source tree (the device machine has no network, so nothing is installed): PYTHONPATH=src:bench.
-# Each step runs under its own `timeout` (SIGINT first, so Python prints where it was and pytest its summary;
-# SIGKILL 10 s later), its output is tee'd to $OUT/logs/<step>.log, a failing step does not stop the next one,
-# the GPU benches' JSON is copied to $OUT/results/ as soon as each step ends (a run cut short keeps what it
-# had), and the last lines printed are one status line per step (also in $OUT/summary.txt).
+# Each step runs under its own `timeout` (SIGINT first, so Python prints where it was, the benches write
+# the figures they have and pytest its summary; SIGKILL 10 s later), its output is tee'd to logs/<step>.log,
+# a failing step does not stop the next one, the GPU benches' JSON is copied to results/ as soon as each step
+# ends, and everything is packed into $OUT/session.tgz after every step (bench/_session_out.sh: the device
+# tool returns at most 8 files). The last lines printed are one status line per step (also $OUT/summary.txt).
 #
 # Time budget (GPU_SESSION_BUDGET_S, default 540 s; the device tool allows 600 s per call). The slots are
 # estimates from the scripts' loops on an H100/H200, with Triton's first compiles included:
@@ -36,13 +37,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-OUT=${OUT:-$PWD/gpu_session_out}
-PY=${PYTHON:-$(command -v python || command -v python3)}
+source bench/_session_out.sh # OUT, STAGE (logs/, results/), pack_out
+PY=${PYTHON:-$(command -v python3 || command -v python)} # the device machine's python3 holds torch
 BUDGET_S=${GPU_SESSION_BUDGET_S:-540}
 export PYTHONPATH=src:bench${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 # live logs through tee
 unset TRITON_INTERPRET    # the kernels must compile for the GPU, not run in the CPU interpreter
-mkdir -p "$OUT/logs" "$OUT/results"
 
 ORDER=(env pytest-gpu pytest-triton kernels rollout sync train kernels-sweep)
 declare -A SLOT=([env]=15 [pytest-gpu]=140 [pytest-triton]=60 [kernels]=120 [rollout]=85 [sync]=50 [train]=70
@@ -76,9 +76,9 @@ run_step() {
     return
   fi
   local t0=$SECONDS rc
-  touch "$OUT/.start_$name"
-  echo "=== $name (timeout ${left} s): $*" | tee "$OUT/logs/$name.log"
-  timeout -s INT -k 10 "$left" "$@" 2>&1 | tee -a "$OUT/logs/$name.log"
+  touch "$STAGE/.start_$name"
+  echo "=== $name (timeout ${left} s): $*" | tee "$STAGE/logs/$name.log"
+  timeout -s INT -k 10 "$left" "$@" 2>&1 | tee -a "$STAGE/logs/$name.log"
   rc=${PIPESTATUS[0]}
   local dt=$((SECONDS - t0))
   case $rc in
@@ -87,16 +87,17 @@ run_step() {
     *) STATUS[$name]="FAILED rc=$rc (${dt} s)" ;;
   esac
   if ((rc != 0)); then # the log's last line: pytest's summary or Python's exception
-    STATUS[$name]+=": $(grep -v '^[[:space:]]*$' "$OUT/logs/$name.log" | tail -n 1 | cut -c 1-110)"
+    STATUS[$name]+=": $(grep -v '^[[:space:]]*$' "$STAGE/logs/$name.log" | tail -n 1 | cut -c 1-110)"
   fi
   collect_results "$name"
+  pack_out
 }
 
 collect_results() { # the GPU benches' JSON written during step $1
   local f
   for f in bench/results/kernels_gpu.json bench/results/rollout_gpu.json bench/results/train_gpu.json \
     bench/results/sync_gpu.json; do
-    if [[ -f $f && $f -nt "$OUT/.start_$1" ]]; then cp "$f" "$OUT/results/"; fi
+    if [[ -f $f && $f -nt "$STAGE/.start_$1" ]]; then cp "$f" "$STAGE/results/"; fi
   done
 }
 
@@ -115,7 +116,7 @@ print(json.dumps(env, indent=2))
 if env["roofline"]:
     print(describe_roofline(env["roofline"]))
 json.dump(env, open(sys.argv[1], "w"), indent=2)
-' "$OUT/results/environment.json"
+' "$STAGE/results/environment.json"
 }
 
 # set_cmd STEP: CMD = the step's argv (tests/test_bench_smoke.py checks every bench flag here against the
@@ -123,9 +124,9 @@ json.dump(env, open(sys.argv[1], "w"), indent=2)
 set_cmd() {
   case $1 in
     pytest-gpu) CMD=("$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests/
-      "--junitxml=$OUT/results/pytest-gpu.xml") ;;
+      "--junitxml=$STAGE/results/pytest-gpu.xml") ;;
     pytest-triton) CMD=("$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_linear_kernels.py tests/test_fp8_training.py
-      "--junitxml=$OUT/results/pytest-triton.xml") ;;
+      "--junitxml=$STAGE/results/pytest-triton.xml") ;;
     kernels) CMD=("$PY" bench/kernels_gpu.py --reps 7) ;;
     rollout) CMD=("$PY" bench/rollout_gpu.py --batches 1 8 64 256 --repeats 2 --hf-batches 1 8) ;;
     sync) CMD=("$PY" bench/sync_gpu.py --repeats 10 --warmup 2) ;;
@@ -139,8 +140,9 @@ for i in "${!STEPS[@]}"; do
   name=${STEPS[$i]}
   if [[ $name == env ]]; then
     t0=$SECONDS
-    env_report 2>&1 | tee "$OUT/logs/env.log"
+    env_report 2>&1 | tee "$STAGE/logs/env.log"
     STATUS[env]="ok ($((SECONDS - t0)) s)"
+    pack_out
     continue
   fi
   if [[ $name == kernels-sweep ]] && ((DEADLINE - SECONDS < SWEEP_MIN_S)); then
@@ -153,9 +155,11 @@ done
 
 {
   echo
-  echo "=== gpu_session summary (${SECONDS} s of ${BUDGET_S} s; logs: $OUT/logs, results: $OUT/results)"
+  echo "=== gpu_session summary (${SECONDS} s of ${BUDGET_S} s; logs/ and results/ in $OUT/session.tgz)"
   for name in "${STEPS[@]}"; do printf '  %-14s %s\n' "$name" "${STATUS[$name]:-not run}"; done
-} | tee "$OUT/summary.txt"
-rm -f "$OUT"/.start_*
+} | tee "$STAGE/summary.txt"
+cp "$STAGE/summary.txt" "$OUT/summary.txt"
+rm -f "$STAGE"/.start_*
+pack_out
 for name in "${STEPS[@]}"; do [[ ${STATUS[$name]:-} == ok* || ${STATUS[$name]:-} == skipped* ]] || exit 1; done
 exit 0

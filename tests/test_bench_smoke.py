@@ -12,9 +12,11 @@ import re
 import shlex
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -141,7 +143,7 @@ def _stub(tmp_path: Path) -> Path:
 
 def _session(tmp_path: Path, *steps: str, budget: int = 540) -> subprocess.CompletedProcess:
     env = _env(PYTHON=str(_stub(tmp_path)), OUT=str(tmp_path / "out"), GPU_SESSION_BUDGET_S=str(budget),
-               GPU_SESSION_MIN_STEP_S="1")  # fmt: skip
+               GPU_SESSION_MIN_STEP_S="1", GPU_SESSION_STAGE=str(tmp_path / "stage"))  # fmt: skip
     return subprocess.run(
         ["bash", str(SESSION), *steps], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
@@ -153,9 +155,15 @@ def test_session_continues_past_a_failure_and_reports_every_step(tmp_path):
     summary = proc.stdout[proc.stdout.index("=== gpu_session summary") :]
     assert re.search(r"kernels\s+ok", summary) and re.search(r"rollout\s+ok", summary)
     assert re.search(r"sync\s+FAILED rc=3 .*boom: a Python error", summary)
-    logs = tmp_path / "out" / "logs"
+    # what comes back: one archive and the summary (the device tool returns at most 8 files)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["session.tgz", "summary.txt"]
+    with tarfile.open(out / "session.tgz") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    logs = tmp_path / "unpacked" / "logs"
     assert "stub: bench/kernels_gpu.py --reps 7" in (logs / "kernels.log").read_text()
-    assert (tmp_path / "out" / "summary.txt").read_text() in proc.stdout
+    assert sorted(p.name for p in logs.iterdir()) == ["kernels.log", "rollout.log", "sync.log"]
+    assert (out / "summary.txt").read_text() in proc.stdout
 
 
 def test_session_step_times_out_within_its_slot(tmp_path):
@@ -180,8 +188,9 @@ def test_rl_session_script_parses_and_its_flags_are_accepted():
     rl = re.search(r'"\$PY" bench/rl_recipes\.py (.*?)$', text, re.MULTILINE).group(1)
     from quantrl.cli import build_parser
 
-    args = build_parser().parse_args(shlex.split(pre.replace('"$WARM"', "runs/w")))
-    assert args.device == "cuda" and args.hidden_size == 512
+    pre = pre.replace('"$WARM"', "runs/w").replace('"$((${PRETRAIN_S:-150} - 40))"', "110")
+    args = build_parser().parse_args(shlex.split(pre))
+    assert args.device == "cuda" and args.hidden_size == 512 and args.max_seconds == 110
     sys.path.insert(0, str(BENCH))
     try:
         rl_args = importlib.import_module("rl_recipes").build_parser().parse_args(
@@ -195,7 +204,8 @@ def test_rl_session_script_parses_and_its_flags_are_accepted():
 @pytest.mark.parametrize("other_failure", [False, True])
 def test_kernels_gate_falls_back_to_the_magic_unpacking(monkeypatch, other_failure):
     """A W4A16 failure with the bf16x2 default reruns the checks with the magic-number unpacking and, if
-    only the explicitly-bf16x2 checks still fail, lets the timings go on; any other failure still stops."""
+    only the explicitly-bf16x2 checks still fail, passes; any other failure fails the gate (the timings go
+    on either way, marked)."""
     from quantrl.kernels import w4a16
 
     sys.path.insert(0, str(BENCH))
@@ -219,6 +229,29 @@ def test_kernels_gate_falls_back_to_the_magic_unpacking(monkeypatch, other_failu
     assert seen == ["bf16x2", "magic"] and notes["w4a16_default_unpack"] == "magic"
     assert notes["bf16x2_failures"] == ["w4a16 4096x4096 M=1: rel error 1.00e+00"]
     assert passed is not other_failure
+
+
+def test_kernels_bench_keeps_every_figure_but_a_failing_ones():
+    """One method that fails to time (a compile or capture error) loses its row only; the others stay."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        kg = importlib.import_module("kernels_gpu")
+    finally:
+        sys.path.remove(str(BENCH))
+    calls = []
+
+    def timer(fns):
+        calls.append(len(calls))
+        if len(calls) == 4:  # F.linear, w4a16, w4a16 magic, then NVFP4
+            raise RuntimeError("simulated compile error")
+        return 1e-3
+
+    rows, notes = [], {}
+    shapes = dict(list(kg.TINY_SHAPES.items())[:1])
+    kg.bench_gemms(shapes, [1], [1], torch.device("cpu"), timer, notes, rows)
+    methods = [(r["kernel"], r["method"]) for r in rows]
+    assert ("nvfp4", "quantrl") not in methods and ("w4a16", "quantrl") in methods and ("fp8", "act_quant+triton") in methods
+    assert list(notes["timing_errors"].values()) == ["RuntimeError: simulated compile error"]
 
 
 def test_placement_bench_runs_every_placement(tmp_path):

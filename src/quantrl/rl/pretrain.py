@@ -56,6 +56,8 @@ class PretrainConfig:
     "MoE: SwiGLU width of one expert"
     router_aux_loss_coef: float = 0.01
     "MoE: weight of the load-balancing loss (transformers' router_aux_loss_coef), so experts share the tokens"
+    max_seconds: float = 0.0
+    "stop training after this many seconds and save the model as it is (0: run every step); for time-boxed runs"
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int) -> dict:
@@ -152,6 +154,9 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         m = trainer.train_step({k: v.to(cfg.device) for k, v in batch.items()}, loss)
         losses.append(m["nll"] / float(batch["loss_mask"].sum()))  # the LM loss, without the balance term
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.1e}")
+        if cfg.max_seconds and time.perf_counter() - t0 > cfg.max_seconds:
+            break
+    bar.close()
     train_s = time.perf_counter() - t0
     # save: config + tokenizer in a staging dir, then the trainer's atomic BF16 checkpoint
     with tempfile.TemporaryDirectory() as src:
@@ -162,7 +167,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
 
     acc = greedy_accuracy(load_model(cfg.out_dir, dtype=torch.bfloat16, device=cfg.device), tok, held[:128])  # what RL starts from
     summary = {"config": asdict(cfg), "final_loss": sum(losses[-20:]) / min(20, len(losses)),
-               "held_out_greedy_accuracy": acc, "train_seconds": train_s,
+               "held_out_greedy_accuracy": acc, "train_seconds": train_s, "steps_done": len(losses),
                "params": sum(p.numel() for p in model.parameters())}
     (Path(cfg.out_dir) / "pretrain_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
