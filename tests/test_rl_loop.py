@@ -352,3 +352,10 @@ def test_routing_replay_on_ray_with_two_engines_and_replicas(tiny_moe_model, tmp
     rows = train(run(tmp_path / "dp", placement="ray", rollout_num_engines=2, dp_size=2, prompts_per_step=4),
                  progress=False)  # fmt: skip
     assert 0 < rows[-1]["routing_flip_frac"] < 1
+
+
+def test_pretrain_stops_at_its_time_limit_and_saves(tmp_path):
+    summary = pretrain(PretrainConfig(out_dir=str(tmp_path / "m"), hidden_size=128, num_layers=1, intermediate_size=128,
+                                      steps=100_000, batch_size=8, num_problems=500, max_seconds=1.0), progress=False)  # fmt: skip
+    assert 0 < summary["steps_done"] < 100_000 and summary["train_seconds"] < 10
+    assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "pretrain_summary.json").exists()
