@@ -169,35 +169,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def measure(args, config: dict, device: str, bw: float) -> list[dict]:
-    """One row per (format, batch): engine tok/s and its roofline; transformers' tok/s on the BF16 rows."""
-    g = torch.Generator().manual_seed(0)
-    prompts_all = torch.randint(0, config["vocab_size"], (max(args.batches), args.prompt_len), generator=g).tolist()
-    hf_batches = set(args.batches if args.hf_batches is None else args.hf_batches)
-    rows: list[dict] = []
+def measure(args, config: dict, device: str, bw: float, rows: list[dict], errors: dict) -> list[dict]:
+    """One row per (format, batch), appended to ``rows`` as measured: engine tok/s and its roofline;
+    transformers' tok/s on the BF16 rows. A format that fails is recorded in ``errors``; the others go on."""
     for fmt in args.formats:
-        model = build(fmt, config, device)
-        wbytes = weight_bytes(model)
-        hf = hf_model(model, config) if fmt == "bf16" and not args.no_hf and hf_batches & set(args.batches) else None
-        for batch in args.batches:
-            prompts = prompts_all[:batch]
-            rate, graphed = engine_rate(model, prompts, args)
-            roof, roof_h100 = batch * bw / wbytes, batch * H100_COPY_BW / wbytes
-            row = {"format": fmt, "batch": batch, "tok_s": rate, "weight_bytes": wbytes, "roofline_tok_s": roof,
-                   "frac_roofline": rate / roof, "roofline_tok_s_h100": roof_h100, "frac_roofline_h100": rate / roof_h100,
-                   "cuda_graph": graphed, "linear_paths": linear_paths(model)}  # fmt: skip
-            if set(row["linear_paths"]) - {"fast"} or (graphed != (not args.no_cuda_graph)):
-                print(f"  note: {fmt} batch {batch}: linear paths {row['linear_paths']}, CUDA graphs {graphed}")
-            if hf is not None and batch in hf_batches:
-                row["hf_tok_s"] = hf_rate(hf, prompts, args)
-            rows.append(row)
-            print(f"  {fmt:5s} batch {batch:4d}: {rate:10.1f} tok/s ({rate / roof:6.1%} of the measured roofline, "
-                  f"{rate / roof_h100:6.1%} of the H100's)", flush=True)  # fmt: skip
-        del model, hf
+        try:
+            _measure_format(fmt, args, config, device, bw, rows)
+        except Exception as e:  # noqa: BLE001 -- a kernel compile or capture error: this format's rows only
+            errors[fmt] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"  {fmt}: ERROR {errors[fmt]}", flush=True)
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _measure_format(fmt: str, args, config: dict, device: str, bw: float, rows: list[dict]) -> None:
+    from quantrl.kernels import dispatch
+
+    g = torch.Generator().manual_seed(0)
+    prompts_all = torch.randint(0, config["vocab_size"], (max(args.batches), args.prompt_len), generator=g).tolist()
+    hf_batches = set(args.batches if args.hf_batches is None else args.hf_batches)
+    model = build(fmt, config, device)
+    wbytes = weight_bytes(model)
+    hf = hf_model(model, config) if fmt == "bf16" and not args.no_hf and hf_batches & set(args.batches) else None
+    for batch in args.batches:
+        prompts = prompts_all[:batch]
+        rate, graphed = engine_rate(model, prompts, args)
+        roof, roof_h100 = batch * bw / wbytes, batch * H100_COPY_BW / wbytes
+        row = {"format": fmt, "batch": batch, "tok_s": rate, "weight_bytes": wbytes, "roofline_tok_s": roof,
+               "frac_roofline": rate / roof, "roofline_tok_s_h100": roof_h100, "frac_roofline_h100": rate / roof_h100,
+               "cuda_graph": graphed, "linear_paths": linear_paths(model),
+               # FP8: whether blockwise torch._scaled_mm served (False: the Triton GEMM took over)
+               "scaled_mm_ok": {b: ok for (_, _, b), ok in dispatch._SCALED_MM_OK.items()}}  # fmt: skip
+        if set(row["linear_paths"]) - {"fast"} or (graphed != (not args.no_cuda_graph)):
+            print(f"  note: {fmt} batch {batch}: linear paths {row['linear_paths']}, CUDA graphs {graphed}")
+        if hf is not None and batch in hf_batches:
+            row["hf_tok_s"] = hf_rate(hf, prompts, args)
+        rows.append(row)
+        hf_s = f", transformers {row['hf_tok_s']:.1f} tok/s" if "hf_tok_s" in row else ""
+        print(f"  {fmt:5s} batch {batch:4d}: {rate:10.1f} tok/s ({rate / roof:6.1%} of the measured roofline, "
+              f"{rate / roof_h100:6.1%} of the H100's){hf_s}", flush=True)  # fmt: skip
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -252,7 +264,14 @@ def main() -> int:
     config = SMOKE_CONFIG if args.smoke else QWEN3_06B
     roof = roofline(device, smoke=args.smoke)
     print(describe_roofline(roof), flush=True)
-    rows = measure(args, config, device, roof["measured_copy_Bps"])
+    rows: list[dict] = []
+    errors: dict = {}
+    interrupted = False
+    try:  # SIGINT (the session's step timeout): keep the rows measured so far
+        measure(args, config, device, roof["measured_copy_Bps"], rows, errors)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted: writing the {len(rows)} rows measured so far", flush=True)
     add_speedups(rows)
     print_table(rows, args, roof, "smoke model (tiny)" if args.smoke else "Qwen3-0.6B shapes")
     targets = evaluate_targets(rows)
@@ -269,10 +288,12 @@ def main() -> int:
                    "sampling": "temperature 1.0, no top-k/top-p, no stop tokens"},
         "rows": rows,
         "targets": targets,
+        "errors": errors,
+        "interrupted": interrupted,
     }, smoke=args.smoke)  # fmt: skip
     if path:
         print(f"wrote {path}")
-    return 0
+    return 1 if errors or interrupted else 0
 
 
 if __name__ == "__main__":

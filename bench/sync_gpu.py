@@ -238,14 +238,24 @@ def main() -> int:
     config = SMOKE_CONFIG if args.smoke else QWEN3_06B
     roof = roofline(dev, smoke=args.smoke)
     print(describe_roofline(roof), flush=True)
-    rows = []
-    for fmt in args.formats:
-        row = bench_format(fmt, args, config, dev)
-        rows.append(row)
-        print(f"  {fmt:17s} {row['sync_ms']:8.2f} ms  ({row['trainer_GBps']:6.1f} GB/s of trainer bytes)", flush=True)
-    floor = measure_floor(config, args.repeats, dev)
-    add_rooflines(rows, floor, roof["measured_copy_Bps"])
-    print_table(rows, floor, args, roof)
+    rows, errors, floor, interrupted = [], {}, {}, False
+    try:  # SIGINT (the session's step timeout): keep the formats measured so far
+        for fmt in args.formats:
+            try:
+                row = bench_format(fmt, args, config, dev)
+            except Exception as e:  # noqa: BLE001 -- a failed check or kernel: this format's row only
+                errors[fmt] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                print(f"  {fmt:17s} ERROR {errors[fmt]}", flush=True)
+                continue
+            rows.append(row)
+            print(f"  {fmt:17s} {row['sync_ms']:8.2f} ms  ({row['trainer_GBps']:6.1f} GB/s of trainer bytes)", flush=True)
+        floor = measure_floor(config, args.repeats, dev)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted: writing the {len(rows)} formats measured so far", flush=True)
+    if floor:  # not measured when interrupted before it
+        add_rooflines(rows, floor, roof["measured_copy_Bps"])
+        print_table(rows, floor, args, roof)
     targets = {f"{r['format']}_sync_le_{TARGET_MS:.0f}ms": r["sync_ms"] <= TARGET_MS for r in rows}
     for name, ok in targets.items():
         print(f"{'smoke (meaningless): ' if args.smoke else ''}target {name}: {'met' if ok else 'NOT met'}")
@@ -259,10 +269,12 @@ def main() -> int:
         "floor": floor,
         "rows": rows,
         "targets": targets,
+        "errors": errors,
+        "interrupted": interrupted,
     }, smoke=args.smoke)  # fmt: skip
     if path:
         print(f"wrote {path}")
-    return 0
+    return 1 if errors or interrupted else 0
 
 
 if __name__ == "__main__":

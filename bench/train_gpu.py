@@ -134,10 +134,19 @@ def main() -> int:
         return rc
     roof = roofline("cpu" if args.smoke else "cuda", smoke=args.smoke)
     print(describe_roofline(roof), flush=True)
-    rows = {}
-    for m in args.modes:
-        rows[m] = step_times(m, args)
-        print(f"  {m}: {rows[m]['step_s']:.3f} s/step", flush=True)
+    rows, errors, interrupted = {}, {}, False
+    try:  # SIGINT (the session's step timeout): keep the modes timed so far
+        for m in args.modes:
+            try:
+                rows[m] = step_times(m, args)
+            except Exception as e:  # noqa: BLE001 -- e.g. an FP8 kernel failing: this mode's row only
+                errors[m] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                print(f"  {m}: ERROR {errors[m]}", flush=True)
+                continue
+            print(f"  {m}: {rows[m]['step_s']:.3f} s/step", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted: writing the {len(rows)} modes timed so far", flush=True)
     add_ratios(rows)
     print_table(rows)
     targets = evaluate_targets(rows)
@@ -147,10 +156,11 @@ def main() -> int:
     path = write_results("train_gpu", {"roofline": roof, "config": vars(args), "model": model,
                                        "method": {"step_s": "median of --steps CUDA-synchronized steps after --warmup",
                                                   "pct_of_peak_h100": "6 * params * tokens / step time / H100 peak"},
-                                       "results": rows, "targets": targets}, smoke=args.smoke)  # fmt: skip
+                                       "results": rows, "targets": targets, "errors": errors,
+                                       "interrupted": interrupted}, smoke=args.smoke)  # fmt: skip
     if path:
         print(f"wrote {path}")
-    return 0
+    return 1 if errors or interrupted else 0
 
 
 if __name__ == "__main__":

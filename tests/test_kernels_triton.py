@@ -47,16 +47,18 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def gemm_ulps(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> float:
+def gemm_ulps(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+              acc_bits: int = 20) -> float:  # fmt: skip
     """max |y - ref| / allowance for ``ref = x @ w.T + bias`` computed in fp64 on y's device (x, w: the exact
-    operand values), where the allowance is one unit in the last place of y's dtype at |ref| plus the fp32
-    summation-order term ``2^-20 * (|x| @ |w|.T)``. A kernel that rounds an fp32 accumulator once scores
-    <= 1; NaN (an unwritten or poisoned element) scores inf."""
+    operand values), where the allowance is one unit in the last place of y's dtype at |ref| plus the
+    summation term ``2^-acc_bits * (|x| @ |w|.T)``: 20 for fp32 accumulation, 13 for Hopper's FP8 tensor
+    cores, which keep ~14 bits inside an MMA (DeepSeek-V3 report, sec. 3.3.2). A kernel that rounds an
+    fp32 accumulator once scores <= 1; NaN (an unwritten or poisoned element) scores inf."""
     mant = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[y.dtype]
     x, w = x.to(y.device, torch.float64), w.to(y.device, torch.float64)
     ref = x @ w.T + (0 if bias is None else bias.to(y.device, torch.float64))
     ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(2.0**-100))) - mant)
-    err = (y.double() - ref).abs() / (ulp + 2.0**-20 * (x.abs() @ w.abs().T))
+    err = (y.double() - ref).abs() / (ulp + 2.0**-acc_bits * (x.abs() @ w.abs().T))
     return float(err.nan_to_num(nan=float("inf")).max())
 
 
