@@ -24,7 +24,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from quantrl.config_cli import flags_given, from_args
     from quantrl.rl.loop import RLConfig, train
-
     from quantrl.rl.recipes import apply_slime_env
 
     cfg = from_args(RLConfig, args)
