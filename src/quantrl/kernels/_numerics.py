@@ -173,7 +173,10 @@ def fp8_scale(amax_bits, UE8M0: tl.constexpr):
         sn = tl.where(tiny, s * 18446744073709551616.0, s)
         p = bits_to_f32((sn.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000)
         p = tl.where(tiny, p * 5.421010862427522e-20, p)
-        s = tl.where(s > 0, tl.minimum(tl.maximum(p, 5.877471754111438e-39), 6.64613997892458e35), s)  # [2^-127, 2^119]
+        # floor 2^-127 (E8M0's smallest) in the bit domain: as a literal it is subnormal, which Triton
+        # would type fp64; positive floats order like their bits
+        p = bits_to_f32(tl.maximum(p.to(tl.int32, bitcast=True), 0x00400000))
+        s = tl.where(s > 0, tl.minimum(p, 6.64613997892458e35), s)  # cap 2^119
     s = tl.where(s > 0, s, 1.0)
     return tl.where(amax_bits >= 0x7F800000, amax, s)
 

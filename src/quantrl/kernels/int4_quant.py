@@ -55,10 +55,8 @@ def _group_scale(amax_bits, DIV: tl.constexpr, SMIN: tl.constexpr, SMAX: tl.cons
 
 @triton.jit
 def _codes(xf, sk, bk, r, QLO: tl.constexpr, QHI: tl.constexpr):
-    """Integer codes ``clamp(rne(x / s))`` from ``recip_rn(s)`` (broadcastable to xf), zero unsigned as
-    in ``formats`` (a select, not ``+ 0.0``, which a compiler may treat as a no-op)."""
-    q = tl.minimum(tl.maximum(rne_int(div_by_recip(xf, sk, bk, r)), QLO), QHI)
-    return tl.where(q == 0.0, 0.0, q)
+    """Integer codes ``clamp(rne(x / s))`` from ``recip_rn(s)`` (broadcastable to xf)."""
+    return tl.minimum(tl.maximum(rne_int(div_by_recip(xf, sk, bk, r)), QLO), QHI)
 
 
 @triton.jit
@@ -102,7 +100,9 @@ def _int4_fake_quant_kernel(
     s = _group_scale(tl.max(abs_bits(xf), axis=1), DIV, SMIN, SMAX, NATIVE)  # [ROWS] bf16
     sf = widen(s, NATIVE)
     sk, bk, r = recip_rn(sf)  # [ROWS]
-    deq = _codes(xf, sk[:, None], bk[:, None], r[:, None], QLO, QHI) * sf[:, None]  # exact in fp32
+    # exact in fp32; + 0.0 makes a -0.0 code +0.0, as the engine's integer 0 dequantizes (IEEE: no compiler
+    # drops it without no-signed-zeros), and contracts with the product into one FFMA
+    deq = _codes(xf, sk[:, None], bk[:, None], r[:, None], QLO, QHI) * sf[:, None] + 0.0
     tl.store(out_ptr + rn[:, None] * K + k[None, :], cast_out(deq, out_ptr.dtype.element_ty, NATIVE),
              mask=n_mask[:, None])  # fmt: skip
     tl.store(s_ptr + rn * (K // GROUP) + pid_g, s, mask=n_mask)
