@@ -32,6 +32,14 @@ def _env(**extra) -> dict:
     return env
 
 
+def _bench_module(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
 def _results_snapshot() -> dict:
     results = BENCH / "results"
     return {n: (results / f"{n}.json").stat().st_mtime_ns for n in GPU_BENCHES if (results / f"{n}.json").exists()}
@@ -208,11 +216,7 @@ def test_kernels_gate_falls_back_to_the_magic_unpacking(monkeypatch, other_failu
     on either way, marked)."""
     from quantrl.kernels import w4a16
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        kg = importlib.import_module("kernels_gpu")
-    finally:
-        sys.path.remove(str(BENCH))
+    kg = _bench_module("kernels_gpu")
     seen = []
 
     def fake_checks(shapes, device, tiny):
@@ -231,13 +235,9 @@ def test_kernels_gate_falls_back_to_the_magic_unpacking(monkeypatch, other_failu
     assert passed is not other_failure
 
 
-def test_kernels_bench_keeps_every_figure_but_a_failing_ones():
+def test_kernels_bench_keeps_every_figure_but_the_failing_ones():
     """One method that fails to time (a compile or capture error) loses its row only; the others stay."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        kg = importlib.import_module("kernels_gpu")
-    finally:
-        sys.path.remove(str(BENCH))
+    kg = _bench_module("kernels_gpu")
     calls = []
 
     def timer(fns):
