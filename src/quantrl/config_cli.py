@@ -31,7 +31,8 @@ _GIVEN = "_flags_given"  # namespace attribute: the fields whose flag was on the
 
 
 def _remember(namespace: argparse.Namespace, dest: str) -> None:
-    getattr(namespace, _GIVEN, None) or setattr(namespace, _GIVEN, set())
+    if not hasattr(namespace, _GIVEN):
+        setattr(namespace, _GIVEN, set())
     getattr(namespace, _GIVEN).add(dest)
 
 
