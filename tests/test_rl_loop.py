@@ -32,17 +32,6 @@ def tiny_moe_model(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_up():
-    """One local Ray for the module's Ray runs. ``train()`` then joins it, as it joins a user's
-    ``ray.init()``, instead of starting and stopping its own (~5 s a run here); starting its own is
-    covered by bench/placement.py's smoke test."""
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def cfg(model, run_dir, **kw):
     base = RLConfig(model=str(model) if model else "", run_dir=str(run_dir), num_steps=2, prompts_per_step=2, n_samples_per_prompt=3,
                     max_new_tokens=12, eval_size=4, eval_interval=2, save_interval=2, micro_batch_size=4,
@@ -219,9 +208,10 @@ def test_recipes_run_on_cuda(recipe, cuda_graph, tiny_model, tmp_path):
     assert all(0 <= r["mismatch_abs_mean"] < 0.5 for r in steps), [r["mismatch_abs_mean"] for r in steps]
 
 
-def test_ray_placement_repeats_the_local_run(tiny_model, tmp_path, ray_up):
+def test_ray_placement_repeats_the_local_run(tiny_model, tmp_path):
     """Trainer and one engine as Ray actors: the same metrics as the local run, number for number (one CPU
     thread each side, so that no reduction order differs); then two engines share the batch and resume."""
+    pytest.importorskip("ray")
     threads = torch.get_num_threads()
     try:
         local = train(cfg(tiny_model, tmp_path / "local", threads=1), progress=False)
@@ -237,14 +227,16 @@ def test_ray_placement_repeats_the_local_run(tiny_model, tmp_path, ray_up):
     assert [r["rollout_weight_version"] for r in local if "reward" in r] == [0, 1]  # on-policy
 
 
-def test_async_rollout_is_one_step_off_policy_and_resumes_exactly(tiny_model, tmp_path, ray_up):
+def test_async_rollout_is_one_step_off_policy_and_resumes_exactly(tiny_model, tmp_path):
     """--async-rollout: step t + 1's samples come from the weights before step t's update; the samples
     pending at a checkpoint are saved with it, so a run stopped after it repeats the uninterrupted one."""
+    ray = pytest.importorskip("ray")
     run = functools.partial(cfg, tiny_model, placement="ray", async_rollout=True, is_mode="tis", eval_interval=0,
                             num_steps=4, threads=1)  # fmt: skip
     full = train(run(tmp_path / "full"), progress=False)
     assert [r["rollout_weight_version"] for r in full] == [0, 0, 1, 2]
     assert [r["weight_version"] for r in full] == [1, 2, 3, 4]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     threads = torch.get_num_threads()
     try:
         cut = RLRun(run(tmp_path / "cut"), progress=False)  # this process is the trainer, the engine an actor
@@ -253,6 +245,7 @@ def test_async_rollout_is_one_step_off_policy_and_resumes_exactly(tiny_model, tm
         cut.close()  # the run stops here
         train(run(tmp_path / "cut", resume=True), progress=False)
     finally:
+        ray.shutdown()
         torch.set_num_threads(threads)
     on_disk = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert untimed(on_disk) == untimed(full)
@@ -273,10 +266,11 @@ def test_placement_flags_are_checked():
         RLConfig(eval_size=0)
 
 
-def test_data_parallel_replicas_take_the_single_trainer_step(tiny_model, tmp_path, ray_up):
+def test_data_parallel_replicas_take_the_single_trainer_step(tiny_model, tmp_path):
     """--dp-size 2: two trainer replicas split every batch and stay bit-identical (the replica check of
     --check-weight-update-equal runs every step); the first step, sampled before any update, matches
     the single trainer's up to bf16 rounding of the different batch shapes."""
+    pytest.importorskip("ray")
     # the embedded model: the tiny one solves no problem, so its advantages, and gradients, would be all zero
     run = functools.partial(cfg, "", placement="ray", threads=1, eval_interval=0, prompts_per_step=4,
                             n_samples_per_prompt=4, max_new_tokens=48, difficulty="medium")  # fmt: skip
@@ -336,10 +330,11 @@ def test_moe_routing_flips_are_counted_and_replay_needs_moe(tiny_model, tiny_moe
         RLRun(cfg(tiny_model, tmp_path / "c", use_rollout_routing_replay=True), progress=False)
 
 
-def test_routing_replay_on_ray_with_two_engines_and_replicas(tiny_moe_model, tmp_path, ray_up):
+def test_routing_replay_on_ray_with_two_engines_and_replicas(tiny_moe_model, tmp_path):
     """The engines' routing travels back through Ray, is cut into the replicas' rows with the rest of the
     batch, and the replicas' flip counts add up on the lead: with one engine and one trainer the metrics
     equal the local run's, number for number."""
+    pytest.importorskip("ray")
     run = functools.partial(cfg, tiny_moe_model, use_rollout_routing_replay=True, recipe="int4-ptq", threads=1,
                             eval_interval=0, num_steps=1)  # fmt: skip
     threads = torch.get_num_threads()
