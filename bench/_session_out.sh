@@ -10,5 +10,10 @@ STAGE=${GPU_SESSION_STAGE:-${TMPDIR:-/tmp}/quantrl_gpu_session.$$}
 mkdir -p "$OUT" "$STAGE/logs" "$STAGE/results"
 
 pack_out() { # re-create $OUT/session.tgz from the stage (atomically: the old archive stays until the new is whole)
-  tar czf "$OUT/session.tgz.part" -C "$STAGE" . 2>/dev/null && mv -f "$OUT/session.tgz.part" "$OUT/session.tgz"
+  if command -v tar >/dev/null; then
+    tar czf "$OUT/session.tgz.part" -C "$STAGE" . 2>/dev/null
+  else # the same archive through Python's tarfile
+    "${PY:-python3}" -c 'import sys, tarfile; tarfile.open(sys.argv[1], "w:gz").add(sys.argv[2], arcname=".")' \
+      "$OUT/session.tgz.part" "$STAGE" 2>/dev/null
+  fi && mv -f "$OUT/session.tgz.part" "$OUT/session.tgz"
 }
