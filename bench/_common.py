@@ -52,6 +52,12 @@ def cuda_event_times(fn: Callable[[], object], repeats: int) -> list[float]:
     return times
 
 
+def error_line(e: BaseException) -> str:
+    """``Type: first line of the message``: what a bench records for a step that failed and went on."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def smoke_or_cuda(args, smoke_banner: str, needs: str) -> int | None:
     """The GPU benches' common start: ``--smoke`` shrinks the run (``args.apply_smoke``) and says so; without
     it and without CUDA, explain and return exit code 2 (nothing measured); else None (go on)."""

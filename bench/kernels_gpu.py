@@ -54,6 +54,7 @@ from _common import (
     H100_PEAK_FP8,
     cuda_event_times,
     describe_roofline,
+    error_line,
     roofline,
     write_results,
 )
@@ -277,11 +278,11 @@ def run_checks(shapes: dict, device, tiny: bool) -> tuple[list[str], dict]:
         try:
             _check_shape(name, n, k, ms_w, ms_f, device, failures, notes)
         except Exception as e:  # noqa: BLE001 -- a Triton compile error is no RuntimeError: record it, go on
-            failures.append(f"{name}: {type(e).__name__}: {_first_line(e)}")
+            failures.append(f"{name}: {error_line(e)}")
     try:
         _check_quantizers(device, tiny, failures)
     except Exception as e:  # noqa: BLE001
-        failures.append(f"quantizers: {type(e).__name__}: {_first_line(e)}")
+        failures.append(f"quantizers: {error_line(e)}")
     return failures, notes
 
 
@@ -382,7 +383,7 @@ def bench_gemms(shapes: dict, ms_w: list[int], ms_f: list[int], device, timer: T
         try:
             got = bench_shape(name, n, k, ms_w, ms_f, device, timer, notes)
         except Exception as e:  # noqa: BLE001 -- e.g. the weights do not fit: the other shapes go on
-            notes.setdefault("gemm_errors", {})[name] = f"{type(e).__name__}: {_first_line(e)}"
+            notes.setdefault("gemm_errors", {})[name] = error_line(e)
             print(f"  {name}: ERROR {notes['gemm_errors'][name]}", flush=True)
             got = []
         rows += got
@@ -420,7 +421,7 @@ def bench_shape(name: str, n: int, k: int, ms_w: list[int], ms_f: list[int], dev
         try:
             return timer(fns)
         except Exception as e:  # noqa: BLE001
-            notes.setdefault("timing_errors", {})[f"{name} M={m} {label}"] = f"{type(e).__name__}: {_first_line(e)}"
+            notes.setdefault("timing_errors", {})[f"{name} M={m} {label}"] = error_line(e)
             print(f"  {name} M={m} {label}: ERROR {notes['timing_errors'][f'{name} M={m} {label}']}", flush=True)
             return None
 
@@ -473,10 +474,6 @@ def bench_shape(name: str, n: int, k: int, ms_w: list[int], ms_f: list[int], dev
                     rows.append({**base, "kernel": "fp8", "method": f"act_quant+{gemm}", "time_s": t,
                                  "bytes": fp8_linear_bytes(m, n, k), "x_bf16": t_bf / t})  # fmt: skip
     return rows
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else ""
 
 
 def sweep_configs() -> list:

@@ -31,7 +31,7 @@ import sys
 import time
 
 import torch
-from _common import H100_COPY_BW, describe_roofline, roofline, smoke_or_cuda, write_results
+from _common import H100_COPY_BW, describe_roofline, error_line, roofline, smoke_or_cuda, write_results
 
 QWEN3_06B = {
     "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
@@ -176,7 +176,7 @@ def measure(args, config: dict, device: str, bw: float, rows: list[dict], errors
         try:
             _measure_format(fmt, args, config, device, bw, rows)
         except Exception as e:  # noqa: BLE001 -- a kernel compile or capture error: this format's rows only
-            errors[fmt] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            errors[fmt] = error_line(e)
             print(f"  {fmt}: ERROR {errors[fmt]}", flush=True)
         gc.collect()
         if device == "cuda":

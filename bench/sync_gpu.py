@@ -36,7 +36,7 @@ import sys
 import time
 
 import torch
-from _common import H100_COPY_BW, describe_roofline, roofline, smoke_or_cuda, write_results
+from _common import H100_COPY_BW, describe_roofline, error_line, roofline, smoke_or_cuda, write_results
 from rollout_gpu import QWEN3_06B, SMOKE_CONFIG
 
 TARGET_MS = 50.0
@@ -244,7 +244,7 @@ def main() -> int:
             try:
                 row = bench_format(fmt, args, config, dev)
             except Exception as e:  # noqa: BLE001 -- a failed check or kernel: this format's row only
-                errors[fmt] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                errors[fmt] = error_line(e)
                 print(f"  {fmt:17s} ERROR {errors[fmt]}", flush=True)
                 continue
             rows.append(row)

@@ -23,7 +23,15 @@ import sys
 import time
 
 import torch
-from _common import H100_PEAK_BF16, H100_PEAK_FP8, describe_roofline, roofline, smoke_or_cuda, write_results
+from _common import (
+    H100_PEAK_BF16,
+    H100_PEAK_FP8,
+    describe_roofline,
+    error_line,
+    roofline,
+    smoke_or_cuda,
+    write_results,
+)
 from rollout_gpu import QWEN3_06B, SMOKE_CONFIG
 
 PEAK_FLOPS_H100 = {"bf16": H100_PEAK_BF16, "int4-qat": H100_PEAK_BF16, "fp8": H100_PEAK_FP8}
@@ -140,7 +148,7 @@ def main() -> int:
             try:
                 rows[m] = step_times(m, args)
             except Exception as e:  # noqa: BLE001 -- e.g. an FP8 kernel failing: this mode's row only
-                errors[m] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                errors[m] = error_line(e)
                 print(f"  {m}: ERROR {errors[m]}", flush=True)
                 continue
             print(f"  {m}: {rows[m]['step_s']:.3f} s/step", flush=True)

@@ -15,9 +15,9 @@ The fake-quantized weight is computed once per optimizer step, not once per micr
 against the master's version counter, which every in-place optimizer update bumps. The cached tensor keeps
 its STE graph node (which saves no tensors), so every micro-batch's backward reaches the master.
 
-slime's switches are honoured (``slime_env``): ``OPEN_TRAINING_INT4_FAKE_QAT_FLAG=1`` turns QAT on and
-``OPEN_TRAINING_INT4_GROUP_SIZE`` sets the group size; ``QATConfig.from_env`` here, and ``quantrl train``
-picks or checks its recipe and ``--group-size`` by them (``quantrl.rl.recipes.apply_slime_env``).
+slime's switches are honoured: ``OPEN_TRAINING_INT4_FAKE_QAT_FLAG=1`` turns QAT on and
+``OPEN_TRAINING_INT4_GROUP_SIZE`` sets the group size (``slime_env`` reads them for ``QATConfig.from_env``
+and for ``quantrl train``'s recipe and ``--group-size``, ``quantrl.rl.recipes.apply_slime_env``).
 """
 
 from __future__ import annotations
@@ -83,18 +83,13 @@ class QATConfig:
 def slime_env() -> tuple[bool | None, int | None]:
     """(``OPEN_TRAINING_INT4_FAKE_QAT_FLAG`` as a bool, ``OPEN_TRAINING_INT4_GROUP_SIZE``), each None when
     unset; ``ValueError`` for a value that is neither."""
-    flag, group = os.environ.get(ENV_FLAG), os.environ.get(ENV_GROUP)
-    on = None
-    if flag is not None and flag.strip():
-        word = flag.strip().lower()
-        if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            raise ValueError(f"{ENV_FLAG}={flag!r}: expected 1 or 0")
-        on = word in ("1", "true", "yes", "on")
-    if group is not None and group.strip():
-        if not group.strip().isdigit() or int(group) <= 0:
-            raise ValueError(f"{ENV_GROUP}={group!r}: expected a positive group size, e.g. 128 or 32")
-        return on, int(group)
-    return on, None
+    flag = os.environ.get(ENV_FLAG, "").strip().lower()
+    group = os.environ.get(ENV_GROUP, "").strip()
+    if flag and flag not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(f"{ENV_FLAG}={flag!r}: expected 1 or 0")
+    if group and not (group.isdigit() and int(group) > 0):
+        raise ValueError(f"{ENV_GROUP}={group!r}: expected a positive group size, e.g. 128 or 32")
+    return (flag in ("1", "true", "yes", "on") if flag else None), (int(group) if group else None)
 
 
 def fake_quantize(w: torch.Tensor, cfg: QATConfig) -> torch.Tensor:
