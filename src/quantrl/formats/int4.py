@@ -85,8 +85,7 @@ def _codes(g: torch.Tensor, s: torch.Tensor, qlo: int, qhi: int) -> torch.Tensor
 
     ``g / fp32(s)`` promotes a bf16 ``g`` exactly, so no fp32 copy of the weight is made.
     """
-    # + 0.0: a small negative weight rounds to -0.0, and the engine's integer code 0 dequantizes to +0.0
-    return torch.div(g, s.float().unsqueeze(-1)).round_().clamp_(qlo, qhi).add_(0.0)
+    return torch.div(g, s.float().unsqueeze(-1)).round_().clamp_(qlo, qhi)
 
 
 def _grouped_chunks(w: torch.Tensor, group_size: int):
@@ -151,7 +150,8 @@ def _fake_quantize(
     out = torch.empty(n, k, dtype=dtype, device=w.device)
     for c, g in _grouped_chunks(w, group_size):
         s = _group_scale(g, div, scale_dtype, num_bits, w, f"fake_quantize_int{num_bits}")
-        out[c] = _codes(g, s, qlo, qhi).mul_(s.float().unsqueeze(-1)).view(-1, k)
+        # + 0.0: a small negative weight rounds to code -0.0; the engine's integer 0 dequantizes to +0.0
+        out[c] = _codes(g, s, qlo, qhi).mul_(s.float().unsqueeze(-1)).add_(0.0).view(-1, k)
     return out
 
 
