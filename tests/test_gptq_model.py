@@ -15,7 +15,9 @@ from transformers import (
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from quantrl.checkpoint.calibration import build_calibration_batches, default_calibration_texts
@@ -48,6 +50,20 @@ def llama_config(**kw):
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
     return LlamaConfig(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=1,
                        rope_parameters=rope, **COMMON, **kw)  # fmt: skip
+
+
+def qwen3_moe_config():
+    # layers 0 and 2 MoE (6 experts, top-2), layer 1 dense; expert width 64 so down_proj's K fits GROUP
+    return Qwen3MoeConfig(hidden_size=64, intermediate_size=96, moe_intermediate_size=64, num_experts=6,
+                          num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1], num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=32, **{**COMMON, "num_hidden_layers": 3})  # fmt: skip
+
+
+def qwen2_moe_config():
+    # MoE in layer 1 (decoder_sparse_step=2): top-3 of 5 experts without renormalisation, plus a shared expert
+    return Qwen2MoeConfig(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                          shared_expert_intermediate_size=64, num_experts=5, num_experts_per_tok=3,
+                          decoder_sparse_step=2, num_attention_heads=4, num_key_value_heads=2, **COMMON)  # fmt: skip
 
 
 def save_model(config, path, dtype=torch.bfloat16, seed=0, outliers=False):
@@ -99,20 +115,25 @@ def proj_targets(reader):
                      id="mistral-sliding"),  # fmt: skip
         pytest.param(lambda: Qwen2Config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
                                          num_key_value_heads=2, **COMMON), id="qwen2-bias"),  # fmt: skip
+        pytest.param(lambda: qwen3_moe_config(), id="qwen3-moe"),
+        pytest.param(lambda: qwen2_moe_config(), id="qwen2-moe-shared-expert"),
     ],
 )
 def test_layerwise_forward_matches_transformers(tmp_path, make_config):
-    path = save_model(make_config(), tmp_path / "m", dtype=torch.float32)
+    config = make_config()
+    path = save_model(config, tmp_path / "m", dtype=torch.float32)
     batches = random_batches(2, 24, seed=3)
     got = list(layerwise_hidden_states(path, SafetensorsDir(path), batches))
-    assert len(got) == 3  # embeddings + 2 layers
+    n = config.num_hidden_layers
+    assert len(got) == n + 1  # embeddings + every layer
     ref = reference(path)  # eager attention: an explicit mask, independent of SDPA's is_causal path
     for b, ids in enumerate(batches):
         with torch.no_grad():
-            want = ref(ids, output_hidden_states=True).hidden_states  # (emb, layer0, norm(layer1))
+            want = ref(ids, output_hidden_states=True).hidden_states  # (emb, layer 0.., norm(last layer))
         torch.testing.assert_close(got[0][b], want[0], rtol=0, atol=0)
-        torch.testing.assert_close(got[1][b], want[1], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ref.model.norm(got[2][b]), want[2], rtol=1e-5, atol=1e-5)
+        for i in range(1, n):
+            torch.testing.assert_close(got[i][b], want[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ref.model.norm(got[n][b]), want[n], rtol=1e-5, atol=1e-5)
 
 
 def test_layerwise_forward_is_causal(tmp_path):
@@ -191,6 +212,103 @@ def test_codes_are_gptq_on_the_full_models_hessians(tmp_path):
         with torch.no_grad():  # the next layer's inputs come from this layer's dequantized weights
             for name in hessians:
                 params[name].copy_(dequantize_int(*out[name], GROUP, torch.bfloat16))
+
+
+def _reference_expert_hessians(model, layer_idx, batches):
+    """Per routed expert: H of its gate/up input (the tokens the router picked it for, read off the router's
+    input and top-k) and of its down input; an expert no token reached gets I."""
+    mlp = model.model.layers[layer_idx].mlp
+    gate_up = mlp.experts.gate_up_proj  # [E, 2I, H]
+    n_exp, two_i, hid = gate_up.shape
+    acc = {e: (HessianAccumulator(), HessianAccumulator()) for e in range(n_exp)}
+
+    def hook(mod, args, out):
+        x, top_k = args[0].reshape(-1, hid), out[2]  # router input [T, H], chosen experts [T, k]
+        for e in range(n_exp):
+            xe = x[(top_k == e).any(-1)]
+            if len(xe):
+                gate, up = torch.nn.functional.linear(xe, gate_up[e]).chunk(2, dim=-1)
+                acc[e][0].add(xe)
+                acc[e][1].add(mlp.experts.act_fn(gate) * up)
+
+    handle = mlp.gate.register_forward_hook(hook)
+    with torch.no_grad():
+        for ids in batches:
+            model(ids)
+    handle.remove()
+    out = {}
+    for e, (a_gu, a_down) in acc.items():
+        name = f"model.layers.{layer_idx}.mlp.experts.{e}."
+        h_gu = a_gu.hessian if a_gu.num_samples else torch.eye(hid)
+        out |= {name + "gate_proj.weight": h_gu, name + "up_proj.weight": h_gu}
+        out[name + "down_proj.weight"] = a_down.hessian if a_down.num_samples else torch.eye(two_i // 2)
+    return out
+
+
+@pytest.mark.parametrize("make_config", [qwen3_moe_config, qwen2_moe_config], ids=["qwen3-moe", "qwen2-moe"])
+def test_moe_experts_are_gptq_on_their_routed_tokens(tmp_path, make_config):
+    """Every routed expert's gate/up/down is GPTQ on the Hessian of the tokens routed to it, and a later
+    layer's Hessians come from a model whose earlier experts (not only its Linears) are already dequantized."""
+    config = make_config()
+    path = save_model(config, tmp_path / "m", outliers=True)
+    reader = SafetensorsDir(path)
+    targets = proj_targets(reader)
+    assert gptq_layer_targets(path, targets) == targets  # experts included
+    batches = random_batches(3, 32, seed=7)
+    kw = dict(group_size=GROUP, qmax=7, dampening_frac=0.01)
+    out = {n: (q, s) for n, q, s in gptq_quantize_layers(path, reader, targets, batches, progress=False, **kw)}
+    assert set(out) == targets
+    ref = reference(path, attn="sdpa")
+    params = dict(ref.named_parameters())
+    for layer in range(config.num_hidden_layers):
+        hessians = {n: h for n, h in _reference_hessians(ref, layer, batches).items() if n in targets}
+        n_linear = len(hessians)  # qwen2-moe's shared_expert_gate [1, H] is kept in bf16, like routers
+        if hasattr(ref.model.layers[layer].mlp, "experts"):
+            hessians |= _reference_expert_hessians(ref, layer, batches)
+            assert len(hessians) == n_linear + 3 * config.num_experts
+        for name, h in hessians.items():
+            q, s = gptq_quantize(reader.read(name), h, dequant_dtype=torch.bfloat16, **kw)
+            assert torch.equal(q, out[name][0]) and torch.equal(s, out[name][1]), name
+        with torch.no_grad():
+            for name in hessians:
+                deq = dequantize_int(*out[name], GROUP, torch.bfloat16)
+                head, _, tail = name.partition(".mlp.experts.")
+                if not tail:
+                    params[name].copy_(deq)
+                    continue
+                e, proj = int(tail.split(".")[0]), tail.split(".")[1]
+                rows = deq.shape[0]
+                if proj == "down_proj":
+                    params[f"{head}.mlp.experts.down_proj"][e].copy_(deq)
+                else:
+                    start = rows if proj == "up_proj" else 0
+                    params[f"{head}.mlp.experts.gate_up_proj"][e, start : start + rows].copy_(deq)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_moe_expert_no_token_reached_is_rounded_to_nearest(tmp_path, fmt):
+    """One calibration token reaches 2 of 6 experts per layer: the other 4 get H = I (round to nearest,
+    bit for bit) rather than the all-dead H that would zero their weights."""
+    from quantrl.checkpoint.gptq_model import gptq_quantize_layers_nvfp4
+    from quantrl.formats.nvfp4 import quantize_nvfp4
+
+    path = save_model(qwen3_moe_config(), tmp_path / "m")
+    reader = SafetensorsDir(path)
+    experts = {n for n in proj_targets(reader) if ".experts." in n}
+    one_token = [torch.tensor([[5]])]
+    if fmt == "int4":
+        driver = gptq_quantize_layers(path, reader, experts, one_token, group_size=GROUP, progress=False)
+        rtn = {n: quantize_int(reader.read(n), 4, GROUP, 7) for n in experts}
+    else:
+        driver = gptq_quantize_layers_nvfp4(path, reader, experts, one_token, progress=False)
+        rtn = {n: quantize_nvfp4(reader.read(n)) for n in experts}
+    out = {n: tuple(t) for n, *t in driver}
+    assert set(out) == experts
+    same = {n for n in experts if all(torch.equal(a, b) for a, b in zip(out[n], rtn[n]))}
+    for layer in (0, 2):
+        hit = {n.split(".experts.")[1].split(".")[0] for n in experts - same if f"layers.{layer}." in n}
+        assert len(hit) == 2, (layer, hit)
+    assert all(out[n][1].float().abs().min() > 0 for n in experts)
 
 
 def test_subset_of_targets_and_act_order(tmp_path):

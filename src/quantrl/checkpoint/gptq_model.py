@@ -39,14 +39,26 @@ padding that is ``None`` and SDPA runs with ``is_causal=True``.
 
 Scope. Decoder-only models whose CausalLM has ``model.embed_tokens``, ``model.layers[i]`` and
 ``model.rotary_emb`` and whose checkpoint names are the module names (Llama, Mistral, Qwen2, Qwen3
-families; verified against the full transformers forward in ``tests/test_gptq_model.py``). Anything the
+families, their MoE variants Qwen2-MoE / Qwen3-MoE; verified against the full transformers forward in
+``tests/test_gptq_model.py``). Anything the
 model's forward does between embedding and the first layer other than position embeddings and the
 causal/sliding mask (e.g. Gemma's embedding scaling) is not reproduced; such model types get a warning.
-Targets that are not the ``weight`` of an ``nn.Linear`` inside a decoder layer (``lm_head``, fused MoE
-experts, ...) are not yielded: the caller quantizes them round-to-nearest. MoE checkpoints (Qwen3-MoE,
-Qwen2-MoE) store one tensor per expert while transformers 5 fuses them into ``experts.gate_up_proj`` /
-``experts.down_proj``; the driver stacks the per-expert tensors into those, so attention, dense MLPs and
-shared experts get GPTQ and the routed experts round-to-nearest.
+Targets outside the decoder layers (``lm_head``, ...) are not yielded: the caller quantizes them
+round-to-nearest.
+
+Routed MoE experts. Checkpoints (Qwen3-MoE, Qwen2-MoE) store one tensor per expert while transformers 5
+fuses them into ``experts.gate_up_proj`` [E, 2I, H] / ``experts.down_proj`` [E, H, I]; the driver stacks
+the per-expert tensors into those. The fused module holds no ``nn.Linear`` to hook, so a pre-hook on it
+takes the tokens the router sent to each expert (``top_k_index``) and accumulates, per expert, H of its
+gate/up input (those tokens' hidden states) and of its down input (``_apply_gate`` of the expert's own
+gate/up output, with the unquantized weights like every other Hessian in the layer). Every per-expert
+checkpoint tensor is then GPTQ'd on its expert's H (gate and up separately: NVFP4's global scale is per
+tensor) and its dequantized value written back into the fused parameter, so later layers see quantized
+experts too. An expert no calibration token reached gets ``H = I``: GPTQ is then round-to-nearest bit for
+bit (``checkpoint.gptq``), where a zero H would zero the weights. Memory: one fp32 ``H×H`` and one
+``I×I`` per expert of the current layer (Qwen3-30B-A3B: 128 × (2048² + 768²) × 4 B = 2.4 GB). Fused
+layouts other than concatenated [gate; up], untransposed, gated and bias-free (``use_experts_implementation``'s
+flags) are not driven: their experts are not yielded and the caller rounds them to nearest.
 """
 
 from __future__ import annotations
@@ -60,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quantrl.checkpoint.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_nvfp4
@@ -69,7 +82,7 @@ from quantrl.formats.nvfp4 import GROUP as NVFP4_GROUP
 from quantrl.formats.nvfp4 import dequantize_nvfp4
 
 # Model types whose layer-by-layer forward is checked against transformers' full forward in the tests.
-VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"})
 _FLOAT_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Old Llama checkpoints store a per-layer rotary buffer that current modules compute instead.
 _IGNORED_CHECKPOINT_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -80,6 +93,18 @@ _IGNORED_CHECKPOINT_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @dataclass
+class _FusedExperts:
+    module: nn.Module  # has gate_up_proj [E, 2I, H] and down_proj [E, H, I]
+    name: str  # module name, e.g. "model.layers.0.mlp.experts"
+    gate_up: list[list[str]]  # per expert: the checkpoint names of its gate_proj and up_proj weights
+    down: list[list[str]]  # per expert: [its down_proj weight]
+
+    @property
+    def weight_names(self) -> list[str]:
+        return [n for group in self.gate_up + self.down for n in group]
+
+
+@dataclass
 class _Skeleton:
     config: Any
     model: nn.Module  # the CausalLM, every parameter on meta
@@ -87,6 +112,12 @@ class _Skeleton:
     prefix: str  # checkpoint/module name of ``base`` plus "." ("model.")
     # layer index -> [(linear module, module name, weight name)] for the targets inside that layer
     plan: dict[int, list[tuple[nn.Linear, str, str]]] = field(default_factory=dict)
+    # layer index -> the fused routed-expert modules inside that layer whose every expert is a target
+    experts: dict[int, list[_FusedExperts]] = field(default_factory=dict)
+
+    @property
+    def layers_with_targets(self) -> set[int]:
+        return set(self.plan) | set(self.experts)
 
     @property
     def num_layers(self) -> int:
@@ -133,13 +164,35 @@ def _plan(sk: _Skeleton, targets: set[str]) -> None:
                 entries.append((mod, prefix + name, f"{prefix}{name}.weight"))
         if entries:
             sk.plan[i] = entries
+        fused = [e for e in (_fused_experts(prefix + n, m) for n, m in layer.named_modules()) if e is not None]
+        fused = [e for e in fused if all(w in targets for w in e.weight_names)]
+        if fused:
+            sk.experts[i] = fused
+
+
+def _fused_experts(name: str, mod: nn.Module) -> _FusedExperts | None:
+    """``mod`` as a fused routed-experts module the Hessian hook understands, or None."""
+    gu, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+    if not (isinstance(gu, nn.Parameter) and isinstance(down, nn.Parameter) and gu.ndim == down.ndim == 3):
+        return None
+    layout = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+              "has_post_expert_norm": False}  # fmt: skip
+    if any(getattr(mod, k, v) != v for k, v in layout.items()) or not hasattr(mod, "act_fn"):
+        return None
+    params = list(inspect.signature(mod.forward).parameters)
+    if params[:2] != ["hidden_states", "top_k_index"]:
+        return None
+    src_gu = _fused_sources(f"{name}.gate_up_proj", tuple(gu.shape))
+    src_down = _fused_sources(f"{name}.down_proj", tuple(down.shape))
+    return _FusedExperts(mod, name, src_gu, src_down) if src_gu and src_down else None
 
 
 def gptq_layer_targets(model_dir: str | Path, targets: set[str]) -> set[str]:
     """The subset of ``targets`` that ``gptq_quantize_layers`` will yield (no weights are read)."""
     sk = _build_skeleton(model_dir)
     _plan(sk, set(targets))
-    return {w for entries in sk.plan.values() for _, _, w in entries}
+    experts = {w for fused in sk.experts.values() for e in fused for w in e.weight_names}
+    return {w for entries in sk.plan.values() for _, _, w in entries} | experts
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -387,6 +440,45 @@ class _HessianHooks:
         self._last = None
 
 
+class _ExpertHessians:
+    """A forward pre-hook on a fused experts module: per expert, H of its gate/up input and of its down input."""
+
+    def __init__(self, ex: _FusedExperts, device: torch.device):
+        n = len(ex.down)
+        self.gate_up = [HessianAccumulator(device=device) for _ in range(n)]
+        self.down = [HessianAccumulator(device=device) for _ in range(n)]
+        self._handle = ex.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    @torch.no_grad()
+    def _hook(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = inspect.signature(mod.forward).bind(*args, **kwargs).arguments
+        x, top_k = bound["hidden_states"], bound["top_k_index"]  # [T, H], [T, k]
+        top_k = top_k.reshape(x.shape[0], -1)
+        apply_gate = getattr(mod, "_apply_gate", None)
+        for e in torch.unique(top_k).tolist():
+            if not 0 <= e < len(self.down):  # implementations may mark dropped slots with E
+                continue
+            xe = x[(top_k == e).any(dim=-1)]  # [n_e, H]: the tokens routed to expert e
+            self.gate_up[e].add(xe)
+            gu = F.linear(xe, mod.gate_up_proj[e])  # [n_e, 2I]
+            if apply_gate is not None:
+                act = apply_gate(gu)
+            else:
+                gate, up = gu.chunk(2, dim=-1)
+                act = mod.act_fn(gate) * up
+            self.down[e].add(act)  # [n_e, I]
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _hessian_or_identity(acc: HessianAccumulator, k: int, device: torch.device) -> torch.Tensor:
+    """An expert no token reached: H = I makes GPTQ round-to-nearest (a zero H would zero its weights)."""
+    if acc.num_samples == 0:
+        return torch.eye(k, device=device)
+    return acc.hessian
+
+
 # ----------------------------------------------------------------------------------------------------
 # The driver
 
@@ -481,25 +573,28 @@ def _start(model_dir, reader: SafetensorsDir, targets: set[str], batches, group_
     sk = _build_skeleton(model_dir)
     _check_batches(batches, sk.config.vocab_size)
     _plan(sk, targets)
-    for entries in sk.plan.values():
-        for mod, _, wname in entries:
-            info = reader.infos[wname]
-            if info.shape != (mod.out_features, mod.in_features):
-                raise ValueError(
-                    f"gptq: {wname} has shape {list(info.shape)} in the checkpoint, config.json implies "
-                    f"{[mod.out_features, mod.in_features]}"
-                )
-            if mod.in_features % group_size:
-                raise ValueError(
-                    f"gptq: {wname} has K={mod.in_features} (shape {list(info.shape)}), not divisible by "
-                    f"group_size={group_size}"
-                )
-            if dequant_dtype is None and info.dtype not in _FLOAT_WEIGHT_DTYPES:
-                raise ValueError(
-                    f"gptq: {wname} is stored as {info.dtype}; expected one of {_FLOAT_WEIGHT_DTYPES} (an already "
-                    "quantized checkpoint cannot be GPTQ-quantized again)"
-                )
-    if not sk.plan:
+    shapes = {w: (mod.out_features, mod.in_features) for entries in sk.plan.values() for mod, _, w in entries}
+    for fused in sk.experts.values():
+        for ex in fused:
+            _, two_i, h = ex.module.gate_up_proj.shape
+            shapes.update({w: (two_i // 2, h) for group in ex.gate_up for w in group})
+            shapes.update({w: tuple(ex.module.down_proj.shape[1:]) for group in ex.down for w in group})
+    for wname, shape in shapes.items():
+        info = reader.infos[wname]
+        if info.shape != shape:
+            raise ValueError(
+                f"gptq: {wname} has shape {list(info.shape)} in the checkpoint, config.json implies {list(shape)}"
+            )
+        if shape[1] % group_size:
+            raise ValueError(
+                f"gptq: {wname} has K={shape[1]} (shape {list(info.shape)}), not divisible by group_size={group_size}"
+            )
+        if dequant_dtype is None and info.dtype not in _FLOAT_WEIGHT_DTYPES:
+            raise ValueError(
+                f"gptq: {wname} is stored as {info.dtype}; expected one of {_FLOAT_WEIGHT_DTYPES} (an already "
+                "quantized checkpoint cannot be GPTQ-quantized again)"
+            )
+    if not shapes:
         return iter(())
     runner = _LayerRunner(sk, device)  # validates the layers' attention types
     # Everything above runs at call time, so bad arguments fail before the caller starts writing.
@@ -517,7 +612,7 @@ def _drive(
     dequant_dtype: torch.dtype | None,
     progress: bool,
 ) -> Iterator[tuple]:
-    last = max(sk.plan)  # later layers have no targets: they are never loaded
+    last = max(sk.layers_with_targets)  # later layers have no targets: they are never loaded
     hs = _embed(sk, reader, batches, device, cdtype)
     bar = _progress(last + 1, progress)
     try:
@@ -525,10 +620,10 @@ def _drive(
             layer = sk.base.layers[i]
             _materialize(layer, f"{sk.prefix}layers.{i}.", reader, device, cdtype)
             try:
-                entries = sk.plan.get(i, [])
-                if entries:
+                entries, experts = sk.plan.get(i, []), sk.experts.get(i, [])
+                if entries or experts:
                     yield from _quantize_layer(
-                        runner, layer, i, entries, hs, reader, device, cdtype, quantize, dequant_dtype
+                        runner, layer, i, entries, experts, hs, reader, device, cdtype, quantize, dequant_dtype
                     )
                 if i < last:  # inputs of layer i+1, computed with layer i's quantized weights
                     runner.run_all(layer, i, hs, keep=True)
@@ -545,6 +640,7 @@ def _quantize_layer(
     layer: nn.Module,
     i: int,
     entries: list[tuple[nn.Linear, str, str]],
+    experts: list[_FusedExperts],
     hs: list[torch.Tensor],
     reader: SafetensorsDir,
     device: torch.device,
@@ -553,27 +649,44 @@ def _quantize_layer(
     dequant_dtype: torch.dtype | None,
 ) -> Iterator[tuple]:
     hooks = _HessianHooks(entries, device)
+    expert_hooks = [_ExpertHessians(ex, device) for ex in experts]
     try:
         for b in range(len(hs)):
             runner(layer, i, hs[b])
             hooks.end_batch()
     finally:
         hooks.remove()
+        for eh in expert_hooks:
+            eh.remove()
+
+    def quantized(dst: torch.Tensor, wname: str, h: torch.Tensor) -> tuple:
+        """GPTQ ``wname`` (held in the layer as ``dst``), write its dequantized value into ``dst``."""
+        ckpt_dtype = reader.infos[wname].dtype
+        # The layer's copy is exact when fp32 holds the checkpoint dtype (or the dtypes agree).
+        exact = cdtype == ckpt_dtype or (cdtype == torch.float32 and ckpt_dtype in _FLOAT_WEIGHT_DTYPES)
+        out, deq = quantize(dst if exact else reader.read(wname).to(device), h, dequant_dtype or ckpt_dtype)
+        with torch.no_grad():
+            dst.copy_(deq)
+        return (wname, *(t.cpu() for t in out))
+
     try:
         for mod, name, wname in entries:
-            ckpt_dtype = reader.infos[wname].dtype
-            ddtype = dequant_dtype or ckpt_dtype
-            # The layer's copy is exact when fp32 holds the checkpoint dtype (or the dtypes agree).
-            exact = cdtype == ckpt_dtype or (cdtype == torch.float32 and ckpt_dtype in _FLOAT_WEIGHT_DTYPES)
-            w = mod.weight if exact else reader.read(wname).to(device)
-            out, deq = quantize(w, hooks.hessian(name), ddtype)
-            del w
+            yield quantized(mod.weight, wname, hooks.hessian(name))
             hooks.release(name)
-            with torch.no_grad():
-                mod.weight.copy_(deq)
-            yield (wname, *(t.cpu() for t in out))
+        for ex, eh in zip(experts, expert_hooks):
+            gate_up, down = ex.module.gate_up_proj, ex.module.down_proj  # [E, 2I, H], [E, H, I]
+            half = gate_up.shape[1] // 2
+            for e, (names, acc) in enumerate(zip(ex.gate_up, eh.gate_up)):
+                h = _hessian_or_identity(acc, gate_up.shape[2], device)
+                for j, wname in enumerate(names):  # gate rows [0, I), up rows [I, 2I)
+                    yield quantized(gate_up.data[e, j * half : (j + 1) * half], wname, h)
+                eh.gate_up[e] = None  # free each H once its expert is done
+            for e, ((wname,), acc) in enumerate(zip(ex.down, eh.down)):
+                yield quantized(down.data[e], wname, _hessian_or_identity(acc, down.shape[2], device))
+                eh.down[e] = None
     finally:
         hooks.acc.clear()
+        expert_hooks.clear()
 
 
 def _progress(total: int, enabled: bool):
