@@ -183,6 +183,27 @@ def test_check_equal_detects_a_load_that_did_not_happen(model_dir, monkeypatch):
     with pytest.raises(RuntimeError, match="differ after loading"):
         engine.update_weights([(name, torch.full_like(model.get_parameter(name), 2.0))], version=1, check_equal=True)
     assert engine.weight_version == 0
+    prompts, params = random_prompts([4], seed=1), SamplingParams(max_new_tokens=3)
+    # the weights are no version's: no samples from them until an update loads completely
+    with pytest.raises(RuntimeError, match="version 1 did not load bit for bit; a complete update_weights"):
+        engine.generate(prompts, params)
+    monkeypatch.undo()
+    engine.update_weights([(name, torch.full_like(model.get_parameter(name), 2.0))], version=2, check_equal=True)
+    assert engine.weight_version == 2 and len(engine.generate(prompts, params)) == 1
+
+
+def test_a_load_that_fails_midway_blocks_generation(model_dir, monkeypatch):
+    engine = Engine(load_model(model_dir, dtype=torch.float32), kv_cache_tokens=256)
+    name = "model.norm.weight"
+
+    def oom(plan):
+        raise torch.OutOfMemoryError("simulated OOM in post-processing")
+
+    monkeypatch.setattr("quantrl.rollout.engine.apply_update", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.update_weights([(name, torch.ones_like(engine.model.get_parameter(name)))], version=1)
+    with pytest.raises(RuntimeError, match="version 1 failed while loading"):
+        engine.generate(random_prompts([4], seed=1), SamplingParams(max_new_tokens=3))
 
 
 @pytest.mark.parametrize("kind", ["fp8", "mxfp8", "int4", "nvfp4"])

@@ -66,6 +66,37 @@ def test_micro_batching_does_not_change_the_step():
         torch.testing.assert_close(w, out[0][2], rtol=1e-5, atol=1e-6)
 
 
+def test_micro_batch_gradients_of_bf16_parameters_are_summed_in_fp32():
+    """The master's gradient is the fp32 sum of the micro-batches' bf16 gradients (each computed alone),
+    not a bf16 running sum, which is off by about 2^-9 of the partial sums at every addition."""
+    b = batch(n=16, t=12)
+    tr = Trainer(tiny(), TrainConfig(lr=1e-3, micro_batch_size=1, grad_clip=0))
+    w = tr.model.model.layers[0].mlp.up_proj.weight
+    parts = []
+    for i in range(16):  # each micro-batch's gradient on its own, as autograd computes it in bf16
+        micro = {k: v[i : i + 1] for k, v in b.items()}
+        (lm_loss(tr.model, micro)[0] / float(b["loss_mask"].sum())).backward()
+        parts.append(w.grad.double())
+        tr.model.zero_grad()
+    want = torch.stack(parts).sum(0)
+    seen = {}
+    clip = tr.optimizer.grad_norm_and_clip
+
+    def capture(max_norm):
+        seen["grad"] = tr.optimizer.master_grads()[[q is w for q in tr.optimizer.params].index(True)].clone()
+        return clip(max_norm)
+
+    tr.optimizer.grad_norm_and_clip = capture
+    tr.train_step(b, lm_loss)
+    assert w.dtype == torch.bfloat16 and seen["grad"].dtype == torch.float32
+    scale = want.abs().max()
+    assert (seen["grad"].double() - want).abs().max() < 1e-6 * scale
+    bf16_sum = torch.zeros_like(w)
+    for g in parts:
+        bf16_sum += g.to(torch.bfloat16)
+    assert (bf16_sum.double() - want).abs().max() > 1e-3 * scale  # what accumulating in p.grad would give
+
+
 def test_a_failed_step_leaves_no_gradient_behind():
     """A NaN gradient norm, or an error in a later micro-batch (an OOM): the next step is the clean one."""
     b = batch(n=4, t=16)
@@ -122,6 +153,22 @@ def test_fp32_masters_keep_updates_bf16_would_lose():
     assert opt.masters[0][0, 0].item() == pytest.approx(1.0 - 50e-4, rel=1e-4)
     assert p[0, 0].item() == pytest.approx(1.0 - 50e-4, abs=2**-8)
     assert p.dtype == torch.bfloat16 and opt.masters[0].dtype == torch.float32
+
+
+def test_weights_loaded_after_the_optimizer_was_built_are_not_overwritten():
+    """model.load_state_dict after the optimizer exists: the next step starts from the loaded weights,
+    not from the masters' stale copy."""
+    p = torch.nn.Parameter(torch.full((4,), 1.0, dtype=torch.bfloat16))
+    opt = MasterAdamW([("w", p)], lr=1e-3, betas=(0.0, 0.0), eps=1e-12)
+    with torch.no_grad():
+        p.copy_(torch.full((4,), 3.0))
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.masters[0][0].item() == pytest.approx(3.0 - 1e-3, rel=1e-6)
+    assert p[0].item() == pytest.approx(3.0, abs=2**-6)
+    p.grad = torch.ones_like(p)  # an untouched parameter keeps its fp32 master
+    opt.step()
+    assert opt.masters[0][0].item() == pytest.approx(3.0 - 2e-3, rel=1e-6)
 
 
 def test_checkpoint_is_bf16_hf_and_loads_everywhere(tmp_path):

@@ -117,6 +117,7 @@ class Engine:
             raise ValueError(f"max_seq_len={max_seq_len} must be in [1, {self.cache.capacity}] (the KV cache's tokens)")
         self.max_seq_len = max_seq_len
         self.weight_version = 0
+        self._inconsistent: str | None = None  # why the weights are neither one version nor another
         self._graphs = None
         if use_cuda_graph:
             if model.device.type != "cuda":
@@ -145,6 +146,8 @@ class Engine:
         self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams()
     ) -> list[GenerationResult]:
         """``n`` samples for each token-id prompt; results ordered prompt-major (prompt i, sample j at i*n + j)."""
+        if self._inconsistent is not None:
+            raise RuntimeError(f"generate: {self._inconsistent}; a complete update_weights must succeed first")
         prompts = self._check_prompts(prompts)
         lens = [len(p) for p in prompts]
         seq_len = self.cache.check_fits(lens, params.max_new_tokens)
@@ -300,11 +303,16 @@ class Engine:
 
         Atomic: the whole update is validated first; any unknown name, wrong shape or dtype, or incomplete
         unit (a weight without its scales) raises ``ValueError`` and nothing changes. ``check_equal``
-        verifies afterwards that the engine holds exactly the given tensors (``RuntimeError`` if not; the
-        version is then not advanced).
+        verifies afterwards that the engine holds exactly the given tensors (``RuntimeError`` if not).
+        Once validation has passed, a failure while loading (an OOM in a layer's post-processing) or a
+        failed check leaves weights that are neither version: ``generate`` then refuses to sample until a
+        later ``update_weights`` succeeds, and the version is not advanced.
         """
         plan = plan_update(self.model, named_tensors)
+        self._inconsistent = f"the update to weight version {int(version)} failed while loading"
         apply_update(plan)
         if check_equal:
+            self._inconsistent = f"the update to weight version {int(version)} did not load bit for bit"
             check_loaded(plan)
+        self._inconsistent = None
         self.weight_version = int(version)

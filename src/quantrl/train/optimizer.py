@@ -1,14 +1,22 @@
 """AdamW on fp32 master weights for a model that computes in bf16.
 
 The model keeps bf16 parameters (what the forward, QAT fake quant, FP8 quantization and weight sync read);
-the optimizer keeps an fp32 master copy of each and fp32 Adam states. A step copies the bf16 gradients
-into the masters, steps them, and writes the masters back rounded to bf16. Small updates that bf16 cannot
-represent accumulate in the master instead of being lost. fp32 parameters are their own masters.
+the optimizer keeps an fp32 master copy of each and fp32 Adam states. A step steps the masters and writes
+them back rounded to bf16. Small updates that bf16 cannot represent accumulate in the master instead of
+being lost. fp32 parameters are their own masters. A parameter written in place since the last step
+(``model.load_state_dict`` after the optimizer was built) replaces its master before the next step.
+
+Gradients live on the masters, in fp32: inside ``accumulating()`` each backward's bf16 gradient is added
+to its master's fp32 ``grad`` and freed at once (Megatron's fp32 ``main_grad``), so a step over many
+micro-batches sums them in fp32; summed in bf16, each of n additions rounds to 8 bits and the error grows
+with n. A gradient left on a parameter outside that context (``p.grad = ...``) is moved over at the step.
+The norm, the clipping and the data-parallel all-reduce then work on fp32 gradients too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -39,6 +47,7 @@ class MasterAdamW:
             (no_decay if p.ndim < 2 or any(h in name for h in NO_DECAY_HINTS) else decay).append(master)
         if not self.params:
             raise ValueError("MasterAdamW: no trainable parameters")
+        self._versions = [p._version for p in self.params]  # what each master was last synced at
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, foreach=False)
 
@@ -55,29 +64,62 @@ class MasterAdamW:
             p.grad = None
             m.grad = None
 
+    @contextlib.contextmanager
+    def accumulating(self) -> Iterator[None]:
+        """Backward passes inside add each low-precision gradient to its master's fp32 ``grad``."""
+        handles = [p.register_post_accumulate_grad_hook(self._mover(m)) for p, m in zip(self.params, self.masters)
+                   if p is not m]  # fmt: skip
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @staticmethod
+    def _mover(master: torch.Tensor):
+        @torch.no_grad()
+        def move(p: torch.Tensor) -> None:
+            g, p.grad = p.grad, None
+            if master.grad is None:
+                master.grad = g.to(torch.float32, copy=True)
+            else:
+                master.grad.add_(g)
+
+        return move
+
+    def master_grads(self) -> list[torch.Tensor | None]:
+        """Every parameter's fp32 gradient (None where it has none); a ``p.grad`` left on a parameter is moved
+        to its master first."""
+        for p, m in zip(self.params, self.masters):
+            if p is not m and p.grad is not None:
+                self._mover(m)(p)
+        return [m.grad for m in self.masters]
+
     def grad_norm_and_clip(self, max_norm: float | None) -> float:
-        """Global L2 norm of the model gradients (fp32), clipped in place to ``max_norm`` if given."""
-        grads = [p.grad for p in self.params if p.grad is not None]
+        """Global L2 norm of the gradients (fp32), clipped in place to ``max_norm`` if given."""
+        grads = [g for g in self.master_grads() if g is not None]
         if not grads:
             return 0.0
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         if not torch.isfinite(norm):
             raise FloatingPointError(f"gradient norm is {float(norm)}; refusing to step")
         if max_norm is not None and max_norm > 0:
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             for g in grads:
-                g.mul_(coef.to(g.dtype))
+                g.mul_(coef)
         return float(norm)
 
     @torch.no_grad()
     def step(self) -> None:
-        for p, m in zip(self.params, self.masters):
-            if p is not m:
-                m.grad = None if p.grad is None else p.grad.float()
+        self.master_grads()
+        for i, (p, m) in enumerate(zip(self.params, self.masters)):
+            if p is not m and p._version != self._versions[i]:
+                m.copy_(p)  # written since the last step (model.load_state_dict, a broadcast): the model is right
         self.opt.step()
-        for p, m in zip(self.params, self.masters):
+        for i, (p, m) in enumerate(zip(self.params, self.masters)):
             if p is not m:
                 p.copy_(m)  # round-to-nearest-even into the model dtype; bumps p._version (QAT/FP8 caches follow)
+                self._versions[i] = p._version
 
     def state_dict(self) -> dict:
         return {"names": self.names, "masters": [m.detach().clone() for m in self.masters], "opt": self.opt.state_dict()}
@@ -90,4 +132,5 @@ class MasterAdamW:
             m.copy_(saved)
             if p is not m:
                 p.copy_(m)
+        self._versions = [p._version for p in self.params]
         self.opt.load_state_dict(state["opt"])

@@ -1,4 +1,4 @@
-"""Trainer core: training mode (BF16 / FP8 blockwise / INT4 QAT), micro-batches with gradient
+"""Trainer core: training mode (BF16 / FP8 blockwise / INT4 QAT), micro-batches with (fp32) gradient
 accumulation, token-level loss normalization, clipping, fp32-master AdamW, BF16 HF checkpoints.
 
 Training never stores FP8 or INT4 weights: checkpoints hold the bf16 model parameters (the masters'
@@ -105,13 +105,14 @@ class Trainer:
         loss_total = 0.0
         sums: dict[str, float] = {}
         try:
-            for i in range(0, n, self.cfg.micro_batch_size):
-                micro = {k: v[i : i + self.cfg.micro_batch_size] for k, v in batch.items()}
-                loss_sum, metrics = loss_fn(self.model, micro)
-                (loss_sum / total_tokens).backward()
-                loss_total += float(loss_sum.detach())
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+            with self.optimizer.accumulating():  # micro-batch gradients summed in fp32
+                for i in range(0, n, self.cfg.micro_batch_size):
+                    micro = {k: v[i : i + self.cfg.micro_batch_size] for k, v in batch.items()}
+                    loss_sum, metrics = loss_fn(self.model, micro)
+                    (loss_sum / total_tokens).backward()
+                    loss_total += float(loss_sum.detach())
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
             if self.dp_group is not None:
                 self._dp_sum_grads()
                 keys = sorted(sums)
@@ -135,16 +136,17 @@ class Trainer:
 
     @torch.no_grad()
     def _dp_sum_grads(self, bucket_elems: int = 1 << 26) -> None:
-        """Sum every gradient over the replicas (each replica already divided by the group's total tokens)
-        in fp32 buckets of at most ``bucket_elems`` elements (256 MB), written back in the parameters'
-        dtype: every replica ends with the same. A parameter no replica has a gradient for keeps None."""
+        """Sum every (fp32, master) gradient over the replicas (each replica already divided by the group's
+        total tokens) in buckets of at most ``bucket_elems`` elements (256 MB): every replica ends with the
+        same. A parameter no replica has a gradient for keeps None."""
         import torch.distributed as dist
 
-        params = self.optimizer.params
+        masters = self.optimizer.masters
+        grads = self.optimizer.master_grads()
         dev = comm_device(self.dp_group)
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=dev)
+        has = torch.tensor([g is not None for g in grads], dtype=torch.int32, device=dev)
         dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self.dp_group)
-        live = [p for p, h in zip(params, has.tolist()) if h]
+        live = [m for m, h in zip(masters, has.tolist()) if h]
         i = 0
         while i < len(live):
             bucket, size = [], 0
@@ -152,13 +154,13 @@ class Trainer:
                 bucket.append(live[i])
                 size += live[i].numel()
                 i += 1
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().reshape(-1).to(dev)
-                              for p in bucket])  # fmt: skip
+            flat = torch.cat([(m.grad if m.grad is not None else torch.zeros_like(m)).reshape(-1).to(dev)
+                              for m in bucket])  # fmt: skip
             dist.all_reduce(flat, group=self.dp_group)
             offset = 0
-            for p in bucket:
-                n = p.numel()
-                p.grad = flat[offset : offset + n].view(p.shape).to(device=p.device, dtype=p.dtype)
+            for m in bucket:
+                n = m.numel()
+                m.grad = flat[offset : offset + n].view(m.shape).to(m.device)
                 offset += n
             del flat
 
