@@ -171,6 +171,51 @@ def test_weights_loaded_after_the_optimizer_was_built_are_not_overwritten():
     assert opt.masters[0][0].item() == pytest.approx(3.0 - 2e-3, rel=1e-6)
 
 
+@pytest.mark.parametrize("mode, gather", [("bf16", False), ("fp8", True), ("int4-qat", False)])
+def test_optimizer_cpu_offload_takes_the_same_steps(mode, gather):
+    """--optimizer-cpu-offload: masters and Adam moments in (pinned) CPU memory; on a CPU-only machine the
+    steps are the resident optimizer's, bit for bit, FP8 param-gather included (the FP8 weight cache is
+    derived from the parameters, whichever device steps them)."""
+    b = batch(n=4, t=16)
+    runs = []
+    for offload in (False, True):
+        cfg = TrainConfig(mode=mode, lr=3e-3, micro_batch_size=2, qat_group_size=64, fp8_param_gather=gather,
+                          optimizer_cpu_offload=offload)  # fmt: skip
+        tr = Trainer(tiny(), cfg)
+        losses = [tr.train_step(b, lm_loss)["loss"] for _ in range(3)]
+        runs.append((losses, {n: p.detach().clone() for n, p in tr.model.named_parameters()}, tr))
+    (l0, w0, resident), (l1, w1, offloaded) = runs
+    assert l0 == l1 and l0[-1] < l0[0]
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)
+    assert all(m.device.type == "cpu" and m is not p for m, p in zip(offloaded.optimizer.masters,
+                                                                        offloaded.optimizer.params))  # fmt: skip
+    state = resident.optimizer.state_dict()  # a resident run resumes offloaded
+    offloaded.optimizer.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(offloaded.optimizer.masters, resident.optimizer.masters))
+
+
+@pytest.mark.gpu
+def test_optimizer_cpu_offload_on_cuda_frees_the_masters_and_moments():
+    b = {k: v.cuda() for k, v in batch(n=4, t=16).items()}
+    out = {}
+    for offload in (False, True):
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        tr = Trainer(tiny().cuda(), TrainConfig(mode="fp8", lr=3e-3, micro_batch_size=2, fp8_param_gather=True,
+                                                optimizer_cpu_offload=offload))  # fmt: skip
+        for _ in range(2):
+            tr.train_step(b, lm_loss)
+        tr.optimizer.zero_grad()
+        n = sum(p.numel() for p in tr.optimizer.params)
+        out[offload] = (torch.cuda.memory_allocated() - base, [m.detach().cpu() for m in tr.optimizer.masters], n)
+        assert all(m.is_pinned() for m in tr.optimizer.masters) == offload
+        del tr
+    (mem0, m0, n), (mem1, m1, _) = out[False], out[True]
+    assert mem0 - mem1 >= 12 * n  # fp32 master + two fp32 moments per parameter moved off the GPU
+    for a, c in zip(m0, m1):  # CPU and CUDA AdamW: the same formula, rounding may differ by an ulp
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+
+
 def test_checkpoint_is_bf16_hf_and_loads_everywhere(tmp_path):
     src = tmp_path / "src"
     hf = AutoModelForCausalLM.from_config(hf_config(), dtype=torch.float32)

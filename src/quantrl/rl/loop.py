@@ -94,6 +94,8 @@ class RLConfig:
     "INT4 range: 7 (absmax/7, [-7, 7]) or 8 (absmax/7.5, [-8, 7])"
     fp8_param_gather: bool = False
     "FP8 training: keep the FP8 weight copy for the step"
+    optimizer_cpu_offload: bool = False
+    "fp32 masters and Adam moments in CPU memory, the optimizer step on the CPU (Megatron/slime's flag)"
     check_weight_update_equal: bool = False
     "verify after every sync that the engine holds exactly the converted weights"
     use_rollout_routing_replay: bool = False
@@ -284,7 +286,8 @@ class RLRun:
             self.sync_target = SyncTarget.for_engine(self.engine, qmax=cfg.qmax)
         self.trainer = Trainer(model, TrainConfig(
             mode=self.recipe.train_mode, lr=cfg.lr, micro_batch_size=cfg.micro_batch_size, grad_clip=cfg.grad_clip,
-            qat_group_size=cfg.group_size, qat_qmax=cfg.qmax, fp8_param_gather=cfg.fp8_param_gather),
+            qat_group_size=cfg.group_size, qat_qmax=cfg.qmax, fp8_param_gather=cfg.fp8_param_gather,
+            optimizer_cpu_offload=cfg.optimizer_cpu_offload),
             dp_group=self.dp_group)  # fmt: skip
         self.ref = None
         if cfg.kl_coef > 0:  # the initial policy, in the trainer's mode (QAT's fake quant, FP8 GEMMs)

@@ -3,14 +3,21 @@
 The model keeps bf16 parameters (what the forward, QAT fake quant, FP8 quantization and weight sync read);
 the optimizer keeps an fp32 master copy of each and fp32 Adam states. A step steps the masters and writes
 them back rounded to bf16. Small updates that bf16 cannot represent accumulate in the master instead of
-being lost. fp32 parameters are their own masters. A parameter written in place since the last step
-(``model.load_state_dict`` after the optimizer was built) replaces its master before the next step.
+being lost. fp32 parameters are their own masters (unless offloaded). A parameter written in place since
+the last step (``model.load_state_dict`` after the optimizer was built) replaces its master before the
+next step.
 
-Gradients live on the masters, in fp32: inside ``accumulating()`` each backward's bf16 gradient is added
-to its master's fp32 ``grad`` and freed at once (Megatron's fp32 ``main_grad``), so a step over many
+Gradients are fp32, on the parameters' device: inside ``accumulating()`` each backward's bf16 gradient is
+added to an fp32 accumulator and freed at once (Megatron's fp32 ``main_grad``), so a step over many
 micro-batches sums them in fp32; summed in bf16, each of n additions rounds to 8 bits and the error grows
 with n. A gradient left on a parameter outside that context (``p.grad = ...``) is moved over at the step.
-The norm, the clipping and the data-parallel all-reduce then work on fp32 gradients too.
+The norm, the clipping and the data-parallel all-reduce work on these fp32 gradients.
+
+CPU offload (``offload=True``, Megatron/slime's ``--optimizer-cpu-offload``): masters and both Adam
+moments live in CPU memory (pinned when CUDA is there) and the step runs on the CPU, so the GPU holds only
+the bf16 parameters and the fp32 gradients: 6 B/param instead of 18. Each step copies the gradients to
+the CPU and the stepped masters back (4 B/param each way). The update is the same arithmetic as on the
+device; on a CPU-only machine offloaded and resident optimizers give the same bits.
 """
 
 from __future__ import annotations
@@ -32,21 +39,32 @@ class MasterAdamW:
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        offload: bool = False,
     ):
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
         self.masters: list[torch.Tensor] = []
+        self.offload = offload
+        pin = offload and torch.cuda.is_available()
         decay, no_decay = [], []
         for name, p in named_params:
             if not p.requires_grad:
                 continue
-            master = p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True)
+            if offload:
+                master = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin)
+                master.copy_(p.detach()).requires_grad_(True)
+            elif p.dtype == torch.float32:
+                master = p
+            else:
+                master = p.detach().float().clone().requires_grad_(True)
             self.names.append(name)
             self.params.append(p)
             self.masters.append(master)
             (no_decay if p.ndim < 2 or any(h in name for h in NO_DECAY_HINTS) else decay).append(master)
         if not self.params:
             raise ValueError("MasterAdamW: no trainable parameters")
+        # fp32 gradients on the parameters' devices (a parameter that is its own master keeps its .grad)
+        self._grads: list[torch.Tensor | None] = [None] * len(self.params)
         self._versions = [p._version for p in self.params]  # what each master was last synced at
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, foreach=False)
@@ -60,40 +78,53 @@ class MasterAdamW:
             g["lr"] = lr
 
     def zero_grad(self) -> None:
-        for p, m in zip(self.params, self.masters):
+        for i, (p, m) in enumerate(zip(self.params, self.masters)):
             p.grad = None
             m.grad = None
+            self._grads[i] = None
 
     @contextlib.contextmanager
     def accumulating(self) -> Iterator[None]:
-        """Backward passes inside add each low-precision gradient to its master's fp32 ``grad``."""
-        handles = [p.register_post_accumulate_grad_hook(self._mover(m)) for p, m in zip(self.params, self.masters)
-                   if p is not m]  # fmt: skip
+        """Backward passes inside add each gradient to its fp32 accumulator (and free it)."""
+        handles = [p.register_post_accumulate_grad_hook(self._mover(i)) for i, (p, m)
+                   in enumerate(zip(self.params, self.masters)) if p is not m]  # fmt: skip
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    @staticmethod
-    def _mover(master: torch.Tensor):
+    def _mover(self, i: int):
         @torch.no_grad()
         def move(p: torch.Tensor) -> None:
             g, p.grad = p.grad, None
-            if master.grad is None:
-                master.grad = g.to(torch.float32, copy=True)
+            if self._grads[i] is None:
+                self._grads[i] = g.to(torch.float32, copy=True)
             else:
-                master.grad.add_(g)
+                self._grads[i].add_(g)
 
         return move
 
     def master_grads(self) -> list[torch.Tensor | None]:
-        """Every parameter's fp32 gradient (None where it has none); a ``p.grad`` left on a parameter is moved
-        to its master first."""
-        for p, m in zip(self.params, self.masters):
-            if p is not m and p.grad is not None:
-                self._mover(m)(p)
-        return [m.grad for m in self.masters]
+        """Every parameter's fp32 gradient, on its device (None where it has none); a ``p.grad`` left on a
+        parameter is moved to its accumulator first. In-place changes (clipping, all-reduce) are what the
+        step uses; ``set_master_grad`` replaces one."""
+        out = []
+        for i, (p, m) in enumerate(zip(self.params, self.masters)):
+            if p is m:
+                out.append(p.grad)
+                continue
+            if p.grad is not None:
+                self._mover(i)(p)
+            out.append(self._grads[i])
+        return out
+
+    def set_master_grad(self, i: int, g: torch.Tensor) -> None:
+        """Replace parameter ``i``'s fp32 gradient (``g`` on its device)."""
+        if self.params[i] is self.masters[i]:
+            self.params[i].grad = g
+        else:
+            self._grads[i] = g
 
     def grad_norm_and_clip(self, max_norm: float | None) -> float:
         """Global L2 norm of the gradients (fp32), clipped in place to ``max_norm`` if given."""
@@ -111,10 +142,15 @@ class MasterAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        self.master_grads()
-        for i, (p, m) in enumerate(zip(self.params, self.masters)):
-            if p is not m and p._version != self._versions[i]:
+        grads = self.master_grads()
+        for i, (p, m, g) in enumerate(zip(self.params, self.masters, grads)):
+            if p is m:
+                continue
+            if p._version != self._versions[i]:
                 m.copy_(p)  # written since the last step (model.load_state_dict, a broadcast): the model is right
+            m.grad = None if g is None else g.to(m.device, non_blocking=True)
+        if self.offload and torch.cuda.is_available():
+            torch.cuda.synchronize()  # the gradients' device-to-host copies are done before the CPU step reads them
         self.opt.step()
         for i, (p, m) in enumerate(zip(self.params, self.masters)):
             if p is not m:

@@ -51,6 +51,8 @@ class TrainConfig:
     "fp8: scaling recipe (--fp8-recipe); blockwise only (1x128 activations, 128x128 weights)"
     fp8_param_gather: bool = False
     "fp8: keep the FP8 copy of each weight for the whole step (reused by micro-batches and sync)"
+    optimizer_cpu_offload: bool = False
+    "fp32 masters and Adam moments in CPU memory, step on the CPU (12 B/param off the GPU)"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -85,7 +87,8 @@ class Trainer:
             self.swapped = prepare_fp8_training(model, cfg.fp8_param_gather)
         else:
             self.swapped = []
-        self.optimizer = MasterAdamW(model.named_parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        self.optimizer = MasterAdamW(model.named_parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                     weight_decay=cfg.weight_decay, offload=cfg.optimizer_cpu_offload)
         self.step_count = 0
 
     def train_step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> dict[str, float]:
@@ -141,27 +144,28 @@ class Trainer:
         same. A parameter no replica has a gradient for keeps None."""
         import torch.distributed as dist
 
-        masters = self.optimizer.masters
-        grads = self.optimizer.master_grads()
+        opt = self.optimizer
+        grads = opt.master_grads()
         dev = comm_device(self.dp_group)
         has = torch.tensor([g is not None for g in grads], dtype=torch.int32, device=dev)
         dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self.dp_group)
-        live = [m for m, h in zip(masters, has.tolist()) if h]
-        i = 0
-        while i < len(live):
+        live = [i for i, h in enumerate(has.tolist()) if h]
+        j = 0
+        while j < len(live):
             bucket, size = [], 0
-            while i < len(live) and (not bucket or size + live[i].numel() <= bucket_elems):
-                bucket.append(live[i])
-                size += live[i].numel()
-                i += 1
-            flat = torch.cat([(m.grad if m.grad is not None else torch.zeros_like(m)).reshape(-1).to(dev)
-                              for m in bucket])  # fmt: skip
+            while j < len(live) and (not bucket or size + opt.params[live[j]].numel() <= bucket_elems):
+                bucket.append(live[j])
+                size += opt.params[live[j]].numel()
+                j += 1
+            flat = torch.cat([(grads[i] if grads[i] is not None else
+                               torch.zeros(opt.params[i].shape, device=opt.params[i].device)).reshape(-1).to(dev)
+                              for i in bucket])  # fmt: skip
             dist.all_reduce(flat, group=self.dp_group)
             offset = 0
-            for m in bucket:
-                n = m.numel()
-                m.grad = flat[offset : offset + n].view(m.shape).to(m.device)
-                offset += n
+            for i in bucket:
+                p = opt.params[i]
+                opt.set_master_grad(i, flat[offset : offset + p.numel()].view(p.shape).to(p.device))
+                offset += p.numel()
             del flat
 
     def bf16_state(self) -> dict[str, torch.Tensor]:
