@@ -185,7 +185,7 @@ def test_check_equal_detects_a_load_that_did_not_happen(model_dir, monkeypatch):
     assert engine.weight_version == 0
     prompts, params = random_prompts([4], seed=1), SamplingParams(max_new_tokens=3)
     # the weights are no version's: no samples from them until an update loads completely
-    with pytest.raises(RuntimeError, match="version 1 did not load bit for bit; a complete update_weights"):
+    with pytest.raises(RuntimeError, match="version 1 did not load bit for bit; 1 of its tensors .*model.norm"):
         engine.generate(prompts, params)
     monkeypatch.undo()
     engine.update_weights([(name, torch.full_like(model.get_parameter(name), 2.0))], version=2, check_equal=True)
@@ -202,8 +202,16 @@ def test_a_load_that_fails_midway_blocks_generation(model_dir, monkeypatch):
     monkeypatch.setattr("quantrl.rollout.engine.apply_update", oom)
     with pytest.raises(torch.OutOfMemoryError):
         engine.update_weights([(name, torch.ones_like(engine.model.get_parameter(name)))], version=1)
+    prompts, params = random_prompts([4], seed=1), SamplingParams(max_new_tokens=3)
     with pytest.raises(RuntimeError, match="version 1 failed while loading"):
-        engine.generate(random_prompts([4], seed=1), SamplingParams(max_new_tokens=3))
+        engine.generate(prompts, params)
+    monkeypatch.undo()
+    other = "model.layers.0.input_layernorm.weight"  # an update of other tensors leaves model.norm unloaded
+    engine.update_weights([(other, torch.ones_like(engine.model.get_parameter(other)))], version=2)
+    with pytest.raises(RuntimeError, match="version 1 failed while loading"):
+        engine.generate(prompts, params)
+    engine.update_weights([(name, torch.ones_like(engine.model.get_parameter(name)))], version=3)
+    assert engine.weight_version == 3 and len(engine.generate(prompts, params)) == 1
 
 
 @pytest.mark.parametrize("kind", ["fp8", "mxfp8", "int4", "nvfp4"])

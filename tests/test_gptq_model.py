@@ -285,6 +285,16 @@ def test_moe_experts_are_gptq_on_their_routed_tokens(tmp_path, make_config):
                     params[f"{head}.mlp.experts.gate_up_proj"][e, start : start + rows].copy_(deq)
 
 
+def test_moe_experts_partly_targeted_are_left_to_the_caller_with_a_warning(tmp_path):
+    path = save_model(qwen3_moe_config(), tmp_path / "m")
+    reader = SafetensorsDir(path)
+    targets = proj_targets(reader) - {"model.layers.0.mlp.experts.3.up_proj.weight"}
+    with pytest.warns(UserWarning, match=r"17 of the 18 expert weights of model\.layers\.0\.mlp\.experts"):
+        got = gptq_layer_targets(path, targets)
+    assert not any(".layers.0.mlp.experts." in n for n in got)
+    assert sum(".layers.2.mlp.experts." in n for n in got) == 18
+
+
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 def test_moe_expert_no_token_reached_is_rounded_to_nearest(tmp_path, fmt):
     """One calibration token reaches 2 of 6 experts per layer: the other 4 get H = I (round to nearest,
@@ -348,19 +358,32 @@ def test_errors_are_raised_at_call_time(tmp_path):
         gptq_quantize_layers(gpt2, r2, {r2.names()[0]}, batches)
 
 
-def test_checkpoint_not_matching_the_module_layout_is_an_error(tmp_path):
-    """An extra tensor under a layer prefix (e.g. an FP8 scale) means the module cannot reproduce the layer."""
+@pytest.mark.parametrize(
+    "edit, error",
+    [
+        # an extra tensor under a layer prefix (e.g. an FP8 scale): the module cannot reproduce the layer
+        (lambda t: t.update({"model.layers.0.mlp.down_proj.weight_scale_inv": torch.ones(2, 3)}),
+         r"tensor\(s\) under 'model\.layers\.0\.'.*down_proj\.weight_scale_inv"),
+        # names that are not the module names (Mixtral's block_sparse_moe.experts.N.w1 and the like), in a
+        # layer after the first: still found before anything is yielded
+        (lambda t: t.update({"model.layers.1.post_norm.weight": t.pop("model.layers.1.post_attention_layernorm.weight")}),
+         r"lacks 1 tensor\(s\) of module model\.layers\.1"),
+        (lambda t: t.update({"model.layers.1.input_layernorm.weight": torch.ones(65)}),
+         r"model\.layers\.1\.input_layernorm\.weight has shape \[65\].*expects \[64\]"),
+    ],
+    ids=["extra", "renamed", "shape"],
+)
+def test_checkpoint_not_matching_the_module_layout_is_an_error_at_call_time(tmp_path, edit, error):
     from safetensors.torch import load_file, save_file
 
     path = save_model(qwen3_config(), tmp_path / "m")
     tensors = load_file(path / "model.safetensors")
-    tensors["model.layers.0.mlp.down_proj.weight_scale_inv"] = torch.ones(2, 3)
+    edit(tensors)
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     reader = SafetensorsDir(path)
-    gen = gptq_quantize_layers(path, reader, proj_targets(reader), random_batches(1, 8, 0), group_size=GROUP,
-                               progress=False)  # fmt: skip
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj\.weight_scale_inv"):
-        next(gen)
+    with pytest.raises(ValueError, match=error):
+        gptq_quantize_layers(path, reader, proj_targets(reader), random_batches(1, 8, 0), group_size=GROUP,
+                             progress=False)  # fmt: skip
 
 
 def test_stopping_early_leaves_no_hooks_and_grad_mode_alone(tmp_path):

@@ -171,27 +171,33 @@ def test_weights_loaded_after_the_optimizer_was_built_are_not_overwritten():
     assert opt.masters[0][0].item() == pytest.approx(3.0 - 2e-3, rel=1e-6)
 
 
-@pytest.mark.parametrize("mode, gather", [("bf16", False), ("fp8", True), ("int4-qat", False)])
-def test_optimizer_cpu_offload_takes_the_same_steps(mode, gather):
-    """--optimizer-cpu-offload: masters and Adam moments in (pinned) CPU memory; on a CPU-only machine the
-    steps are the resident optimizer's, bit for bit, FP8 param-gather included (the FP8 weight cache is
-    derived from the parameters, whichever device steps them)."""
+@pytest.mark.parametrize("mode, gather, dtype", [("bf16", False, torch.float32), ("fp8", True, torch.bfloat16),
+                                                 ("int4-qat", False, torch.bfloat16)])  # fmt: skip
+def test_optimizer_cpu_offload_takes_the_same_steps(mode, gather, dtype):
+    """--optimizer-cpu-offload: masters and Adam moments in CPU memory; on a CPU-only machine the steps are
+    the resident optimizer's, bit for bit, FP8 param-gather included (the FP8 weight cache is derived from
+    the parameters, whichever device steps them), and either resumes the other's state."""
     b = batch(n=4, t=16)
     runs = []
     for offload in (False, True):
         cfg = TrainConfig(mode=mode, lr=3e-3, micro_batch_size=2, qat_group_size=64, fp8_param_gather=gather,
                           optimizer_cpu_offload=offload)  # fmt: skip
-        tr = Trainer(tiny(), cfg)
+        tr = Trainer(tiny(dtype=dtype), cfg)
         losses = [tr.train_step(b, lm_loss)["loss"] for _ in range(3)]
-        runs.append((losses, {n: p.detach().clone() for n, p in tr.model.named_parameters()}, tr))
-    (l0, w0, resident), (l1, w1, offloaded) = runs
+        runs.append((losses, tr))
+    (l0, resident), (l1, offloaded) = runs
     assert l0 == l1 and l0[-1] < l0[0]
-    assert all(torch.equal(w0[n], w1[n]) for n in w0)
-    assert all(m.device.type == "cpu" and m is not p for m, p in zip(offloaded.optimizer.masters,
-                                                                        offloaded.optimizer.params))  # fmt: skip
-    state = resident.optimizer.state_dict()  # a resident run resumes offloaded
-    offloaded.optimizer.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(offloaded.optimizer.masters, resident.optimizer.masters))
+    params = lambda tr: dict(tr.model.named_parameters())  # noqa: E731
+    assert all(torch.equal(w, params(offloaded)[n]) for n, w in params(resident).items())
+    opt = offloaded.optimizer
+    # its own fp32 copies even of fp32 parameters (the resident optimizer steps those in place)
+    assert opt.offload and all(m is not p and m.data_ptr() != p.data_ptr() for m, p in zip(opt.masters, opt.params))
+    if dtype == torch.float32:
+        assert all(m is p for m, p in zip(resident.optimizer.masters, resident.optimizer.params))
+    opt.load_state_dict(resident.optimizer.state_dict())  # a resident run resumes offloaded
+    state = lambda tr: [v for s in tr.optimizer.opt.state.values() for v in s.values()]  # noqa: E731
+    assert all(torch.equal(x, y) for x, y in zip(state(offloaded), state(resident)))
+    assert resident.train_step(b, lm_loss) == offloaded.train_step(b, lm_loss)
 
 
 @pytest.mark.gpu

@@ -3,7 +3,8 @@
 Each replica trains on its own rows of every batch; the step must equal one trainer's step on the whole
 batch (fp32 model: equal up to the order in which fp32 sums are taken) and both replicas must end with
 bit-identical parameters. Uneven token counts per row make a wrong normalization (per replica instead
-of over the group) visible.
+of over the group) visible. A bf16 model with the optimizer offloaded must take exactly the whole
+batch's step.
 """
 
 import functools
@@ -46,6 +47,16 @@ def _worker(rank: int, world: int, store_file: str) -> None:
             mine, others = p.detach().clone(), [torch.empty_like(p) for _ in range(world)]
             dist.all_gather(others, mine)
             assert all(torch.equal(mine, o) for o in others), f"replicas differ in {name}"
+        # bf16 parameters, fp32 gradients and masters apart from them, the optimizer offloaded. One micro-batch
+        # per replica is one of the whole trainer's: the same bf16 gradients, summed in fp32 by both (two
+        # terms: in either order the same bits), so the steps are equal bit for bit.
+        cfg = TrainConfig(mode="int4-qat", lr=1e-3, micro_batch_size=3, qat_group_size=64, optimizer_cpu_offload=True)
+        whole, dp = Trainer(tiny(), cfg), Trainer(tiny(), cfg, dp_group=dist.group.WORLD)
+        for _ in range(STEPS):
+            want = whole.train_step(b, lm_loss)
+            assert dp.train_step({k: v[rows] for k, v in b.items()}, lm_loss) == want
+        for (name, p), (_, q) in zip(dp.model.named_parameters(), whole.model.named_parameters()):
+            assert p.dtype == torch.bfloat16 and torch.equal(p, q), name
     finally:
         dist.destroy_process_group()
     sys.stdout.flush()

@@ -5,8 +5,8 @@ The driver walks the decoder the way the GPTQ paper does ("sequential" over laye
     h⁰ = embed(calibration tokens)                       (all batches, kept resident)
     for each decoder layer i:
         load layer i from the safetensors reader
-        run hⁱ through it, hooks collect H = 2/n Σ xᵀx for every target Linear's input
-        GPTQ-quantize each target Linear with its H; yield (weight name, q, scale) (NVFP4: codes, scale, gs)
+        run hⁱ through it, hooks collect H = 2/n Σ xᵀx for every target Linear's (and routed expert's) input
+        GPTQ-quantize each target with its H; yield (weight name, q, scale) (NVFP4: codes, scale, gs)
         put the *dequantized* weights into the layer and run hⁱ through it again -> hⁱ⁺¹
         free the layer and its Hessians
 
@@ -19,7 +19,8 @@ Memory. The transformers model is built on the ``meta`` device (no weight memory
 calibration hidden states (``num_samples × seq_len × hidden`` in the compute dtype, plus one batch while
 a layer's outputs replace its inputs) and that layer's Hessians (fp32 ``K × K`` each; Linears fed the very
 same input tensor, q/k/v and gate/up, share one accumulator, and each is freed once its Linears are
-quantized). Layers after the last one holding a target are never loaded.
+quantized; routed experts: two per expert, see below). Layers after the last one holding a target are
+never loaded.
 
 Precision. The calibration forward runs in ``compute_dtype``: fp32 by default (the checkpoint's bf16
 weights convert exactly, and fp32 activations make H as good as the data allows; on CPU there is no
@@ -55,7 +56,9 @@ gate/up output, with the unquantized weights like every other Hessian in the lay
 checkpoint tensor is then GPTQ'd on its expert's H (gate and up separately: NVFP4's global scale is per
 tensor) and its dequantized value written back into the fused parameter, so later layers see quantized
 experts too. An expert no calibration token reached gets ``H = I``: GPTQ is then round-to-nearest bit for
-bit (``checkpoint.gptq``), where a zero H would zero the weights. Memory: one fp32 ``H×H`` and one
+bit (``checkpoint.gptq``), where a zero H would zero the weights; one reached by only a few tokens gets
+a low-rank H that the dampening regularizes, which for a tiny calibration set can be no better than
+round-to-nearest (use enough samples that every expert sees hundreds of tokens). Memory: one fp32 ``H×H`` and one
 ``I×I`` per expert of the current layer (Qwen3-30B-A3B: 128 × (2048² + 768²) × 4 B = 2.4 GB). Fused
 layouts other than concatenated [gate; up], untransposed, gated and bias-free (``use_experts_implementation``'s
 flags) are not driven: their experts are not yielded and the caller rounds them to nearest.
@@ -165,6 +168,14 @@ def _plan(sk: _Skeleton, targets: set[str]) -> None:
         if entries:
             sk.plan[i] = entries
         fused = [e for e in (_fused_experts(prefix + n, m) for n, m in layer.named_modules()) if e is not None]
+        for e in fused:
+            n_targeted = sum(w in targets for w in e.weight_names)
+            if 0 < n_targeted < len(e.weight_names):
+                warnings.warn(
+                    f"gptq: {n_targeted} of the {len(e.weight_names)} expert weights of {e.name} are targets; the "
+                    "experts are driven all or none, so none of them is yielded (the caller rounds them to nearest)",
+                    stacklevel=3,
+                )
         fused = [e for e in fused if all(w in targets for w in e.weight_names)]
         if fused:
             sk.experts[i] = fused
@@ -210,10 +221,9 @@ def _fused_sources(name: str, shape: tuple[int, ...]) -> list[list[str]] | None:
     return [[f"{head}.{e}.{p}.weight" for p in parts] for e in range(shape[0])]
 
 
-def _materialize(
-    module: nn.Module, prefix: str, reader: SafetensorsDir, device: torch.device, dtype: torch.dtype
-) -> None:
-    """Give a meta module real storage on ``device`` filled from the checkpoint (floats in ``dtype``)."""
+def _layout(module: nn.Module, prefix: str, reader: SafetensorsDir) -> dict[str, list[list[str]]]:
+    """Check that the checkpoint holds exactly ``module``'s tensors, with its shapes (reads no weights);
+    return the fused parameters and their per-expert sources."""
     state = module.state_dict(keep_vars=True)
     persistent = set(state)
     transient = [n for n, _ in module.named_buffers() if n not in persistent]
@@ -242,22 +252,38 @@ def _materialize(
             f"gptq: checkpoint {reader.dir} has tensor(s) under {prefix!r} that the transformers module does not "
             f"have, e.g. {sorted(extra)[:3]} (a different module layout; not supported)"
         )
+    for n, t in state.items():
+        if n in fused:  # stacked per expert, [gate; up] concatenated along rows
+            shapes = [[reader.infos[x].shape for x in group] for group in fused[n]]
+            rows = [sum(s[0] for s in group) for group in shapes]
+            have = [len(shapes), *rows[:1], *shapes[0][0][1:]]
+            if any(r != rows[0] or any(s[1:] != shapes[0][0][1:] for s in g) for r, g in zip(rows, shapes)):
+                have = ["per-expert shapes differ"]
+            where = f"the per-expert tensors {fused[n][0]}..."
+        else:
+            have = list(reader.infos[prefix + n].shape)
+            where = reader.infos[prefix + n].file.name
+        if have != list(t.shape):
+            raise ValueError(
+                f"gptq: tensor {prefix + n} has shape {have} in {where}, the model built from config.json "
+                f"expects {list(t.shape)}"
+            )
+    return fused
+
+
+def _materialize(
+    module: nn.Module, prefix: str, reader: SafetensorsDir, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Give a meta module real storage on ``device`` filled from the checkpoint (floats in ``dtype``)."""
+    fused = _layout(module, prefix, reader)
     module.to(dtype=dtype)  # meta: only changes the dtype of floating parameters/buffers
     module.to_empty(device=device)
     with torch.no_grad():
         for n, t in module.state_dict(keep_vars=True).items():
             if n in fused:  # [E, 2I, H] / [E, H, I] from the per-expert tensors
-                src = torch.stack([torch.cat([reader.read(x) for x in group]) for group in fused[n]])
-                where = f"the per-expert tensors {fused[n][0]}..."
+                t.copy_(torch.stack([torch.cat([reader.read(x) for x in group]) for group in fused[n]]))
             else:
-                src = reader.read(prefix + n)
-                where = reader.infos[prefix + n].file.name
-            if tuple(src.shape) != tuple(t.shape):
-                raise ValueError(
-                    f"gptq: tensor {prefix + n} has shape {list(src.shape)} in {where}, "
-                    f"the model built from config.json expects {list(t.shape)}"
-                )
-            t.copy_(src)
+                t.copy_(reader.read(prefix + n))
 
 
 def _release(module: nn.Module) -> None:
@@ -505,16 +531,18 @@ def gptq_quantize_layers(
 
     ``q`` is int8 ``[N, K]`` and ``scale`` is ``scale_dtype`` ``[N, K/group_size]``, both on the CPU, in the
     ``formats.int4`` conventions (``num_bits``/``qmax``). Each target is yielded once, layer by layer, as soon
-    as it is quantized, so the caller can write it and drop it. Targets that are not the weight of an
-    ``nn.Linear`` in a decoder layer are not yielded (``gptq_layer_targets`` tells which are).
+    as it is quantized, so the caller can write it and drop it. Targets that are neither the weight of an
+    ``nn.Linear`` in a decoder layer nor a routed expert's are not yielded (``gptq_layer_targets`` tells
+    which are).
 
     ``compute_dtype`` (default fp32) is the dtype of the calibration forward; ``dequant_dtype`` (default:
     each weight's checkpoint dtype) the dtype the engine dequantizes to, used both for GPTQ's error
     feedback and for the weights the next layers' calibration inputs are computed with.
 
     Raises ``ValueError`` at call time (before the first ``next``) for a target missing from the checkpoint,
-    an architecture that cannot be driven, bad calibration batches or arguments, or a target whose K is not
-    divisible by ``group_size``.
+    an architecture that cannot be driven, a checkpoint whose tensor names or shapes do not match the
+    modules built from config.json (e.g. Mixtral's ``block_sparse_moe.experts.N.w1``), bad calibration
+    batches or arguments, or a target whose K is not divisible by ``group_size``.
     """
     int_range(num_bits, qmax)  # validates the code convention
 
@@ -596,6 +624,9 @@ def _start(model_dir, reader: SafetensorsDir, targets: set[str], batches, group_
             )
     if not shapes:
         return iter(())
+    _layout(sk.base.embed_tokens, f"{sk.prefix}embed_tokens.", reader)
+    for i in range(max(sk.layers_with_targets) + 1):  # every layer the driver will load
+        _layout(sk.base.layers[i], f"{sk.prefix}layers.{i}.", reader)
     runner = _LayerRunner(sk, device)  # validates the layers' attention types
     # Everything above runs at call time, so bad arguments fail before the caller starts writing.
     return _drive(sk, runner, reader, batches, device, cdtype, quantize, dequant_dtype, progress)

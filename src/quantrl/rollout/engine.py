@@ -117,7 +117,9 @@ class Engine:
             raise ValueError(f"max_seq_len={max_seq_len} must be in [1, {self.cache.capacity}] (the KV cache's tokens)")
         self.max_seq_len = max_seq_len
         self.weight_version = 0
-        self._inconsistent: str | None = None  # why the weights are neither one version nor another
+        # a failed update's tensors (their units may hold neither version) and why; generate refuses while any
+        self._unloaded: set[str] = set()
+        self._inconsistent: str | None = None
         self._graphs = None
         if use_cuda_graph:
             if model.device.type != "cuda":
@@ -146,8 +148,9 @@ class Engine:
         self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams()
     ) -> list[GenerationResult]:
         """``n`` samples for each token-id prompt; results ordered prompt-major (prompt i, sample j at i*n + j)."""
-        if self._inconsistent is not None:
-            raise RuntimeError(f"generate: {self._inconsistent}; a complete update_weights must succeed first")
+        if self._unloaded:
+            raise RuntimeError(f"generate: {self._inconsistent}; {len(self._unloaded)} of its tensors (e.g. "
+                               f"{sorted(self._unloaded)[:2]}) need a successful update_weights first")  # fmt: skip
         prompts = self._check_prompts(prompts)
         lens = [len(p) for p in prompts]
         seq_len = self.cache.check_fits(lens, params.max_new_tokens)
@@ -305,14 +308,19 @@ class Engine:
         unit (a weight without its scales) raises ``ValueError`` and nothing changes. ``check_equal``
         verifies afterwards that the engine holds exactly the given tensors (``RuntimeError`` if not).
         Once validation has passed, a failure while loading (an OOM in a layer's post-processing) or a
-        failed check leaves weights that are neither version: ``generate`` then refuses to sample until a
-        later ``update_weights`` succeeds, and the version is not advanced.
+        failed check leaves weights that are neither version: the version is not advanced, and ``generate``
+        refuses to sample until later successful updates have covered every tensor of the failed one.
         """
         plan = plan_update(self.model, named_tensors)
+        names = {unit.full_name(attr) for unit, tensors in plan for attr in tensors}
+        before = self._unloaded
+        self._unloaded = before | names
+        why = self._inconsistent
         self._inconsistent = f"the update to weight version {int(version)} failed while loading"
         apply_update(plan)
         if check_equal:
             self._inconsistent = f"the update to weight version {int(version)} did not load bit for bit"
             check_loaded(plan)
-        self._inconsistent = None
+        self._unloaded = before - names
+        self._inconsistent = why if self._unloaded else None
         self.weight_version = int(version)

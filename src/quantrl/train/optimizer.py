@@ -3,9 +3,10 @@
 The model keeps bf16 parameters (what the forward, QAT fake quant, FP8 quantization and weight sync read);
 the optimizer keeps an fp32 master copy of each and fp32 Adam states. A step steps the masters and writes
 them back rounded to bf16. Small updates that bf16 cannot represent accumulate in the master instead of
-being lost. fp32 parameters are their own masters (unless offloaded). A parameter written in place since
-the last step (``model.load_state_dict`` after the optimizer was built) replaces its master before the
-next step.
+being lost. fp32 parameters are their own masters (unless offloaded). A parameter written in place
+through itself since the last step (``model.load_state_dict`` or ``p.copy_`` after the optimizer was
+built: its ``_version`` moved) replaces its master before the next step; writes through ``p.data`` bypass
+the version counter and are overwritten by the master.
 
 Gradients are fp32, on the parameters' device: inside ``accumulating()`` each backward's bf16 gradient is
 added to an fp32 accumulator and freed at once (Megatron's fp32 ``main_grad``), so a step over many
@@ -14,10 +15,11 @@ with n. A gradient left on a parameter outside that context (``p.grad = ...``) i
 The norm, the clipping and the data-parallel all-reduce work on these fp32 gradients.
 
 CPU offload (``offload=True``, Megatron/slime's ``--optimizer-cpu-offload``): masters and both Adam
-moments live in CPU memory (pinned when CUDA is there) and the step runs on the CPU, so the GPU holds only
-the bf16 parameters and the fp32 gradients: 6 B/param instead of 18. Each step copies the gradients to
-the CPU and the stepped masters back (4 B/param each way). The update is the same arithmetic as on the
-device; on a CPU-only machine offloaded and resident optimizers give the same bits.
+moments live in CPU memory and the step runs on the CPU, so the GPU holds only the bf16 parameters and
+the fp32 gradients: 6 B/param instead of 18. Each step copies the gradients into pinned host buffers
+(4 B/param, allocated once) and the stepped weights back in the parameters' dtype. The update is the
+same arithmetic as on the device; on a CPU-only machine offloaded and resident optimizers give the same
+bits.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class MasterAdamW:
             raise ValueError("MasterAdamW: no trainable parameters")
         # fp32 gradients on the parameters' devices (a parameter that is its own master keeps its .grad)
         self._grads: list[torch.Tensor | None] = [None] * len(self.params)
+        self._host_grads: list[torch.Tensor | None] = [None] * len(self.params)  # offload: pinned, reused
         self._versions = [p._version for p in self.params]  # what each master was last synced at
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, foreach=False)
@@ -143,14 +146,21 @@ class MasterAdamW:
     @torch.no_grad()
     def step(self) -> None:
         grads = self.master_grads()
+        copying: set[torch.device] = set()
         for i, (p, m, g) in enumerate(zip(self.params, self.masters, grads)):
             if p is m:
                 continue
             if p._version != self._versions[i]:
                 m.copy_(p)  # written since the last step (model.load_state_dict, a broadcast): the model is right
-            m.grad = None if g is None else g.to(m.device, non_blocking=True)
-        if self.offload and torch.cuda.is_available():
-            torch.cuda.synchronize()  # the gradients' device-to-host copies are done before the CPU step reads them
+            if g is None or g.device == m.device:
+                m.grad = g
+                continue
+            if self._host_grads[i] is None:
+                self._host_grads[i] = torch.empty(m.shape, dtype=torch.float32, pin_memory=m.is_pinned())
+            m.grad = self._host_grads[i].copy_(g, non_blocking=True)
+            copying.add(g.device)
+        for dev in copying:  # the device-to-host copies must be done before the CPU step reads them
+            torch.cuda.synchronize(dev)
         self.opt.step()
         for i, (p, m) in enumerate(zip(self.params, self.masters)):
             if p is not m:
