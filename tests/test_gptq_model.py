@@ -366,7 +366,7 @@ def test_errors_are_raised_at_call_time(tmp_path):
          r"tensor\(s\) under 'model\.layers\.0\.'.*down_proj\.weight_scale_inv"),
         # names that are not the module names (Mixtral's block_sparse_moe.experts.N.w1 and the like), in a
         # layer after the first: still found before anything is yielded
-        (lambda t: t.update({"model.layers.1.post_norm.weight": t.pop("model.layers.1.post_attention_layernorm.weight")}),
+        (lambda t: t.update({"model.layers.1.post_norm.weight": t.pop("model.layers.1.post_attention_layernorm.weight")}),  # noqa: E501
          r"lacks 1 tensor\(s\) of module model\.layers\.1"),
         (lambda t: t.update({"model.layers.1.input_layernorm.weight": torch.ones(65)}),
          r"model\.layers\.1\.input_layernorm\.weight has shape \[65\].*expects \[64\]"),

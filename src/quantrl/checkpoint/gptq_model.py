@@ -58,9 +58,10 @@ tensor) and its dequantized value written back into the fused parameter, so late
 experts too. An expert no calibration token reached gets ``H = I``: GPTQ is then round-to-nearest bit for
 bit (``checkpoint.gptq``), where a zero H would zero the weights; one reached by only a few tokens gets
 a low-rank H that the dampening regularizes, which for a tiny calibration set can be no better than
-round-to-nearest (use enough samples that every expert sees hundreds of tokens). Memory: one fp32 ``H×H`` and one
-``I×I`` per expert of the current layer (Qwen3-30B-A3B: 128 × (2048² + 768²) × 4 B = 2.4 GB). Fused
-layouts other than concatenated [gate; up], untransposed, gated and bias-free (``use_experts_implementation``'s
+round-to-nearest (use enough samples that every expert sees hundreds of tokens). Memory: one fp32
+``H×H`` and one ``I×I`` per expert of the current layer (Qwen3-30B-A3B: 128 × (2048² + 768²) × 4 B =
+2.4 GB; Qwen3-235B-A22B: ~10 GB), and the hook recomputes each expert's gate/up projection. Fused layouts
+other than concatenated [gate; up], untransposed, gated and bias-free (``use_experts_implementation``'s
 flags) are not driven: their experts are not yielded and the caller rounds them to nearest.
 """
 

@@ -98,8 +98,8 @@ def send_weights(trainer_model: nn.Module, target: SyncTarget, group=None, src: 
         raise error
     if not ok:
         raise EngineRejected("weight sync: an engine rank rejected the update (its own error says why); "
-                           "a rank that rejected it keeps its previous version (and, rejected at validation, its "
-                           "weights; failed while loading, it refuses to sample until a later sync succeeds)")  # fmt: skip
+                           "a rank that rejected it keeps its previous version (and, rejected at validation, "
+                           "its weights; failed while loading, it refuses to sample until a sync succeeds)")  # fmt: skip
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return SyncStats(-1, sent, read["bytes"], engine_bytes, buckets, time.perf_counter() - t0)

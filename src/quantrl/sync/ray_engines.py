@@ -328,8 +328,8 @@ class RayEngines:
                 engine_errors.append(f"engine {e} is gone: {ex}")
         if isinstance(error, EngineRejected) or (error is None and engine_errors):
             raise EngineRejected(f"weight sync of version {version} to the Ray engines failed: an engine that rejected it "
-                                 f"keeps its previous version (and its weights, or refuses to sample if it failed while loading), "
-                                 f"the others named no error and hold version {version} "
+                                 f"keeps its previous version (and its weights, or refuses to sample if it failed while "
+                                 f"loading), the others named no error and hold version {version} "
                                  "(the engines now disagree: sync again before sampling): "
                                  + "; ".join(engine_errors)) from error  # fmt: skip
         if error is not None:  # the trainer could not convert: every engine was told and loaded nothing
