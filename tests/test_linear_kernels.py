@@ -74,6 +74,20 @@ def test_failed_probe_falls_back_to_the_reference(gen, monkeypatch):
     assert not lin._kernel_valid or lin._kernel_ok is False
 
 
+def test_first_call_answers_with_the_kernel_it_keeps(gen, monkeypatch):
+    """A kernel that agrees with the reference to 2^-7 (not bit for bit) is kept, and the first call already
+    returns its answer: the same input then gives the same output on the first call and every later one."""
+    n, k, g = 64, 128, 128
+    lin = _layer(n, k, g, gen, bias=False)
+    _load(lin, torch.randn(n, k, generator=gen), g)
+    real = lin._kernel_forward
+    monkeypatch.setattr(lin, "_kernel_forward", lambda x: real(x) * (1 + 2**-7))
+    x = torch.randn(4, k, generator=gen).to(torch.bfloat16).to(DEV)
+    first = lin(x)
+    assert lin._kernel_ok is True and not torch.equal(first, lin.reference_forward(x))
+    assert torch.equal(first, lin(x))
+
+
 def test_probe_on_a_prefill_also_checks_the_one_row_path(gen, monkeypatch):
     """The first call is usually a prefill (many rows: the mma path); decode steps then take the gemv path.
     A kernel wrong only at M = 1 must be caught by that first probe, not silently used for decoding."""
