@@ -35,7 +35,7 @@ class DecodeGraphs:
         dev = model.device
         self._tokens = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self._positions = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self._layout: tuple[int, int] | None = None
+        self._layout: tuple[int, int, int] | None = None  # (slots, positions, KV pool address)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor | None]]] = {}
         self._moe = model.num_moe_layers > 0
         cfg = model.config
@@ -83,9 +83,10 @@ class DecodeGraphs:
         """Logits [B, V] for tokens [B] at positions [B] (active sequences in slots [0, B)), and for MoE
         models the experts each row was routed to [B, L_moe, k]."""
         num_slots, seq_len = k[0].shape[0], k[0].shape[2]
-        if self._layout != (num_slots, seq_len):
+        layout = (num_slots, seq_len, k[0].data_ptr())  # a freed and reallocated KV pool: new addresses
+        if self._layout != layout:
             self.reset()
-            self._layout = (num_slots, seq_len)
+            self._layout = layout
         n = tokens.shape[0]
         b = self._bucket(n, min(num_slots, self.max_batch))
         self._tokens[:n].copy_(tokens)
