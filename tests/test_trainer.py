@@ -66,19 +66,8 @@ def test_micro_batching_does_not_change_the_step():
         torch.testing.assert_close(w, out[0][2], rtol=1e-5, atol=1e-6)
 
 
-def test_micro_batch_gradients_of_bf16_parameters_are_summed_in_fp32():
-    """The master's gradient is the fp32 sum of the micro-batches' bf16 gradients (each computed alone),
-    not a bf16 running sum, which is off by about 2^-9 of the partial sums at every addition."""
-    b = batch(n=16, t=12)
-    tr = Trainer(tiny(), TrainConfig(lr=1e-3, micro_batch_size=1, grad_clip=0))
-    w = tr.model.model.layers[0].mlp.up_proj.weight
-    parts = []
-    for i in range(16):  # each micro-batch's gradient on its own, as autograd computes it in bf16
-        micro = {k: v[i : i + 1] for k, v in b.items()}
-        (lm_loss(tr.model, micro)[0] / float(b["loss_mask"].sum())).backward()
-        parts.append(w.grad.double())
-        tr.model.zero_grad()
-    want = torch.stack(parts).sum(0)
+def _master_grad_at_the_step(tr, w, b):
+    """The optimizer's fp32 gradient of parameter ``w`` when ``tr.train_step(b)`` reaches the clipping."""
     seen = {}
     clip = tr.optimizer.grad_norm_and_clip
 
@@ -89,12 +78,43 @@ def test_micro_batch_gradients_of_bf16_parameters_are_summed_in_fp32():
     tr.optimizer.grad_norm_and_clip = capture
     tr.train_step(b, lm_loss)
     assert w.dtype == torch.bfloat16 and seen["grad"].dtype == torch.float32
+    return seen["grad"].double()
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp8"])
+def test_micro_batch_gradients_of_bf16_parameters_are_summed_in_fp32(mode):
+    """The master's gradient is the fp32 sum of the micro-batches' gradients, each computed alone: bf16
+    ones from autograd, and in FP8 training the wgrad GEMM's fp32 output, never rounded to bf16 (the
+    parameter's FP32_GRAD_SINK). Not a bf16 running sum, off by ~2^-9 of the partial sums per addition."""
+    from quantrl.train.optimizer import FP32_GRAD_SINK
+
+    b = batch(n=16, t=12)
+    tr = Trainer(tiny(), TrainConfig(mode=mode, lr=1e-3, micro_batch_size=1, grad_clip=0))
+    w = tr.model.model.layers[0].mlp.up_proj.weight
+    parts = []
+    for i in range(16):  # each micro-batch's gradient on its own
+        micro = {k: v[i : i + 1] for k, v in b.items()}
+        sunk = []
+        if mode == "fp8":
+            setattr(w, FP32_GRAD_SINK, sunk.append)
+        (lm_loss(tr.model, micro)[0] / float(b["loss_mask"].sum())).backward()
+        if mode == "fp8":
+            delattr(w, FP32_GRAD_SINK)
+            assert w.grad is None and sunk[0].dtype == torch.float32
+        parts.append(sunk[0].double() if sunk else w.grad.double())
+        tr.model.zero_grad()
+    want = torch.stack(parts).sum(0)
+    got = _master_grad_at_the_step(tr, w, b)
+    assert not hasattr(w, FP32_GRAD_SINK)  # set only while the optimizer accumulates
     scale = want.abs().max()
-    assert (seen["grad"].double() - want).abs().max() < 1e-6 * scale
+    assert (got - want).abs().max() < 1e-6 * scale
     bf16_sum = torch.zeros_like(w)
     for g in parts:
         bf16_sum += g.to(torch.bfloat16)
     assert (bf16_sum.double() - want).abs().max() > 1e-3 * scale  # what accumulating in p.grad would give
+    rounded = torch.stack([g.to(torch.bfloat16).double() for g in parts]).sum(0)
+    if mode == "fp8":  # and what rounding each micro-batch's dW to bf16 first would give
+        assert (rounded - want).abs().max() > 1e-5 * scale
 
 
 def test_a_failed_step_leaves_no_gradient_behind():

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from quantrl import kernels
+from quantrl.train.optimizer import FP32_GRAD_SINK
 
 BLOCK = 128
 
@@ -74,6 +75,10 @@ class _Fp8BlockLinearFn(torch.autograd.Function):
         dw = kernels.fp8_block_gemm(dytq, dyts, xtq, xts, out_dtype=torch.float32, b_scale="row",
                                     backend=be)  # [N, M] @ [K, M]^T  # fmt: skip
         db = None if ctx.b_dtype is None else dy.float().sum(0).to(ctx.b_dtype)
+        sink = getattr(layer.weight, FP32_GRAD_SINK, None)
+        if sink is not None:  # the optimizer's fp32 accumulator takes dW unrounded (no bf16 .grad at all)
+            sink(dw)
+            return dx, None, db, None
         return dx, dw.to(ctx.w_dtype), db, None
 
 

@@ -11,7 +11,8 @@ the version counter and are overwritten by the master.
 Gradients are fp32, on the parameters' device: inside ``accumulating()`` each backward's bf16 gradient is
 added to an fp32 accumulator and freed at once (Megatron's fp32 ``main_grad``), so a step over many
 micro-batches sums them in fp32; summed in bf16, each of n additions rounds to 8 bits and the error grows
-with n. A gradient left on a parameter outside that context (``p.grad = ...``) is moved over at the step.
+with n. FP8 training's wgrad hands its fp32 output over directly (``FP32_GRAD_SINK``), with no bf16 step
+at all. A gradient left on a parameter outside that context (``p.grad = ...``) is moved over at the step.
 The norm, the clipping and the data-parallel all-reduce work on these fp32 gradients.
 
 CPU offload (``offload=True``, Megatron/slime's ``--optimizer-cpu-offload``): masters and both Adam
@@ -25,12 +26,17 @@ bits.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 NO_DECAY_HINTS = ("norm", "bias", "embed")
+# Set on each parameter while the optimizer accumulates (``accumulating``): a callable adding an fp32 gradient
+# to its accumulator, for backwards that have one (FP8 training's wgrad GEMM; Megatron's gradient-accumulation
+# fusion), so it is never rounded to bf16 on the way.
+FP32_GRAD_SINK = "_quantrl_fp32_grad_sink"
 
 
 class MasterAdamW:
@@ -88,23 +94,33 @@ class MasterAdamW:
 
     @contextlib.contextmanager
     def accumulating(self) -> Iterator[None]:
-        """Backward passes inside add each gradient to its fp32 accumulator (and free it)."""
-        handles = [p.register_post_accumulate_grad_hook(self._mover(i)) for i, (p, m)
-                   in enumerate(zip(self.params, self.masters)) if p is not m]  # fmt: skip
+        """Backward passes inside add each gradient to its fp32 accumulator (and free it). A layer whose
+        backward has an fp32 weight gradient (FP8 training's wgrad GEMM) hands it over unrounded through
+        the parameter's ``FP32_GRAD_SINK`` attribute, set only inside."""
+        own = [i for i, (p, m) in enumerate(zip(self.params, self.masters)) if p is not m]
+        handles = [self.params[i].register_post_accumulate_grad_hook(self._mover(i)) for i in own]
+        for i in own:
+            setattr(self.params[i], FP32_GRAD_SINK, functools.partial(self._add, i))
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
+            for i in own:
+                delattr(self.params[i], FP32_GRAD_SINK)
+
+    @torch.no_grad()
+    def _add(self, i: int, g: torch.Tensor) -> None:
+        if self._grads[i] is None:
+            self._grads[i] = g.to(torch.float32, copy=True)
+        else:
+            self._grads[i].add_(g)
 
     def _mover(self, i: int):
-        @torch.no_grad()
         def move(p: torch.Tensor) -> None:
             g, p.grad = p.grad, None
-            if self._grads[i] is None:
-                self._grads[i] = g.to(torch.float32, copy=True)
-            else:
-                self._grads[i].add_(g)
+            if g is not None:  # None: the gradient went through FP32_GRAD_SINK
+                self._add(i, g)
 
         return move
 
