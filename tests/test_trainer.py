@@ -207,16 +207,16 @@ def test_optimizer_cpu_offload_takes_the_same_steps(mode, gather, dtype):
         runs.append((losses, tr))
     (l0, resident), (l1, offloaded) = runs
     assert l0 == l1 and l0[-1] < l0[0]
-    params = lambda tr: dict(tr.model.named_parameters())  # noqa: E731
-    assert all(torch.equal(w, params(offloaded)[n]) for n, w in params(resident).items())
+    offloaded_params = dict(offloaded.model.named_parameters())
+    assert all(torch.equal(w, offloaded_params[n]) for n, w in resident.model.named_parameters())
     opt = offloaded.optimizer
     # its own fp32 copies even of fp32 parameters (the resident optimizer steps those in place)
     assert opt.offload and all(m is not p and m.data_ptr() != p.data_ptr() for m, p in zip(opt.masters, opt.params))
     if dtype == torch.float32:
         assert all(m is p for m, p in zip(resident.optimizer.masters, resident.optimizer.params))
     opt.load_state_dict(resident.optimizer.state_dict())  # a resident run resumes offloaded
-    state = lambda tr: [v for s in tr.optimizer.opt.state.values() for v in s.values()]  # noqa: E731
-    assert all(torch.equal(x, y) for x, y in zip(state(offloaded), state(resident)))
+    moments = [[v for s in tr.optimizer.opt.state.values() for v in s.values()] for tr in (offloaded, resident)]
+    assert all(torch.equal(x, y) for x, y in zip(*moments))
     assert resident.train_step(b, lm_loss) == offloaded.train_step(b, lm_loss)
 
 

@@ -254,20 +254,16 @@ def _layout(module: nn.Module, prefix: str, reader: SafetensorsDir) -> dict[str,
             f"have, e.g. {sorted(extra)[:3]} (a different module layout; not supported)"
         )
     for n, t in state.items():
-        if n in fused:  # stacked per expert, [gate; up] concatenated along rows
-            shapes = [[reader.infos[x].shape for x in group] for group in fused[n]]
-            rows = [sum(s[0] for s in group) for group in shapes]
-            have = [len(shapes), *rows[:1], *shapes[0][0][1:]]
-            if any(r != rows[0] or any(s[1:] != shapes[0][0][1:] for s in g) for r, g in zip(rows, shapes)):
-                have = ["per-expert shapes differ"]
-            where = f"the per-expert tensors {fused[n][0]}..."
+        if n in fused:  # each per-expert tensor is one part of its expert's slice: gate or up [I, H], down [H, I]
+            part = (t.shape[1] // len(fused[n][0]), *t.shape[2:])
+            bad = next((x for group in fused[n] for x in group if reader.infos[x].shape != part), None)
+            name, have, want = bad, reader.infos[bad].shape if bad else None, part
         else:
-            have = list(reader.infos[prefix + n].shape)
-            where = reader.infos[prefix + n].file.name
-        if have != list(t.shape):
+            name, have, want = prefix + n, reader.infos[prefix + n].shape, tuple(t.shape)
+        if name is not None and have != want:
             raise ValueError(
-                f"gptq: tensor {prefix + n} has shape {have} in {where}, the model built from config.json "
-                f"expects {list(t.shape)}"
+                f"gptq: tensor {name} has shape {list(have)} in {reader.infos[name].file.name}, the model built from "
+                f"config.json expects {list(want)}"
             )
     return fused
 
@@ -602,32 +598,24 @@ def _start(model_dir, reader: SafetensorsDir, targets: set[str], batches, group_
     sk = _build_skeleton(model_dir)
     _check_batches(batches, sk.config.vocab_size)
     _plan(sk, targets)
-    shapes = {w: (mod.out_features, mod.in_features) for entries in sk.plan.values() for mod, _, w in entries}
-    for fused in sk.experts.values():
-        for ex in fused:
-            _, two_i, h = ex.module.gate_up_proj.shape
-            shapes.update({w: (two_i // 2, h) for group in ex.gate_up for w in group})
-            shapes.update({w: tuple(ex.module.down_proj.shape[1:]) for group in ex.down for w in group})
-    for wname, shape in shapes.items():
+    targeted = [w for entries in sk.plan.values() for _, _, w in entries]
+    targeted += [w for fused in sk.experts.values() for ex in fused for w in ex.weight_names]
+    if not targeted:
+        return iter(())
+    _layout(sk.base.embed_tokens, f"{sk.prefix}embed_tokens.", reader)  # names and shapes of every tensor the
+    for i in range(max(sk.layers_with_targets) + 1):  # driver will load, targets included
+        _layout(sk.base.layers[i], f"{sk.prefix}layers.{i}.", reader)
+    for wname in targeted:
         info = reader.infos[wname]
-        if info.shape != shape:
+        if info.shape[1] % group_size:
             raise ValueError(
-                f"gptq: {wname} has shape {list(info.shape)} in the checkpoint, config.json implies {list(shape)}"
-            )
-        if shape[1] % group_size:
-            raise ValueError(
-                f"gptq: {wname} has K={shape[1]} (shape {list(info.shape)}), not divisible by group_size={group_size}"
+                f"gptq: {wname} has K={info.shape[1]} (shape {list(info.shape)}), not divisible by group_size={group_size}"
             )
         if dequant_dtype is None and info.dtype not in _FLOAT_WEIGHT_DTYPES:
             raise ValueError(
                 f"gptq: {wname} is stored as {info.dtype}; expected one of {_FLOAT_WEIGHT_DTYPES} (an already "
                 "quantized checkpoint cannot be GPTQ-quantized again)"
             )
-    if not shapes:
-        return iter(())
-    _layout(sk.base.embed_tokens, f"{sk.prefix}embed_tokens.", reader)
-    for i in range(max(sk.layers_with_targets) + 1):  # every layer the driver will load
-        _layout(sk.base.layers[i], f"{sk.prefix}layers.{i}.", reader)
     runner = _LayerRunner(sk, device)  # validates the layers' attention types
     # Everything above runs at call time, so bad arguments fail before the caller starts writing.
     return _drive(sk, runner, reader, batches, device, cdtype, quantize, dequant_dtype, progress)
