@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen3Config
 
 from quantrl.model import build_model, random_init_
-from quantrl.rl.grpo import GRPOConfig, group_advantages, make_loss_fn, policy_loss, reduce_metrics
+from quantrl.rl.grpo import GRPOConfig, group_advantages, informative_groups, make_loss_fn, policy_loss, reduce_metrics
 from quantrl.rl.mismatch import ISConfig
 from quantrl.train.trainer import TrainConfig, Trainer
 
@@ -36,6 +36,13 @@ def test_equal_reward_groups_and_single_samples_get_exactly_zero():
     a = group_advantages(r, 3)
     assert torch.equal(a[:3], torch.zeros(3)) and a[3:].abs().min() > 0.1
     assert torch.equal(group_advantages(torch.tensor([1.0, 0.0, 2.0]), 1), torch.zeros(3))
+
+
+def test_informative_groups_are_those_with_nonzero_advantages():
+    r = torch.tensor([1.0, 1, 1, 0, 0, 0, 0, 1, 0, 0.3, 0.3, 0.3 + 2**-20])
+    assert informative_groups(r, 3).tolist() == [False, False, True, True]  # any spread counts, however small
+    adv = group_advantages(r, 3).view(4, 3)
+    assert (adv != 0).any(1).tolist() == informative_groups(r, 3).tolist()
 
 
 def test_group_advantages_errors():

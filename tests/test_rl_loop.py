@@ -257,6 +257,43 @@ def test_async_rollout_is_one_step_off_policy_and_resumes_exactly(tiny_model, tm
         RLConfig(async_rollout=True)
 
 
+def test_dynamic_sampling_trains_only_prompts_with_a_reward_spread(tiny_model, tmp_path, monkeypatch):
+    """--dynamic-sampling: prompts whose samples all got the same reward are dropped and fresh prompts
+    sampled, up to --max-sampling-rounds rounds; the trained batch holds only groups with a spread (all
+    with nonzero advantages). A model that solves nothing never finds one: every round is spent, and the
+    step trains on its first round as without the filter."""
+    from quantrl.rl import grpo
+
+    trained = []
+    real = grpo.make_loss_fn
+
+    def spy(*a, **k):
+        fn = real(*a, **k)
+        return lambda model, micro: trained.append(micro["advantages"]) or fn(model, micro)
+
+    monkeypatch.setattr(grpo, "make_loss_fn", spy)
+    run = functools.partial(cfg, "", eval_interval=0, num_steps=2, prompts_per_step=4, n_samples_per_prompt=4,
+                            max_new_tokens=48, difficulty="medium", micro_batch_size=64,
+                            dynamic_sampling=True, max_sampling_rounds=3)  # fmt: skip
+    rows = train(run(tmp_path / "dyn"), progress=False)
+    for r, adv in zip(rows, trained):
+        assert 1 <= r["sampling_rounds"] <= 3 and 1 <= r["trained_prompts"] <= 4
+        assert adv.shape[0] == 4 * r["trained_prompts"] and (adv.view(-1, 4) != 0).any(1).all()
+        if r["sampling_rounds"] < 3:  # it stopped early: enough prompts had a spread
+            assert r["trained_prompts"] == 4 and r["informative_prompt_frac"] * 4 * r["sampling_rounds"] >= 4
+    assert sum(r["sampling_rounds"] for r in rows) > 2  # the warm-started model solves some prompts every time
+    trained.clear()
+    rows = train(cfg(tiny_model, tmp_path / "none", eval_interval=0, dynamic_sampling=True, max_sampling_rounds=2,
+                     micro_batch_size=64), progress=False)  # fmt: skip
+    for r, adv in zip(rows, trained):
+        assert (r["sampling_rounds"], r["informative_prompt_frac"], r["trained_prompts"]) == (2, 0.0, 2)
+        assert adv.shape[0] == 2 * 3 and not adv.any()
+    state = torch.load(tmp_path / "none" / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=False)
+    assert state["dataset"]["cursor"] == 2 * 2 * 2  # every round drew fresh prompts (steps x rounds x prompts)
+    with pytest.raises(ValueError, match="max_sampling_rounds"):
+        RLConfig(max_sampling_rounds=0)
+
+
 def test_placement_flags_are_checked():
     with pytest.raises(ValueError, match="placement must be one of"):
         RLConfig(placement="slurm")
@@ -286,6 +323,14 @@ def test_data_parallel_replicas_take_the_single_trainer_step(tiny_model, tmp_pat
     assert (tmp_path / "two" / "checkpoints" / "latest").read_text().strip() == "step_000002"
     with pytest.raises(ValueError, match="needs --placement ray"):
         RLConfig(dp_size=2)
+    # the distributed optimizer, stopped after step 1 and resumed from its two shards: the same run, bit for bit
+    zero = functools.partial(run, tmp_path / "zero", dp_size=2, use_distributed_optimizer=True, save_interval=1)
+    first = train(zero(num_steps=1), progress=False)
+    assert sorted(p.name for p in (tmp_path / "zero" / "checkpoints" / "step_000001").glob("optimizer.*")) == [
+        "optimizer.0.pt", "optimizer.1.pt"]  # fmt: skip
+    assert untimed(first + train(zero(resume=True), progress=False)) == untimed(two)
+    with pytest.raises(ValueError, match="nothing to shard"):
+        RLConfig(use_distributed_optimizer=True)
 
 
 def test_ray_run_refuses_a_used_run_dir_before_starting_actors(tiny_model, tmp_path, monkeypatch):

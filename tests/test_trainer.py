@@ -71,9 +71,9 @@ def _master_grad_at_the_step(tr, w, b):
     seen = {}
     clip = tr.optimizer.grad_norm_and_clip
 
-    def capture(max_norm):
+    def capture(max_norm, **kw):
         seen["grad"] = tr.optimizer.master_grads()[[q is w for q in tr.optimizer.params].index(True)].clone()
-        return clip(max_norm)
+        return clip(max_norm, **kw)
 
     tr.optimizer.grad_norm_and_clip = capture
     tr.train_step(b, lm_loss)
@@ -273,3 +273,21 @@ def test_config_errors():
     tr = Trainer(tiny(dtype=torch.float32))
     with pytest.raises(KeyError, match="loss_mask"):
         tr.train_step({"input_ids": torch.zeros(1, 3, dtype=torch.long)}, lm_loss)
+
+
+def test_distributed_optimizer_owners_are_contiguous_and_balanced():
+    from quantrl.train.data_parallel import owners
+
+    sizes = [1000, 10, 10, 500, 500, 10, 1000, 10]
+    for world in (1, 2, 3, 4):
+        own = owners(sizes, world)
+        assert own == sorted(own) and own[0] == 0 and own[-1] == world - 1  # runs in order, first and last used
+        loads = [sum(n for n, o in zip(sizes, own) if o == r) for r in range(world)]
+        assert max(loads) <= sum(sizes) / world + max(sizes) / 2, (world, loads)
+    assert owners([5, 5], 4) == [1, 3]  # more replicas than parameters: some own nothing
+    p = torch.nn.Parameter(torch.ones(3))
+    idle = MasterAdamW([("a", torch.nn.Parameter(torch.ones(3))), ("b", p)], lr=1e-3, shard=(0, 4))
+    assert idle.masters == [None, None] and idle.opt is None
+    p.grad = torch.ones(3)
+    idle.step()  # nothing to step; the weights come from their owners
+    assert torch.equal(p, torch.ones(3)) and idle.state_dict()["params"] == {}

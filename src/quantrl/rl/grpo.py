@@ -10,7 +10,8 @@ Per group ``g``:
 ``_post_process_rewards`` and verl's ``compute_grpo_outcome_advantage`` both call ``torch.std`` with no
 argument, so advantages match theirs number for number. A group whose rewards are all equal (and a
 group of one sample) gets advantage exactly 0: it carries no signal, and ``(r - mean) / (0 + eps)`` would
-turn the float rounding of ``mean`` into a spurious +-1e-2.
+turn the float rounding of ``mean`` into a spurious +-1e-2. ``informative_groups`` names those with a
+signal, for DAPO's dynamic sampling (``--dynamic-sampling``: such groups are dropped and more prompts sampled).
 
 Policy loss. Per response token t (``mask`` = 1), with ``A`` the advantage of the token's sequence:
 
@@ -66,8 +67,15 @@ def group_advantages(
     adv = r - r.mean(dim=1, keepdim=True)
     if normalize_std and n > 1:
         adv = adv / (r.std(dim=1, keepdim=True, correction=1 if unbiased else 0) + eps)
-    constant = (r == r[:, :1]).all(dim=1, keepdim=True)  # no signal: exactly zero, not rounding noise
+    constant = ~informative_groups(rewards, n)[:, None]  # no signal: exactly zero, not rounding noise
     return adv.masked_fill(constant, 0.0).view(-1)
+
+
+def informative_groups(rewards: torch.Tensor, n: int) -> torch.Tensor:
+    """[prompts] bool: the groups of ``n`` contiguous rewards that are not all equal (slime's
+    ``check_reward_nonzero_std``): only they have nonzero advantages, so only they carry a gradient."""
+    r = rewards.detach().view(-1, n)
+    return (r != r[:, :1]).any(dim=1)
 
 
 def _k3(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:

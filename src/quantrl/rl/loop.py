@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -82,6 +82,10 @@ class RLConfig:
     "PPO clip (slime --eps-clip)"
     clip_eps_high: float = 0.28
     "PPO upper clip, DAPO clip-higher (slime --eps-clip-high)"
+    dynamic_sampling: bool = False
+    "DAPO dynamic sampling: drop prompts whose samples all got one reward (no gradient) and sample more prompts until --prompts-per-step have a spread"
+    max_sampling_rounds: int = 4
+    "--dynamic-sampling: rollouts of --prompts-per-step fresh prompts per step at most; a step still short trains on the prompts it has"
     kl_coef: float = 0.0
     "k3 KL to the initial policy (slime --kl-loss-coef); > 0 keeps a frozen reference model"
     is_mode: str = ""
@@ -96,6 +100,8 @@ class RLConfig:
     "FP8 training: keep the FP8 weight copy for the step"
     optimizer_cpu_offload: bool = False
     "fp32 masters and Adam moments in CPU memory, the optimizer step on the CPU (Megatron/slime's flag)"
+    use_distributed_optimizer: bool = False
+    "with --dp-size N: each replica keeps the fp32 masters and Adam moments of ~1/N of the parameters (Megatron's flag)"
     check_weight_update_equal: bool = False
     "verify after every sync that the engine holds exactly the converted weights"
     use_rollout_routing_replay: bool = False
@@ -132,8 +138,13 @@ class RLConfig:
             raise ValueError("--rollout-num-engines > 1 needs --placement ray")
         if self.dp_size < 1:
             raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
+        if self.max_sampling_rounds < 1:
+            raise ValueError(f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
         if self.placement == "local" and self.dp_size != 1:
             raise ValueError("--dp-size > 1 needs --placement ray")
+        if self.use_distributed_optimizer and self.dp_size == 1:
+            raise ValueError("--use-distributed-optimizer shards the optimizer over --dp-size replicas; with one there "
+                             "is nothing to shard (--optimizer-cpu-offload moves it off the GPU)")  # fmt: skip
         if self.dp_size > self.prompts_per_step * self.n_samples_per_prompt:
             raise ValueError(f"--dp-size {self.dp_size} exceeds the {self.prompts_per_step * self.n_samples_per_prompt} "
                              "sequences of a step: every replica needs rows")  # fmt: skip
@@ -287,7 +298,7 @@ class RLRun:
         self.trainer = Trainer(model, TrainConfig(
             mode=self.recipe.train_mode, lr=cfg.lr, micro_batch_size=cfg.micro_batch_size, grad_clip=cfg.grad_clip,
             qat_group_size=cfg.group_size, qat_qmax=cfg.qmax, fp8_param_gather=cfg.fp8_param_gather,
-            optimizer_cpu_offload=cfg.optimizer_cpu_offload),
+            optimizer_cpu_offload=cfg.optimizer_cpu_offload, distributed_optimizer=cfg.use_distributed_optimizer),
             dp_group=self.dp_group)  # fmt: skip
         self.ref = None
         if cfg.kl_coef > 0:  # the initial policy, in the trainer's mode (QAT's fake quant, FP8 GEMMs)
@@ -305,7 +316,13 @@ class RLRun:
         self.pending: dict | None = None  # async rollout: the next step's samples, submitted or collected
         if resume_from is not None:
             state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
-            self.trainer.optimizer.load_state_dict(state["optimizer"])
+            optimizer = state["optimizer"]
+            if "shards" in optimizer:  # a distributed optimizer's: each replica takes its parameters from the whole
+                from quantrl.train.optimizer import merge_state_dicts
+
+                optimizer = merge_state_dicts(torch.load(resume_from / f, mmap=True, weights_only=True)
+                                              for f in optimizer["shards"])  # fmt: skip
+            self.trainer.optimizer.load_state_dict(optimizer)
             self.dataset.load_state_dict(state["dataset"])
             self.step_idx = state["step"]
             # samples in flight at the checkpoint belong to an async run; a synchronous resume samples afresh
@@ -353,13 +370,14 @@ class RLRun:
         results = sorted(rollout["results"], key=lambda r: (r.prompt_index, r.sample_index))  # GRPO groups
         return rollout["prompts"], rollout["ids"], results, rollout["rollout_s"]
 
-    def _rollout_params(self, step: int):
+    def _rollout_params(self, step: int, round_: int = 0):
         from quantrl.rollout import SamplingParams
 
         cfg = self.cfg
         return SamplingParams(n=cfg.n_samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_new_tokens=cfg.max_new_tokens, stop_token_ids=(self.tok.eos_token_id,),
-                              seed=cfg.seed * 1_000_003 + step, return_routing=cfg.use_rollout_routing_replay)  # fmt: skip
+                              seed=cfg.seed * 1_000_003 + step + round_ * 100_003,
+                              return_routing=cfg.use_rollout_routing_replay)  # fmt: skip
 
     def evaluate(self) -> float:
         from quantrl.rollout import SamplingParams
@@ -385,27 +403,57 @@ class RLRun:
                 counts += torch.tensor([int(routing.flips), int(routing.decisions)])
         return torch.cat(parts), counts
 
+    def _groups(self, rollout: dict) -> tuple[list[tuple], float]:
+        """A collected rollout as (prompt, prompt ids, its n results, their rewards [n]) per prompt, and the
+        engine seconds."""
+        prompts, prompt_ids, results, rollout_s = self._collect(rollout)
+        n = self.cfg.n_samples_per_prompt
+        texts = [self.tok.decode(r.tokens, skip_special_tokens=True) for r in results]
+        rewards = torch.tensor([self.reward(t, prompts[r.prompt_index]) for t, r in zip(texts, results)])
+        groups = [(p, ids, results[i * n : (i + 1) * n], rewards[i * n : (i + 1) * n])
+                  for i, (p, ids) in enumerate(zip(prompts, prompt_ids))]  # fmt: skip
+        return groups, rollout_s
+
     def _rollout_batch(self, step: int) -> tuple[dict[str, torch.Tensor], dict]:
-        """Lead only: the step's samples (or the wait for them), rewards, advantages, as one batch [B, T]."""
-        from quantrl.rl.grpo import group_advantages
+        """Lead only: the step's samples (or the wait for them), rewards, advantages, as one batch [B, T].
+        With --dynamic-sampling, more rounds of fresh prompts until enough groups have a reward spread."""
+        from quantrl.rl.grpo import group_advantages, informative_groups
 
         cfg = self.cfg
         rollout = self.pending or self._submit(self.dataset.next_batch(cfg.prompts_per_step), self._rollout_params(step))
         self.pending = None
         t_wait = time.perf_counter()
-        prompts, prompt_ids, results, rollout_s = self._collect(rollout)
+        groups, rollout_s = self._groups(rollout)
         wait_s = time.perf_counter() - t_wait
+        sampled, rounds = list(groups), 1
+        if cfg.dynamic_sampling:
+            def signal(gs: list[tuple]) -> list[tuple]:
+                spread = informative_groups(torch.cat([g[3] for g in gs]), cfg.n_samples_per_prompt).tolist()
+                return [g for g, keep in zip(gs, spread) if keep]
+
+            kept = signal(groups)
+            while len(kept) < cfg.prompts_per_step and rounds < cfg.max_sampling_rounds:
+                more, s = self._groups(self._submit(self.dataset.next_batch(cfg.prompts_per_step),
+                                                    self._rollout_params(step, rounds)))  # fmt: skip
+                sampled, kept, rollout_s, rounds = sampled + more, kept + signal(more), rollout_s + s, rounds + 1
+            # with no group (or too few rows for the replicas) kept, the first round trains as without the filter
+            groups = kept[: cfg.prompts_per_step] if len(kept) * cfg.n_samples_per_prompt >= self.dp else groups
+            kept_groups = len(kept)
         # the engines sample step + 1 while this step trains; after the last step too, so that the final
         # checkpoint holds those samples and a resume with a larger --num-steps stays one step off-policy
         if cfg.async_rollout:
             self.pending = self._submit(self.dataset.next_batch(cfg.prompts_per_step), self._rollout_params(step + 1))
-        texts = [self.tok.decode(r.tokens, skip_special_tokens=True) for r in results]
-        rewards = torch.tensor([self.reward(t, prompts[r.prompt_index]) for t, r in zip(texts, results)])
-        batch = _batch(prompt_ids, results, self.tok.pad_token_id)
+        results = [replace(r, prompt_index=i) for i, g in enumerate(groups) for r in g[2]]
+        batch = _batch([g[1] for g in groups], results, self.tok.pad_token_id)
         if cfg.use_rollout_routing_replay and "routing" not in batch:  # e.g. samples saved by a run without it
             raise ValueError(f"step {step}: --use-rollout-routing-replay, but these samples carry no routing")
-        batch["advantages"] = group_advantages(rewards, cfg.n_samples_per_prompt)
-        return batch, {"results": results, "rewards": rewards, "rollout_s": rollout_s, "wait_s": wait_s}
+        batch["advantages"] = group_advantages(torch.cat([g[3] for g in groups]), cfg.n_samples_per_prompt)
+        info = {"sampled": [r for g in sampled for r in g[2]],
+                "rewards": torch.cat([g[3] for g in sampled]), "rollout_s": rollout_s, "wait_s": wait_s}  # fmt: skip
+        if cfg.dynamic_sampling:
+            info["dynamic"] = {"sampling_rounds": rounds, "informative_prompt_frac": kept_groups / len(sampled),
+                               "trained_prompts": len(groups)}  # fmt: skip
+        return batch, info
 
     def prepare_batch(self) -> tuple[dict[str, torch.Tensor], ...]:
         """Lead, with replicas: sample and score the next step; returns every replica's rows of the batch,
@@ -476,21 +524,22 @@ class RLRun:
             return {"step": step}
         mismatch = mismatch_metrics(train_logp, batch["rollout_logp"], batch["loss_mask"][:, 1:])
         sync = self._sync(step)
-        results, rollout_s = info["results"], info["rollout_s"]
-        gen_tokens = sum(len(r.tokens) for r in results)
+        sampled, rollout_s = info["sampled"], info["rollout_s"]
+        gen_tokens = sum(len(r.tokens) for r in sampled)  # every sample of the step, trained on or not
         row = {
             "step": step,
             "reward": float(info["rewards"].mean()),
             **mismatch,
             **{k: v for k, v in train_metrics.items()},
-            "response_len": gen_tokens / len(results),
+            **info.get("dynamic", {}),
+            "response_len": gen_tokens / len(sampled),
             "rollout_tokens_per_s": gen_tokens / rollout_s,
             "train_tokens_per_s": float(batch["attention_mask"].sum()) / train_s,
             "rollout_s": rollout_s,
             "train_s": train_s,
             **sync,
             "weight_version": self.engine.weight_version,
-            "rollout_weight_version": min(r.weight_version for r in results),
+            "rollout_weight_version": min(r.weight_version for r in sampled),
         }
         if cfg.async_rollout:
             row["rollout_wait_s"] = info["wait_s"]
@@ -509,16 +558,33 @@ class RLRun:
         return row
 
     def save(self) -> Path:
-        """BF16 HF checkpoint + trainer state; ``latest`` moves only once both are on disk."""
+        """BF16 HF checkpoint + trainer state; ``latest`` moves only once both are on disk. With the
+        distributed optimizer every replica writes its shard of the optimizer state (``optimizer.{rank}.pt``)
+        into the checkpoint the lead has made; elsewhere the lead alone saves."""
         import os
 
+        import torch.distributed as dist
+
         target = self.run_dir.checkpoint_dir(self.step_idx)
-        self.trainer.save_checkpoint(target, self.model_dir, overwrite=True)
+        sharded = self.trainer.sharded
+        if not self.lead and not sharded:
+            return target
+        if self.lead:
+            self.trainer.save_checkpoint(target, self.model_dir, overwrite=True)
+        if sharded:
+            dist.barrier(group=self.dp_group)  # the lead's checkpoint directory is in place
+            shard = target / f"optimizer.{self.rank}.pt"
+            torch.save(self.trainer.optimizer.state_dict(), shard.with_suffix(".pt.tmp"))
+            os.replace(shard.with_suffix(".pt.tmp"), shard)
+            dist.barrier(group=self.dp_group)  # every shard is on disk
+            if not self.lead:
+                return target
         tmp = target / "trainer_state.pt.tmp"
         if self.pending is not None:  # async: keep the next step's samples, so a resumed run uses the same ones
             self._collect(self.pending)
-        torch.save({"optimizer": self.trainer.optimizer.state_dict(), "dataset": self.dataset.state_dict(),
-                    "step": self.step_idx, "pending_rollout": self.pending}, tmp)  # fmt: skip
+        optimizer = {"shards": [f"optimizer.{r}.pt" for r in range(self.dp)]} if sharded else self.trainer.optimizer.state_dict()
+        torch.save({"optimizer": optimizer, "dataset": self.dataset.state_dict(), "step": self.step_idx,
+                    "pending_rollout": self.pending}, tmp)  # fmt: skip
         os.replace(tmp, target / "trainer_state.pt")
         self.run_dir.mark_latest(target)
         return target
@@ -537,12 +603,11 @@ class RLRun:
     def advance(self, rows: dict[str, torch.Tensor] | None = None) -> dict:
         """One step, logged, and a checkpoint when one is due."""
         row = self.step(rows)
-        if not self.lead:  # the lead logs and checkpoints (replicas hold the same weights and optimizer state)
-            return row
-        self.run_dir.append_metrics(row)
+        if self.lead:
+            self.run_dir.append_metrics(row)
         cfg = self.cfg
         if (cfg.save_interval and self.step_idx % cfg.save_interval == 0) or self.step_idx == cfg.num_steps:
-            self.save()
+            self.save()  # the lead's (replicas hold the same weights), with each replica's optimizer shard
         return row
 
     def close(self) -> None:

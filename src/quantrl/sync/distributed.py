@@ -30,7 +30,7 @@ from torch import nn
 from quantrl.sync.buckets import DEFAULT_BUCKET_BYTES, flatten_bucket, iter_buckets, nbytes, unflatten_bucket
 from quantrl.sync.convert import SyncError, SyncTarget, check_compatible, check_complete, engine_tensors, trainer_params
 from quantrl.sync.in_process import SyncStats, _device
-from quantrl.train.trainer import comm_device
+from quantrl.train.data_parallel import comm_device
 
 
 class EngineRejected(RuntimeError):

@@ -1,5 +1,6 @@
 """Trainer core: training mode (BF16 / FP8 blockwise / INT4 QAT), micro-batches with (fp32) gradient
-accumulation, token-level loss normalization, clipping, fp32-master AdamW, BF16 HF checkpoints.
+accumulation, token-level loss normalization, clipping, fp32-master AdamW, BF16 HF checkpoints; data-parallel
+replicas, with the optimizer state optionally sharded over them (``quantrl.train.data_parallel``).
 
 Training never stores FP8 or INT4 weights: checkpoints hold the bf16 model parameters (the masters'
 rounding), and quantized formats are derived from them at weight sync or conversion.
@@ -17,6 +18,7 @@ from torch import nn
 
 from quantrl.checkpoint.output_dir import atomic_output_dir, copy_aux_files
 from quantrl.checkpoint.safetensors_io import ShardedWriter, TensorSpec
+from quantrl.train.data_parallel import DEFAULT_BUCKET_ELEMS, broadcast_from_owners, comm_device, sum_gradients
 from quantrl.train.fp8_linear import prepare_fp8_training
 from quantrl.train.optimizer import MasterAdamW
 from quantrl.train.qat import QATConfig, prepare_qat
@@ -53,6 +55,8 @@ class TrainConfig:
     "fp8: keep the FP8 copy of each weight for the whole step (reused by micro-batches and sync)"
     optimizer_cpu_offload: bool = False
     "fp32 masters and Adam moments in CPU memory, step on the CPU (12 B/param off the GPU)"
+    distributed_optimizer: bool = False
+    "with data-parallel replicas: each steps (and keeps the masters and moments of) ~1/N of the parameters"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -63,21 +67,14 @@ class TrainConfig:
             raise ValueError("micro_batch_size must be positive")
 
 
-def comm_device(group=None) -> torch.device:
-    """Where a backend's buffers live: the current CUDA device for NCCL, the CPU otherwise."""
-    import torch.distributed as dist
-
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig = TrainConfig(), dp_group=None):
         """``dp_group``: a ``torch.distributed`` group of data-parallel replicas (None: this process alone).
         Each replica gets its own rows of every batch; gradients, token counts and metric sums are summed
         over the group, so every replica takes the same step as one trainer given the whole batch."""
         self.model, self.cfg, self.dp_group = model, cfg, dp_group
+        # the distributed optimizer shards over the replicas; with one there is nothing to shard
+        self.sharded = cfg.distributed_optimizer and dp_group is not None
         dtype = next(model.parameters()).dtype
         if cfg.mode == "int4-qat":
             self.swapped = prepare_qat(model, QATConfig(group_size=cfg.qat_group_size, qmax=cfg.qat_qmax, dtype=dtype))
@@ -88,8 +85,10 @@ class Trainer:
         else:
             self.swapped = []
         self.optimizer = MasterAdamW(model.named_parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                     weight_decay=cfg.weight_decay, offload=cfg.optimizer_cpu_offload)
+                                     weight_decay=cfg.weight_decay, offload=cfg.optimizer_cpu_offload,
+                                     shard=self._shard())  # fmt: skip
         self.step_count = 0
+        self.bucket_elems = DEFAULT_BUCKET_ELEMS  # elements per gradient / weight collective
 
     def train_step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step over ``batch`` (tensors with the batch on dim 0, incl. ``loss_mask``).
@@ -117,16 +116,26 @@ class Trainer:
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
             if self.dp_group is not None:
-                self._dp_sum_grads()
+                sum_gradients(self.optimizer, self.dp_group, to_owners=self.sharded, bucket_elems=self.bucket_elems)
                 keys = sorted(sums)
                 loss_total, *vals = self._dp_sum([loss_total] + [sums[k] for k in keys])
                 sums = dict(zip(keys, vals))
-            grad_norm = self.optimizer.grad_norm_and_clip(self.cfg.grad_clip or None)
+            grad_norm = self.optimizer.grad_norm_and_clip(self.cfg.grad_clip or None,
+                                                          group=self.dp_group if self.sharded else None)  # fmt: skip
             self.optimizer.step()
+            if self.sharded:  # every replica needs every stepped weight; each was stepped by its owner only
+                broadcast_from_owners(self.optimizer, self.dp_group, bucket_elems=self.bucket_elems)
         finally:  # a step that fails (a NaN gradient norm, an OOM in a micro-batch) leaves no gradient behind
             self.optimizer.zero_grad()
         self.step_count += 1
         return {"loss": loss_total / total_tokens, "grad_norm": grad_norm, "lr": self.optimizer.lr, **sums}
+
+    def _shard(self) -> tuple[int, int] | None:
+        if not self.sharded:
+            return None
+        import torch.distributed as dist
+
+        return dist.get_rank(self.dp_group), dist.get_world_size(self.dp_group)
 
     def _dp_sum(self, values: list[float]) -> list[float]:
         if self.dp_group is None:
@@ -136,37 +145,6 @@ class Trainer:
         t = torch.tensor(values, dtype=torch.float64, device=comm_device(self.dp_group))
         dist.all_reduce(t, group=self.dp_group)
         return t.tolist()
-
-    @torch.no_grad()
-    def _dp_sum_grads(self, bucket_elems: int = 1 << 26) -> None:
-        """Sum every (fp32, master) gradient over the replicas (each replica already divided by the group's
-        total tokens) in buckets of at most ``bucket_elems`` elements (256 MB): every replica ends with the
-        same. A parameter no replica has a gradient for keeps None."""
-        import torch.distributed as dist
-
-        opt = self.optimizer
-        grads = opt.master_grads()
-        dev = comm_device(self.dp_group)
-        has = torch.tensor([g is not None for g in grads], dtype=torch.int32, device=dev)
-        dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self.dp_group)
-        live = [i for i, h in enumerate(has.tolist()) if h]
-        j = 0
-        while j < len(live):
-            bucket, size = [], 0
-            while j < len(live) and (not bucket or size + opt.params[live[j]].numel() <= bucket_elems):
-                bucket.append(live[j])
-                size += opt.params[live[j]].numel()
-                j += 1
-            flat = torch.cat([(grads[i] if grads[i] is not None else
-                               torch.zeros(opt.params[i].shape, device=opt.params[i].device)).reshape(-1).to(dev)
-                              for i in bucket])  # fmt: skip
-            dist.all_reduce(flat, group=self.dp_group)
-            offset = 0
-            for i in bucket:
-                p = opt.params[i]
-                opt.set_master_grad(i, flat[offset : offset + p.numel()].view(p.shape).to(p.device))
-                offset += p.numel()
-            del flat
 
     def bf16_state(self) -> dict[str, torch.Tensor]:
         """HF-named parameters in bf16, tied weights once (as HF saves them)."""
