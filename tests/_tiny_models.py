@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
@@ -23,6 +24,12 @@ def qwen3_config(**kw):
     base = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                 tie_word_embeddings=False)  # fmt: skip
     return Qwen3Config(**{**COMMON, **base, **kw})
+
+
+def qwen3_yarn_config(**kw):
+    # YaRN as Qwen3 ships it for long contexts: attention_factor 0.1 ln(4) + 1 scales cos and sin
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
+    return qwen3_config(**{"rope_parameters": rope, **kw})
 
 
 def llama3_config(**kw):
@@ -62,6 +69,24 @@ def qwen2_moe_config(**kw):
     return Qwen2MoeConfig(**{**COMMON, **base, **kw})
 
 
+def deepseek_v3_config(**kw):
+    # DeepSeek-V3 / Kimi-K2 layout: low-rank queries, YaRN with the MLA softmax correction, a dense first layer,
+    # 8 routed experts in 2 groups (only the best group is chosen from), top-2, one shared expert
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}  # fmt: skip
+    base = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
+                num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                v_head_dim=16, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2, n_shared_experts=1,
+                first_k_dense_replace=1, routed_scaling_factor=2.5, rope_parameters=rope, tie_word_embeddings=False)  # fmt: skip
+    return DeepseekV3Config(**{**COMMON, "num_hidden_layers": 3, **base, **kw})
+
+
+def moonlight_config(**kw):
+    # Moonlight-16B-A3B's layout: a plain q_proj (q_lora_rank None), default RoPE, one expert group
+    return deepseek_v3_config(**{"q_lora_rank": None, "n_group": 1, "topk_group": 1, "rope_parameters":
+                                 {"rope_type": "default", "rope_theta": 50000.0}, **kw})  # fmt: skip
+
+
 def save_model(config, path: Path, dtype: torch.dtype = torch.float32, seed: int = 0,
                expert_std: float | None = None) -> Path:
     """Random-init HF model saved as safetensors; norms and biases randomised so that loading them matters,
@@ -79,6 +104,9 @@ def save_model(config, path: Path, dtype: torch.dtype = torch.float32, seed: int
                 p.normal_(0.0, 0.1)  # router logits of std ~1.5: soft, so the second choice matters too
             elif expert_std is not None and ".experts." in name:
                 p.normal_(0.0, expert_std)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: it must move the choice, so it must load
+                b.normal_(0.0, 0.3)
     model.to(dtype).save_pretrained(path)
     return path
 

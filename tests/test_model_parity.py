@@ -1,6 +1,7 @@
-"""Our decoder against transformers on tiny fp32 checkpoints (Qwen3, Llama-3 rope scaling, Qwen2 with
-biases and tied embeddings, Mistral sliding window, Qwen3-MoE with a dense layer between MoE layers,
-Qwen2-MoE with a shared expert).
+"""Our decoder against transformers on tiny fp32 checkpoints (Qwen3, Llama-3 rope scaling, Qwen3 with YaRN,
+Qwen2 with biases and tied embeddings, Mistral sliding window, Qwen3-MoE with a dense layer between MoE
+layers, Qwen2-MoE with a shared expert, DeepSeek-V3 (latent attention with low-rank queries, YaRN, grouped
+sigmoid routing with a correction bias, a shared expert) and Moonlight's variant of it).
 
 Logit tolerance: max |ours - HF| over real tokens <= 1e-4 * max |HF| (fp32; both compute the same
 function, differences are summation order only, measured ~3e-7).
@@ -9,12 +10,15 @@ function, differences are summation order only, measured ~3e-7).
 import pytest
 import torch
 from _tiny_models import (
+    deepseek_v3_config,
     llama3_config,
     mistral_config,
+    moonlight_config,
     qwen2_moe_config,
     qwen2_tied_config,
     qwen3_config,
     qwen3_moe_config,
+    qwen3_yarn_config,
     random_prompts,
     reference,
     save_model,
@@ -27,12 +31,15 @@ from quantrl.rollout import Engine, SamplingParams
 CONFIGS = {
     "qwen3": qwen3_config,
     "llama3": llama3_config,
+    "qwen3_yarn": qwen3_yarn_config,
     "qwen2_tied": qwen2_tied_config,
     "mistral_swa": mistral_config,
     "qwen3_moe": qwen3_moe_config,
     "qwen2_moe": qwen2_moe_config,
+    "deepseek_v3": deepseek_v3_config,
+    "moonlight": moonlight_config,
 }
-MOE = ("qwen3_moe", "qwen2_moe")
+MOE = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "moonlight")
 REL_TOL = 1e-4
 
 
@@ -70,7 +77,7 @@ def test_logits_match_transformers_on_padded_batches(models, name, side, gen):
     assert _rel_err(got, expected, mask) <= REL_TOL
 
 
-@pytest.mark.parametrize("name", ["qwen3", "llama3", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["qwen3", "llama3", "qwen3_moe", "deepseek_v3", "moonlight"])
 def test_greedy_generation_matches_transformers(models, name):
     ref, ours = models[name]
     prompts = random_prompts([4, 11, 7], seed=3)
@@ -120,6 +127,39 @@ def test_moe_config_layers_and_experts(models):
         ModelConfig.from_hf({**hub_style, "use_sliding_window": True})
 
 
+def test_deepseek_v3_config_and_routing(models, gen):
+    ref, ours = models["deepseek_v3"]
+    c = ours.config
+    assert c.moe_layers == (False, True, True) and (c.n_group, c.topk_group, c.routed_scaling_factor) == (2, 1, 2.5)
+    assert c.shared_experts_intermediate_size == 32 and c.mla.q_lora_rank == 32 and c.head_dim == 8
+    assert models["moonlight"][1].config.mla.q_lora_rank == 0
+    assert ours.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    # the correction bias moves choices: zeroed, the same router picks other experts for some tokens
+    from quantrl.model.moe import route_grouped
+
+    gate = ours.model.layers[1].mlp.gate
+    logits = gate(torch.randn(64, c.hidden_size, generator=gen))
+    kw = dict(top_k=2, n_group=2, topk_group=1, normalize=True, scaling=2.5)
+    w, experts, _ = route_grouped(logits, gate.e_score_correction_bias, **kw)
+    _, unbiased, _ = route_grouped(logits, torch.zeros_like(gate.e_score_correction_bias), **kw)
+    assert (experts.sort(-1).values != unbiased.sort(-1).values).any()
+    assert ((experts // 4) == (experts[:, :1] // 4)).all()  # both experts from the one chosen group
+    torch.testing.assert_close(w.sum(-1), torch.full((64,), 2.5))  # renormalised, then scaled
+
+
+def test_yarn_inv_freq_equals_transformers(models):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for name in ("qwen3_yarn", "deepseek_v3"):
+        ref, ours = models[name]
+        expected, factor = ROPE_INIT_FUNCTIONS["yarn"](ref.config, "cpu")
+        assert torch.equal(inv_freq(ours.config.rope, ours.config.head_dim), expected), name
+        assert ours.config.rope.attention_factor == factor, name
+    assert models["qwen3_yarn"][1].config.rope.attention_factor > 1.1  # Qwen3's YaRN scales cos/sin; DeepSeek's
+    # mscale = mscale_all_dim cancels there and goes into the softmax scale instead
+    assert models["deepseek_v3"][1].config.mla.softmax_scale > (16 + 8) ** -0.5
+
+
 def test_llama3_inv_freq_equals_transformers(models):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -146,6 +186,10 @@ def test_config_reads_both_rope_dialects_and_biases():
 def test_unsupported_configs_raise_clearly():
     with pytest.raises(ValueError, match="unsupported model_type 'gemma2'"):
         ModelConfig.from_hf({"model_type": "gemma2"})
-    bad_rope = {**qwen3_config().to_dict(), "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}
-    with pytest.raises(ValueError, match="rope_type 'yarn'"):
+    bad_rope = {**qwen3_config().to_dict(), "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}
+    with pytest.raises(ValueError, match="rope_type 'longrope'"):
         ModelConfig.from_hf(bad_rope)
+    with pytest.raises(ValueError, match="noaux_tc"):
+        ModelConfig.from_hf({**deepseek_v3_config().to_dict(), "topk_method": "greedy"})
+    with pytest.raises(ValueError, match="n_group=3 must divide"):
+        ModelConfig.from_hf({**deepseek_v3_config().to_dict(), "n_group": 3})

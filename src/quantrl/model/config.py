@@ -2,9 +2,11 @@
 
 Supported families: Qwen3 (q/k RMSNorm, ``attention_bias`` on all four projections), Qwen2 (bias on
 q/k/v, none on o), Llama (``attention_bias``, ``mlp_bias``, Llama-3 ``rope_scaling``), Mistral
-(sliding-window attention), and the mixture-of-experts Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B) and
-Qwen2-MoE (with its sigmoid-gated shared expert). Anything else is refused by name rather than run
-subtly wrong.
+(sliding-window attention), the mixture-of-experts Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B) and
+Qwen2-MoE (with its sigmoid-gated shared expert), and DeepSeek-V3 (``deepseek_v3``: Moonlight-16B-A3B,
+DeepSeek-V3, the architecture of Kimi-K2): multi-head latent attention (``MLAConfig``), YaRN RoPE, and a
+sigmoid router with group-limited top-k and a score-correction bias. Anything else is refused by name
+rather than run subtly wrong.
 
 Both config dialects are read: transformers 5 writes ``rope_parameters`` (with ``rope_theta`` inside),
 transformers 4 writes ``rope_theta`` and ``rope_scaling`` at the top level.
@@ -12,12 +14,13 @@ transformers 4 writes ``rope_theta`` and ``rope_scaling`` at the top level.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "qwen2_moe")
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "qwen2_moe", "deepseek_v3")
 QK_NORM_TYPES = ("qwen3", "qwen3_moe")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -33,13 +36,43 @@ class RopeConfig:
     high_freq_factor: float = 4.0
     "llama3: wavelengths below original_max_position_embeddings / high_freq_factor are kept"
     original_max_position_embeddings: int = 8192
-    "llama3: the pre-training context length"
+    "llama3 / yarn: the pre-training context length"
+    beta_fast: float = 32.0
+    "yarn: rotations above which a dimension is extrapolated (kept)"
+    beta_slow: float = 1.0
+    "yarn: rotations below which a dimension is interpolated (divided by factor)"
+    attention_factor: float = 1.0
+    "yarn: multiplies cos and sin (from factor, mscale and mscale_all_dim, as transformers derives it)"
+    truncate: bool = True
+    "yarn: round the correction range to whole dimensions"
+    mscale_all_dim: float = 0.0
+    "yarn, DeepSeek's MLA: the softmax scale is multiplied by yarn_mscale(factor, mscale_all_dim)^2"
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """DeepSeek's multi-head latent attention: keys and values come from one low-rank latent per token."""
+
+    q_lora_rank: int
+    "rank of the query's low-rank path (q_a_proj, q_a_layernorm, q_b_proj); 0: a plain q_proj"
+    kv_lora_rank: int
+    "width of the key/value latent (kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj)"
+    qk_nope_head_dim: int
+    "per head: query/key dimensions without RoPE"
+    qk_rope_head_dim: int
+    "per head: query/key dimensions with RoPE (the key's are one vector shared by all heads)"
+    v_head_dim: int
+    "per head: value dimensions"
+    rope_interleave: bool = True
+    "RoPE over interleaved pairs (x0, x1), (x2, x3), ... (DeepSeek's layout) instead of halves"
+    softmax_scale: float = 0.0
+    "q.k scale: qk_head_dim^-0.5, times the YaRN mscale_all_dim correction squared"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     model_type: str
-    "qwen3 | qwen2 | llama | mistral | qwen3_moe | qwen2_moe"
+    "qwen3 | qwen2 | llama | mistral | qwen3_moe | qwen2_moe | deepseek_v3"
     vocab_size: int
     "rows of the embedding and of lm_head"
     hidden_size: int
@@ -88,6 +121,18 @@ class ModelConfig:
     "Qwen2-MoE: inner width of the always-on expert (0: none), scaled by sigmoid(shared_expert_gate(x))"
     moe_layers: tuple[bool, ...] = ()
     "per layer: MoE block (True) or dense MLP; empty means all dense"
+    router: str = "softmax"
+    "softmax (Qwen-MoE: top-k of softmax probabilities) | sigmoid (DeepSeek-V3: group-limited top-k, fp32)"
+    n_group: int = 1
+    "sigmoid router: experts fall into this many groups ..."
+    topk_group: int = 1
+    "... and only the best topk_group groups (by the sum of their two best scores) are chosen from"
+    routed_scaling_factor: float = 1.0
+    "sigmoid router: the routed experts' weights are multiplied by this"
+    shared_experts_intermediate_size: int = 0
+    "DeepSeek-V3: inner width of the always-on, ungated shared_experts MLP (n_shared_experts x moe width)"
+    mla: MLAConfig | None = None
+    "DeepSeek-V3: multi-head latent attention (None: grouped-query attention)"
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -104,6 +149,12 @@ class ModelConfig:
             )
         if any(self.moe_layers) and self.moe_intermediate_size < 1:
             raise ValueError(f"moe_intermediate_size={self.moe_intermediate_size} must be positive")
+        if self.router == "sigmoid" and (self.num_experts % self.n_group or not 0 < self.topk_group <= self.n_group):
+            raise ValueError(f"n_group={self.n_group} must divide n_routed_experts={self.num_experts} and "
+                             f"topk_group={self.topk_group} be in [1, n_group]")  # fmt: skip
+        if self.router == "sigmoid" and self.num_experts_per_tok > self.topk_group * self.num_experts // self.n_group:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} exceeds the experts of topk_group="
+                             f"{self.topk_group} groups")  # fmt: skip
 
     def is_moe(self, layer: int) -> bool:
         return bool(self.moe_layers) and self.moe_layers[layer]
@@ -128,6 +179,8 @@ class ModelConfig:
         window, layer_types = _attention_layout(mt, d, layers)
         eos = d.get("eos_token_id")
         moe = _moe_fields(mt, d, layers)
+        rope = _rope(d)
+        mla = _mla(d, rope) if mt == "deepseek_v3" else None
         return cls(
             model_type=mt,
             vocab_size=int(d["vocab_size"]),
@@ -136,9 +189,11 @@ class ModelConfig:
             num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d.get("head_dim") or hidden // heads),
+            # MLA: the rotary part of a head (transformers' head_dim for DeepSeek-V3)
+            head_dim=mla.qk_rope_head_dim if mla else int(d.get("head_dim") or hidden // heads),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope=_rope(d),
+            rope=rope,
+            mla=mla,
             max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             # Qwen2 hard-codes q/k/v bias and o without; Qwen2-MoE makes the q/k/v bias a field
@@ -168,9 +223,27 @@ def _as_transformers_resolves(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _moe_fields(mt: str, d: dict[str, Any], layers: int) -> dict[str, Any]:
-    """The MoE fields as transformers' Qwen2-MoE / Qwen3-MoE resolve them (hub configs say ``num_experts``,
-    transformers 5 writes ``num_local_experts``). A layer is MoE unless listed in ``mlp_only_layers`` or
-    off the ``decoder_sparse_step`` grid."""
+    """The MoE fields as transformers' Qwen2-MoE / Qwen3-MoE / DeepSeek-V3 resolve them (hub configs say
+    ``num_experts`` / ``n_routed_experts``, transformers 5 writes ``num_local_experts``). A Qwen layer is MoE
+    unless listed in ``mlp_only_layers`` or off the ``decoder_sparse_step`` grid; a DeepSeek-V3 layer is
+    MoE from ``first_k_dense_replace`` on."""
+    if mt == "deepseek_v3":
+        if d.get("topk_method", "noaux_tc") != "noaux_tc" or d.get("scoring_func", "sigmoid") != "sigmoid":
+            raise ValueError(f"{mt}: only topk_method noaux_tc with scoring_func sigmoid is supported")
+        experts = int(d.get("n_routed_experts", d.get("num_local_experts", 0)) or 0)
+        first_moe = int(d.get("first_k_dense_replace") or 0)
+        return {
+            "num_experts": experts,
+            "num_experts_per_tok": int(d["num_experts_per_tok"]),
+            "moe_intermediate_size": int(d["moe_intermediate_size"]),
+            "norm_topk_prob": bool(d.get("norm_topk_prob", True)),
+            "moe_layers": tuple(experts > 0 and i >= first_moe for i in range(layers)),
+            "router": "sigmoid",
+            "n_group": int(d.get("n_group") or 1),
+            "topk_group": int(d.get("topk_group") or 1),
+            "routed_scaling_factor": float(d.get("routed_scaling_factor", 1.0)),
+            "shared_experts_intermediate_size": int(d.get("n_shared_experts") or 0) * int(d["moe_intermediate_size"]),
+        }
     if not mt.endswith("_moe"):
         return {}
     if d.get("use_sliding_window"):  # each MoE family has its own layer rule; refuse rather than guess
@@ -186,6 +259,21 @@ def _moe_fields(mt: str, d: dict[str, Any], layers: int) -> dict[str, Any]:
         shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size", 0)) if mt == "qwen2_moe" else 0,
         moe_layers=moe_layers,
     )
+
+
+def _mla(d: dict[str, Any], rope: RopeConfig) -> MLAConfig:
+    nope, rot = int(d["qk_nope_head_dim"]), int(d["qk_rope_head_dim"])
+    scale = (nope + rot) ** -0.5
+    if rope.rope_type != "default" and rope.mscale_all_dim:  # transformers' yarn_apply_mscale
+        m = _yarn_mscale(rope.factor, rope.mscale_all_dim)
+        scale = scale * m * m
+    return MLAConfig(q_lora_rank=int(d.get("q_lora_rank") or 0), kv_lora_rank=int(d["kv_lora_rank"]),
+                     qk_nope_head_dim=nope, qk_rope_head_dim=rot, v_head_dim=int(d["v_head_dim"]),
+                     rope_interleave=bool(d.get("rope_interleave", True)), softmax_scale=scale)  # fmt: skip
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _rope(d: dict[str, Any]) -> RopeConfig:
@@ -206,6 +294,21 @@ def _rope(d: dict[str, Any]) -> RopeConfig:
         return RopeConfig(theta=theta)
     if rope_type == "linear":
         return RopeConfig(theta=theta, rope_type="linear", factor=float(scaling["factor"]))
+    if rope_type == "yarn":
+        factor = float(scaling["factor"])
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:  # transformers' _compute_yarn_parameters
+            attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                                if mscale and mscale_all_dim else _yarn_mscale(factor))  # fmt: skip
+        return RopeConfig(
+            theta=theta, rope_type="yarn", factor=factor,
+            original_max_position_embeddings=int(scaling.get("original_max_position_embeddings")
+                                                 or d.get("max_position_embeddings", 8192)),
+            beta_fast=float(scaling.get("beta_fast") or 32), beta_slow=float(scaling.get("beta_slow") or 1),
+            attention_factor=float(attention_factor), truncate=bool(scaling.get("truncate", True)),
+            mscale_all_dim=float(mscale_all_dim or 0.0),
+        )  # fmt: skip
     return RopeConfig(
         theta=theta,
         rope_type="llama3",

@@ -1,5 +1,5 @@
-"""One decoder for the Qwen3 / Qwen2 / Llama / Mistral family and Qwen3-MoE / Qwen2-MoE, used by the
-trainer and the engine.
+"""One decoder for the Qwen3 / Qwen2 / Llama / Mistral family, Qwen3-MoE / Qwen2-MoE and DeepSeek-V3, used
+by the trainer and the engine.
 
 Parameter names are HF's (``model.embed_tokens.weight``, ``model.layers.{i}.self_attn.q_proj.weight``,
 ``model.norm.weight``, ``lm_head.weight``), so a HF checkpoint or a trainer's state dict maps one to one.
@@ -27,7 +27,7 @@ from quantrl.model.config import ModelConfig
 from quantrl.model.linear import Bf16Linear, QLinear, make_linear
 from quantrl.model.moe import MLP, Routing, SparseMoeBlock
 from quantrl.model.quant_scheme import QuantScheme
-from quantrl.model.rope import apply_rope, inv_freq, rope_cos_sin
+from quantrl.model.rope import apply_rope, apply_rope_interleaved, inv_freq, rope_cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -49,7 +49,9 @@ class KVContext:
     """Where a cached forward writes keys/values and what it attends to.
 
     ``k[i]`` / ``v[i]``: layer i's cache view [slots, kv_heads, L, head_dim]; a sequence owns one slot and
-    its token at position p lives at index p (left-aligned, no padding inside a slot).
+    its token at position p lives at index p (left-aligned, no padding inside a slot). Latent attention
+    (``MLAttention``) keeps its latent in ``k[i]`` [slots, 1, L, kv_lora_rank] and its roped shared key in
+    ``v[i]`` [slots, 1, L, qk_rope_head_dim].
     prefill: the batch's B sequences go to slots [slot_start, slot_start + B) at positions 0..T-1.
     decode:  the B active sequences occupy slots [0, B); token b is written at ``write_pos[b]`` and
              attends to keys [0, kv_len) of its slot (masked to <= its position).
@@ -104,11 +106,66 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
+class MLAttention(nn.Module):
+    """DeepSeek's multi-head latent attention, as transformers computes it. Per token, one latent
+    c = kv_a_layernorm(kv_a_proj_with_mqa(x)[:r]) and one roped key part k_rot shared by every head; each
+    head's key is [k_nope, k_rot] and its value v, with [k_nope, v] = kv_b_proj(c). The cache holds c and
+    k_rot (r + d_rot numbers a token instead of 2 x heads x head_dim), and every call expands what it
+    attends to through kv_b_proj."""
+
+    def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
+                 device: torch.device | str):  # fmt: skip
+        super().__init__()
+        m, h = cfg.mla, cfg.hidden_size
+        self.num_heads, self.mla = cfg.num_heads, m
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        if m.q_lora_rank:
+            self.q_a_proj = make_linear(f"{prefix}.q_a_proj", h, m.q_lora_rank, cfg.o_bias, scheme, dtype, device)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, 1e-6, dtype, device)  # transformers' default eps
+            self.q_b_proj = make_linear(f"{prefix}.q_b_proj", m.q_lora_rank, cfg.num_heads * qk, False, scheme, dtype,
+                                        device)  # fmt: skip
+        else:
+            self.q_proj = make_linear(f"{prefix}.q_proj", h, cfg.num_heads * qk, False, scheme, dtype, device)
+        self.kv_a_proj_with_mqa = make_linear(f"{prefix}.kv_a_proj_with_mqa", h, m.kv_lora_rank + m.qk_rope_head_dim,
+                                              cfg.o_bias, scheme, dtype, device)  # fmt: skip
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, 1e-6, dtype, device)
+        self.kv_b_proj = make_linear(f"{prefix}.kv_b_proj", m.kv_lora_rank,
+                                     cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim), False, scheme, dtype, device)  # fmt: skip
+        self.o_proj = make_linear(f"{prefix}.o_proj", cfg.num_heads * m.v_head_dim, h, cfg.o_bias, scheme, dtype, device)
+        self.rope = apply_rope_interleaved if m.rope_interleave else apply_rope
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                kv: KVContext | None, layer: int) -> torch.Tensor:  # fmt: skip
+        b, t, _ = x.shape
+        m, heads = self.mla, self.num_heads
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if m.q_lora_rank else self.q_proj(x)
+        q = q.view(b, t, heads, -1).transpose(1, 2)  # [B, H, T, nope + rot]
+        q_pass, q_rot = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [B, T, r]
+        q_rot, k_rot = self.rope(q_rot, cos, sin), self.rope(k_rot[:, None], cos, sin)[:, 0]  # k_rot [B, T, rot]
+        if kv is not None and kv.mode == "prefill":
+            s = slice(kv.slot_start, kv.slot_start + b)
+            kv.k[layer][s, 0, :t] = latent
+            kv.v[layer][s, 0, :t] = k_rot
+        elif kv is not None:  # decode: t == 1; attend to the slot's whole cached latent
+            kv.k[layer][kv._rows, 0, kv.write_pos] = latent[:, 0]
+            kv.v[layer][kv._rows, 0, kv.write_pos] = k_rot[:, 0]
+            latent, k_rot = kv.k[layer][:b, 0, : kv.kv_len], kv.v[layer][:b, 0, : kv.kv_len]  # [B, Lk, r], [B, Lk, rot]
+        lk = latent.shape[1]
+        k_nope, values = self.kv_b_proj(latent).view(b, lk, heads, -1).transpose(1, 2).split(
+            [m.qk_nope_head_dim, m.v_head_dim], dim=-1)  # [B, H, Lk, nope], [B, H, Lk, v]  # fmt: skip
+        keys = torch.cat([k_nope, k_rot[:, None].expand(-1, heads, -1, -1)], dim=-1)
+        out = F.scaled_dot_product_attention(torch.cat([q_pass, q_rot], dim=-1), keys, values, attn_mask=mask,
+                                             scale=m.softmax_scale)  # [B, H, T, v]  # fmt: skip
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, heads * m.v_head_dim))
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, i: int, scheme: QuantScheme, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         prefix = f"model.layers.{i}"
-        self.self_attn = Attention(cfg, f"{prefix}.self_attn", scheme, dtype, device)
+        self.self_attn = (MLAttention if cfg.mla else Attention)(cfg, f"{prefix}.self_attn", scheme, dtype, device)
         self.mlp = (SparseMoeBlock if cfg.is_moe(i) else MLP)(cfg, f"{prefix}.mlp", scheme, dtype, device)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
@@ -174,7 +231,7 @@ class Decoder(nn.Module):
     # ---- forward paths ----------------------------------------------------------------------------
     def _layers(self, h: torch.Tensor, positions: torch.Tensor, masks: dict[bool, torch.Tensor],
                 kv: KVContext | None, routing: Routing | None) -> torch.Tensor:  # fmt: skip
-        cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)  # [B, T, D]
+        cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype, self.config.rope.attention_factor)  # [B, T, D]
         for layer in self.model.layers:
             h = layer(h, cos, sin, masks, kv, routing)
         return self.model.norm(h)

@@ -19,6 +19,7 @@ from quantrl.checkpoint.safetensors_io import CheckpointError, SafetensorsDir
 from quantrl.model.config import ModelConfig
 from quantrl.model.decoder import Decoder
 from quantrl.model.linear import WeightSpec
+from quantrl.model.moe import KEEP_FP32
 from quantrl.model.quant_scheme import QuantScheme
 from quantrl.model.state import linear_modules, tensor_index
 
@@ -56,16 +57,18 @@ def _scale_dtype(scheme: QuantScheme, reader: SafetensorsDir) -> QuantScheme:
     return dataclasses.replace(scheme, scale_dtype=dt)
 
 
-def _coerce(name: str, t: torch.Tensor, spec: WeightSpec, model_dtype: torch.dtype, where: Path) -> torch.Tensor:
-    """Check one checkpoint tensor against what the module holds; cast only high-precision parameters."""
+def _coerce(name: str, t: torch.Tensor, spec: WeightSpec, model_dtype: torch.dtype, where: Path,
+            keep_fp32: bool = False) -> torch.Tensor:  # fmt: skip
+    """Check one checkpoint tensor against what the module holds; cast only high-precision parameters
+    (``keep_fp32``: one the model keeps in fp32, such as DeepSeek-V3's router, from any float dtype)."""
     if tuple(t.shape) != spec.shape:
         raise CheckpointError(
             f"{where}: tensor {name!r} has shape {list(t.shape)}, the model expects {list(spec.shape)}"
         )
     if t.dtype == spec.dtype:
         return t
-    if spec.dtype == model_dtype and t.dtype in HIGH_PRECISION:
-        return t.to(model_dtype)  # e.g. a bf16 checkpoint loaded in fp32
+    if (spec.dtype == model_dtype or keep_fp32) and t.dtype in HIGH_PRECISION:
+        return t.to(spec.dtype)  # e.g. a bf16 checkpoint loaded in fp32
     if spec.dtype == torch.int64 and t.dtype == torch.int32 and name.endswith(".weight_shape"):
         return t.to(torch.int64)
     raise CheckpointError(f"{where}: tensor {name!r} is {t.dtype}, the model expects {spec.dtype}")
@@ -100,7 +103,7 @@ def load_model(
         for name, (unit, attr) in index.items():
             if name not in stored:
                 continue
-            t = _coerce(name, reader.read(name), unit.specs[attr], dtype, path)
+            t = _coerce(name, reader.read(name), unit.specs[attr], dtype, path, getattr(unit.tensor(attr), KEEP_FP32, False))
             if attr == "weight_shape" and t.tolist() != list(unit.tensor(attr).tolist()):
                 expected = unit.tensor(attr).tolist()
                 raise CheckpointError(f"{path}: {name!r} says {t.tolist()}, the model expects {expected}")

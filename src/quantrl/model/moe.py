@@ -1,4 +1,4 @@
-"""SwiGLU MLP and the mixture-of-experts block of Qwen3-MoE / Qwen2-MoE, with HF's module names.
+"""SwiGLU MLP and the mixture-of-experts block of Qwen3-MoE / Qwen2-MoE / DeepSeek-V3, with HF's module names.
 
     model.layers.{i}.mlp.gate                        router, [E, H], always high precision (a Bf16Linear)
     model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj
@@ -7,10 +7,15 @@
                                                      treat each expert like any dense Linear
     model.layers.{i}.mlp.shared_expert.*             Qwen2-MoE only: an always-on SwiGLU ...
     model.layers.{i}.mlp.shared_expert_gate          ... scaled by sigmoid of this [1, H] Linear
+    model.layers.{i}.mlp.shared_experts.*            DeepSeek-V3: an always-on SwiGLU, ungated
+    model.layers.{i}.mlp.gate.e_score_correction_bias DeepSeek-V3: [E] fp32, added to the scores for choosing
 
-Routing is transformers': router logits in the model dtype, softmax in fp32, top-k, optional
-renormalisation, weights cast back to the model dtype; each expert's output is multiplied by its weight
-and summed into the token in ascending expert order.
+Routing is transformers'. Qwen (``route``): router logits in the model dtype, softmax in fp32, top-k,
+optional renormalisation, weights cast back to the model dtype. DeepSeek-V3 (``route_grouped``): an fp32
+router (weight kept fp32 whatever the model dtype), sigmoid scores; experts are chosen by score + bias
+among the ``topk_group`` best of ``n_group`` groups, weighted by their plain scores (renormalised, times
+``routed_scaling_factor``), in fp32. Each expert's output is multiplied by its weight, rounded to the
+model dtype and summed into the token in ascending expert order.
 
 Routing replay (R3, slime's ``--use-rollout-routing-replay``): the engine records the experts it chose for
 every token it fed (``Routing(record=True)``), and the trainer's forward takes those experts instead of
@@ -63,6 +68,8 @@ class MLP(nn.Module):
 
 
 FREE = -1  # a replay row all FREE: route this token by its own top-k (e.g. a sample's last token)
+# Set on parameters the model keeps in fp32 whatever its dtype (DeepSeek-V3's router): sync and checkpoints keep them fp32
+KEEP_FP32 = "_quantrl_keep_fp32"
 
 
 @dataclass
@@ -120,6 +127,22 @@ class Routing:
             self.decisions = self.decisions + fixed.sum()
 
 
+def _replayed(replay: torch.Tensor | None, own: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The experts to use: ``replay`` [N, k] where given (rows of ``FREE``: ``own``), checked."""
+    if replay is None:
+        return own
+    if replay.shape != own.shape:
+        raise ValueError(f"routing replay has shape {list(replay.shape)} for {list(own.shape)} router choices")
+    free = replay == FREE
+    ordered = replay.sort(-1).values
+    bad = ((replay < FREE) | (replay >= num_experts)).any() | (free.any(-1) & ~free.all(-1)).any()
+    bad |= ((ordered[:, 1:] == ordered[:, :-1]) & ~free[:, 1:]).any()
+    if bool(bad):  # one host sync per layer (training)
+        raise ValueError(f"routing replay rows must name {own.shape[-1]} distinct experts in [0, {num_experts}) "
+                         f"or be all {FREE} (route freely)")  # fmt: skip
+    return torch.where(replay[:, :1] == FREE, own, replay.to(own.dtype))
+
+
 def route(logits: torch.Tensor, top_k: int, normalize: bool,
           replay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Router logits [N, E] -> (weights [N, k] in the logits' dtype, expert ids used [N, k], own top-k [N, k]).
@@ -128,22 +151,47 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool,
     weights are this router's probabilities, renormalised like the top-k's."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, own = probs.topk(top_k, dim=-1)
-    experts = own
+    experts = _replayed(replay, own, logits.shape[-1])
     if replay is not None:
-        if replay.shape != own.shape:
-            raise ValueError(f"routing replay has shape {list(replay.shape)} for {list(own.shape)} router choices")
-        free = replay == FREE
-        ordered = replay.sort(-1).values
-        bad = ((replay < FREE) | (replay >= logits.shape[-1])).any() | (free.any(-1) & ~free.all(-1)).any()
-        bad |= ((ordered[:, 1:] == ordered[:, :-1]) & ~free[:, 1:]).any()
-        if bool(bad):  # one host sync per layer (training)
-            raise ValueError(f"routing replay rows must name {top_k} distinct experts in [0, {logits.shape[-1]}) "
-                             f"or be all {FREE} (route freely)")  # fmt: skip
-        experts = torch.where(replay[:, :1] == FREE, own, replay.to(own.dtype))
         weights = probs.gather(1, experts)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights.to(logits.dtype), experts, own
+
+
+def route_grouped(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                  normalize: bool, scaling: float,
+                  replay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """DeepSeek-V3's noaux_tc routing of fp32 logits [N, E] -> (fp32 weights [N, k], experts used, own top-k)."""
+    n, e = logits.shape
+    scores = logits.sigmoid()
+    choice = scores + bias
+    group_scores = choice.view(n, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)  # [N, G]
+    groups = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    keep = torch.zeros_like(group_scores).scatter_(1, groups, 1).bool()  # [N, G]
+    choice = choice.masked_fill(~keep.repeat_interleave(e // n_group, dim=1), float("-inf"))
+    own = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+    experts = _replayed(replay, own, e)
+    weights = scores.gather(1, experts)
+    if normalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, experts, own
+
+
+class Fp32Router(nn.Module):
+    """DeepSeek-V3's router: an fp32 weight [E, H] (kept fp32 in a bf16 model, as transformers keeps it) and
+    the fp32 ``e_score_correction_bias`` [E] (load balancing moves it outside the gradient: never trained)."""
+
+    def __init__(self, hidden: int, experts: int, device: torch.device | str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(experts, hidden, dtype=torch.float32, device=device))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(experts, dtype=torch.float32, device=device),
+                                                    requires_grad=False)  # fmt: skip
+        for p in (self.weight, self.e_score_correction_bias):
+            setattr(p, KEEP_FP32, True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight)  # [N, E] fp32
 
 
 class SparseMoeBlock(nn.Module):
@@ -153,8 +201,8 @@ class SparseMoeBlock(nn.Module):
                  device: torch.device | str):  # fmt: skip
         super().__init__()
         h, e = cfg.hidden_size, cfg.num_experts
-        self.top_k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.gate = Bf16Linear(h, e, False, dtype, device)
+        self.top_k, self.normalize, self.cfg = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg
+        self.gate = Fp32Router(h, e, device) if cfg.router == "sigmoid" else Bf16Linear(h, e, False, dtype, device)
         self.experts = nn.ModuleList(
             MLP(cfg, f"{prefix}.experts.{j}", scheme, dtype, device, cfg.moe_intermediate_size) for j in range(e)
         )
@@ -163,6 +211,10 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = MLP(cfg, f"{prefix}.shared_expert", scheme, dtype, device,
                                      cfg.shared_expert_intermediate_size)  # fmt: skip
             self.shared_expert_gate = Bf16Linear(h, 1, False, dtype, device)
+        self.shared_experts = None
+        if cfg.shared_experts_intermediate_size:
+            self.shared_experts = MLP(cfg, f"{prefix}.shared_experts", scheme, dtype, device,
+                                      cfg.shared_experts_intermediate_size)  # fmt: skip
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None, moe_index: int = 0) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H]; ``routing`` replays and/or records this layer's (number ``moe_index``
@@ -172,7 +224,12 @@ class SparseMoeBlock(nn.Module):
         if replay is not None:
             replay = replay.reshape(flat.shape[0], -1)  # [N, k]
         logits = self.gate(flat)  # [N, E]
-        weights, experts, own = route(logits, self.top_k, self.normalize, replay)  # [N, k] each
+        if self.cfg.router == "sigmoid":
+            c = self.cfg
+            weights, experts, own = route_grouped(logits, self.gate.e_score_correction_bias, self.top_k, c.n_group,
+                                                  c.topk_group, self.normalize, c.routed_scaling_factor, replay)  # fmt: skip
+        else:
+            weights, experts, own = route(logits, self.top_k, self.normalize, replay)  # [N, k] each
         if routing is not None:
             routing.note(experts, own, replay, logits)
         capturing = flat.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -180,6 +237,8 @@ class SparseMoeBlock(nn.Module):
         out = dispatch(flat, weights, experts)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
         return out.view(x.shape)
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -193,7 +252,7 @@ class SparseMoeBlock(nn.Module):
         for expert, count in zip(self.experts, counts):
             if count:
                 rows = tokens[start : start + count]
-                out.index_add_(0, rows, expert(x[rows]) * w[start : start + count])
+                out.index_add_(0, rows, (expert(x[rows]) * w[start : start + count]).to(out.dtype))
                 start += count
         return out
 
@@ -203,7 +262,7 @@ class SparseMoeBlock(nn.Module):
         out = torch.zeros_like(x)
         for j, expert in enumerate(self.experts):
             g = gates[:, j : j + 1]  # [N, 1]
-            out = out + expert(x * (g != 0)) * g
+            out = out + (expert(x * (g != 0)) * g).to(out.dtype)
         return out
 
 

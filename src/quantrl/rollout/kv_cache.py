@@ -2,7 +2,8 @@
 
 Storage is one flat pool per layer for keys and values, ``capacity`` tokens long. A generate call with
 longest prompt P and ``max_new_tokens`` M needs at most L = P + M positions per sequence, so the pool is
-viewed as ``capacity // L`` slots of shape [kv_heads, L, head_dim] (a free reshape; the pool itself is
+viewed as ``capacity // L`` slots of shape [kv_heads, L, head_dim] (latent attention: [1, L, kv_lora_rank]
+for the latent and [1, L, qk_rope_head_dim] for the shared roped key) (a free reshape; the pool itself is
 allocated once, zero-filled so that never-written positions can never inject NaN through a masked
 attention weight of 0). Whether a request fits is decided from sizes alone, before any allocation.
 """
@@ -17,13 +18,15 @@ from quantrl.model.decoder import Decoder
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str, *, max_tokens: int | None = None,
-                 budget_bytes: int | None = None):  # fmt: skip
+                 budget_bytes: int | None = None, v_dim: int | None = None):  # fmt: skip
+        """``v_dim``: width of a value row when it differs from the key's ``head_dim`` (latent attention)."""
         if (max_tokens is None) == (budget_bytes is None):
             raise ValueError("give exactly one of max_tokens or budget_bytes for the KV cache")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.v_dim = head_dim if v_dim is None else v_dim
         self.dtype, self.device = dtype, torch.device(device)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * itemsize  # K and V, every layer
+        self.bytes_per_token = num_layers * num_kv_heads * (head_dim + self.v_dim) * itemsize  # K and V, every layer
         self.capacity = int(max_tokens) if max_tokens is not None else int(budget_bytes) // self.bytes_per_token
         if max_tokens is not None:
             self.budget_desc = f"max_tokens={max_tokens}"
@@ -33,11 +36,14 @@ class KVCache:
             raise ValueError(
                 f"a KV cache from {self.budget_desc} holds no token ({self.bytes_per_token} bytes per token)"
             )
-        self._pool: torch.Tensor | None = None  # [layers, 2, capacity * kv_heads * head_dim]
+        self._pool: torch.Tensor | None = None  # [layers, capacity * kv_heads * (head_dim + v_dim)]: all K, then all V
 
     @classmethod
     def for_model(cls, model: Decoder, *, max_tokens: int | None = None, budget_bytes: int | None = None) -> KVCache:
         c = model.config
+        if c.mla is not None:  # the latent and the roped shared key: one "head" each
+            return cls(c.num_layers, 1, c.mla.kv_lora_rank, model.dtype, model.device, max_tokens=max_tokens,
+                       budget_bytes=budget_bytes, v_dim=c.mla.qk_rope_head_dim)  # fmt: skip
         return cls(c.num_layers, c.num_kv_heads, c.head_dim, model.dtype, model.device,
                    max_tokens=max_tokens, budget_bytes=budget_bytes)  # fmt: skip
 
@@ -62,13 +68,15 @@ class KVCache:
         """Per-layer key and value views [num_slots, kv_heads, seq_len, head_dim] over the pool."""
         if num_slots * seq_len > self.capacity:
             raise ValueError(f"{num_slots} slots x {seq_len} positions exceed the KV cache's {self.capacity} tokens")
+        k_all = self.capacity * self.num_kv_heads * self.head_dim  # the K part of a layer's pool
         if self._pool is None:
-            self._pool = torch.zeros(self.num_layers, 2, self.capacity * self.num_kv_heads * self.head_dim,
+            self._pool = torch.zeros(self.num_layers, k_all + self.capacity * self.num_kv_heads * self.v_dim,
                                      dtype=self.dtype, device=self.device)  # fmt: skip
-        n = num_slots * self.num_kv_heads * seq_len * self.head_dim
-        shape = (num_slots, self.num_kv_heads, seq_len, self.head_dim)
-        return ([self._pool[i, 0, :n].view(shape) for i in range(self.num_layers)],
-                [self._pool[i, 1, :n].view(shape) for i in range(self.num_layers)])  # fmt: skip
+        rows = num_slots * self.num_kv_heads * seq_len
+        k_shape = (num_slots, self.num_kv_heads, seq_len, self.head_dim)
+        v_shape = (num_slots, self.num_kv_heads, seq_len, self.v_dim)
+        return ([self._pool[i, : rows * self.head_dim].view(k_shape) for i in range(self.num_layers)],
+                [self._pool[i, k_all : k_all + rows * self.v_dim].view(v_shape) for i in range(self.num_layers)])  # fmt: skip
 
     def free(self) -> None:
         self._pool = None

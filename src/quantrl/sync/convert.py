@@ -52,6 +52,7 @@ from quantrl.formats import FP8_DTYPE, encode_e8m0, pack_int, pack_nvfp4, quanti
 from quantrl.formats.fp8 import MXFP8_BLOCK, MXFP8_SCALE_FMT
 from quantrl.formats.int4 import int_range
 from quantrl.model.linear import Fp8Linear, Nvfp4Linear, W4A16Linear
+from quantrl.model.moe import KEEP_FP32
 from quantrl.model.quant_scheme import QuantScheme
 from quantrl.model.state import linear_modules, tensor_index
 from quantrl.train.fp8_linear import BLOCK as FP8_TRAIN_BLOCK
@@ -301,7 +302,9 @@ def _convert_linear(name: str, module: str, w: torch.Tensor, target: SyncTarget,
 
 def convert_one(name: str, t: torch.Tensor, target: SyncTarget,
                 module: nn.Module | None = None) -> list[tuple[str, torch.Tensor]]:  # fmt: skip
-    """One trainer tensor -> its engine tensors (``module``: the trainer's owner, for FP8 reuse)."""
+    """One trainer tensor -> its engine tensors (``module``: the trainer's owner, for FP8 reuse). A parameter
+    both models keep in fp32 (``KEEP_FP32``: DeepSeek-V3's router) stays fp32."""
+    keep_fp32 = getattr(t, KEEP_FP32, False)
     t = t.detach()
     mname = name[: -len(".weight")] if name.endswith(".weight") else None
     try:
@@ -309,7 +312,7 @@ def convert_one(name: str, t: torch.Tensor, target: SyncTarget,
             return _convert_linear(name, mname, t, target, module)
         if not t.is_floating_point() or t.dtype in (FP8_DTYPE, torch.float8_e5m2):
             raise SyncError(f"expected a high-precision float tensor, got {t.dtype}")
-        return [(name, t.to(target.dtype))]
+        return [(name, t if keep_fp32 else t.to(target.dtype))]
     except (ValueError, TypeError) as e:
         what = f"trainer tensor {name!r} {t.dtype} {list(t.shape)} -> {target.describe()}"
         raise SyncError(f"weight sync: {what}: {e}") from e
