@@ -29,7 +29,7 @@ def qwen3_config(**kw):
 def qwen3_yarn_config(**kw):
     # YaRN as Qwen3 ships it for long contexts: attention_factor 0.1 ln(4) + 1 scales cos and sin
     rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
-    return qwen3_config(**{"rope_parameters": rope, **kw})
+    return qwen3_config(**{"rope_parameters": rope, "max_position_embeddings": 64, **kw})
 
 
 def llama3_config(**kw):
@@ -78,7 +78,7 @@ def deepseek_v3_config(**kw):
                 num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
                 v_head_dim=16, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2, n_shared_experts=1,
                 first_k_dense_replace=1, routed_scaling_factor=2.5, rope_parameters=rope, tie_word_embeddings=False)  # fmt: skip
-    return DeepseekV3Config(**{**COMMON, "num_hidden_layers": 3, **base, **kw})
+    return DeepseekV3Config(**{**COMMON, "num_hidden_layers": 3, "max_position_embeddings": 64, **base, **kw})
 
 
 def moonlight_config(**kw):

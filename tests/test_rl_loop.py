@@ -32,6 +32,15 @@ def tiny_moe_model(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_deepseek_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deepseek") / "m"
+    pretrain(PretrainConfig(out_dir=str(out), arch="deepseek_v3", hidden_size=128, num_layers=2, intermediate_size=256,
+                            steps=30, batch_size=32, num_problems=2000, difficulty="easy", num_experts=4,
+                            num_experts_per_tok=2, moe_intermediate_size=128), progress=False)  # fmt: skip
+    return out
+
+
 def cfg(model, run_dir, **kw):
     base = RLConfig(model=str(model) if model else "", run_dir=str(run_dir), num_steps=2, prompts_per_step=2, n_samples_per_prompt=3,
                     max_new_tokens=12, eval_size=4, eval_interval=2, save_interval=2, micro_batch_size=4,
@@ -361,6 +370,17 @@ def test_moe_model_with_rollout_routing_replay(recipe, tiny_moe_model, tmp_path,
     # the loss saw the engine's experts for every micro-batch: [B, T, L_moe=2, k=2], FREE only at the ends
     assert seen and all(x is not None and x.shape[2:] == (2, 2) for x in seen)
     assert all((x[:, 0] >= 0).all() for x in seen)  # the first token of a sequence is always a prompt token
+
+
+@pytest.mark.parametrize("recipe", ["int4-qat", "fp8"])
+def test_deepseek_model_runs_rl_with_routing_replay(recipe, tiny_deepseek_model, tmp_path):
+    """Latent attention, the fp32 sigmoid router and its correction bias through rollout, training and the
+    checked weight sync (--check-weight-update-equal) of each step, resumed from its checkpoint."""
+    run = functools.partial(cfg, tiny_deepseek_model, tmp_path / recipe, recipe=recipe, use_rollout_routing_replay=True,
+                            eval_interval=0)  # fmt: skip
+    rows = train(run(num_steps=1), progress=False) + train(run(resume=True), progress=False)
+    assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["routing_flip_frac"] <= 1 for r in rows)
+    assert json.loads((tiny_deepseek_model / "config.json").read_text())["model_type"] == "deepseek_v3"
 
 
 def test_moe_routing_flips_are_counted_and_replay_needs_moe(tiny_model, tiny_moe_model, tmp_path):

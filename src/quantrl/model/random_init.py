@@ -1,6 +1,7 @@
 """Random weights for a built model (benchmarks and tests that need no checkpoint).
 
-Linear weights and the embedding are normal(0, std) in bf16 (norms stay 1); quantized Linears get that
+Linear weights, fp32 routers and the embedding are normal(0, std) in bf16 (norms and router correction biases
+stay 1 and 0); quantized Linears get that
 bf16 weight quantized through ``quantrl.formats`` (INT with the slime/QAT convention, qmax = 2^(b-1)-1),
 exactly as a converter or a weight update would produce it.
 """
@@ -12,6 +13,7 @@ import torch
 from quantrl.formats import encode_e8m0, pack_int, pack_nvfp4, quantize_fp8, quantize_int, quantize_nvfp4
 from quantrl.model.decoder import Decoder
 from quantrl.model.linear import Bf16Linear, Fp8Linear, Nvfp4Linear, W4A16Linear
+from quantrl.model.moe import Fp32Router
 from quantrl.model.state import linear_modules
 
 
@@ -43,4 +45,7 @@ def random_init_(model: Decoder, seed: int = 0, std: float = 0.02) -> Decoder:
                 dt = lin.weight_scale_tensor.dtype
                 lin.load_({"weight": q, lin.scale_name: encode_e8m0(s) if dt == torch.uint8 else s.to(dt)})
             lin.post_process_weights()
+        for m in model.modules():
+            if isinstance(m, Fp32Router):
+                m.weight.normal_(0.0, std, generator=g)
     return model

@@ -48,8 +48,10 @@ class PretrainConfig:
     "torch CPU threads (0: torch's default)"
     device: str = "cpu"
     "cpu | cuda (the init is drawn on CPU either way, so a seed gives the same start on both)"
+    arch: str = "qwen3"
+    "qwen3 (Qwen3 / Qwen3-MoE) | deepseek_v3 (latent attention; with experts, DeepSeek-V3's router from layer 2 on)"
     num_experts: int = 0
-    "0: a dense Qwen3; > 0: a Qwen3-MoE with this many routed experts in every layer"
+    "0: a dense model; > 0: a MoE with this many routed experts (qwen3: in every layer)"
     num_experts_per_tok: int = 2
     "MoE: experts per token (top-k, renormalised)"
     moe_intermediate_size: int = 256
@@ -70,6 +72,20 @@ def model_config(cfg: PretrainConfig, vocab_size: int) -> dict:
         head_dim=64, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
+    if cfg.arch == "deepseek_v3":
+        from transformers import DeepseekV3Config
+
+        # Moonlight-shaped: a plain q_proj, a 128-wide latent, heads of 64 + 32 rotary dims, values of 64; with
+        # experts, a dense first layer, one shared expert and one expert group (the router's correction bias 0)
+        ds = DeepseekV3Config(**{**common, "num_key_value_heads": common["num_attention_heads"]}, q_lora_rank=None,
+                              kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                              n_routed_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                              moe_intermediate_size=cfg.moe_intermediate_size, n_shared_experts=1, n_group=1,
+                              topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True,
+                              first_k_dense_replace=1 if cfg.num_experts else cfg.num_layers)  # fmt: skip
+        return {**ds.to_dict(), "architectures": ["DeepseekV3ForCausalLM"]}
+    if cfg.arch != "qwen3":
+        raise ValueError(f"--arch must be qwen3 or deepseek_v3, got {cfg.arch!r}")
     if not cfg.num_experts:
         return {**Qwen3Config(**common).to_dict(), "architectures": ["Qwen3ForCausalLM"]}
     moe = Qwen3MoeConfig(**common, num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,

@@ -97,6 +97,8 @@ class SyncTarget:
     "with ``modules=None``: modules kept in high precision (QuantScheme.ignore patterns)"
     ignore_rule: str = "quantrl"
     "how ``ignore`` entries match (QuantScheme.ignore_rule)"
+    fp32_names: frozenset[str] = frozenset()
+    "tensors the engine keeps in fp32 whatever its dtype (DeepSeek-V3's router: ``KEEP_FP32``), sent as fp32"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -136,10 +138,11 @@ class SyncTarget:
         dtype = getattr(model, "dtype", None)
         if not isinstance(dtype, torch.dtype):
             dtype = next(model.parameters()).dtype
+        fp32 = frozenset(n for n, p in model.named_parameters() if getattr(p, KEEP_FP32, False))
         kinds = (Fp8Linear, W4A16Linear, Nvfp4Linear)
         quantized = {n: m for n, m in linear_modules(model).items() if isinstance(m, kinds)}
         if not quantized:
-            return cls(method="none", dtype=dtype, modules=frozenset())
+            return cls(method="none", dtype=dtype, modules=frozenset(), fp32_names=fp32)
         formats = {}
         for name, m in quantized.items():
             if isinstance(m, Fp8Linear):
@@ -158,7 +161,7 @@ class SyncTarget:
         scheme = getattr(model, "scheme", None)
         rule = {"ignore": tuple(scheme.ignore), "ignore_rule": scheme.ignore_rule} if isinstance(scheme, QuantScheme) else {}
         extra = {"qmax": qmax} if dict(fmt_items)["method"] == "int" else {}
-        return cls(dtype=dtype, modules=frozenset(quantized), **rule, **dict(fmt_items), **extra)
+        return cls(dtype=dtype, modules=frozenset(quantized), fp32_names=fp32, **rule, **dict(fmt_items), **extra)
 
     @classmethod
     def from_scheme(cls, scheme: QuantScheme, dtype: torch.dtype = torch.bfloat16, qmax: int = 7) -> SyncTarget:
@@ -302,9 +305,7 @@ def _convert_linear(name: str, module: str, w: torch.Tensor, target: SyncTarget,
 
 def convert_one(name: str, t: torch.Tensor, target: SyncTarget,
                 module: nn.Module | None = None) -> list[tuple[str, torch.Tensor]]:  # fmt: skip
-    """One trainer tensor -> its engine tensors (``module``: the trainer's owner, for FP8 reuse). A parameter
-    both models keep in fp32 (``KEEP_FP32``: DeepSeek-V3's router) stays fp32."""
-    keep_fp32 = getattr(t, KEEP_FP32, False)
+    """One trainer tensor -> its engine tensors (``module``: the trainer's owner, for FP8 reuse)."""
     t = t.detach()
     mname = name[: -len(".weight")] if name.endswith(".weight") else None
     try:
@@ -312,7 +313,7 @@ def convert_one(name: str, t: torch.Tensor, target: SyncTarget,
             return _convert_linear(name, mname, t, target, module)
         if not t.is_floating_point() or t.dtype in (FP8_DTYPE, torch.float8_e5m2):
             raise SyncError(f"expected a high-precision float tensor, got {t.dtype}")
-        return [(name, t if keep_fp32 else t.to(target.dtype))]
+        return [(name, t.to(torch.float32 if name in target.fp32_names else target.dtype))]
     except (ValueError, TypeError) as e:
         what = f"trainer tensor {name!r} {t.dtype} {list(t.shape)} -> {target.describe()}"
         raise SyncError(f"weight sync: {what}: {e}") from e

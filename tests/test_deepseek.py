@@ -1,0 +1,143 @@
+"""DeepSeek-V3 (the architecture of Moonlight-16B-A3B and Kimi-K2) end to end: conversion quantizes every
+latent-attention and expert Linear and keeps the fp32 router and its correction bias; the engine's latent
+KV cache gives the logprobs and expert choices of a full forward; a bf16 QAT trainer hands the engine its
+fake-quantized weights bitwise and its fp32 router unrounded; it trains in every mode.
+
+Shapes: hidden 128, latent 128, queries through a rank-128 path, 2 heads of 64 + 32 (rotary) dims, values
+64, experts 128 wide in 2 groups of 4, top-2 of the best group, a shared expert, a dense first layer.
+"""
+
+import json
+
+import pytest
+import torch
+from _tiny_models import deepseek_v3_config, random_prompts, save_model
+from safetensors.torch import load_file
+
+from quantrl.checkpoint.convert_fp8 import convert_to_fp8
+from quantrl.checkpoint.convert_int import IntConvertOptions, convert_to_int
+from quantrl.formats import fake_quantize_fp8, fake_quantize_int
+from quantrl.model import Fp8Linear, QuantScheme, W4A16Linear, build_model, dequantized_weights, load_model
+from quantrl.model.moe import Fp32Router, Routing
+from quantrl.rollout import Engine, SamplingParams
+from quantrl.sync import sync_weights
+from quantrl.train.logprobs import token_logprobs
+from quantrl.train.qat import QATConfig, QATLinear, prepare_qat
+from quantrl.train.trainer import TrainConfig, Trainer
+
+GROUP = 32
+LOGPROB_ATOL = 1e-5
+ROUTERS = ["model.layers.1.mlp.gate", "model.layers.2.mlp.gate"]  # layer 0 is dense (first_k_dense_replace)
+ATTENTION = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+
+def ds_cfg(**kw):
+    return deepseek_v3_config(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_attention_heads=2,
+                              num_key_value_heads=2, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64,
+                              qk_rope_head_dim=32, v_head_dim=64, **kw)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    base = tmp_path_factory.mktemp("deepseek")
+    src = save_model(ds_cfg(), base / "bf16", dtype=torch.bfloat16)
+    return {
+        "bf16": src,
+        "fp8": convert_to_fp8(src, base / "fp8", progress=False).output_dir,
+        "int4": convert_to_int(src, base / "int4", IntConvertOptions(method="rtn", group_size=GROUP),
+                               progress=False).output_dir,
+    }  # fmt: skip
+
+
+FAKE = {
+    "fp8": (Fp8Linear, lambda w: fake_quantize_fp8(w)),
+    "int4": (W4A16Linear, lambda w: fake_quantize_int(w, 4, GROUP, 7)),
+}
+
+
+def quantized_names() -> list[str]:
+    attn = [f"model.layers.{i}.self_attn.{p}.weight" for i in range(3) for p in ATTENTION]
+    mlps = ["model.layers.0.mlp"] + [f"model.layers.{i}.mlp.{e}" for i in (1, 2)
+                                     for e in ["shared_experts", *(f"experts.{j}" for j in range(8))]]  # fmt: skip
+    return attn + [f"{m}.{p}_proj.weight" for m in mlps for p in ("gate", "up", "down")]
+
+
+@pytest.mark.parametrize("kind", list(FAKE))
+def test_conversion_quantizes_latent_attention_and_experts_keeps_the_router(ckpts, kind):
+    cls, fake = FAKE[kind]
+    qc = json.loads((ckpts[kind] / "config.json").read_text())["quantization_config"]
+    assert set(ROUTERS) <= set(qc.get("modules_to_not_convert") or qc.get("ignore"))
+    stored, src = load_file(ckpts[kind] / "model.safetensors"), load_file(ckpts["bf16"] / "model.safetensors")
+    for r in ROUTERS:  # byte-identical, never quantized
+        for t in ("weight", "e_score_correction_bias"):
+            assert torch.equal(stored[f"{r}.{t}"], src[f"{r}.{t}"])
+    model = load_model(ckpts[kind], dtype=torch.bfloat16)
+    modules, deq = dict(model.named_modules()), dequantized_weights(model)
+    assert all(isinstance(modules[r], Fp32Router) and modules[r].weight.dtype == torch.float32 for r in ROUTERS)
+    names = quantized_names()
+    assert len(names) == 3 * 5 + 3 + 2 * 9 * 3
+    for name in names:
+        assert isinstance(modules[name.removesuffix(".weight")], cls), name
+        assert torch.equal(deq[name], fake(src[name]).to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_latent_kv_cache_gives_the_full_forwards_logprobs_and_experts(ckpts, kind):
+    """Prefill, decode and slot compaction through the cached latents: every sampled token's logprob and
+    every token's experts are those of one full-sequence forward."""
+    model = load_model(ckpts[kind], dtype=torch.float32)
+    prompts = random_prompts([5, 12, 3], seed=1)
+    engine = Engine(model, kv_cache_tokens=60, max_prefill_tokens=16)  # 3 slots for 6 samples
+    assert engine.cache.bytes_per_token == 3 * (128 + 32) * 4  # the latent + the shared roped key, not 2 x heads
+    params = SamplingParams(n=2, temperature=0.8, max_new_tokens=8, seed=0, return_routing=True)
+    results = engine.generate(prompts, params)
+    assert len(results) == 6
+    for r in results:
+        ids = torch.tensor([prompts[r.prompt_index] + r.tokens])
+        routing = Routing(record=True)
+        with torch.no_grad():
+            expected = token_logprobs(model, ids, temperature=0.8, routing=routing)[0][0, len(prompts[r.prompt_index]) - 1 :]
+        assert torch.allclose(torch.tensor(r.logprobs), expected, rtol=0, atol=LOGPROB_ATOL)
+        full = routing.stacked(1, ids.shape[1])[0, :-1]  # [P + G - 1, L_moe, k]
+        assert torch.equal(r.routing.long().sort(-1).values, full.long().sort(-1).values)
+
+
+def test_bf16_qat_trainer_syncs_fake_quant_experts_and_the_fp32_router(ckpts):
+    trainer = load_model(ckpts["bf16"], dtype=torch.bfloat16)
+    prepare_qat(trainer, QATConfig(group_size=GROUP, qmax=7, dtype=torch.bfloat16))
+    engine = Engine(build_model(trainer.config, QuantScheme.int4(GROUP), dtype=torch.bfloat16), kv_cache_tokens=256)
+    sync_weights(trainer, engine, version=1, check_equal=True)
+    deq = dequantized_weights(engine.model)
+    swapped = {n for n, m in trainer.named_modules() if isinstance(m, QATLinear)}
+    assert swapped == {n.removesuffix(".weight") for n in quantized_names()}
+    for name in swapped:
+        with torch.no_grad():
+            assert torch.equal(deq[f"{name}.weight"], trainer.get_submodule(name).fake_quantized_weight()), name
+    for r in ROUTERS:
+        for t in ("weight", "e_score_correction_bias"):
+            got = engine.model.get_parameter(f"{r}.{t}")
+            assert got.dtype == torch.float32 and torch.equal(got, trainer.get_parameter(f"{r}.{t}")), (r, t)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int4-qat", "fp8"])
+def test_deepseek_trains_the_router_not_its_bias(ckpts, mode):
+    torch.manual_seed(0)
+    model = load_model(ckpts["bf16"], dtype=torch.bfloat16).train()
+    router, bias = (model.get_parameter(f"{ROUTERS[0]}.{t}") for t in ("weight", "e_score_correction_bias"))
+    before = router.detach().clone(), bias.detach().clone()
+    tr = Trainer(model, TrainConfig(mode=mode, lr=3e-3, micro_batch_size=4, qat_group_size=GROUP))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 300, (8, 1), generator=g)
+    ids = torch.cat([ids] + [(ids * 7 + i) % 300 for i in range(1, 16)], 1)  # a learnable pattern
+    am = torch.ones_like(ids)
+    batch = {"input_ids": ids, "attention_mask": am, "loss_mask": am.clone()}
+
+    def loss(m, micro):
+        logp, _ = token_logprobs(m, micro["input_ids"], micro["attention_mask"])
+        mask = micro["loss_mask"][:, 1:]
+        return -(logp * mask).sum(), {"tokens": float(mask.sum())}
+
+    losses = [tr.train_step(batch, loss)["loss"] for _ in range(12)]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert router.dtype == torch.float32 and not torch.equal(router.detach(), before[0])
+    assert torch.equal(bias, before[1])  # moved only by load balancing, which is not a gradient
