@@ -141,3 +141,50 @@ def test_deepseek_trains_the_router_not_its_bias(ckpts, mode):
     assert losses[-1] < 0.7 * losses[0], losses
     assert router.dtype == torch.float32 and not torch.equal(router.detach(), before[0])
     assert torch.equal(bias, before[1])  # moved only by load balancing, which is not a gradient
+
+
+def test_gptq_on_a_deepseek_checkpoint(ckpts, tmp_path):
+    """GPTQ through transformers' DeepSeek-V3 layers: every latent-attention Linear, the dense MLP, the shared
+    expert and every routed expert (on its routed tokens) calibrated; routers untouched."""
+    import shutil
+
+    from quantrl.tasks.tokenizer import build_tokenizer
+
+    src = tmp_path / "bf16"
+    shutil.copytree(ckpts["bf16"], src)
+    build_tokenizer().save_pretrained(src)  # calibration text needs a tokenizer; its ids fit the 300-row vocab
+    opts = IntConvertOptions(method="gptq", group_size=GROUP, data_dir="synthetic", num_calibration_samples=8,
+                             max_sequence_length=64)  # fmt: skip
+    out = convert_to_int(src, tmp_path / "gptq", opts, progress=False).output_dir
+    deq = dequantized_weights(load_model(out, dtype=torch.bfloat16))
+    orig = load_file(src / "model.safetensors")
+    names = quantized_names()
+    rtn = {n: FAKE["int4"][1](orig[n]).to(torch.bfloat16) for n in names}
+    same = [n for n in names if torch.equal(deq[n], rtn[n])]
+    # an expert no calibration token reached is rounded to nearest (H = I); all others moved
+    assert all(".experts." in n for n in same) and len(same) < len(names) // 4, same
+    assert all(torch.equal(load_file(out / "model.safetensors")[f"{r}.weight"], orig[f"{r}.weight"]) for r in ROUTERS)
+
+
+@pytest.mark.parametrize("kind", list(FAKE))
+def test_transformers_reads_our_deepseek_checkpoints(ckpts, kind):
+    """transformers' DeepSeek-V3 fuses our per-expert tensors (gate_up_proj [E, 2I, H]) and dequantizes
+    (FP8, CPU) or decompresses (INT4, compressed-tensors) them to our fake quantization; FP8 attention
+    Linears too, where the output width is a whole number of 128-blocks (its loader gets ragged ones, here
+    q_b_proj's 192 and kv_a_proj_with_mqa's 160 rows, wrong: see tests/test_convert_fp8.py)."""
+    from transformers import AutoModelForCausalLM
+
+    state = AutoModelForCausalLM.from_pretrained(ckpts[kind], dtype=torch.bfloat16).state_dict()
+    fake = FAKE[kind][1]
+    src = load_file(ckpts["bf16"] / "model.safetensors")
+    for layer in (1, 2):
+        gate_up = state[f"model.layers.{layer}.mlp.experts.gate_up_proj"]
+        down = state[f"model.layers.{layer}.mlp.experts.down_proj"]
+        for e in range(8):
+            g, u, d = (fake(src[f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight"]).to(torch.bfloat16)
+                       for p in ("gate", "up", "down"))  # fmt: skip
+            assert torch.equal(gate_up[e].to(torch.bfloat16), torch.cat([g, u])), (layer, e)
+            assert torch.equal(down[e].to(torch.bfloat16), d), (layer, e)
+    if kind == "fp8":
+        for name in [f"model.layers.{i}.self_attn.{p}.weight" for i in range(3) for p in ("q_a_proj", "kv_b_proj", "o_proj")]:
+            assert torch.equal(state[name].to(torch.bfloat16), fake(src[name]).to(torch.bfloat16)), name

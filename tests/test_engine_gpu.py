@@ -91,15 +91,22 @@ def test_cuda_graph_decode_matches_a_full_forward_and_follows_weight_updates(kin
     assert float(err3.mean()) < 0.05 and float(err3.max()) < 1.0
 
 
-def test_moe_cuda_graph_decode_routes_and_scores_like_a_full_forward():
-    """Qwen3-MoE in fp32 on CUDA: graphed decode runs the dense (capture-safe) expert dispatch and returns
-    its expert choices from the graph; both must equal what an eager full forward (grouped dispatch)
-    gives for the same tokens: routing exactly, logprobs within fp32 rounding."""
-    from _tiny_models import qwen3_moe_config
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_moe_cuda_graph_decode_routes_and_scores_like_a_full_forward(arch):
+    """Qwen3-MoE and DeepSeek-V3 (latent KV cache, fp32 grouped router) in fp32 on CUDA: graphed decode runs
+    the dense (capture-safe) expert dispatch and returns its expert choices from the graph; both must equal
+    what an eager full forward (grouped dispatch) gives for the same tokens: routing exactly, logprobs
+    within fp32 rounding."""
+    from _tiny_models import deepseek_v3_config, qwen3_moe_config
 
     from quantrl.model.moe import Routing
 
-    cfg = qwen3_moe_config(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, head_dim=64).to_dict()
+    if arch == "qwen3_moe":
+        cfg = qwen3_moe_config(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, head_dim=64).to_dict()
+    else:
+        cfg = deepseek_v3_config(hidden_size=256, intermediate_size=256, moe_intermediate_size=128,
+                                 kv_lora_rank=128, q_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                                 v_head_dim=64).to_dict()  # fmt: skip
     model = random_init_(build_model(cfg, dtype=torch.float32, device=DEV), seed=0, std=0.1)
     engine = Engine(model, kv_cache_tokens=4096, max_seq_len=64, max_batch_size=16, use_cuda_graph=True)
     prompts = random_prompts([5, 12, 3, 9, 4], seed=8)

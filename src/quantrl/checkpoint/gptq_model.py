@@ -86,7 +86,7 @@ from quantrl.formats.nvfp4 import GROUP as NVFP4_GROUP
 from quantrl.formats.nvfp4 import dequantize_nvfp4
 
 # Model types whose layer-by-layer forward is checked against transformers' full forward in the tests.
-VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"})
+VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_v3"})
 _FLOAT_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Old Llama checkpoints store a per-layer rotary buffer that current modules compute instead.
 _IGNORED_CHECKPOINT_SUFFIXES = ("rotary_emb.inv_freq",)
