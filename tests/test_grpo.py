@@ -89,6 +89,35 @@ def test_clipped_loss_hand_computed(gen):
     assert m["pg_clipfrac"] == pytest.approx(1 / 5)
 
 
+def test_entropy_bonus_hand_computed(gen):
+    logp, old, adv, mask = case(gen)
+    base, _ = policy_loss(logp, old, adv, mask)
+    ent = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 99.0]], requires_grad=True)  # 99: a padding token
+    loss, m = policy_loss(logp, old, adv, mask, entropy=ent, entropy_coef=0.1)
+    assert m["entropy"] == pytest.approx((1 + 2 + 3 + 4 + 5) / 5)
+    assert loss.item() == pytest.approx(base.item() - 0.1 * 15 / 5, abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(ent.grad, -0.1 * mask.float() / 5)  # the bonus pushes entropy up, padding aside
+    _, m0 = policy_loss(logp, old, adv, mask, entropy=ent.detach())  # measured, not in the loss
+    assert m0["entropy"] == m["entropy"]
+    with pytest.raises(ValueError, match="needs the entropy"):
+        policy_loss(logp, old, adv, mask, entropy_coef=0.1)
+
+
+def test_entropy_outside_autograd_equals_the_differentiable_one(gen):
+    from quantrl.train.logprobs import token_logprobs
+
+    model = tiny_model()
+    ids = torch.randint(0, 64, (3, 9), generator=gen)
+    am = torch.ones_like(ids)
+    am[0, :3] = 0
+    _, with_grad = token_logprobs(model, ids, am, temperature=0.7, with_entropy=True)
+    _, metric = token_logprobs(model, ids, am, temperature=0.7, with_entropy=True, entropy_grad=False)
+    assert with_grad.requires_grad and not metric.requires_grad
+    torch.testing.assert_close(metric, with_grad.detach(), rtol=1e-6, atol=1e-6)
+    assert (metric[0, :3] == 0).all() and (metric[:, 3:] > 0).all()
+
+
 def test_tis_and_mis_weights_multiply_the_surrogate(gen):
     logp, old, adv, mask = case(gen)
     # old / rollout ratios [[3, 1, 0.5], [1, 1, 1]]

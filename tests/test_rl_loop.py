@@ -303,6 +303,28 @@ def test_dynamic_sampling_trains_only_prompts_with_a_reward_spread(tiny_model, t
         RLConfig(max_sampling_rounds=0)
 
 
+def test_lr_schedule_warms_up_and_decays_to_min_lr():
+    from quantrl.rl.loop import lr_at
+
+    c = RLConfig(lr=1e-4, lr_warmup_steps=4, lr_decay_style="cosine", min_lr=1e-5, num_steps=14)
+    assert [lr_at(c, s) for s in (1, 2, 4)] == pytest.approx([2.5e-5, 5e-5, 1e-4])
+    assert lr_at(c, 9) == pytest.approx(1e-5 + 0.5 * 9e-5) and lr_at(c, 14) == pytest.approx(1e-5)
+    lin = dataclasses.replace(c, lr_decay_style="linear")
+    assert lr_at(lin, 9) == pytest.approx(5.5e-5) and lr_at(lin, 20) == pytest.approx(1e-5)  # past the end: min_lr
+    assert lr_at(RLConfig(lr=3e-5), 7) == 3e-5
+    with pytest.raises(ValueError, match="lr_decay_style"):
+        RLConfig(lr_decay_style="step")
+    with pytest.raises(ValueError, match="min_lr"):
+        RLConfig(lr=1e-5, min_lr=1e-4)
+
+
+def test_the_loop_follows_the_lr_schedule_and_logs_entropy(tiny_model, tmp_path):
+    rows = train(cfg(tiny_model, tmp_path / "s", eval_interval=0, num_steps=3, lr_warmup_steps=2, entropy_coef=0.01),
+                 progress=False)  # fmt: skip
+    assert [r["lr"] for r in rows] == pytest.approx([5e-5, 1e-4, 1e-4])
+    assert all(r["entropy"] > 0 for r in rows)
+
+
 def test_placement_flags_are_checked():
     with pytest.raises(ValueError, match="placement must be one of"):
         RLConfig(placement="slurm")

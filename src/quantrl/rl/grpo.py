@@ -19,7 +19,8 @@ Policy loss. Per response token t (``mask`` = 1), with ``A`` the advantage of th
     pg_t    = max(-A * ratio_t, -A * clamp(ratio_t, 1 - clip_eps, 1 + clip_eps_high))   PPO clip; DAPO clip-higher
     w_t     = importance_weights(old_logp, rollout_logp, mask, is_cfg)                  TIS / MIS, detached (1 if off)
     kl_t    = min(exp(ref_t - logp_t) - (ref_t - logp_t) - 1, 10)                       k3 estimator of KL(pi||ref)
-    loss_t  = w_t * pg_t + kl_coef * kl_t
+    H_t     = -sum_v p_t(v) log p_t(v)                                                  entropy of the next-token policy
+    loss_t  = w_t * pg_t + kl_coef * kl_t - entropy_coef * H_t
 
 ``old_logp`` is the trainer's own logprob of the sampled tokens before this update (equal to ``logp``
 detached when each rollout batch is used for one optimizer step); ``rollout_logp`` is what the (possibly
@@ -95,6 +96,8 @@ def policy_loss(
     is_cfg: ISConfig | None = None,
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
     aggregation: str = "token-mean",
     token_sum: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -102,14 +105,16 @@ def policy_loss(
 
     Metrics are means over masked tokens: ``pg_clipfrac`` (tokens where the clipped branch is taken),
     ``approx_kl`` (mean ``old_logp - logp``, slime's / verl's ``ppo_kl``), ``ratio_mean``, ``is_clipped_frac``
-    (TIS-truncated / MIS-masked tokens), ``pg_loss``, and ``kl_ref`` (mean k3) when ``ref_logp`` is given.
+    (TIS-truncated / MIS-masked tokens), ``pg_loss``, ``kl_ref`` (mean k3) when ``ref_logp`` is given, and
+    ``entropy`` when ``entropy`` [B, T] (the policy's, differentiable when ``entropy_coef`` > 0) is.
     With ``token_sum=True`` the loss is the masked *sum* and each metric ``m`` becomes ``m_sum`` (mean x
     tokens) next to ``loss_tokens``, so values summed over micro-batches turn into batch means with
     :func:`reduce_metrics`.
     """
     if logp.ndim != 2:
         raise ValueError(f"policy_loss: logp must be [B, T], got shape {tuple(logp.shape)}")
-    for name, t in (("old_logp", old_logp), ("mask", mask), ("rollout_logp", rollout_logp), ("ref_logp", ref_logp)):
+    for name, t in (("old_logp", old_logp), ("mask", mask), ("rollout_logp", rollout_logp), ("ref_logp", ref_logp),
+                    ("entropy", entropy)):  # fmt: skip
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"policy_loss: {name} has shape {tuple(t.shape)}, logp has {tuple(logp.shape)}")
     if advantages.shape != logp.shape[:1]:
@@ -148,6 +153,10 @@ def policy_loss(
             per_token = per_token + kl_coef * kl
     elif kl_coef:
         raise ValueError("policy_loss: kl_coef > 0 needs ref_logp")
+    if entropy_coef and entropy is None:
+        raise ValueError("policy_loss: entropy_coef > 0 needs the entropy")
+    if entropy_coef:
+        per_token = per_token - entropy_coef * entropy.float()
 
     tokens = m.sum()
     if token_sum or aggregation == "token-mean":
@@ -175,6 +184,8 @@ def policy_loss(
         }
         if kl is not None:
             metrics["kl_ref"] = mean(kl)
+        if entropy is not None:
+            metrics["entropy"] = mean(entropy.float())
     if token_sum:
         metrics = {f"{k}_sum": v * n_tok for k, v in metrics.items()}
         metrics["loss_tokens"] = n_tok
@@ -204,6 +215,8 @@ class GRPOConfig:
     "train-rollout correction: ISConfig('tis'|'mis', cap) on old_logp vs rollout_logp; mode None: off"
     kl_coef: float = 0.0
     "weight of the k3 KL to the reference policy (slime --kl-loss-coef); needs ref_logp in the batch"
+    entropy_coef: float = 0.0
+    "weight of the entropy bonus (slime --entropy-coef); the entropy is measured and logged either way"
     temperature: float = 1.0
     "sampling temperature: logits are divided by it, so logp is the same quantity the engine reported"
 
@@ -214,6 +227,8 @@ class GRPOConfig:
             raise ValueError(f"clip_eps_high must be > 0, got {self.clip_eps_high}")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.entropy_coef < 0:
+            raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
@@ -236,8 +251,9 @@ def make_loss_fn(cfg: GRPOConfig = GRPOConfig()) -> LossFn:
         if micro["loss_mask"][:, 0].any():
             # the trainer divides by loss_mask.sum() over [B, T]; a first-position token has no logprob
             raise ValueError("GRPO loss_fn: loss_mask[:, 0] must be 0 (the first token is never predicted)")
-        logp, _ = token_logprobs(model, micro["input_ids"], micro["attention_mask"], temperature=cfg.temperature,
-                                 routing=micro.get("routing"))  # fmt: skip
+        logp, entropy = token_logprobs(model, micro["input_ids"], micro["attention_mask"], temperature=cfg.temperature,
+                                       with_entropy=True, entropy_grad=cfg.entropy_coef > 0,
+                                       routing=micro.get("routing"))  # fmt: skip
         old = micro.get("old_logp")
         return policy_loss(
             logp,
@@ -250,6 +266,8 @@ def make_loss_fn(cfg: GRPOConfig = GRPOConfig()) -> LossFn:
             is_cfg=cfg.is_cfg,
             ref_logp=micro.get("ref_logp"),
             kl_coef=cfg.kl_coef,
+            entropy=entropy,
+            entropy_coef=cfg.entropy_coef,
             token_sum=True,
         )
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from quantrl.rl.recipes import get_recipe
 from quantrl.rl.run_dir import RunDir
 
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
 PLACEMENTS = ("local", "ray")
 
 
@@ -73,7 +75,13 @@ class RLConfig:
     max_new_tokens: int = 48
     "response length limit (slime --rollout-max-response-len)"
     lr: float = 5e-5
-    "learning rate"
+    "learning rate (the peak, with a schedule)"
+    lr_warmup_steps: int = 0
+    "linear warm-up from 0 over this many steps (slime --lr-warmup-iters)"
+    lr_decay_style: str = "constant"
+    "after the warm-up: constant | linear | cosine, down to --min-lr at --num-steps (slime --lr-decay-style)"
+    min_lr: float = 0.0
+    "where linear and cosine decay end (slime --min-lr)"
     micro_batch_size: int = 32
     "sequences per forward/backward"
     grad_clip: float = 1.0
@@ -88,6 +96,8 @@ class RLConfig:
     "--dynamic-sampling: rollouts of --prompts-per-step fresh prompts per step at most; a step still short trains on the prompts it has"
     kl_coef: float = 0.0
     "k3 KL to the initial policy (slime --kl-loss-coef); > 0 keeps a frozen reference model"
+    entropy_coef: float = 0.0
+    "entropy bonus (slime --entropy-coef); the policy's entropy on the trained tokens is logged either way"
     is_mode: str = ""
     "train-rollout correction: '' (off), tis or mis"
     is_cap: float = 2.0
@@ -138,6 +148,11 @@ class RLConfig:
             raise ValueError("--rollout-num-engines > 1 needs --placement ray")
         if self.dp_size < 1:
             raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(f"lr_decay_style must be one of {LR_DECAY_STYLES}, got {self.lr_decay_style!r}")
+        if self.lr_warmup_steps < 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need lr_warmup_steps >= 0 and 0 <= min_lr <= lr, got {self.lr_warmup_steps}, "
+                             f"{self.min_lr}, {self.lr}")  # fmt: skip
         if self.max_sampling_rounds < 1:
             raise ValueError(f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
         if self.placement == "local" and self.dp_size != 1:
@@ -153,6 +168,18 @@ class RLConfig:
         if self.eval_interval and not self.eval_size and not self.eval_data:
             raise ValueError(f"--eval-interval {self.eval_interval} needs held-out prompts: --eval-size > 0 or "
                              "--eval-data (or --eval-interval 0)")  # fmt: skip
+
+
+def lr_at(cfg: RLConfig, step: int) -> float:
+    """The learning rate of step ``step`` (1-based): linear warm-up to ``lr``, then the decay style down to
+    ``min_lr`` at ``num_steps``. A function of the step alone, so a resumed run continues the same curve."""
+    if step <= cfg.lr_warmup_steps:
+        return cfg.lr * step / cfg.lr_warmup_steps
+    if cfg.lr_decay_style == "constant":
+        return cfg.lr
+    frac = min(1.0, (step - cfg.lr_warmup_steps) / max(1, cfg.num_steps - cfg.lr_warmup_steps))
+    shape = 1 - frac if cfg.lr_decay_style == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
 
 
 def default_model_dir() -> str:
@@ -310,7 +337,8 @@ class RLRun:
                         p.copy_(init[name])
         is_cfg = ISConfig(cfg.is_mode or None, cfg.is_cap)
         self.loss_fn = make_loss_fn(GRPOConfig(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, is_cfg=is_cfg,
-                                               kl_coef=cfg.kl_coef, temperature=cfg.temperature))  # fmt: skip
+                                               kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef,
+                                               temperature=cfg.temperature))  # fmt: skip
         self.dataset, self.held_out, self.reward = _task(cfg, self.tok)
         self.step_idx = 0
         self.pending: dict | None = None  # async rollout: the next step's samples, submitted or collected
@@ -514,6 +542,7 @@ class RLRun:
             train_logp, flips = self._gather_rows(train_logp), self._gather_rows(flips[None])
             if self.ref is not None:
                 mine["ref_logp"] = self._logprobs(self.ref, mine)[0]
+        self.trainer.optimizer.set_lr(lr_at(cfg, step))
         t0 = time.perf_counter()
         train_metrics = reduce_metrics(self.trainer.train_step(mine, self.loss_fn))
         train_s = time.perf_counter() - t0
@@ -639,6 +668,8 @@ def drive(call, cfg: RLConfig, progress: bool) -> list[dict]:
         recent = [r["reward"] for r in rows[-10:] if "reward" in r]  # one step's reward is mostly its prompts
         shown = {"reward": f"{row['reward']:.3f}", "reward(10)": f"{sum(recent) / len(recent):.3f}",
                  "|dlogp|": f"{row['mismatch_abs_mean']:.4f}"}  # fmt: skip
+        if "entropy" in row:
+            shown["H"] = f"{row['entropy']:.3f}"
         if "eval_accuracy" in row:
             shown["eval"] = f"{row['eval_accuracy']:.3f}"
         bar.set_postfix(shown)

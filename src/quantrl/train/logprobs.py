@@ -23,8 +23,12 @@ def token_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
     routing: torch.Tensor | Routing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logprobs [B, T-1], entropies [B, T-1] of the temperature-scaled next-token distribution or None).
+    ``entropy_grad=False`` computes the entropy outside autograd, one row at a time: a metric then costs
+    one [T, V] temporary instead of keeping a second [B, T, V] for the backward."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if attention_mask is None:
@@ -45,6 +49,9 @@ def token_logprobs(
     valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
     logp = logp_all.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(~valid, 0.0)  # [B, T-1]
     entropy = None
-    if with_entropy:
+    if with_entropy and entropy_grad:
         entropy = -(logp_all.exp() * logp_all).sum(-1).masked_fill(~valid, 0.0)
+    elif with_entropy:
+        with torch.no_grad():
+            entropy = torch.stack([-(lp.exp() * lp).sum(-1) for lp in logp_all]).masked_fill(~valid, 0.0)
     return logp, entropy
