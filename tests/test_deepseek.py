@@ -143,6 +143,19 @@ def test_deepseek_trains_the_router_not_its_bias(ckpts, mode):
     assert torch.equal(bias, before[1])  # moved only by load balancing, which is not a gradient
 
 
+def test_bf16_checkpoint_keeps_the_router_fp32(ckpts, tmp_path):
+    model = load_model(ckpts["bf16"], dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.get_parameter(f"{ROUTERS[0]}.e_score_correction_bias").add_(1e-4)  # not representable in bf16
+    out = Trainer(model, TrainConfig(mode="int4-qat", qat_group_size=GROUP)).save_checkpoint(tmp_path / "c", ckpts["bf16"])
+    saved = load_file(out / "model.safetensors")
+    assert {saved[f"{r}.{t}"].dtype for r in ROUTERS for t in ("weight", "e_score_correction_bias")} == {torch.float32}
+    assert saved["model.layers.0.self_attn.o_proj.weight"].dtype == torch.bfloat16
+    back = load_model(out, dtype=torch.bfloat16)
+    for name, p in model.named_parameters():
+        assert torch.equal(back.get_parameter(name), p), name
+
+
 def test_gptq_on_a_deepseek_checkpoint(ckpts, tmp_path):
     """GPTQ through transformers' DeepSeek-V3 layers: every latent-attention Linear, the dense MLP, the shared
     expert and every routed expert (on its routed tokens) calibrated; routers untouched."""

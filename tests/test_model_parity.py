@@ -147,6 +147,16 @@ def test_deepseek_v3_config_and_routing(models, gen):
     torch.testing.assert_close(w.sum(-1), torch.full((64,), 2.5))  # renormalised, then scaled
 
 
+def test_kimi_k2_config_reads_as_deepseek_v3(models):
+    """Kimi-K2's config.json: model_type kimi_k2 (remote code in transformers), transformers 4's rope dialect;
+    the same architecture and numbers as DeepSeek-V3's."""
+    d = deepseek_v3_config().to_dict()
+    rope = d.pop("rope_parameters")
+    kimi = {**d, "model_type": "kimi_k2", "rope_theta": rope["rope_theta"],
+            "rope_scaling": {"type": "yarn", **{k: v for k, v in rope.items() if k not in ("rope_type", "rope_theta")}}}  # fmt: skip
+    assert ModelConfig.from_hf(kimi) == models["deepseek_v3"][1].config
+
+
 def test_yarn_inv_freq_equals_transformers(models):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

@@ -18,7 +18,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "qwen2_moe", "deepseek_v3")
+# Kimi-K2 ships its own model_type (and remote code) for DeepSeek-V3's architecture and weight names
+ALIASES = {"kimi_k2": "deepseek_v3"}
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "qwen2_moe", "deepseek_v3", *ALIASES)
 QK_NORM_TYPES = ("qwen3", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -169,7 +171,8 @@ class ModelConfig:
         if mt not in SUPPORTED_MODEL_TYPES:
             supported = ", ".join(SUPPORTED_MODEL_TYPES)
             raise ValueError(f"unsupported model_type {mt!r}: quantrl's decoder supports {supported}")
-        d = _as_transformers_resolves(d)
+        mt = ALIASES.get(mt, mt)
+        d = _as_transformers_resolves({**d, "model_type": mt})
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{mt}: hidden_act {act!r} is not supported (SwiGLU with silu only)")

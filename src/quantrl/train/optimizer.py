@@ -38,6 +38,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from quantrl.train.data_parallel import owners, sharded_grad_norm
+
 NO_DECAY_HINTS = ("norm", "bias", "embed")
 # Set on each parameter while the optimizer accumulates (``accumulating``): a callable adding an fp32 gradient
 # to its accumulator, for backwards that have one (FP8 training's wgrad GEMM; Megatron's gradient-accumulation
@@ -57,8 +59,6 @@ class MasterAdamW:
         offload: bool = False,
         shard: tuple[int, int] | None = None,
     ):
-        from quantrl.train.data_parallel import owners
-
         named = [(n, p) for n, p in named_params if p.requires_grad]
         if not named:
             raise ValueError("MasterAdamW: no trainable parameters")
@@ -168,8 +168,6 @@ class MasterAdamW:
         every = self.master_grads()
         grads = [g for g in every if g is not None]
         if group is not None:
-            from quantrl.train.data_parallel import sharded_grad_norm
-
             norm = sharded_grad_norm(every, group)
         elif grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))

@@ -18,6 +18,7 @@ from torch import nn
 
 from quantrl.checkpoint.output_dir import atomic_output_dir, copy_aux_files
 from quantrl.checkpoint.safetensors_io import ShardedWriter, TensorSpec
+from quantrl.model.moe import KEEP_FP32
 from quantrl.train.data_parallel import DEFAULT_BUCKET_ELEMS, broadcast_from_owners, comm_device, sum_gradients
 from quantrl.train.fp8_linear import prepare_fp8_training
 from quantrl.train.optimizer import MasterAdamW
@@ -147,10 +148,11 @@ class Trainer:
         return t.tolist()
 
     def bf16_state(self) -> dict[str, torch.Tensor]:
-        """HF-named parameters in bf16, tied weights once (as HF saves them)."""
+        """HF-named parameters in bf16 (those the model keeps in fp32, DeepSeek-V3's router, in fp32), tied
+        weights once (as HF saves them)."""
         out = {}
         for name, p in self.model.named_parameters():  # named_parameters() already drops tied duplicates
-            out[name] = p.detach().to(torch.bfloat16)
+            out[name] = p.detach().to(torch.float32 if getattr(p, KEEP_FP32, False) else torch.bfloat16)
         return out
 
     def save_checkpoint(self, out_dir: str | Path, source_dir: str | Path, *, overwrite: bool = True) -> Path:
