@@ -325,6 +325,37 @@ def test_the_loop_follows_the_lr_schedule_and_logs_entropy(tiny_model, tmp_path)
     assert all(r["entropy"] > 0 for r in rows)
 
 
+def test_custom_reward_function_and_overlong_filter(tmp_path, monkeypatch):
+    """--custom-rm-path replaces the math reward (every sample scored by it, the logged reward its mean);
+    --overlong-filter takes the loss off samples cut at --max-new-tokens, and only those."""
+    from quantrl.rl import grpo
+
+    log = tmp_path / "calls.txt"
+    rm = tmp_path / "rm.py"
+    rm.write_text(f"def reward(response, label, prompt):\n    r = float(len(response) % 3 == 0)\n"
+                  f"    open({str(log)!r}, 'a').write(f'{{r}}\\n')\n    return r\n")  # fmt: skip
+    trained = []
+    real = grpo.make_loss_fn
+
+    def spy(*a, **k):
+        fn = real(*a, **k)
+        return lambda model, micro: trained.append(micro["loss_mask"]) or fn(model, micro)
+
+    monkeypatch.setattr(grpo, "make_loss_fn", spy)
+    run = functools.partial(cfg, "", eval_interval=0, num_steps=2, prompts_per_step=4, n_samples_per_prompt=4,
+                            max_new_tokens=21, difficulty="medium", micro_batch_size=64, custom_rm_path=f"{rm}:reward")  # fmt: skip
+    for overlong in (False, True):
+        trained.clear()
+        log.unlink(missing_ok=True)
+        rows = train(run(tmp_path / str(overlong), overlong_filter=overlong), progress=False)
+        calls = [float(x) for x in log.read_text().split()]
+        assert len(calls) == 2 * 16 and [r["reward"] for r in rows] == pytest.approx([sum(calls[:16]) / 16, sum(calls[16:]) / 16])
+        assert any(0 < r["truncated_frac"] < 1 for r in rows)  # 21 tokens cut some solutions (18 to 26 long)
+        for r, mask in zip(rows, trained):
+            cut = round(r["truncated_frac"] * 16)
+            assert int((mask.sum(1) == 0).sum()) == (cut if overlong and cut < 16 else 0)  # all cut: all kept
+
+
 def test_placement_flags_are_checked():
     with pytest.raises(ValueError, match="placement must be one of"):
         RLConfig(placement="slurm")

@@ -63,6 +63,8 @@ class DataConfig:
     "separate held-out file (slime --eval-prompt-data); None: split eval_size rows off prompt_data"
     eval_size: float = 0.0
     "held-out rows taken from prompt_data when eval_data is None: a count (>= 1) or a fraction (< 1)"
+    metadata_keys: tuple[str, ...] = ()
+    "columns kept with each prompt (Prompt.metadata), e.g. for a custom reward function"
 
 
 def _rows(path: Path) -> Iterator[tuple[str, dict]]:
@@ -267,7 +269,7 @@ def load_data(cfg: DataConfig, tokenizer: Any = None) -> tuple[PromptDataset, li
     if not cfg.prompt_data:
         raise DataError("DataConfig.prompt_data is empty: give a JSONL or parquet file of prompts")
     kw = dict(input_key=cfg.input_key, label_key=cfg.label_key, tokenizer=tokenizer,
-              apply_chat_template=cfg.apply_chat_template)  # fmt: skip
+              apply_chat_template=cfg.apply_chat_template, metadata_keys=cfg.metadata_keys)  # fmt: skip
     train = load_prompts(cfg.prompt_data, **kw)
     if cfg.eval_data:
         held = load_prompts(cfg.eval_data, **kw)

@@ -56,6 +56,10 @@ class RLConfig:
     "render prompts with the tokenizer's chat template"
     eval_data: str = ""
     "held-out prompts file; empty: a held-out split (eval_size) of the prompts"
+    metadata_keys: str = ""
+    "comma-separated columns of --prompt-data kept with each prompt and handed to --custom-rm-path's function"
+    custom_rm_path: str = ""
+    "your reward, module:function or file.py:function, called fn(response, label[, prompt=, metadata=]) -> float (slime --custom-rm-path); '': the math reward"
     eval_size: int = 64
     "held-out prompts for --eval-interval accuracy"
     difficulty: str = "medium"
@@ -92,6 +96,8 @@ class RLConfig:
     "PPO upper clip, DAPO clip-higher (slime --eps-clip-high)"
     dynamic_sampling: bool = False
     "DAPO dynamic sampling: drop prompts whose samples all got one reward (no gradient) and sample more prompts until --prompts-per-step have a spread"
+    overlong_filter: bool = False
+    "DAPO overlong filtering: samples cut at --max-new-tokens carry no loss (their rewards still shape their group's baseline)"
     max_sampling_rounds: int = 4
     "--dynamic-sampling: rollouts of --prompts-per-step fresh prompts per step at most; a step still short trains on the prompts it has"
     kl_coef: float = 0.0
@@ -209,12 +215,19 @@ def _task(cfg: RLConfig, tok):
     from quantrl.rl.data import DataConfig, Prompt, PromptDataset, load_data
     from quantrl.rl.rewards import math_reward
 
-    def reward(text: str, prompt: Prompt) -> float:
-        return math_reward(text, prompt.label or "")
+    if cfg.custom_rm_path:
+        from quantrl.rl.custom_reward import load_reward_fn
+
+        reward = load_reward_fn(cfg.custom_rm_path)
+    else:
+
+        def reward(text: str, prompt: Prompt) -> float:
+            return math_reward(text, prompt.label or "")
 
     if cfg.prompt_data:
         dcfg = DataConfig(prompt_data=cfg.prompt_data, input_key=cfg.input_key, label_key=cfg.label_key,
                           apply_chat_template=cfg.apply_chat_template, seed=cfg.seed, eval_data=cfg.eval_data or None,
+                          metadata_keys=tuple(k for k in cfg.metadata_keys.split(",") if k),
                           eval_size=0 if cfg.eval_data or not cfg.eval_interval else cfg.eval_size)  # fmt: skip
         ds, held = load_data(dcfg, tok)
         return ds, held, reward
@@ -476,6 +489,9 @@ class RLRun:
         if cfg.use_rollout_routing_replay and "routing" not in batch:  # e.g. samples saved by a run without it
             raise ValueError(f"step {step}: --use-rollout-routing-replay, but these samples carry no routing")
         batch["advantages"] = group_advantages(torch.cat([g[3] for g in groups]), cfg.n_samples_per_prompt)
+        cut = torch.tensor([r.finish_reason == "length" for r in results])
+        if cfg.overlong_filter and not cut.all():  # all cut: keep them rather than train on nothing
+            batch["loss_mask"][cut] = 0
         info = {"sampled": [r for g in sampled for r in g[2]],
                 "rewards": torch.cat([g[3] for g in sampled]), "rollout_s": rollout_s, "wait_s": wait_s}  # fmt: skip
         if cfg.dynamic_sampling:
@@ -562,6 +578,7 @@ class RLRun:
             **{k: v for k, v in train_metrics.items()},
             **info.get("dynamic", {}),
             "response_len": gen_tokens / len(sampled),
+            "truncated_frac": sum(r.finish_reason == "length" for r in sampled) / len(sampled),
             "rollout_tokens_per_s": gen_tokens / rollout_s,
             "train_tokens_per_s": float(batch["attention_mask"].sum()) / train_s,
             "rollout_s": rollout_s,
@@ -703,6 +720,9 @@ def train_on_ray(cfg: RLConfig, progress: bool = True) -> list[dict]:
     paths = {k: getattr(cfg, k) for k in ("model", "prompt_data", "eval_data") if getattr(cfg, k)}
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()),
                               **{k: str(Path(v).resolve()) for k, v in paths.items()})  # fmt: skip
+    if ".py:" in cfg.custom_rm_path:  # a reward file, by absolute path too
+        file, fn = cfg.custom_rm_path.rsplit(":", 1)
+        cfg = dataclasses.replace(cfg, custom_rm_path=f"{Path(file).resolve()}:{fn}")
     RunDir(cfg.run_dir).check_usable(cfg.resume)  # before any actor starts (the lead checks again)
     cuda = torch.device(cfg.device).type == "cuda"
     if cuda:  # an actor sees only the GPU Ray gave it, as cuda:0
