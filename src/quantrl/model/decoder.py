@@ -28,6 +28,7 @@ from quantrl.model.linear import Bf16Linear, QLinear, make_linear
 from quantrl.model.moe import MLP, Routing, SparseMoeBlock
 from quantrl.model.quant_scheme import QuantScheme
 from quantrl.model.rope import apply_rope, apply_rope_interleaved, inv_freq, rope_cos_sin
+from quantrl.model.tensor_parallel import COLUMN, ROW, SINGLE, TPContext, parallel_linear
 
 
 class RMSNorm(nn.Module):
@@ -68,14 +69,17 @@ class KVContext:
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
-                 device: torch.device | str):  # fmt: skip
+                 device: torch.device | str, tp: TPContext = SINGLE):  # fmt: skip
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_proj = make_linear(f"{prefix}.q_proj", h, cfg.num_heads * d, cfg.qkv_bias, scheme, dtype, device)
-        self.k_proj = make_linear(f"{prefix}.k_proj", h, cfg.num_kv_heads * d, cfg.qkv_bias, scheme, dtype, device)
-        self.v_proj = make_linear(f"{prefix}.v_proj", h, cfg.num_kv_heads * d, cfg.qkv_bias, scheme, dtype, device)
-        self.o_proj = make_linear(f"{prefix}.o_proj", cfg.num_heads * d, h, cfg.o_bias, scheme, dtype, device)
+        self.tp = tp  # this rank's heads: num_heads / world of the queries, num_kv_heads / world of the keys
+        self.num_heads = tp.split(cfg.num_heads, "num_attention_heads")
+        self.num_kv_heads, self.head_dim = tp.split(cfg.num_kv_heads, "num_key_value_heads"), d
+        args = (scheme, dtype, device)
+        self.q_proj = parallel_linear(COLUMN, tp, f"{prefix}.q_proj", h, cfg.num_heads * d, cfg.qkv_bias, *args)
+        self.k_proj = parallel_linear(COLUMN, tp, f"{prefix}.k_proj", h, cfg.num_kv_heads * d, cfg.qkv_bias, *args)
+        self.v_proj = parallel_linear(COLUMN, tp, f"{prefix}.v_proj", h, cfg.num_kv_heads * d, cfg.qkv_bias, *args)
+        self.o_proj = parallel_linear(ROW, tp, f"{prefix}.o_proj", cfg.num_heads * d, h, cfg.o_bias, *args)
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head before RoPE
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
@@ -103,7 +107,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.num_heads != self.num_kv_heads
         )  # [B, Hq, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return self.tp.all_reduce(self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)))
 
 
 class MLAttention(nn.Module):
@@ -114,24 +118,25 @@ class MLAttention(nn.Module):
     attends to through kv_b_proj."""
 
     def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
-                 device: torch.device | str):  # fmt: skip
+                 device: torch.device | str, tp: TPContext = SINGLE):  # fmt: skip
         super().__init__()
         m, h = cfg.mla, cfg.hidden_size
-        self.num_heads, self.mla = cfg.num_heads, m
-        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        self.tp, self.mla = tp, m
+        self.num_heads = tp.split(cfg.num_heads, "num_attention_heads")  # this rank's; the latent path is whole
+        qk, args = m.qk_nope_head_dim + m.qk_rope_head_dim, (scheme, dtype, device)
         if m.q_lora_rank:
-            self.q_a_proj = make_linear(f"{prefix}.q_a_proj", h, m.q_lora_rank, cfg.o_bias, scheme, dtype, device)
+            self.q_a_proj = make_linear(f"{prefix}.q_a_proj", h, m.q_lora_rank, cfg.o_bias, *args)
             self.q_a_layernorm = RMSNorm(m.q_lora_rank, 1e-6, dtype, device)  # transformers' default eps
-            self.q_b_proj = make_linear(f"{prefix}.q_b_proj", m.q_lora_rank, cfg.num_heads * qk, False, scheme, dtype,
-                                        device)  # fmt: skip
+            self.q_b_proj = parallel_linear(COLUMN, tp, f"{prefix}.q_b_proj", m.q_lora_rank, cfg.num_heads * qk, False,
+                                            *args)  # fmt: skip
         else:
-            self.q_proj = make_linear(f"{prefix}.q_proj", h, cfg.num_heads * qk, False, scheme, dtype, device)
+            self.q_proj = parallel_linear(COLUMN, tp, f"{prefix}.q_proj", h, cfg.num_heads * qk, False, *args)
         self.kv_a_proj_with_mqa = make_linear(f"{prefix}.kv_a_proj_with_mqa", h, m.kv_lora_rank + m.qk_rope_head_dim,
-                                              cfg.o_bias, scheme, dtype, device)  # fmt: skip
+                                              cfg.o_bias, *args)  # fmt: skip
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, 1e-6, dtype, device)
-        self.kv_b_proj = make_linear(f"{prefix}.kv_b_proj", m.kv_lora_rank,
-                                     cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim), False, scheme, dtype, device)  # fmt: skip
-        self.o_proj = make_linear(f"{prefix}.o_proj", cfg.num_heads * m.v_head_dim, h, cfg.o_bias, scheme, dtype, device)
+        self.kv_b_proj = parallel_linear(COLUMN, tp, f"{prefix}.kv_b_proj", m.kv_lora_rank,
+                                         cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim), False, *args)  # fmt: skip
+        self.o_proj = parallel_linear(ROW, tp, f"{prefix}.o_proj", cfg.num_heads * m.v_head_dim, h, cfg.o_bias, *args)
         self.rope = apply_rope_interleaved if m.rope_interleave else apply_rope
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -158,15 +163,16 @@ class MLAttention(nn.Module):
         keys = torch.cat([k_nope, k_rot[:, None].expand(-1, heads, -1, -1)], dim=-1)
         out = F.scaled_dot_product_attention(torch.cat([q_pass, q_rot], dim=-1), keys, values, attn_mask=mask,
                                              scale=m.softmax_scale)  # [B, H, T, v]  # fmt: skip
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, heads * m.v_head_dim))
+        return self.tp.all_reduce(self.o_proj(out.transpose(1, 2).reshape(b, t, heads * m.v_head_dim)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, i: int, scheme: QuantScheme, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, cfg: ModelConfig, i: int, scheme: QuantScheme, dtype: torch.dtype, device: torch.device | str,
+                 tp: TPContext = SINGLE):  # fmt: skip
         super().__init__()
         prefix = f"model.layers.{i}"
-        self.self_attn = (MLAttention if cfg.mla else Attention)(cfg, f"{prefix}.self_attn", scheme, dtype, device)
-        self.mlp = (SparseMoeBlock if cfg.is_moe(i) else MLP)(cfg, f"{prefix}.mlp", scheme, dtype, device)
+        self.self_attn = (MLAttention if cfg.mla else Attention)(cfg, f"{prefix}.self_attn", scheme, dtype, device, tp)
+        self.mlp = (SparseMoeBlock if cfg.is_moe(i) else MLP)(cfg, f"{prefix}.mlp", scheme, dtype, device, tp=tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.layer, self.sliding = i, cfg.is_sliding(i)
@@ -182,20 +188,22 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """The ``model.`` prefix of HF names: embedding, layers, final norm."""
 
-    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: torch.dtype, device: torch.device | str,
+                 tp: TPContext = SINGLE):  # fmt: skip
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.zeros(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device))  # fmt: skip
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, scheme, dtype, device) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, scheme, dtype, device, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
 
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, scheme: QuantScheme | None = None, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cpu"):  # fmt: skip
+                 device: torch.device | str = "cpu", tp: TPContext | None = None):  # fmt: skip
+        """``tp``: this process's place in a tensor-parallel group (``quantrl.model.tensor_parallel``)."""
         super().__init__()
-        self.config, self.scheme, self.dtype = cfg, scheme or QuantScheme(), dtype
-        self.model = DecoderModel(cfg, self.scheme, dtype, device)
+        self.config, self.scheme, self.dtype, self.tp = cfg, scheme or QuantScheme(), dtype, tp or SINGLE
+        self.model = DecoderModel(cfg, self.scheme, dtype, device, self.tp)
         self.lm_head: QLinear = Bf16Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # one Parameter, two names (as in HF)

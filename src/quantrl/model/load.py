@@ -22,6 +22,7 @@ from quantrl.model.linear import WeightSpec
 from quantrl.model.moe import KEEP_FP32
 from quantrl.model.quant_scheme import QuantScheme
 from quantrl.model.state import linear_modules, tensor_index
+from quantrl.model.tensor_parallel import TPContext, local_tensor
 
 HIGH_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 # Stored by some exporters, recomputed by every loader.
@@ -31,14 +32,15 @@ NVFP4_ACT_SUFFIXES = (".input_global_scale",)
 
 
 def build_model(config: ModelConfig | dict, quant_scheme: QuantScheme | dict | None = None,
-                dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> Decoder:  # fmt: skip
+                dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                tp: TPContext | None = None) -> Decoder:  # fmt: skip
     """A decoder with the given structure and zero weights (norms at 1, scales at 1); load it or
     ``quantrl.model.random_init.random_init_`` it. ``config`` / ``quant_scheme`` may be HF dicts (``config.json`` /
-    ``quantization_config``)."""
+    ``quantization_config``). ``tp``: this rank's shard of a tensor-parallel model."""
     cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config)
     scheme = quant_scheme if isinstance(quant_scheme, QuantScheme) else QuantScheme.from_hf(quant_scheme)
     with torch.no_grad():
-        return Decoder(cfg, scheme, dtype, device).eval()
+        return Decoder(cfg, scheme, dtype, device, tp).eval()
 
 
 def _scale_dtype(scheme: QuantScheme, reader: SafetensorsDir) -> QuantScheme:
@@ -75,9 +77,10 @@ def _coerce(name: str, t: torch.Tensor, spec: WeightSpec, model_dtype: torch.dty
 
 
 def load_model(
-    path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
+    path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+    tp: TPContext | None = None,
 ) -> Decoder:
-    """Load a HF model directory (config.json + safetensors) into our decoder."""
+    """Load a HF model directory (config.json + safetensors) into our decoder (with ``tp``: this rank's shard)."""
     path = Path(path)
     config = load_config(path)
     try:
@@ -86,7 +89,7 @@ def load_model(
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
     reader = SafetensorsDir(path)
-    model = build_model(cfg, _scale_dtype(scheme, reader), dtype, device)
+    model = build_model(cfg, _scale_dtype(scheme, reader), dtype, device, tp)
     index = tensor_index(model)
     stored = set(reader.names())
     ignored = IGNORED_SUFFIXES + (NVFP4_ACT_SUFFIXES if scheme.method == "nvfp4" else ())
@@ -103,7 +106,8 @@ def load_model(
         for name, (unit, attr) in index.items():
             if name not in stored:
                 continue
-            t = _coerce(name, reader.read(name), unit.specs[attr], dtype, path, getattr(unit.tensor(attr), KEEP_FP32, False))
+            t = local_tensor(unit, attr, reader.read(name), name)  # with tp: this rank's piece
+            t = _coerce(name, t, unit.specs[attr], dtype, path, getattr(unit.tensor(attr), KEEP_FP32, False))
             if attr == "weight_shape" and t.tolist() != list(unit.tensor(attr).tolist()):
                 expected = unit.tensor(attr).tolist()
                 raise CheckpointError(f"{path}: {name!r} says {t.tolist()}, the model expects {expected}")

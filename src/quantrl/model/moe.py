@@ -47,24 +47,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantrl.model.config import ModelConfig
-from quantrl.model.linear import Bf16Linear, make_linear
+from quantrl.model.linear import Bf16Linear
 from quantrl.model.quant_scheme import QuantScheme
+from quantrl.model.tensor_parallel import COLUMN, ROW, SINGLE, TPContext, parallel_linear
 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
-                 device: torch.device | str, intermediate_size: int | None = None):  # fmt: skip
+                 device: torch.device | str, intermediate_size: int | None = None, tp: TPContext = SINGLE,
+                 reduce: bool = True):  # fmt: skip
+        """With ``tp``, this rank's slice of the width; ``reduce=False``: return the partial sum (a MoE block
+        reduces its experts' sum once)."""
         super().__init__()
         i = cfg.intermediate_size if intermediate_size is None else intermediate_size
-        h, bias = cfg.hidden_size, cfg.mlp_bias
-        self.gate_proj = make_linear(f"{prefix}.gate_proj", h, i, bias, scheme, dtype, device)
-        self.up_proj = make_linear(f"{prefix}.up_proj", h, i, bias, scheme, dtype, device)
-        self.down_proj = make_linear(f"{prefix}.down_proj", i, h, bias, scheme, dtype, device)
+        h, bias, args = cfg.hidden_size, cfg.mlp_bias, (scheme, dtype, device)
+        self.gate_proj = parallel_linear(COLUMN, tp, f"{prefix}.gate_proj", h, i, bias, *args)
+        self.up_proj = parallel_linear(COLUMN, tp, f"{prefix}.up_proj", h, i, bias, *args)
+        self.down_proj = parallel_linear(ROW, tp, f"{prefix}.down_proj", i, h, bias, *args)
+        self.tp, self.reduce = tp, reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.tp.all_reduce(out) if self.reduce else out
 
 
 FREE = -1  # a replay row all FREE: route this token by its own top-k (e.g. a sample's last token)
@@ -198,23 +204,25 @@ class SparseMoeBlock(nn.Module):
     dense_dispatch = False  # set by the dense_dispatch() context below (CUDA-graph warm-up, tests)
 
     def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
-                 device: torch.device | str):  # fmt: skip
+                 device: torch.device | str, tp: TPContext = SINGLE):  # fmt: skip
         super().__init__()
         h, e = cfg.hidden_size, cfg.num_experts
+        self.tp = tp
+        part = {"tp": tp, "reduce": False}  # every expert split like a dense MLP; the block reduces their sum once
         self.top_k, self.normalize, self.cfg = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg
         self.gate = Fp32Router(h, e, device) if cfg.router == "sigmoid" else Bf16Linear(h, e, False, dtype, device)
         self.experts = nn.ModuleList(
-            MLP(cfg, f"{prefix}.experts.{j}", scheme, dtype, device, cfg.moe_intermediate_size) for j in range(e)
+            MLP(cfg, f"{prefix}.experts.{j}", scheme, dtype, device, cfg.moe_intermediate_size, **part) for j in range(e)
         )
         self.shared_expert = self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = MLP(cfg, f"{prefix}.shared_expert", scheme, dtype, device,
-                                     cfg.shared_expert_intermediate_size)  # fmt: skip
+                                     cfg.shared_expert_intermediate_size, **part)  # fmt: skip
             self.shared_expert_gate = Bf16Linear(h, 1, False, dtype, device)
         self.shared_experts = None
         if cfg.shared_experts_intermediate_size:
             self.shared_experts = MLP(cfg, f"{prefix}.shared_experts", scheme, dtype, device,
-                                      cfg.shared_experts_intermediate_size)  # fmt: skip
+                                      cfg.shared_experts_intermediate_size, **part)  # fmt: skip
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None, moe_index: int = 0) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H]; ``routing`` replays and/or records this layer's (number ``moe_index``
@@ -239,7 +247,7 @@ class SparseMoeBlock(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        return out.view(x.shape)
+        return self.tp.all_reduce(out).view(x.shape)
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         k = self.top_k

@@ -44,7 +44,8 @@ class KVCache:
         if c.mla is not None:  # the latent and the roped shared key: one "head" each
             return cls(c.num_layers, 1, c.mla.kv_lora_rank, model.dtype, model.device, max_tokens=max_tokens,
                        budget_bytes=budget_bytes, v_dim=c.mla.qk_rope_head_dim)  # fmt: skip
-        return cls(c.num_layers, c.num_kv_heads, c.head_dim, model.dtype, model.device,
+        heads = model.tp.split(c.num_kv_heads, "num_key_value_heads")  # this rank's, with tensor parallelism
+        return cls(c.num_layers, heads, c.head_dim, model.dtype, model.device,
                    max_tokens=max_tokens, budget_bytes=budget_bytes)  # fmt: skip
 
     @property

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from quantrl.model.state import Unit, tensor_index
+from quantrl.model.tensor_parallel import local_tensor
 
 MAX_LISTED = 8
 
@@ -80,6 +81,11 @@ def plan_update(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tenso
             continue
         unit, attr = index[name]
         spec = unit.specs[attr]
+        try:  # a tensor-parallel engine is given whole tensors and keeps its piece
+            t = local_tensor(unit, attr, t, name)
+        except ValueError as e:
+            errors.append(str(e))
+            continue
         if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
             errors.append(f"{name!r}: got {t.dtype} {list(t.shape)}, the engine holds {spec.dtype} {list(spec.shape)}")
             continue

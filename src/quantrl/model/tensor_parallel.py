@@ -1,0 +1,120 @@
+"""Tensor parallelism for the rollout engine: one model over ``world`` processes (Megatron's split).
+
+A block's input projections are *column*-parallel (each rank holds ``out / world`` rows: its attention
+heads, its slice of the SwiGLU width) and its output projection *row*-parallel (``in / world`` columns),
+so a block needs one all-reduce, of its output: attention after ``o_proj``, a dense MLP after
+``down_proj``, a MoE block after the sum of its experts (each expert split the same way) and shared
+expert. Embedding, norms, routers, ``lm_head``, and DeepSeek's latent path (``q_a_proj``,
+``kv_a_proj_with_mqa``) are replicated. Every rank then computes the same logits and, given the same
+seed, samples the same tokens. A row-parallel bias is held by rank 0 (zeros elsewhere), so the
+all-reduce adds it once.
+
+Weights come in whole, under their checkpoint names (a checkpoint, or the trainer's weight sync), and
+each rank keeps its piece (``shard_tensor``): rows or columns of the weight, and of every scale or packed
+tensor with them. A piece must hold whole quantization blocks (FP8 128x128 tiles, INT4 groups and
+int32 words, NVFP4 groups): a split that would cut one is refused by name.
+
+The sums are taken in another order than on one device (per-rank partial GEMMs, then the all-reduce),
+so a TP engine agrees with a single-device one to rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from quantrl.model.linear import Bf16Linear, Fp8Linear, Nvfp4Linear, QLinear, W4A16Linear, make_linear
+from quantrl.model.quant_scheme import QuantScheme
+
+COLUMN, ROW = 0, 1  # the weight dimension a parallel Linear splits: out_features, in_features
+WHOLE = 1 << 62  # a granularity spanning a whole dimension: that tensor is not split along it
+
+
+@dataclass(frozen=True)
+class TPContext:
+    rank: int = 0
+    "this process's place in the tensor-parallel group"
+    world: int = 1
+    "processes sharing each layer"
+    group: Any = None
+    "the torch.distributed group (None: the default group)"
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    def split(self, n: int, what: str) -> int:
+        if n % self.world:
+            raise ValueError(f"tensor parallelism: {what}={n} does not split into {self.world} equal shards")
+        return n // self.world
+
+
+def parallel_linear(dim: int, tp: TPContext | None, name: str, in_features: int, out_features: int, bias: bool,
+                    scheme: QuantScheme, dtype: torch.dtype, device: torch.device | str) -> QLinear:  # fmt: skip
+    """``make_linear`` for this rank's shard: ``dim`` COLUMN splits out_features, ROW in_features."""
+    if tp is None or tp.world == 1:
+        return make_linear(name, in_features, out_features, bias, scheme, dtype, device)
+    if dim == COLUMN:
+        lin = make_linear(name, in_features, tp.split(out_features, f"{name} out_features"), bias, scheme, dtype, device)
+    else:
+        lin = make_linear(name, tp.split(in_features, f"{name} in_features"), out_features, bias, scheme, dtype, device)
+    lin.tp_dim, lin.tp = dim, tp
+    return lin
+
+
+def _granularity(lin: QLinear, attr: str) -> tuple[int, int] | None:
+    """Weight elements (rows, cols) one element of ``attr`` covers; None for a tensor with no weight layout."""
+    if attr == "weight" and isinstance(lin, (Bf16Linear, Fp8Linear)):
+        return 1, 1
+    if isinstance(lin, Fp8Linear):  # channel: one scale a row; tensor: a 1-D scale, the same for every shard
+        return tuple(lin.block_size) if lin.strategy == "block" else (1, WHOLE)
+    if isinstance(lin, W4A16Linear):
+        return {"weight_packed": (1, 32 // lin.num_bits), "weight_scale": (1, lin.group_size)}.get(attr)
+    if isinstance(lin, Nvfp4Linear):
+        return {"weight_packed": (1, 2), "weight_scale": (1, 16)}.get(attr)
+    return None
+
+
+def shard_tensor(lin: QLinear, attr: str, t: torch.Tensor, name: str) -> torch.Tensor:
+    """This rank's piece of the whole tensor ``t`` of a parallel Linear's ``attr`` (a checkpoint name)."""
+    dim, tp = lin.tp_dim, lin.tp
+    local = (lin.out_features, lin.in_features)[dim]  # weight rows (COLUMN) or columns (ROW) held here
+    if attr == "bias":
+        if dim == ROW:  # added once, by rank 0, before the all-reduce
+            return t if tp.rank == 0 else torch.zeros_like(t)
+        return t[tp.rank * local : (tp.rank + 1) * local]
+    if attr == "weight_shape":
+        whole = [lin.out_features * (tp.world if dim == COLUMN else 1), lin.in_features * (tp.world if dim == ROW else 1)]
+        if t.tolist() != whole:
+            raise ValueError(f"{name!r} says {t.tolist()}, the whole module is {whole}")
+        return torch.tensor([lin.out_features, lin.in_features], dtype=t.dtype)
+    g = _granularity(lin, attr)
+    if g is None or t.ndim != 2 or g[dim] == WHOLE:  # a scale of a whole row, or of the tensor: the same for all
+        return t
+    if local % g[dim]:
+        raise ValueError(f"tensor parallelism: {name} cannot be split into {tp.world} shards of {local} "
+                         f"{'rows' if dim == COLUMN else 'columns'}: its blocks are {g[dim]} wide")  # fmt: skip
+    n = local // g[dim]
+    if t.shape[dim] != n * tp.world:
+        raise ValueError(f"tensor parallelism: {name} has {t.shape[dim]} along dim {dim}, expected {n * tp.world}")
+    return t.narrow(dim, tp.rank * n, n)
+
+
+def local_tensor(unit, attr: str, t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` (a ``model.state.Unit``'s whole ``attr``) as this rank holds it: its piece of a parallel
+    Linear's tensor, ``t`` itself for anything replicated."""
+    lin = unit.linear if unit.linear is not None else unit.module
+    if not isinstance(getattr(lin, "tp", None), TPContext) or lin.tp.world == 1 or not hasattr(lin, "tp_dim"):
+        return t
+    return shard_tensor(lin, attr, t, name)
+
+
+SINGLE = TPContext()  # one process: no split, no all-reduce
