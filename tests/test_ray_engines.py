@@ -96,3 +96,38 @@ def test_ray_engines_match_a_local_engine(local_ray):
     finally:
         engines.close()
     assert engines.workers == []
+
+
+def test_a_two_gpu_engine_holds_its_shards_and_samples_what_one_process_samples(local_ray):
+    """--rollout-num-gpus-per-engine 2: one engine over two actors (tensor parallelism, gloo here). After a
+    sync each shard holds its rows / columns of what a local engine holds (the row-parallel o_proj bias on
+    rank 0 only), and the engine samples the local engine's tokens, with its logprobs to fp32 rounding."""
+    from test_sync import make_engine, make_trainer, tiny_cfg
+
+    f32 = torch.float32
+    spec = EngineSpec(tiny_cfg(), QuantScheme(), f32, kv_cache_tokens=4096, max_batch_size=16, tp=2)
+    engines = RayEngines(spec, num_engines=1)
+    try:
+        assert engines.num_engines == 1 and len(engines.workers) == 2
+        trainer = make_trainer(tiny_cfg(), f32)
+        engines.sync_weights(trainer, 1, target=engines.target(qmax=7), check_equal=True)
+        local = make_engine(tiny_cfg(), QuantScheme(), f32)
+        local.cache = type(local.cache).for_model(local.model, max_tokens=4096)
+        sync_weights(trainer, local, version=1)
+        want = engine_state(local.model)
+        attn = "model.layers.1.self_attn"
+        for rank, state in enumerate(engines.states()):
+            assert torch.equal(state[f"{attn}.q_proj.weight"], want[f"{attn}.q_proj.weight"].chunk(2, 0)[rank])
+            assert torch.equal(state[f"{attn}.o_proj.weight"], want[f"{attn}.o_proj.weight"].chunk(2, 1)[rank])
+            bias = want[f"{attn}.o_proj.bias"] if rank == 0 else torch.zeros_like(want[f"{attn}.o_proj.bias"])
+            assert torch.equal(state[f"{attn}.o_proj.bias"], bias)
+            assert torch.equal(state["model.embed_tokens.weight"], want["model.embed_tokens.weight"])
+        assert engines.versions() == [1, 1]
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 300, (int(n),), generator=g).tolist() for n in (5, 9, 3)]
+        params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=11)
+        got, ref = engines.generate(prompts, params), local.generate(prompts, params)
+        assert [r.tokens for r in got] == [r.tokens for r in ref]
+        assert max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x.logprobs, y.logprobs)) < 1e-5
+    finally:
+        engines.close()

@@ -395,6 +395,25 @@ def test_data_parallel_replicas_take_the_single_trainer_step(tiny_model, tmp_pat
         RLConfig(use_distributed_optimizer=True)
 
 
+def test_ray_run_with_a_two_gpu_engine(tiny_model, tmp_path):
+    """--rollout-num-gpus-per-engine 2: the engine is two tensor-parallel actors; each step's sync reaches
+    both shards (--check-weight-update-equal checks each), and the train-rollout mismatch stays at the
+    level of a one-process engine (the shards' bf16 partial sums round differently, nothing more)."""
+    pytest.importorskip("ray")
+    run = functools.partial(cfg, tiny_model, eval_interval=0, recipe="bf16")
+    threads = torch.get_num_threads()
+    try:
+        local = train(run(tmp_path / "local"), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    tp = train(run(tmp_path / "tp", placement="ray", threads=1, rollout_num_gpus_per_engine=2), progress=False)
+    assert [r["weight_version"] for r in tp] == [1, 2]
+    for a, b in zip(local, tp):
+        assert b["mismatch_abs_mean"] < max(3 * a["mismatch_abs_mean"], 5e-3), (a["mismatch_abs_mean"], b["mismatch_abs_mean"])
+    with pytest.raises(ValueError, match="needs --placement ray"):
+        RLConfig(rollout_num_gpus_per_engine=2)
+
+
 def test_ray_run_refuses_a_used_run_dir_before_starting_actors(tiny_model, tmp_path, monkeypatch):
     pytest.importorskip("ray")
     import ray

@@ -33,8 +33,10 @@ COLUMN, ROW = 0, 1  # the weight dimension a parallel Linear splits: out_feature
 WHOLE = 1 << 62  # a granularity spanning a whole dimension: that tensor is not split along it
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class TPContext:
+    """Shared by every module of one model shard (a Ray engine sets ``group`` once its world is joined)."""
+
     rank: int = 0
     "this process's place in the tensor-parallel group"
     world: int = 1

@@ -138,6 +138,8 @@ class RLConfig:
     "local (trainer and engine in this process) | ray (trainer and rollout engines as Ray actors)"
     rollout_num_engines: int = 1
     "--placement ray: rollout engines, one GPU each (on CPU, one CPU each); a batch is split across them"
+    rollout_num_gpus_per_engine: int = 1
+    "--placement ray: GPUs (actors) per engine, the model split over them by tensor parallelism (slime's flag)"
     ray_address: str = ""
     "--placement ray: the Ray cluster to join ('': $RAY_ADDRESS if set, else a new local Ray instance)"
     async_rollout: bool = False
@@ -150,6 +152,10 @@ class RLConfig:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.rollout_num_engines < 1:
             raise ValueError(f"rollout_num_engines must be >= 1, got {self.rollout_num_engines}")
+        if self.rollout_num_gpus_per_engine < 1:
+            raise ValueError(f"rollout_num_gpus_per_engine must be >= 1, got {self.rollout_num_gpus_per_engine}")
+        if self.placement == "local" and self.rollout_num_gpus_per_engine != 1:
+            raise ValueError("--rollout-num-gpus-per-engine > 1 needs --placement ray")
         if self.placement == "local" and self.rollout_num_engines != 1:
             raise ValueError("--rollout-num-engines > 1 needs --placement ray")
         if self.dp_size < 1:
@@ -321,11 +327,12 @@ class RLRun:
         if self.remote and not self.lead:
             from quantrl.sync.ray_engines import join_world
 
-            self.dp_group, _ = join_world(world, rank)
+            self.dp_group, _, _ = join_world(world, rank)
         elif self.remote:  # this process is the trainer actor; the engines are actors of their own
             from quantrl.sync.ray_engines import EngineSpec, RayEngines
 
-            spec = EngineSpec(self.hf_config, scheme, torch.bfloat16, cfg.device, **engine_kw)
+            spec = EngineSpec(self.hf_config, scheme, torch.bfloat16, cfg.device, tp=cfg.rollout_num_gpus_per_engine,
+                              **engine_kw)  # fmt: skip
             self.engine = RayEngines(spec, cfg.rollout_num_engines, world=world)
             self.dp_group = self.engine.dp_group
             self.sync_target = self.engine.target(qmax=cfg.qmax)  # PTQ too uses --qmax
@@ -728,8 +735,8 @@ def train_on_ray(cfg: RLConfig, progress: bool = True) -> list[dict]:
     if cuda:  # an actor sees only the GPU Ray gave it, as cuda:0
         cfg = dataclasses.replace(cfg, device="cuda")
     threads = cfg.threads or 1
-    trainers, engines = cfg.dp_size, cfg.rollout_num_engines
-    gpus, cpus = (trainers + engines if cuda else 0), trainers * threads + engines
+    trainers, engines, tp = cfg.dp_size, cfg.rollout_num_engines, cfg.rollout_num_gpus_per_engine
+    gpus, cpus = (trainers + engines * tp if cuda else 0), trainers * threads + engines * tp
     started = not ray.is_initialized()
     if started:
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
@@ -740,9 +747,9 @@ def train_on_ray(cfg: RLConfig, progress: bool = True) -> list[dict]:
     replicas, rendezvous = [], None
     try:
         check_resources(ray, gpus=gpus, cpus=cpus,
-                        what=f"--placement ray ({trainers} trainer replica(s) + {engines} engine(s))")  # fmt: skip
+                        what=f"--placement ray ({trainers} trainer replica(s) + {engines} engine(s) of {tp} GPU(s))")  # fmt: skip
         rendezvous = ray.remote(num_cpus=0)(Rendezvous).remote()  # hosts the world's store until we return
-        world = ray.get(rendezvous.open.remote(trainers, engines, "nccl" if cuda else "gloo"))
+        world = ray.get(rendezvous.open.remote(trainers, engines, "nccl" if cuda else "gloo", tp))
         remote_run = ray.remote(num_gpus=1 if cuda else 0, num_cpus=threads)(RLRun)
         run_cfg = dataclasses.replace(cfg, threads=threads)
         replicas = [remote_run.remote(run_cfg, False, world, rank) for rank in range(trainers)]

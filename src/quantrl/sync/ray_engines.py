@@ -11,10 +11,12 @@
 Placement. Each engine is a Ray actor holding one ``Engine``: one GPU (``num_gpus=1``; Ray sets
 ``CUDA_VISIBLE_DEVICES``, so ``device="cuda"`` is that GPU) or, on CPU, ``cpus_per_engine`` CPUs. The
 process that builds ``RayEngines`` is the trainer: in ``quantrl train --placement ray`` it is itself a Ray
-actor with one GPU, so Ray never hands its GPU to an engine.
+actor with one GPU, so Ray never hands its GPU to an engine. With ``EngineSpec.tp = N`` an engine is N such actors, each holding
+one tensor-parallel shard (``quantrl.model.tensor_parallel``) and joined in a group of their own; they
+all receive each weight broadcast and sample each share in lockstep, and rank 0 returns the results.
 
 Weights. The trainers and the engines form one ``torch.distributed`` world (``World``; NCCL on GPU, gloo
-on CPU): trainer replicas are ranks [0, T), engine ``e`` is rank ``T + e``. With T > 1 two groups are made:
+on CPU): trainer replicas are ranks [0, T), engine ``e``'s shard ``r`` is rank ``T + e * tp + r``. With T > 1 two groups are made:
 the replicas' data-parallel group and the weight-sync group {0} + engines (with T = 1 the default group
 serves both). The rendezvous store listens on a port the OS picks (no race for a free port) at its host's
 IP, so ranks on other nodes reach it: ``quantrl train`` hosts it in a ``Rendezvous`` actor, a standalone
@@ -80,6 +82,8 @@ class EngineSpec:
     "decode under CUDA graphs"
     threads: int = 1
     "torch CPU threads in the actor"
+    tp: int = 1
+    "GPUs (actors) per engine, one tensor-parallel shard each (slime's --rollout-num-gpus-per-engine)"
 
 
 @dataclass(frozen=True)
@@ -96,44 +100,56 @@ class World:
     "rollout engines"
     backend: str
     "nccl | gloo"
+    tp: int = 1
+    "ranks (GPUs) per engine: engine e's tensor-parallel rank r is rank trainers + e * tp + r"
 
     @property
     def size(self) -> int:
-        return self.trainers + self.engines
+        return self.trainers + self.engines * self.tp
+
+    def engine_rank(self, engine: int, tp_rank: int = 0) -> int:
+        return self.trainers + engine * self.tp + tp_rank
 
 
-def host_world(trainers: int, engines: int, backend: str):
+def host_world(trainers: int, engines: int, backend: str, tp: int = 1):
     """Open the world's rendezvous store in this process, on a port the OS picks. Returns (World, store);
     keep the store alive as long as the world is in use."""
     import torch.distributed as dist
 
     host = import_ray().util.get_node_ip_address()
-    store = dist.TCPStore(host, 0, trainers + engines, is_master=True, timeout=RENDEZVOUS_TIMEOUT,
+    store = dist.TCPStore(host, 0, trainers + engines * tp, is_master=True, timeout=RENDEZVOUS_TIMEOUT,
                           wait_for_workers=False)  # fmt: skip
-    return World(host, store.port, trainers, engines, backend), store
+    return World(host, store.port, trainers, engines, backend, tp), store
 
 
 class Rendezvous:
     """A CPU-less Ray actor that hosts a world's store inside the cluster, so the process driving a run
     (a laptop over ``ray://``, say) need not be reachable from the nodes."""
 
-    def open(self, trainers: int, engines: int, backend: str) -> World:
-        world, self._store = host_world(trainers, engines, backend)
+    def open(self, trainers: int, engines: int, backend: str, tp: int = 1) -> World:
+        world, self._store = host_world(trainers, engines, backend, tp)
         return world
 
 
 def join_world(world: World, rank: int):
-    """Join as ``rank``; returns (data-parallel group, weight-sync group), both None with one trainer (the
-    default group then serves). Every rank of the world must call this: making a group is collective."""
+    """Join as ``rank``; returns (data-parallel group, weight-sync group, tensor-parallel group): the first two
+    None with one trainer (the default group then serves), the last None outside a multi-GPU engine.
+    Every rank of the world must call this: making a group is collective (all make them in one order)."""
     import torch.distributed as dist
 
     store = dist.TCPStore(world.host, world.port, world.size, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
     dist.init_process_group(world.backend, store=store, rank=rank, world_size=world.size, timeout=RENDEZVOUS_TIMEOUT)
-    if world.trainers == 1:
-        return None, None
-    dp = dist.new_group(list(range(world.trainers)))
-    sync = dist.new_group([0, *range(world.trainers, world.size)])
-    return dp, sync
+    dp = sync = tp = None
+    if world.trainers > 1:
+        dp = dist.new_group(list(range(world.trainers)))
+        sync = dist.new_group([0, *range(world.trainers, world.size)])
+    if world.tp > 1:
+        for e in range(world.engines):
+            ranks = [world.engine_rank(e, r) for r in range(world.tp)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                tp = group
+    return dp, sync, tp
 
 
 def check_resources(ray, *, gpus: float, cpus: float, what: str) -> None:
@@ -148,27 +164,34 @@ def check_resources(ray, *, gpus: float, cpus: float, what: str) -> None:
 class EngineWorker:
     """The body of one engine actor (a plain class: ``RayEngines`` wraps it with ``ray.remote``)."""
 
-    def __init__(self, spec: EngineSpec):
+    def __init__(self, spec: EngineSpec, tp_rank: int = 0):
         from quantrl.model import build_model
+        from quantrl.model.tensor_parallel import TPContext
         from quantrl.rollout import Engine
 
         torch.set_num_threads(max(1, spec.threads))
-        model = build_model(spec.hf_config, spec.scheme, dtype=spec.dtype, device=spec.device)
+        # a shard of a multi-GPU engine; its group exists once the world is joined (``join`` sets it)
+        self.tp = TPContext(tp_rank, spec.tp) if spec.tp > 1 else None
+        model = build_model(spec.hf_config, spec.scheme, dtype=spec.dtype, device=spec.device, tp=self.tp)
         self.engine = Engine(model, kv_cache_tokens=spec.kv_cache_tokens, max_batch_size=spec.max_batch_size,
                              max_seq_len=spec.max_seq_len, use_cuda_graph=spec.use_cuda_graph)  # fmt: skip
 
     def join(self, world: World, rank: int) -> None:
         if world.backend == "nccl":
             torch.cuda.set_device(0)  # the actor's one visible GPU
-        _, self.sync_group = join_world(world, rank)
+        _, self.sync_group, tp_group = join_world(world, rank)
+        if self.tp is not None:
+            self.tp.group = tp_group
 
     def target(self, qmax: int) -> SyncTarget:
         return SyncTarget.for_engine(self.engine, qmax=qmax)
 
     def generate(self, prompts, params):
+        """(results, seconds); the shards of a multi-GPU engine sample in lockstep, and only its rank 0
+        returns the (identical) results."""
         t0 = time.perf_counter()
         results = self.engine.generate(prompts, params)
-        return results, time.perf_counter() - t0
+        return (results if self.tp is None or self.tp.lead else None), time.perf_counter() - t0
 
     def receive(self, version: int, check_equal: bool) -> SyncStats:
         from quantrl.sync.distributed import receive_weights
@@ -193,10 +216,12 @@ class EngineWorker:
 
 @dataclass
 class PendingRollout:
-    """Samples being generated: one Ray reference per engine with a share, and where each share starts."""
+    """Samples being generated: one Ray reference per engine with a share (its rank 0's), where each share
+    starts, and the other shards' references of multi-GPU engines (waited for, their results empty)."""
 
     refs: list
     offsets: list[int]
+    shards: list = field(default_factory=list)
 
 
 def engine_seed(seed: int, engine: int) -> int:
@@ -233,23 +258,27 @@ class RayEngines:
                                "but one is already initialized here")  # fmt: skip
         if not ray.is_initialized():
             raise RuntimeError("RayEngines needs a connected Ray (ray.init(...)) in this process")
+        if world is not None and world.tp != spec.tp:
+            raise ValueError(f"the world has {world.tp} ranks per engine, the spec asks for {spec.tp}")
         self._ray = ray
-        self.workers = []
+        self.workers = []  # engine e's shards are workers[e * tp : (e + 1) * tp], its rank 0 first
+        self.tp = spec.tp
         cuda = torch.device(spec.device).type == "cuda"
         options = {"num_gpus": 1, "num_cpus": 1} if cuda else {"num_gpus": 0, "num_cpus": cpus_per_engine}
         if not cuda:
             spec = replace(spec, threads=max(1, int(cpus_per_engine)))
-        check_resources(ray, gpus=num_engines * options["num_gpus"], cpus=num_engines * options["num_cpus"],
-                        what=f"{num_engines} rollout engine(s)")  # fmt: skip
+        n = num_engines * spec.tp
+        check_resources(ray, gpus=n * options["num_gpus"], cpus=n * options["num_cpus"],
+                        what=f"{num_engines} rollout engine(s) of {spec.tp} GPU(s)")  # fmt: skip
         self._store = None
         if world is None:
-            world, self._store = host_world(1, num_engines, "nccl" if cuda else "gloo")
+            world, self._store = host_world(1, num_engines, "nccl" if cuda else "gloo", spec.tp)
         actor = ray.remote(**options)(EngineWorker)
-        self.workers = [actor.remote(spec) for _ in range(num_engines)]
+        self.workers = [actor.remote(spec, r) for _ in range(num_engines) for r in range(spec.tp)]
         try:  # engines that cannot be built fail here, not as a rendezvous timeout
             ray.get([w.weight_version.remote() for w in self.workers])
-            joined = [w.join.remote(world, world.trainers + e) for e, w in enumerate(self.workers)]
-            self.dp_group, self.sync_group = join_world(world, 0)
+            joined = [w.join.remote(world, world.trainers + i) for i, w in enumerate(self.workers)]
+            self.dp_group, self.sync_group, _ = join_world(world, 0)
             ray.get(joined)
         except BaseException:
             self._kill()
@@ -262,7 +291,7 @@ class RayEngines:
 
     @property
     def num_engines(self) -> int:
-        return len(self.workers)
+        return len(self.workers) // self.tp
 
     def target(self, qmax: int = 7) -> SyncTarget:
         """The engines' weight format (they are built from one spec, so engine 0 speaks for all)."""
@@ -274,12 +303,15 @@ class RayEngines:
         Work queues per engine: a ``sync_weights`` issued meanwhile waits for the samples to finish, so
         they come from the weights the engines held when this was called."""
         parts = [(a, b) for a, b in shares(len(prompts), self.num_engines) if b > a]
-        refs = []
+        refs, others = [], []
         for e, (a, b) in enumerate(parts):
             p = params if params.seed is None else replace(params, seed=engine_seed(params.seed, e))
-            refs.append(self.workers[e].generate.remote([list(x) for x in prompts[a:b]], p))
-        self._outstanding += refs
-        return PendingRollout(refs, [a for a, _ in parts])
+            share = [list(x) for x in prompts[a:b]]
+            calls = [w.generate.remote(share, p) for w in self.workers[e * self.tp : (e + 1) * self.tp]]
+            refs.append(calls[0])
+            others += calls[1:]
+        self._outstanding += refs + others
+        return PendingRollout(refs, [a for a, _ in parts], others)
 
     def collect(self, pending: PendingRollout) -> tuple[list, float]:
         """(results prompt-major with ``prompt_index`` into the submitted prompts, the slowest engine's seconds)."""
@@ -289,7 +321,8 @@ class RayEngines:
                 r.prompt_index += offset
             results += part
             slowest = max(slowest, secs)
-        done = {r.hex() for r in pending.refs}
+        self._ray.get(pending.shards)  # the other shards sampled the same in lockstep: done too
+        done = {r.hex() for r in pending.refs + pending.shards}
         self._outstanding = [r for r in self._outstanding if r.hex() not in done]
         return results, slowest
 
