@@ -86,6 +86,9 @@ def _check(rank, world, arch, kind, path):
     assert engine.cache.num_kv_heads == 1  # 2 kv heads over 2 ranks; latent attention: one latent, replicated
     many = engine.generate(prompts, params)
     assert [r.tokens for r in many] == [r.tokens for r in one], what
+    # each rank drawing with its own seed still follows rank 0: the shards never split
+    split_seeds = engine.generate(prompts, SamplingParams(n=2, temperature=0.8, max_new_tokens=6, seed=3 + 100 * rank))
+    assert [r.tokens for r in split_seeds] == [r.tokens for r in one], what
     for a, b in zip(many, one):
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < LOGPROB_TOL[kind], what
 

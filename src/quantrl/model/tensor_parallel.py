@@ -6,8 +6,9 @@ so a block needs one all-reduce, of its output: attention after ``o_proj``, a de
 ``down_proj``, a MoE block after the sum of its experts (each expert split the same way) and shared
 expert. Embedding, norms, routers, ``lm_head``, and DeepSeek's latent path (``q_a_proj``,
 ``kv_a_proj_with_mqa``) are replicated. Every rank then computes the same logits and, given the same
-seed, samples the same tokens. A row-parallel bias is held by rank 0 (zeros elsewhere), so the
-all-reduce adds it once.
+seed, samples the same tokens; the engine still takes rank 0's tokens on every rank (``from_lead``), so a
+last-bit difference can never split the shards. A row-parallel bias is held by rank 0 (zeros elsewhere),
+so the all-reduce adds it once.
 
 Weights come in whole, under their checkpoint names (a checkpoint, or the trainer's weight sync), and
 each rank keeps its piece (``shard_tensor``): rows or columns of the weight, and of every scale or packed
@@ -48,6 +49,15 @@ class TPContext:
         if self.world > 1:
             dist.all_reduce(x, group=self.group)
         return x
+
+    def from_lead(self, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``ts`` as rank 0 holds them, on every rank (in place): what the engine samples, so that the shards
+        never disagree on a token even where their logits differ in the last bit."""
+        if self.world > 1:
+            src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+            for t in ts:
+                dist.broadcast(t, src=src, group=self.group)
+        return ts
 
     @property
     def lead(self) -> bool:

@@ -190,6 +190,8 @@ class Engine:
                     act.lengths = [n + 1 for n in act.lengths]
                     first = 0
                 new_tok, new_lp = sample(logits, params, gen)
+                if self.model.tp.world > 1:  # a tensor-parallel shard goes on with rank 0's tokens
+                    new_tok, new_lp = self.model.tp.from_lead(new_tok.contiguous(), new_lp.contiguous())
                 done = []
                 for row, (t, lp) in enumerate(zip(new_tok.tolist(), new_lp.tolist()), start=first):
                     s = act.ids[row]
