@@ -303,6 +303,30 @@ def test_dynamic_sampling_trains_only_prompts_with_a_reward_spread(tiny_model, t
         RLConfig(max_sampling_rounds=0)
 
 
+def test_several_optimizer_steps_per_rollout(tmp_path, monkeypatch):
+    """--num-steps-per-rollout 3: each rollout batch is three optimizer steps on its thirds, each PPO ratio
+    taken against the logprobs the trainer had before the first (old_logp): 1 on the first mini-batch
+    (up to the eval/train forward's rounding), away from 1 once the policy has moved."""
+    from quantrl.rl import grpo
+
+    ratios = []
+    real = grpo.policy_loss
+    monkeypatch.setattr(grpo, "policy_loss", lambda *a, **k: (out := real(*a, **k)) and ratios.append(
+        out[1]["ratio_mean_sum"] / out[1]["loss_tokens"]) or out)  # fmt: skip
+    # the embedded model: the tiny one solves nothing, so its advantages are zero and the policy never moves
+    run = cfg("", tmp_path / "k", eval_interval=0, num_steps=2, num_steps_per_rollout=3, micro_batch_size=64,
+              n_samples_per_prompt=4, prompts_per_step=4, max_new_tokens=48, difficulty="medium", lr=1e-3)  # fmt: skip
+    rl = RLRun(run, progress=False)
+    rows = rl.run()
+    assert [r["weight_version"] for r in rows] == [1, 2] and rl.trainer.step_count == 6
+    assert len(ratios) == 6 and abs(ratios[0] - 1) < 1e-3 and any(abs(r - 1) > 1e-3 for r in ratios[1:])
+    assert all("pg_clipfrac" in r and r["loss_tokens"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="num_steps_per_rollout=7"):
+        RLConfig(num_steps_per_rollout=7, prompts_per_step=2, n_samples_per_prompt=3)
+    with pytest.raises(ValueError, match="needs --dp-size 1"):
+        RLConfig(num_steps_per_rollout=2, dynamic_sampling=True, placement="ray", dp_size=2)
+
+
 def test_lr_schedule_warms_up_and_decays_to_min_lr():
     from quantrl.rl.loop import lr_at
 

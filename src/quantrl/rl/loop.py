@@ -94,6 +94,8 @@ class RLConfig:
     "PPO clip (slime --eps-clip)"
     clip_eps_high: float = 0.28
     "PPO upper clip, DAPO clip-higher (slime --eps-clip-high)"
+    num_steps_per_rollout: int = 1
+    "optimizer steps per rollout batch, on that many mini-batches of it (slime's flag); > 1 takes PPO's ratio against the sampling policy's logprobs"
     dynamic_sampling: bool = False
     "DAPO dynamic sampling: drop prompts whose samples all got one reward (no gradient) and sample more prompts until --prompts-per-step have a spread"
     overlong_filter: bool = False
@@ -165,6 +167,12 @@ class RLConfig:
         if self.lr_warmup_steps < 0 or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need lr_warmup_steps >= 0 and 0 <= min_lr <= lr, got {self.lr_warmup_steps}, "
                              f"{self.min_lr}, {self.lr}")  # fmt: skip
+        if not 1 <= self.num_steps_per_rollout <= self.prompts_per_step * self.n_samples_per_prompt // self.dp_size:
+            raise ValueError(f"num_steps_per_rollout={self.num_steps_per_rollout} must be in [1, the sequences a step "
+                             "gives each trainer replica]")  # fmt: skip
+        if self.num_steps_per_rollout > 1 and self.dynamic_sampling and self.dp_size > 1:
+            # replicas would cut batches of different sizes into different numbers of steps
+            raise ValueError("--num-steps-per-rollout > 1 with --dynamic-sampling needs --dp-size 1")
         if self.max_sampling_rounds < 1:
             raise ValueError(f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
         if self.placement == "local" and self.dp_size != 1:
@@ -192,6 +200,16 @@ def lr_at(cfg: RLConfig, step: int) -> float:
     frac = min(1.0, (step - cfg.lr_warmup_steps) / max(1, cfg.num_steps - cfg.lr_warmup_steps))
     shape = 1 - frac if cfg.lr_decay_style == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
+
+
+def merge_step_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Several optimizer steps' ``train_step`` metrics as one: token sums (``*_sum``, ``loss_tokens``) and
+    other counts added, the loss and grad norm averaged, the last lr."""
+    out = {}
+    for k in parts[0]:
+        vals = [p[k] for p in parts]
+        out[k] = vals[-1] if k == "lr" else sum(vals) / len(vals) if k in ("loss", "grad_norm") else sum(vals)
+    return out
 
 
 def default_model_dir() -> str:
@@ -561,13 +579,21 @@ class RLRun:
             batch = {k: batch[k].to(cfg.device) for k in ("rollout_logp", "loss_mask", "attention_mask")}
         with torch.no_grad():
             self.trainer.model.eval()
-            train_logp, flips = self._logprobs(self.trainer.model, mine)
-            train_logp, flips = self._gather_rows(train_logp), self._gather_rows(flips[None])
+            own_logp, flips = self._logprobs(self.trainer.model, mine)
+            train_logp, flips = self._gather_rows(own_logp), self._gather_rows(flips[None])
             if self.ref is not None:
                 mine["ref_logp"] = self._logprobs(self.ref, mine)[0]
         self.trainer.optimizer.set_lr(lr_at(cfg, step))
         t0 = time.perf_counter()
-        train_metrics = reduce_metrics(self.trainer.train_step(mine, self.loss_fn))
+        if cfg.num_steps_per_rollout == 1:  # one step: the ratio's old policy is the training forward itself
+            train_metrics = reduce_metrics(self.trainer.train_step(mine, self.loss_fn))
+        else:  # PPO's mini-batches: every step's ratio is taken against the policy that sampled-and-scored
+            from quantrl.sync.ray_engines import shares
+
+            mine["old_logp"] = own_logp  # (a --dynamic-sampling batch may have fewer rows than steps: fewer steps)
+            parts = [self.trainer.train_step({k: v[a:b] for k, v in mine.items()}, self.loss_fn)
+                     for a, b in shares(mine["input_ids"].shape[0], cfg.num_steps_per_rollout) if b > a]  # fmt: skip
+            train_metrics = reduce_metrics(merge_step_metrics(parts))
         train_s = time.perf_counter() - t0
         self.step_idx = step
         if cfg.check_weight_update_equal and self.dp > 1:
