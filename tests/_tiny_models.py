@@ -111,6 +111,20 @@ def save_model(config, path: Path, dtype: torch.dtype = torch.float32, seed: int
     return path
 
 
+def bf16_fp8_int4(config, base: Path, group_size: int) -> dict[str, Path]:
+    """A bf16 checkpoint of ``config`` and its FP8 (128x128 blocks) and INT4 (RTN, ``group_size``) conversions."""
+    from quantrl.checkpoint.convert_fp8 import convert_to_fp8
+    from quantrl.checkpoint.convert_int import IntConvertOptions, convert_to_int
+
+    src = save_model(config, base / "bf16", dtype=torch.bfloat16)
+    return {
+        "bf16": src,
+        "fp8": convert_to_fp8(src, base / "fp8", progress=False).output_dir,
+        "int4": convert_to_int(src, base / "int4", IntConvertOptions(method="rtn", group_size=group_size),
+                               progress=False).output_dir,
+    }  # fmt: skip
+
+
 def reference(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
 

@@ -11,10 +11,9 @@ import json
 
 import pytest
 import torch
-from _tiny_models import deepseek_v3_config, random_prompts, save_model
+from _tiny_models import bf16_fp8_int4, deepseek_v3_config, random_prompts
 from safetensors.torch import load_file
 
-from quantrl.checkpoint.convert_fp8 import convert_to_fp8
 from quantrl.checkpoint.convert_int import IntConvertOptions, convert_to_int
 from quantrl.formats import fake_quantize_fp8, fake_quantize_int
 from quantrl.model import Fp8Linear, QuantScheme, W4A16Linear, build_model, dequantized_weights, load_model
@@ -39,14 +38,7 @@ def ds_cfg(**kw):
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    base = tmp_path_factory.mktemp("deepseek")
-    src = save_model(ds_cfg(), base / "bf16", dtype=torch.bfloat16)
-    return {
-        "bf16": src,
-        "fp8": convert_to_fp8(src, base / "fp8", progress=False).output_dir,
-        "int4": convert_to_int(src, base / "int4", IntConvertOptions(method="rtn", group_size=GROUP),
-                               progress=False).output_dir,
-    }  # fmt: skip
+    return bf16_fp8_int4(ds_cfg(), tmp_path_factory.mktemp("deepseek"), GROUP)
 
 
 FAKE = {

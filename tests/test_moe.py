@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from _tiny_models import qwen3_moe_config, random_prompts, save_model
+from _tiny_models import bf16_fp8_int4, qwen3_moe_config, random_prompts, save_model
 from safetensors.torch import load_file
 
 from quantrl.checkpoint.convert_fp8 import convert_to_fp8
@@ -39,14 +39,7 @@ def moe_cfg(**kw):
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    base = tmp_path_factory.mktemp("moe")
-    src = save_model(moe_cfg(), base / "bf16", dtype=torch.bfloat16)
-    return {
-        "bf16": src,
-        "fp8": convert_to_fp8(src, base / "fp8", progress=False).output_dir,
-        "int4": convert_to_int(src, base / "int4", IntConvertOptions(method="rtn", group_size=GROUP),
-                               progress=False).output_dir,
-    }  # fmt: skip
+    return bf16_fp8_int4(moe_cfg(), tmp_path_factory.mktemp("moe"), GROUP)
 
 
 FAKE = {

@@ -48,6 +48,20 @@ def cfg(model, run_dir, **kw):
     return dataclasses.replace(base, **kw)
 
 
+def trained_micro_batches(monkeypatch, key: str) -> list:
+    """A list that collects ``micro[key]`` of every micro-batch the GRPO loss trains on."""
+    from quantrl.rl import grpo
+
+    seen, real = [], grpo.make_loss_fn
+
+    def spy(*a, **k):
+        fn = real(*a, **k)
+        return lambda model, micro: seen.append(micro[key]) or fn(model, micro)
+
+    monkeypatch.setattr(grpo, "make_loss_fn", spy)
+    return seen
+
+
 def untimed(rows):
     return [{k: v for k, v in r.items() if not any(t in k for t in TIMING)} for r in rows]
 
@@ -271,16 +285,7 @@ def test_dynamic_sampling_trains_only_prompts_with_a_reward_spread(tiny_model, t
     sampled, up to --max-sampling-rounds rounds; the trained batch holds only groups with a spread (all
     with nonzero advantages). A model that solves nothing never finds one: every round is spent, and the
     step trains on its first round as without the filter."""
-    from quantrl.rl import grpo
-
-    trained = []
-    real = grpo.make_loss_fn
-
-    def spy(*a, **k):
-        fn = real(*a, **k)
-        return lambda model, micro: trained.append(micro["advantages"]) or fn(model, micro)
-
-    monkeypatch.setattr(grpo, "make_loss_fn", spy)
+    trained = trained_micro_batches(monkeypatch, "advantages")
     run = functools.partial(cfg, "", eval_interval=0, num_steps=2, prompts_per_step=4, n_samples_per_prompt=4,
                             max_new_tokens=48, difficulty="medium", micro_batch_size=64,
                             dynamic_sampling=True, max_sampling_rounds=3)  # fmt: skip
@@ -352,20 +357,11 @@ def test_the_loop_follows_the_lr_schedule_and_logs_entropy(tiny_model, tmp_path)
 def test_custom_reward_function_and_overlong_filter(tmp_path, monkeypatch):
     """--custom-rm-path replaces the math reward (every sample scored by it, the logged reward its mean);
     --overlong-filter takes the loss off samples cut at --max-new-tokens, and only those."""
-    from quantrl.rl import grpo
-
     log = tmp_path / "calls.txt"
     rm = tmp_path / "rm.py"
     rm.write_text(f"def reward(response, label, prompt):\n    r = float(len(response) % 3 == 0)\n"
                   f"    open({str(log)!r}, 'a').write(f'{{r}}\\n')\n    return r\n")  # fmt: skip
-    trained = []
-    real = grpo.make_loss_fn
-
-    def spy(*a, **k):
-        fn = real(*a, **k)
-        return lambda model, micro: trained.append(micro["loss_mask"]) or fn(model, micro)
-
-    monkeypatch.setattr(grpo, "make_loss_fn", spy)
+    trained = trained_micro_batches(monkeypatch, "loss_mask")
     run = functools.partial(cfg, "", eval_interval=0, num_steps=2, prompts_per_step=4, n_samples_per_prompt=4,
                             max_new_tokens=21, difficulty="medium", micro_batch_size=64, custom_rm_path=f"{rm}:reward")  # fmt: skip
     for overlong in (False, True):

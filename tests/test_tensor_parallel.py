@@ -15,10 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _tiny_models import deepseek_v3_config, qwen3_config, qwen3_moe_config, random_prompts, save_model
-
-from quantrl.checkpoint.convert_fp8 import convert_to_fp8
-from quantrl.checkpoint.convert_int import IntConvertOptions, convert_to_int
+from _tiny_models import bf16_fp8_int4, deepseek_v3_config, qwen3_config, qwen3_moe_config, random_prompts
 
 # every split holds whole FP8 tiles: 4 query heads and 2 kv heads of 128, SwiGLU 512, experts 256
 ARCHS = {
@@ -116,13 +113,8 @@ def _check(rank, world, arch, kind, path):
 
 
 def test_tensor_parallel_engine_equals_one_process(tmp_path):
-    ckpts = {}
-    for arch, make in ARCHS.items():
-        src = save_model(make(), tmp_path / arch / "bf16", dtype=torch.bfloat16)
-        ckpts[(arch, "bf16")] = src
-        ckpts[(arch, "fp8")] = convert_to_fp8(src, tmp_path / arch / "fp8", progress=False).output_dir
-        ckpts[(arch, "int4")] = convert_to_int(src, tmp_path / arch / "int4", IntConvertOptions(method="rtn", group_size=32),
-                                               progress=False).output_dir  # fmt: skip
+    ckpts = {(arch, kind): path for arch, make in ARCHS.items()
+             for kind, path in bf16_fp8_int4(make(), tmp_path / arch, 32).items()}  # fmt: skip
     mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), ckpts), nprocs=2, join=True)
 
 
