@@ -131,3 +131,33 @@ def test_a_two_gpu_engine_holds_its_shards_and_samples_what_one_process_samples(
         assert max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x.logprobs, y.logprobs)) < 1e-5
     finally:
         engines.close()
+
+
+def test_an_expert_parallel_engine_holds_half_the_experts_and_samples_like_one_process(local_ray):
+    from _tiny_models import qwen3_moe_config
+    from test_sync import make_engine, make_trainer
+
+    cfg = qwen3_moe_config(num_experts=4, moe_intermediate_size=64).to_dict()
+    f32 = torch.float32
+    spec = EngineSpec(cfg, QuantScheme(), f32, kv_cache_tokens=4096, max_batch_size=16, tp=2, expert_parallel=True)
+    engines = RayEngines(spec, num_engines=1)
+    try:
+        trainer = make_trainer(cfg, f32)
+        engines.sync_weights(trainer, 1, target=engines.target(qmax=7), check_equal=True)
+        local = make_engine(cfg, QuantScheme(), f32)
+        local.cache = type(local.cache).for_model(local.model, max_tokens=4096)
+        sync_weights(trainer, local, version=1)
+        want = engine_state(local.model)
+        for rank, state in enumerate(engines.states()):
+            held = sorted({n.split(".experts.")[1].split(".")[0] for n in state if n.startswith("model.layers.0.mlp.experts.")})
+            assert held == [str(j) for j in range(2 * rank, 2 * rank + 2)]  # experts 0-1 on rank 0, 2-3 on rank 1
+            w = f"model.layers.0.mlp.experts.{2 * rank}.down_proj.weight"
+            assert torch.equal(state[w], want[w])  # whole, not split
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(0, 300, (int(n),), generator=g).tolist() for n in (4, 7)]
+        params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=5)
+        got, ref = engines.generate(prompts, params), local.generate(prompts, params)
+        assert [r.tokens for r in got] == [r.tokens for r in ref]
+        assert max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x.logprobs, y.logprobs)) < 1e-5
+    finally:
+        engines.close()

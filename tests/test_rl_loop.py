@@ -432,6 +432,8 @@ def test_ray_run_with_a_two_gpu_engine(tiny_model, tmp_path):
         assert b["mismatch_abs_mean"] < max(3 * a["mismatch_abs_mean"], 5e-3), (a["mismatch_abs_mean"], b["mismatch_abs_mean"])
     with pytest.raises(ValueError, match="needs --placement ray"):
         RLConfig(rollout_num_gpus_per_engine=2)
+    with pytest.raises(ValueError, match="rollout-expert-parallel spreads experts"):
+        RLConfig(rollout_expert_parallel=True, placement="ray")
 
 
 def test_ray_run_refuses_a_used_run_dir_before_starting_actors(tiny_model, tmp_path, monkeypatch):

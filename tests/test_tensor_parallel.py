@@ -27,6 +27,13 @@ ARCHS = {
                                               num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128,
                                               kv_lora_rank=128, qk_nope_head_dim=128, qk_rope_head_dim=64,
                                               v_head_dim=128),
+    # expert parallelism: experts 128 wide, which 2 ranks could not split into FP8 tiles, held whole, 4 a rank
+    "qwen3_moe_ep": lambda: qwen3_moe_config(hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                                             num_experts=8, head_dim=128),
+    "deepseek_v3_ep": lambda: deepseek_v3_config(hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                                                 num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128,
+                                                 kv_lora_rank=128, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                                                 v_head_dim=128),
 }
 # logit (relative) and |logprob| differences, TP vs one process: fp32 summation order (measured < 1e-6). FP8
 # W8A8 quantizes activations per call: where the order moves an activation across an e4m3 rounding boundary
@@ -55,7 +62,8 @@ def _check(rank, world, arch, kind, path):
     from quantrl.rollout import Engine, SamplingParams
 
     what = f"{arch}/{kind}"
-    tp = TPContext(rank, world)
+    ep = arch.endswith("_ep")
+    tp = TPContext(rank, world, expert_parallel=ep)
     whole, shard = load_model(path, dtype=torch.float32), load_model(path, dtype=torch.float32, tp=tp)
     mods = dict(shard.named_modules())
     full_w, mine = dequantized_weights(whole), dequantized_weights(shard)
@@ -69,6 +77,16 @@ def _check(rank, world, arch, kind, path):
         assert torch.equal(w, full_w[name].narrow(lin.tp_dim, rank * n, n)), (what, name)
         split += lin.tp_dim == COLUMN
     assert split > 0, what
+    moe = sorted(n.split(".experts.")[0] for n in full_w if ".experts." in n)
+    if moe:  # expert parallelism: this rank's experts, whole; otherwise every expert, split
+        held = {n.split(".experts.")[1].split(".")[0] for n in mine if n.startswith(moe[0] + ".experts.")}
+        total = len({n.split(".experts.")[1].split(".")[0] for n in full_w if n.startswith(moe[0] + ".experts.")})
+        assert len(held) == (total // world if ep else total), what
+    if ep and kind != "bf16":  # a sync target from one rank covers every rank's experts
+        from quantrl.sync import SyncTarget
+
+        target = SyncTarget.for_engine(shard)
+        assert all(n.removesuffix(".weight") in target.modules for n in full_w if ".experts." in n), what
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 300, (3, 11), generator=g)

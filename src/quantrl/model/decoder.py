@@ -285,6 +285,16 @@ class Decoder(nn.Module):
         h = self._layers(self.model.embed_tokens(tokens[:, None]), positions[:, None], masks, kv, routing)
         return self.lm_head(h[:, 0])
 
+    def foreign_experts(self) -> frozenset[str]:
+        """Module names of the MoE experts other ranks hold (expert parallelism; empty otherwise)."""
+        return frozenset(n for layer in self.model.layers if isinstance(layer.mlp, SparseMoeBlock)
+                         for n in layer.mlp.foreign())  # fmt: skip
+
+    def is_foreign(self, name: str, foreign: frozenset[str] | None = None) -> bool:
+        """Is tensor ``name`` (``...experts.{j}.{proj}.{tensor}``) one of another rank's experts'?"""
+        foreign = self.foreign_experts() if foreign is None else foreign
+        return bool(foreign) and name.rsplit(".", 2)[0] in foreign
+
     @property
     def num_moe_layers(self) -> int:
         return sum(self.config.is_moe(i) for i in range(self.config.num_layers))

@@ -94,7 +94,8 @@ def load_model(
     stored = set(reader.names())
     ignored = IGNORED_SUFFIXES + (NVFP4_ACT_SUFFIXES if scheme.method == "nvfp4" else ())
     missing = [n for n, (u, a) in index.items() if n not in stored and not u.specs[a].optional]
-    unexpected = [n for n in stored if n not in index and not n.endswith(ignored)
+    foreign = model.foreign_experts()  # expert parallelism: other ranks' experts, stored here too
+    unexpected = [n for n in stored if n not in index and not n.endswith(ignored) and not model.is_foreign(n, foreign)
                   and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]  # fmt: skip
     if missing or unexpected:
         raise CheckpointError(

@@ -211,18 +211,30 @@ class SparseMoeBlock(nn.Module):
         part = {"tp": tp, "reduce": False}  # every expert split like a dense MLP; the block reduces their sum once
         self.top_k, self.normalize, self.cfg = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg
         self.gate = Fp32Router(h, e, device) if cfg.router == "sigmoid" else Bf16Linear(h, e, False, dtype, device)
-        self.experts = nn.ModuleList(
-            MLP(cfg, f"{prefix}.experts.{j}", scheme, dtype, device, cfg.moe_intermediate_size, **part) for j in range(e)
-        )
+        self.prefix, self.num_experts = prefix, e
+        owned = tp.owned_experts(e)
+        ep = len(owned) < e
+        # the shared expert: split like a dense MLP; with expert parallelism whole on every rank, added by rank 0
+        shared = {"reduce": False} if ep else part
+        self._adds_shared = not ep or tp.lead
+        if ep:  # expert parallelism: this rank's experts whole, keyed by their global index
+            self.experts = nn.ModuleDict({str(j): MLP(cfg, f"{prefix}.experts.{j}", scheme, dtype, device,
+                                                      cfg.moe_intermediate_size, reduce=False) for j in owned})  # fmt: skip
+            self._owned = [(j, self.experts[str(j)]) for j in owned]
+        else:
+            self.experts = nn.ModuleList(
+                MLP(cfg, f"{prefix}.experts.{j}", scheme, dtype, device, cfg.moe_intermediate_size, **part) for j in range(e)
+            )
+            self._owned = list(enumerate(self.experts))
         self.shared_expert = self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = MLP(cfg, f"{prefix}.shared_expert", scheme, dtype, device,
-                                     cfg.shared_expert_intermediate_size, **part)  # fmt: skip
+                                     cfg.shared_expert_intermediate_size, **shared)  # fmt: skip
             self.shared_expert_gate = Bf16Linear(h, 1, False, dtype, device)
         self.shared_experts = None
         if cfg.shared_experts_intermediate_size:
             self.shared_experts = MLP(cfg, f"{prefix}.shared_experts", scheme, dtype, device,
-                                      cfg.shared_experts_intermediate_size, **part)  # fmt: skip
+                                      cfg.shared_experts_intermediate_size, **shared)  # fmt: skip
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None, moe_index: int = 0) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H]; ``routing`` replays and/or records this layer's (number ``moe_index``
@@ -243,32 +255,39 @@ class SparseMoeBlock(nn.Module):
         capturing = flat.is_cuda and torch.cuda.is_current_stream_capturing()
         dispatch = self._dense if (self.dense_dispatch or capturing) else self._grouped
         out = dispatch(flat, weights, experts)
-        if self.shared_expert is not None:
+        if self.shared_expert is not None and self._adds_shared:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and self._adds_shared:
             out = out + self.shared_experts(flat)
         return self.tp.all_reduce(out).view(x.shape)
+
+    def foreign(self) -> list[str]:
+        """Module names of the experts other ranks hold (expert parallelism); empty otherwise."""
+        mine = {j for j, _ in self._owned}
+        return [f"{self.prefix}.experts.{j}" for j in range(self.num_experts) if j not in mine]
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         k = self.top_k
         order = experts.reshape(-1).argsort(stable=True)  # [N*k] assignments sorted by expert
         tokens = order // k  # token of each sorted assignment
         w = weights.reshape(-1)[order, None]  # [N*k, 1]
-        counts = torch.bincount(experts.reshape(-1), minlength=len(self.experts)).tolist()  # host sync
+        counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts).tolist()  # host sync
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
         out = torch.zeros_like(x)
-        start = 0
-        for expert, count in zip(self.experts, counts):
-            if count:
-                rows = tokens[start : start + count]
-                out.index_add_(0, rows, (expert(x[rows]) * w[start : start + count]).to(out.dtype))
-                start += count
+        for j, expert in self._owned:  # every expert, or this rank's with expert parallelism
+            a, b = starts[j], starts[j + 1]
+            if b > a:
+                rows = tokens[a:b]
+                out.index_add_(0, rows, (expert(x[rows]) * w[a:b]).to(out.dtype))
         return out
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        gates = torch.zeros(x.shape[0], len(self.experts), dtype=weights.dtype, device=x.device)
+        gates = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=x.device)
         gates.scatter_(1, experts, weights)  # [N, E]: weight 0 for experts not chosen
         out = torch.zeros_like(x)
-        for j, expert in enumerate(self.experts):
+        for j, expert in self._owned:
             g = gates[:, j : j + 1]  # [N, 1]
             out = out + (expert(x * (g != 0)) * g).to(out.dtype)
         return out

@@ -10,6 +10,13 @@ seed, samples the same tokens; the engine still takes rank 0's tokens on every r
 last-bit difference can never split the shards. A row-parallel bias is held by rank 0 (zeros elsewhere),
 so the all-reduce adds it once.
 
+Expert parallelism (``expert_parallel=True``): instead of splitting every expert, rank r holds experts
+[r E / world, (r + 1) E / world) whole (what FP8 needs when an expert's width does not split into
+128-row tiles, e.g. Qwen3-30B-A3B's 768 over 8) and computes them for the tokens routed to them; the
+block's one all-reduce then also gathers the experts. A shared expert is then held whole by every rank
+and added by rank 0. The other ranks' experts are *foreign* names: a checkpoint or update carries them,
+and this rank skips them.
+
 Weights come in whole, under their checkpoint names (a checkpoint, or the trainer's weight sync), and
 each rank keeps its piece (``shard_tensor``): rows or columns of the weight, and of every scale or packed
 tensor with them. A piece must hold whole quantization blocks (FP8 128x128 tiles, INT4 groups and
@@ -44,6 +51,8 @@ class TPContext:
     "processes sharing each layer"
     group: Any = None
     "the torch.distributed group (None: the default group)"
+    expert_parallel: bool = False
+    "MoE experts are spread whole over the ranks (E / world each) instead of each one split world ways"
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -62,6 +71,13 @@ class TPContext:
     @property
     def lead(self) -> bool:
         return self.rank == 0
+
+    def owned_experts(self, num_experts: int) -> range:
+        """The experts this rank holds: all of them (each split), or with expert parallelism its 1/world run."""
+        if not (self.expert_parallel and self.world > 1):
+            return range(num_experts)
+        n = self.split(num_experts, "num_experts")
+        return range(self.rank * n, (self.rank + 1) * n)
 
     def split(self, n: int, what: str) -> int:
         if n % self.world:

@@ -142,6 +142,8 @@ class RLConfig:
     "--placement ray: rollout engines, one GPU each (on CPU, one CPU each); a batch is split across them"
     rollout_num_gpus_per_engine: int = 1
     "--placement ray: GPUs (actors) per engine, the model split over them by tensor parallelism (slime's flag)"
+    rollout_expert_parallel: bool = False
+    "with --rollout-num-gpus-per-engine N: MoE experts spread whole over the N GPUs (expert parallelism), not split N ways"
     ray_address: str = ""
     "--placement ray: the Ray cluster to join ('': $RAY_ADDRESS if set, else a new local Ray instance)"
     async_rollout: bool = False
@@ -158,6 +160,8 @@ class RLConfig:
             raise ValueError(f"rollout_num_gpus_per_engine must be >= 1, got {self.rollout_num_gpus_per_engine}")
         if self.placement == "local" and self.rollout_num_gpus_per_engine != 1:
             raise ValueError("--rollout-num-gpus-per-engine > 1 needs --placement ray")
+        if self.rollout_expert_parallel and self.rollout_num_gpus_per_engine == 1:
+            raise ValueError("--rollout-expert-parallel spreads experts over --rollout-num-gpus-per-engine > 1 GPUs")
         if self.placement == "local" and self.rollout_num_engines != 1:
             raise ValueError("--rollout-num-engines > 1 needs --placement ray")
         if self.dp_size < 1:
@@ -350,7 +354,7 @@ class RLRun:
             from quantrl.sync.ray_engines import EngineSpec, RayEngines
 
             spec = EngineSpec(self.hf_config, scheme, torch.bfloat16, cfg.device, tp=cfg.rollout_num_gpus_per_engine,
-                              **engine_kw)  # fmt: skip
+                              expert_parallel=cfg.rollout_expert_parallel, **engine_kw)  # fmt: skip
             self.engine = RayEngines(spec, cfg.rollout_num_engines, world=world)
             self.dp_group = self.engine.dp_group
             self.sync_target = self.engine.target(qmax=cfg.qmax)  # PTQ too uses --qmax

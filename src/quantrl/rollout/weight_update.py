@@ -58,6 +58,7 @@ def _value_errors(counts: list[tuple[str, torch.Tensor, str, torch.Tensor]]) -> 
 def plan_update(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Plan:
     """[(unit, {attribute: tensor})] for a valid update; ``ValueError`` listing every problem otherwise."""
     index = tensor_index(model)
+    foreign = model.foreign_experts() if hasattr(model, "foreign_experts") else frozenset()
     errors: list[str] = []
     plan: dict[str, tuple[Unit, dict[str, torch.Tensor]]] = {}
     seen: set[str] = set()
@@ -75,6 +76,8 @@ def plan_update(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tenso
         if not isinstance(t, torch.Tensor):
             errors.append(f"{name!r} is a {type(t).__name__}, not a tensor")
             continue
+        if name not in index and name.rsplit(".", 2)[0] in foreign:
+            continue  # expert parallelism: another rank's expert, for it to load
         if name not in index:
             hint = " (lm_head is tied to model.embed_tokens.weight)" if name == "lm_head.weight" else ""
             errors.append(f"unknown tensor {name!r}{hint}")

@@ -141,6 +141,10 @@ class SyncTarget:
         fp32 = frozenset(n for n, p in model.named_parameters() if getattr(p, KEEP_FP32, False))
         kinds = (Fp8Linear, W4A16Linear, Nvfp4Linear)
         quantized = {n: m for n, m in linear_modules(model).items() if isinstance(m, kinds)}
+        scheme = getattr(model, "scheme", None)
+        # expert parallelism: the other ranks' experts travel in the update too, in this rank's format
+        foreign = frozenset(f"{e}.{p}" for e in (model.foreign_experts() if hasattr(model, "foreign_experts") else ())
+                            for p in ("gate_proj", "up_proj", "down_proj") if scheme.quantizes(f"{e}.{p}"))  # fmt: skip
         if not quantized:
             return cls(method="none", dtype=dtype, modules=frozenset(), fp32_names=fp32)
         formats = {}
@@ -158,10 +162,9 @@ class SyncTarget:
             raise SyncError(f"SyncTarget.for_engine: the engine's Linears use {len(formats)} formats ({listed}); "
                             "weight sync supports one quantized format per engine")  # fmt: skip
         (fmt_items,) = formats
-        scheme = getattr(model, "scheme", None)
         rule = {"ignore": tuple(scheme.ignore), "ignore_rule": scheme.ignore_rule} if isinstance(scheme, QuantScheme) else {}
         extra = {"qmax": qmax} if dict(fmt_items)["method"] == "int" else {}
-        return cls(dtype=dtype, modules=frozenset(quantized), fp32_names=fp32, **rule, **dict(fmt_items), **extra)
+        return cls(dtype=dtype, modules=frozenset(quantized) | foreign, fp32_names=fp32, **rule, **dict(fmt_items), **extra)
 
     @classmethod
     def from_scheme(cls, scheme: QuantScheme, dtype: torch.dtype = torch.bfloat16, qmax: int = 7) -> SyncTarget:

@@ -84,6 +84,8 @@ class EngineSpec:
     "torch CPU threads in the actor"
     tp: int = 1
     "GPUs (actors) per engine, one tensor-parallel shard each (slime's --rollout-num-gpus-per-engine)"
+    expert_parallel: bool = False
+    "with tp > 1: MoE experts spread whole over the shards instead of each split tp ways"
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ class EngineWorker:
 
         torch.set_num_threads(max(1, spec.threads))
         # a shard of a multi-GPU engine; its group exists once the world is joined (``join`` sets it)
-        self.tp = TPContext(tp_rank, spec.tp) if spec.tp > 1 else None
+        self.tp = TPContext(tp_rank, spec.tp, expert_parallel=spec.expert_parallel) if spec.tp > 1 else None
         model = build_model(spec.hf_config, spec.scheme, dtype=spec.dtype, device=spec.device, tp=self.tp)
         self.engine = Engine(model, kv_cache_tokens=spec.kv_cache_tokens, max_batch_size=spec.max_batch_size,
                              max_seq_len=spec.max_seq_len, use_cuda_graph=spec.use_cuda_graph)  # fmt: skip
