@@ -193,3 +193,38 @@ def test_transformers_reads_our_deepseek_checkpoints(ckpts, kind):
     if kind == "fp8":
         for name in [f"model.layers.{i}.self_attn.{p}.weight" for i in range(3) for p in ("q_a_proj", "kv_b_proj", "o_proj")]:
             assert torch.equal(state[name].to(torch.bfloat16), fake(src[name]).to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4", "fp8"])
+def test_absorbed_decode_equals_the_expansion_and_follows_updates(ckpts, kind, monkeypatch):
+    """Decode attends in latent space through kv_b_proj's absorbed weight (weight-only formats): the same
+    samples and logprobs as expanding every cached latent, and after a weight update the absorbed weight
+    is the new one. FP8's kv_b_proj quantizes its input per call: it keeps the expansion."""
+    from quantrl.model import engine_state
+    from quantrl.model.decoder import MLAttention
+
+    model = load_model(ckpts[kind], dtype=torch.float32)
+    prompts = random_prompts([5, 9], seed=2)
+    params = SamplingParams(n=2, temperature=0.9, max_new_tokens=8, seed=1)
+    absorbed = Engine(model, kv_cache_tokens=256).generate(prompts, params)
+    attn = model.model.layers[1].self_attn
+    assert (attn._w is None) == (kind == "fp8")
+    monkeypatch.setattr(MLAttention, "absorb_decode", False)
+    expanded = Engine(model, kv_cache_tokens=256).generate(prompts, params)
+    monkeypatch.undo()
+    assert [r.tokens for r in absorbed] == [r.tokens for r in expanded]
+    assert max(abs(a - b) for x, y in zip(absorbed, expanded) for a, b in zip(x.logprobs, y.logprobs)) < 1e-5
+    if kind == "fp8":
+        return
+    engine = Engine(model, kv_cache_tokens=256)
+    engine.generate(prompts, params)  # the absorbed weights now cached
+    other = load_model(ckpts[kind], dtype=torch.float32)
+    update = {n: t.clone() for n, t in engine_state(other).items()}
+    name = next(n for n in update if "layers.1.self_attn.kv_b_proj" in n and update[n].is_floating_point())
+    update[name] = update[name].flip(0).contiguous()  # another kv_b_proj for layer 1
+    engine.update_weights(update.items(), version=1)
+    for r in engine.generate(prompts, params):
+        ids = torch.tensor([prompts[r.prompt_index] + r.tokens])
+        with torch.no_grad():
+            lp = token_logprobs(model, ids, temperature=0.9)[0][0, len(prompts[r.prompt_index]) - 1 :]
+        assert torch.allclose(torch.tensor(r.logprobs), lp, rtol=0, atol=LOGPROB_ATOL)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantrl.model.config import ModelConfig
-from quantrl.model.linear import Bf16Linear, QLinear, make_linear
+from quantrl.model.linear import Bf16Linear, Fp8Linear, QLinear, make_linear
 from quantrl.model.moe import MLP, Routing, SparseMoeBlock
 from quantrl.model.quant_scheme import QuantScheme
 from quantrl.model.rope import apply_rope, apply_rope_interleaved, inv_freq, rope_cos_sin
@@ -114,8 +114,19 @@ class MLAttention(nn.Module):
     """DeepSeek's multi-head latent attention, as transformers computes it. Per token, one latent
     c = kv_a_layernorm(kv_a_proj_with_mqa(x)[:r]) and one roped key part k_rot shared by every head; each
     head's key is [k_nope, k_rot] and its value v, with [k_nope, v] = kv_b_proj(c). The cache holds c and
-    k_rot (r + d_rot numbers a token instead of 2 x heads x head_dim), and every call expands what it
-    attends to through kv_b_proj."""
+    k_rot (r + d_rot numbers a token instead of 2 x heads x head_dim).
+
+    Full sequences and prefill expand the latents through kv_b_proj, as transformers does. Decode absorbs
+    kv_b_proj instead (DeepSeek's own inference trick): with W_uk, W_uv its key and value halves,
+    q_nope . (W_uk c) = (q_nope W_uk) . c, so each head's query moves into latent space, attends over the
+    cached [c, k_rot] directly (one shared "kv head"), and its latent output is mapped by W_uv. That is
+    O(heads x r) per cached token instead of expanding every cached token through an r x heads(nope + v)
+    GEMM each step. The same function, summed in another order; a weight-only kv_b_proj (BF16, INT4,
+    NVFP4) is absorbed through its dequantized weight (cached, refreshed in place after an update). An FP8
+    kv_b_proj quantizes its input latents per call, which the absorbed form cannot reproduce: it keeps
+    the expansion."""
+
+    absorb_decode = True  # class switch (tests, debugging)
 
     def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
                  device: torch.device | str, tp: TPContext = SINGLE):  # fmt: skip
@@ -138,6 +149,27 @@ class MLAttention(nn.Module):
                                          cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim), False, *args)  # fmt: skip
         self.o_proj = parallel_linear(ROW, tp, f"{prefix}.o_proj", cfg.num_heads * m.v_head_dim, h, cfg.o_bias, *args)
         self.rope = apply_rope_interleaved if m.rope_interleave else apply_rope
+        self._w: torch.Tensor | None = None  # kv_b_proj's weight [H, nope + v, r], dequantized, for decode
+        self._w_key: tuple | None = None  # the versions of kv_b_proj's tensors it was made from
+
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_uk [H, nope, r], W_uv [H, v, r]) of kv_b_proj, dequantized; recomputed, in place (a CUDA graph
+        reads that storage), when its tensors have changed since."""
+        lin, m = self.kv_b_proj, self.mla
+        key = tuple(getattr(lin, a)._version for a in lin.specs() if isinstance(getattr(lin, a, None), torch.Tensor))
+        if self._w is None or self._w_key != key or self._w.dtype != dtype:
+            w = lin.dequantized_weight(dtype).view(self.num_heads, m.qk_nope_head_dim + m.v_head_dim, -1)
+            if self._w is None or self._w.dtype != dtype:
+                self._w = w.clone()
+            else:
+                self._w.copy_(w)
+            self._w_key = key
+        return self._w[:, : m.qk_nope_head_dim], self._w[:, m.qk_nope_head_dim :]
+
+    def after_weight_update(self) -> None:
+        """Refresh the absorbed weights now (graphed decode replays without running Python)."""
+        if self._w is not None:
+            self.absorbed_weights(self._w.dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 kv: KVContext | None, layer: int) -> torch.Tensor:  # fmt: skip
@@ -157,6 +189,14 @@ class MLAttention(nn.Module):
             kv.k[layer][kv._rows, 0, kv.write_pos] = latent[:, 0]
             kv.v[layer][kv._rows, 0, kv.write_pos] = k_rot[:, 0]
             latent, k_rot = kv.k[layer][:b, 0, : kv.kv_len], kv.v[layer][:b, 0, : kv.kv_len]  # [B, Lk, r], [B, Lk, rot]
+            if self.absorb_decode and not isinstance(self.kv_b_proj, Fp8Linear):
+                w_uk, w_uv = self.absorbed_weights(x.dtype)
+                query = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_pass, w_uk), q_rot], dim=-1)  # [B, H, 1, r + rot]
+                keys = torch.cat([latent, k_rot], dim=-1)[:, None]  # [B, 1, Lk, r + rot]: one latent "kv head"
+                out = F.scaled_dot_product_attention(query, keys, latent[:, None], attn_mask=mask, scale=m.softmax_scale,
+                                                     enable_gqa=True)  # [B, H, 1, r]  # fmt: skip
+                out = torch.einsum("bhtr,hvr->bhtv", out, w_uv)  # [B, H, 1, v]
+                return self.tp.all_reduce(self.o_proj(out.transpose(1, 2).reshape(b, t, heads * m.v_head_dim)))
         lk = latent.shape[1]
         k_nope, values = self.kv_b_proj(latent).view(b, lk, heads, -1).transpose(1, 2).split(
             [m.qk_nope_head_dim, m.v_head_dim], dim=-1)  # [B, H, Lk, nope], [B, H, Lk, v]  # fmt: skip

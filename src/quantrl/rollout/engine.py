@@ -320,6 +320,9 @@ class Engine:
         why = self._inconsistent
         self._inconsistent = f"the update to weight version {int(version)} failed while loading"
         apply_update(plan)
+        for m in self.model.modules():  # caches derived from the weights (latent attention's absorbed kv_b_proj)
+            if hasattr(m, "after_weight_update"):
+                m.after_weight_update()
         if check_equal:
             self._inconsistent = f"the update to weight version {int(version)} did not load bit for bit"
             check_loaded(plan)
