@@ -228,3 +228,26 @@ def test_absorbed_decode_equals_the_expansion_and_follows_updates(ckpts, kind, m
         with torch.no_grad():
             lp = token_logprobs(model, ids, temperature=0.9)[0][0, len(prompts[r.prompt_index]) - 1 :]
         assert torch.allclose(torch.tensor(r.logprobs), lp, rtol=0, atol=LOGPROB_ATOL)
+
+
+def test_multi_token_prediction_layers_are_skipped_with_a_warning(ckpts, tmp_path):
+    """DeepSeek-V3's checkpoints store their MTP layer after the decoder's (model.layers.61 of 61); we, like
+    transformers, decode next tokens only: such tensors are skipped, other strays still fail the load."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from quantrl.checkpoint.safetensors_io import CheckpointError
+
+    src = tmp_path / "mtp"
+    shutil.copytree(ckpts["bf16"], src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(128, 256, dtype=torch.bfloat16)  # the MTP layer's
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="1 multi-token-prediction layer"):
+        model = load_model(src, dtype=torch.float32)
+    assert model.config.mtp_layers == 1
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 0}))
+    with pytest.raises(CheckpointError, match="unexpected"):
+        load_model(src, dtype=torch.float32)

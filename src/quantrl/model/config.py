@@ -135,6 +135,8 @@ class ModelConfig:
     "DeepSeek-V3: inner width of the always-on, ungated shared_experts MLP (n_shared_experts x moe width)"
     mla: MLAConfig | None = None
     "DeepSeek-V3: multi-head latent attention (None: grouped-query attention)"
+    mtp_layers: int = 0
+    "DeepSeek-V3: multi-token-prediction layers stored after the decoder layers (num_nextn_predict_layers); unused"
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -197,6 +199,7 @@ class ModelConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope=rope,
             mla=mla,
+            mtp_layers=int(d.get("num_nextn_predict_layers") or 0) if mla else 0,
             max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             # Qwen2 hard-codes q/k/v bias and o without; Qwen2-MoE makes the q/k/v bias a field

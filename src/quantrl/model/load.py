@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,8 +96,13 @@ def load_model(
     ignored = IGNORED_SUFFIXES + (NVFP4_ACT_SUFFIXES if scheme.method == "nvfp4" else ())
     missing = [n for n, (u, a) in index.items() if n not in stored and not u.specs[a].optional]
     foreign = model.foreign_experts()  # expert parallelism: other ranks' experts, stored here too
+    # DeepSeek-V3's multi-token-prediction layers follow the decoder's; like transformers, sampling skips them
+    mtp = tuple(f"model.layers.{cfg.num_layers + i}." for i in range(cfg.mtp_layers))
     unexpected = [n for n in stored if n not in index and not n.endswith(ignored) and not model.is_foreign(n, foreign)
-                  and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]  # fmt: skip
+                  and not (mtp and n.startswith(mtp)) and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]  # fmt: skip
+    if mtp and any(n.startswith(mtp) for n in stored):
+        warnings.warn(f"{path}: its {cfg.mtp_layers} multi-token-prediction layer(s) are not used (next-token "
+                      "decoding only)", stacklevel=2)  # fmt: skip
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: checkpoint does not match a {cfg.model_type} model with {scheme.method} Linears: "
