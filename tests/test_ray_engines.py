@@ -101,7 +101,8 @@ def test_ray_engines_match_a_local_engine(local_ray):
 def test_a_two_gpu_engine_holds_its_shards_and_samples_what_one_process_samples(local_ray):
     """--rollout-num-gpus-per-engine 2: one engine over two actors (tensor parallelism, gloo here). After a
     sync each shard holds its rows / columns of what a local engine holds (the row-parallel o_proj bias on
-    rank 0 only), and the engine samples the local engine's tokens, with its logprobs to fp32 rounding."""
+    rank 0 only, half the vocabulary's embedding rows), and the engine samples the local engine's tokens,
+    with its logprobs to fp32 rounding."""
     from test_sync import make_engine, make_trainer, tiny_cfg
 
     f32 = torch.float32
@@ -121,7 +122,7 @@ def test_a_two_gpu_engine_holds_its_shards_and_samples_what_one_process_samples(
             assert torch.equal(state[f"{attn}.o_proj.weight"], want[f"{attn}.o_proj.weight"].chunk(2, 1)[rank])
             bias = want[f"{attn}.o_proj.bias"] if rank == 0 else torch.zeros_like(want[f"{attn}.o_proj.bias"])
             assert torch.equal(state[f"{attn}.o_proj.bias"], bias)
-            assert torch.equal(state["model.embed_tokens.weight"], want["model.embed_tokens.weight"])
+            assert torch.equal(state["model.embed_tokens.weight"], want["model.embed_tokens.weight"].chunk(2, 0)[rank])
         assert engines.versions() == [1, 1]
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, 300, (int(n),), generator=g).tolist() for n in (5, 9, 3)]

@@ -77,6 +77,9 @@ def _check(rank, world, arch, kind, path):
         assert torch.equal(w, full_w[name].narrow(lin.tp_dim, rank * n, n)), (what, name)
         split += lin.tp_dim == COLUMN
     assert split > 0, what
+    # the vocabulary too: embedding rows and lm_head rows (the logits are all-gathered)
+    assert torch.equal(shard.model.embed_tokens.weight, whole.model.embed_tokens.weight.chunk(world, 0)[rank]), what
+    assert mods["lm_head"].tp_dim == COLUMN, what
     moe = sorted(n.split(".experts.")[0] for n in full_w if ".experts." in n)
     if moe:  # expert parallelism: this rank's experts, whole; otherwise every expert, split
         held = {n.split(".experts.")[1].split(".")[0] for n in mine if n.startswith(moe[0] + ".experts.")}

@@ -28,7 +28,7 @@ from quantrl.model.linear import Bf16Linear, Fp8Linear, QLinear, make_linear
 from quantrl.model.moe import MLP, Routing, SparseMoeBlock
 from quantrl.model.quant_scheme import QuantScheme
 from quantrl.model.rope import apply_rope, apply_rope_interleaved, inv_freq, rope_cos_sin
-from quantrl.model.tensor_parallel import COLUMN, ROW, SINGLE, TPContext, parallel_linear
+from quantrl.model.tensor_parallel import COLUMN, ROW, SINGLE, TPContext, VocabParallelEmbedding, parallel_linear
 
 
 class RMSNorm(nn.Module):
@@ -225,14 +225,22 @@ class DecoderLayer(nn.Module):
         return h + (self.mlp(x) if self.moe_index is None else self.mlp(x, routing, self.moe_index))
 
 
+def vocab_parallel(cfg: ModelConfig, tp: TPContext) -> bool:
+    """Split the vocabulary (embedding rows, lm_head rows) over a tensor-parallel group, when it divides."""
+    return tp.world > 1 and cfg.vocab_size % tp.world == 0
+
+
 class DecoderModel(nn.Module):
     """The ``model.`` prefix of HF names: embedding, layers, final norm."""
 
     def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: torch.dtype, device: torch.device | str,
                  tp: TPContext = SINGLE):  # fmt: skip
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.zeros(
-            cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device))  # fmt: skip
+        if vocab_parallel(cfg, tp):
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device, tp)
+        else:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.zeros(
+                cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device))  # fmt: skip
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, scheme, dtype, device, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
@@ -244,11 +252,18 @@ class Decoder(nn.Module):
         super().__init__()
         self.config, self.scheme, self.dtype, self.tp = cfg, scheme or QuantScheme(), dtype, tp or SINGLE
         self.model = DecoderModel(cfg, self.scheme, dtype, device, self.tp)
-        self.lm_head: QLinear = Bf16Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
+        self.vocab_parallel = vocab_parallel(cfg, self.tp)  # lm_head's rows split, logits all-gathered
+        self.lm_head: QLinear = (parallel_linear(COLUMN, self.tp, "lm_head", cfg.hidden_size, cfg.vocab_size, False,
+                                                 QuantScheme(), dtype, device)  # fmt: skip
+                                 if self.vocab_parallel else Bf16Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device))
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # one Parameter, two names (as in HF)
         # fp32 and not persistent: never part of a checkpoint or a weight update
         self.register_buffer("inv_freq", inv_freq(cfg.rope, cfg.head_dim).to(device), persistent=False)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h)
+        return self.tp.all_gather(logits) if self.vocab_parallel else logits
 
     @property
     def device(self) -> torch.device:
@@ -301,7 +316,7 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, routing: Routing | None = None) -> torch.Tensor:  # fmt: skip
         """Logits [B, T, V] in the model dtype (see ``hidden_states`` for the arguments)."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, positions, routing))
+        return self._logits(self.hidden_states(input_ids, attention_mask, positions, routing))
 
     def prefill(self, input_ids: torch.Tensor, lens: torch.Tensor, kv: KVContext,
                 routing: Routing | None = None) -> torch.Tensor:  # fmt: skip
@@ -312,7 +327,7 @@ class Decoder(nn.Module):
         h = self._layers(self.model.embed_tokens(input_ids), positions, self._sequence_masks(positions, valid), kv,
                          routing)  # fmt: skip
         last = h[torch.arange(b, device=h.device), lens - 1]  # [B, H]: lm_head only where we sample
-        return self.lm_head(last)
+        return self._logits(last)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KVContext,
                routing: Routing | None = None) -> torch.Tensor:  # fmt: skip
@@ -323,7 +338,7 @@ class Decoder(nn.Module):
         allowed = (k_pos[None, :] <= positions[:, None])[:, None, :]  # [B, 1, Lk]
         masks = self._masks(allowed, positions[:, None], k_pos.expand(b, -1))
         h = self._layers(self.model.embed_tokens(tokens[:, None]), positions[:, None], masks, kv, routing)
-        return self.lm_head(h[:, 0])
+        return self._logits(h[:, 0])
 
     def foreign_experts(self) -> frozenset[str]:
         """Module names of the MoE experts other ranks hold (expert parallelism; empty otherwise)."""

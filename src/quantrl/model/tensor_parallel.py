@@ -4,8 +4,9 @@ A block's input projections are *column*-parallel (each rank holds ``out / world
 heads, its slice of the SwiGLU width) and its output projection *row*-parallel (``in / world`` columns),
 so a block needs one all-reduce, of its output: attention after ``o_proj``, a dense MLP after
 ``down_proj``, a MoE block after the sum of its experts (each expert split the same way) and shared
-expert. Embedding, norms, routers, ``lm_head``, and DeepSeek's latent path (``q_a_proj``,
-``kv_a_proj_with_mqa``) are replicated. Every rank then computes the same logits and, given the same
+expert. The vocabulary is split too: the embedding by rows (an all-reduce fills each token's row in) and
+``lm_head`` by its output (the logits are all-gathered), when ``vocab_size`` divides. Norms, routers and
+DeepSeek's latent path (``q_a_proj``, ``kv_a_proj_with_mqa``) are replicated. Every rank then computes the same logits and, given the same
 seed, samples the same tokens; the engine still takes rank 0's tokens on every rank (``from_lead``), so a
 last-bit difference can never split the shards. A row-parallel bias is held by rank 0 (zeros elsewhere),
 so the all-reduce adds it once.
@@ -33,8 +34,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
-from quantrl.model.linear import Bf16Linear, Fp8Linear, Nvfp4Linear, QLinear, W4A16Linear, make_linear
+from quantrl.model.linear import Fp8Linear, Nvfp4Linear, QLinear, W4A16Linear, make_linear
 from quantrl.model.quant_scheme import QuantScheme
 
 COLUMN, ROW = 0, 1  # the weight dimension a parallel Linear splits: out_features, in_features
@@ -58,6 +61,14 @@ class TPContext:
         if self.world > 1:
             dist.all_reduce(x, group=self.group)
         return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``x`` concatenated along the last dimension, in rank order."""
+        if self.world == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
 
     def from_lead(self, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``ts`` as rank 0 holds them, on every rank (in place): what the engine samples, so that the shards
@@ -98,9 +109,27 @@ def parallel_linear(dim: int, tp: TPContext | None, name: str, in_features: int,
     return lin
 
 
-def _granularity(lin: QLinear, attr: str) -> tuple[int, int] | None:
+class VocabParallelEmbedding(nn.Module):
+    """This rank's rows [r V / world, (r + 1) V / world) of the embedding (``model.embed_tokens.weight``):
+    ids outside them look up zeros, and the all-reduce fills them in from their owner."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device | str,
+                 tp: TPContext):  # fmt: skip
+        super().__init__()
+        n = tp.split(vocab_size, "vocab_size")
+        self.weight = nn.Parameter(torch.zeros(n, hidden_size, dtype=dtype, device=device))
+        self.start, self.tp, self.tp_dim = tp.rank * n, tp, COLUMN
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * mine[..., None]
+        return self.tp.all_reduce(out)
+
+
+def _granularity(lin: nn.Module, attr: str) -> tuple[int, int] | None:
     """Weight elements (rows, cols) one element of ``attr`` covers; None for a tensor with no weight layout."""
-    if attr == "weight" and isinstance(lin, (Bf16Linear, Fp8Linear)):
+    if attr == "weight":  # a plain weight: BF16, FP8 values, an embedding
         return 1, 1
     if isinstance(lin, Fp8Linear):  # channel: one scale a row; tensor: a 1-D scale, the same for every shard
         return tuple(lin.block_size) if lin.strategy == "block" else (1, WHOLE)
@@ -111,10 +140,11 @@ def _granularity(lin: QLinear, attr: str) -> tuple[int, int] | None:
     return None
 
 
-def shard_tensor(lin: QLinear, attr: str, t: torch.Tensor, name: str) -> torch.Tensor:
-    """This rank's piece of the whole tensor ``t`` of a parallel Linear's ``attr`` (a checkpoint name)."""
+def shard_tensor(lin: nn.Module, attr: str, t: torch.Tensor, name: str) -> torch.Tensor:
+    """This rank's piece of the whole tensor ``t`` of a parallel Linear's (or embedding's) ``attr``."""
     dim, tp = lin.tp_dim, lin.tp
-    local = (lin.out_features, lin.in_features)[dim]  # weight rows (COLUMN) or columns (ROW) held here
+    # weight rows (COLUMN) or columns (ROW) held here
+    local = (lin.out_features, lin.in_features)[dim] if isinstance(lin, QLinear) else lin.weight.shape[dim]
     if attr == "bias":
         if dim == ROW:  # added once, by rank 0, before the all-reduce
             return t if tp.rank == 0 else torch.zeros_like(t)
