@@ -253,9 +253,11 @@ class Decoder(nn.Module):
         self.config, self.scheme, self.dtype, self.tp = cfg, scheme or QuantScheme(), dtype, tp or SINGLE
         self.model = DecoderModel(cfg, self.scheme, dtype, device, self.tp)
         self.vocab_parallel = vocab_parallel(cfg, self.tp)  # lm_head's rows split, logits all-gathered
-        self.lm_head: QLinear = (parallel_linear(COLUMN, self.tp, "lm_head", cfg.hidden_size, cfg.vocab_size, False,
-                                                 QuantScheme(), dtype, device)  # fmt: skip
-                                 if self.vocab_parallel else Bf16Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device))
+        if self.vocab_parallel:
+            self.lm_head: QLinear = parallel_linear(COLUMN, self.tp, "lm_head", cfg.hidden_size, cfg.vocab_size, False,
+                                                    QuantScheme(), dtype, device)  # fmt: skip
+        else:
+            self.lm_head = Bf16Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # one Parameter, two names (as in HF)
         # fp32 and not persistent: never part of a checkpoint or a weight update
