@@ -3,7 +3,7 @@
 Storage is one flat pool per layer for keys and values, ``capacity`` tokens long. A generate call with
 longest prompt P and ``max_new_tokens`` M needs at most L = P + M positions per sequence, so the pool is
 viewed as ``capacity // L`` slots of shape [kv_heads, L, head_dim] (latent attention: [1, L, kv_lora_rank]
-for the latent and [1, L, qk_rope_head_dim] for the shared roped key) (a free reshape; the pool itself is
+latents and [1, L, qk_rope_head_dim] roped shared keys), a free reshape (the pool itself is
 allocated once, zero-filled so that never-written positions can never inject NaN through a masked
 attention weight of 0). Whether a request fits is decided from sizes alone, before any allocation.
 """

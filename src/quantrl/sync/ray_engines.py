@@ -11,14 +11,15 @@
 Placement. Each engine is a Ray actor holding one ``Engine``: one GPU (``num_gpus=1``; Ray sets
 ``CUDA_VISIBLE_DEVICES``, so ``device="cuda"`` is that GPU) or, on CPU, ``cpus_per_engine`` CPUs. The
 process that builds ``RayEngines`` is the trainer: in ``quantrl train --placement ray`` it is itself a Ray
-actor with one GPU, so Ray never hands its GPU to an engine. With ``EngineSpec.tp = N`` an engine is N such actors, each holding
-one tensor-parallel shard (``quantrl.model.tensor_parallel``) and joined in a group of their own; they
-all receive each weight broadcast and sample each share in lockstep, and rank 0 returns the results.
+actor with one GPU, so Ray never hands its GPU to an engine. With ``EngineSpec.tp = N`` an engine is N
+such actors, each holding one tensor-parallel shard (``quantrl.model.tensor_parallel``) and joined in a
+group of their own; they all receive each weight broadcast and sample each share in lockstep, and rank 0
+returns the results.
 
 Weights. The trainers and the engines form one ``torch.distributed`` world (``World``; NCCL on GPU, gloo
-on CPU): trainer replicas are ranks [0, T), engine ``e``'s shard ``r`` is rank ``T + e * tp + r``. With T > 1 two groups are made:
-the replicas' data-parallel group and the weight-sync group {0} + engines (with T = 1 the default group
-serves both). The rendezvous store listens on a port the OS picks (no race for a free port) at its host's
+on CPU): trainer replicas are ranks [0, T), engine ``e``'s shard ``r`` is rank ``T + e * tp + r``. With
+T > 1 two groups are made, the replicas' data-parallel group and the weight-sync group {0} + engines
+(with T = 1 the default group serves both), and with tp > 1 one group per engine. The rendezvous store listens on a port the OS picks (no race for a free port) at its host's
 IP, so ranks on other nodes reach it: ``quantrl train`` hosts it in a ``Rendezvous`` actor, a standalone
 ``RayEngines(world=None)`` in its own process. The weight protocol is ``sync.distributed``'s: rank 0
 converts bucket by bucket through ``quantrl.formats`` and broadcasts; each engine stages the whole update
