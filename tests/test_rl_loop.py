@@ -436,6 +436,21 @@ def test_ray_run_with_a_two_gpu_engine(tiny_model, tmp_path):
         RLConfig(rollout_expert_parallel=True, placement="ray")
 
 
+def test_colocated_trainer_and_engine_take_the_local_runs_steps(tiny_model, tmp_path):
+    """--colocate: trainer replica and engine in one placement-group bundle (one GPU between them on CUDA),
+    the engine's KV cache freed after every rollout: the run's numbers are a local run's."""
+    pytest.importorskip("ray")
+    run = functools.partial(cfg, tiny_model, eval_interval=0, threads=1)
+    threads = torch.get_num_threads()
+    try:
+        local = train(run(tmp_path / "local"), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert untimed(train(run(tmp_path / "colo", placement="ray", colocate=True), progress=False)) == untimed(local)
+    with pytest.raises(ValueError, match="--colocate pairs each trainer replica"):
+        RLConfig(colocate=True, placement="ray", rollout_num_engines=2)
+
+
 def test_ray_run_refuses_a_used_run_dir_before_starting_actors(tiny_model, tmp_path, monkeypatch):
     pytest.importorskip("ray")
     import ray

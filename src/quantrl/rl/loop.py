@@ -142,6 +142,8 @@ class RLConfig:
     "--placement ray: rollout engines, one GPU each (on CPU, one CPU each); a batch is split across them"
     rollout_num_gpus_per_engine: int = 1
     "--placement ray: GPUs (actors) per engine, the model split over them by tensor parallelism (slime's flag)"
+    colocate: bool = False
+    "--placement ray: each trainer replica shares its GPU with one engine, whose KV cache is freed after every rollout (slime's flag)"
     rollout_expert_parallel: bool = False
     "with --rollout-num-gpus-per-engine N: MoE experts spread whole over the N GPUs (expert parallelism), not split N ways"
     ray_address: str = ""
@@ -160,6 +162,10 @@ class RLConfig:
             raise ValueError(f"rollout_num_gpus_per_engine must be >= 1, got {self.rollout_num_gpus_per_engine}")
         if self.placement == "local" and self.rollout_num_gpus_per_engine != 1:
             raise ValueError("--rollout-num-gpus-per-engine > 1 needs --placement ray")
+        if self.colocate and (self.placement != "ray" or self.rollout_num_engines != self.dp_size
+                              or self.rollout_num_gpus_per_engine != 1 or self.async_rollout):
+            raise ValueError("--colocate pairs each trainer replica with one engine on its GPU: it needs --placement ray, "
+                             "--rollout-num-engines equal to --dp-size, one GPU per engine and no --async-rollout")  # fmt: skip
         if self.rollout_expert_parallel and self.rollout_num_gpus_per_engine == 1:
             raise ValueError("--rollout-expert-parallel spreads experts over --rollout-num-gpus-per-engine > 1 GPUs")
         if self.placement == "local" and self.rollout_num_engines != 1:
@@ -303,7 +309,7 @@ class RLRun:
     replicas (``Trainer(dp_group=...)``), so all take the same step.
     """
 
-    def __init__(self, cfg: RLConfig, progress: bool = True, world=None, rank: int = 0):
+    def __init__(self, cfg: RLConfig, progress: bool = True, world=None, rank: int = 0, placement_group=None):
         from transformers import AutoTokenizer
 
         from quantrl.model import build_model, load_model
@@ -354,8 +360,9 @@ class RLRun:
             from quantrl.sync.ray_engines import EngineSpec, RayEngines
 
             spec = EngineSpec(self.hf_config, scheme, torch.bfloat16, cfg.device, tp=cfg.rollout_num_gpus_per_engine,
-                              expert_parallel=cfg.rollout_expert_parallel, **engine_kw)  # fmt: skip
-            self.engine = RayEngines(spec, cfg.rollout_num_engines, world=world)
+                              expert_parallel=cfg.rollout_expert_parallel, free_kv_after_generate=cfg.colocate,
+                              **engine_kw)  # fmt: skip
+            self.engine = RayEngines(spec, cfg.rollout_num_engines, world=world, placement_group=placement_group)
             self.dp_group = self.engine.dp_group
             self.sync_target = self.engine.target(qmax=cfg.qmax)  # PTQ too uses --qmax
         else:
@@ -767,6 +774,8 @@ def train_on_ray(cfg: RLConfig, progress: bool = True) -> list[dict]:
     threads = cfg.threads or 1
     trainers, engines, tp = cfg.dp_size, cfg.rollout_num_engines, cfg.rollout_num_gpus_per_engine
     gpus, cpus = (trainers + engines * tp if cuda else 0), trainers * threads + engines * tp
+    if cfg.colocate:  # a trainer and an engine on each GPU
+        gpus = trainers if cuda else 0
     started = not ray.is_initialized()
     if started:
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
@@ -774,15 +783,24 @@ def train_on_ray(cfg: RLConfig, progress: bool = True) -> list[dict]:
             ray.init(address=address)
         else:  # a local instance: CPU actors may outnumber the cores (they are processes, not reservations)
             ray.init(num_cpus=max(os.cpu_count() or 1, cpus), include_dashboard=False)
-    replicas, rendezvous = [], None
+    replicas, rendezvous, pg = [], None, None
     try:
         check_resources(ray, gpus=gpus, cpus=cpus,
                         what=f"--placement ray ({trainers} trainer replica(s) + {engines} engine(s) of {tp} GPU(s))")  # fmt: skip
         rendezvous = ray.remote(num_cpus=0)(Rendezvous).remote()  # hosts the world's store until we return
         world = ray.get(rendezvous.open.remote(trainers, engines, "nccl" if cuda else "gloo", tp))
-        remote_run = ray.remote(num_gpus=1 if cuda else 0, num_cpus=threads)(RLRun)
+        remote_run = ray.remote(num_gpus=(0.5 if cfg.colocate else 1) if cuda else 0, num_cpus=threads)(RLRun)
         run_cfg = dataclasses.replace(cfg, threads=threads)
-        replicas = [remote_run.remote(run_cfg, False, world, rank) for rank in range(trainers)]
+        if cfg.colocate:  # bundle i: trainer replica i and engine i, one GPU between them
+            from ray.util import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            pg = placement_group([{"CPU": threads + 1, **({"GPU": 1} if cuda else {})}] * trainers, strategy="PACK")
+            ray.get(pg.ready())
+            replicas = [remote_run.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, rank))
+                        .remote(run_cfg, False, world, rank, pg) for rank in range(trainers)]  # fmt: skip
+        else:
+            replicas = [remote_run.remote(run_cfg, False, world, rank) for rank in range(trainers)]
 
         def call(method: str):  # every replica takes part in every step; the lead's answer is the run's
             if method == "advance" and trainers > 1:
@@ -799,5 +817,9 @@ def train_on_ray(cfg: RLConfig, progress: bool = True) -> list[dict]:
         for a in [*replicas, rendezvous]:
             if a is not None:
                 ray.kill(a)
+        if pg is not None:
+            from ray.util import remove_placement_group
+
+            remove_placement_group(pg)
         if started:
             ray.shutdown()

@@ -87,6 +87,8 @@ class EngineSpec:
     "GPUs (actors) per engine, one tensor-parallel shard each (slime's --rollout-num-gpus-per-engine)"
     expert_parallel: bool = False
     "with tp > 1: MoE experts spread whole over the shards instead of each split tp ways"
+    free_kv_after_generate: bool = False
+    "free the KV cache after every generate (the engine shares its GPU with a trainer: --colocate)"
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,7 @@ class EngineWorker:
         # a shard of a multi-GPU engine; its group exists once the world is joined (``join`` sets it)
         self.tp = TPContext(tp_rank, spec.tp, expert_parallel=spec.expert_parallel) if spec.tp > 1 else None
         model = build_model(spec.hf_config, spec.scheme, dtype=spec.dtype, device=spec.device, tp=self.tp)
+        self.free_kv = spec.free_kv_after_generate
         self.engine = Engine(model, kv_cache_tokens=spec.kv_cache_tokens, max_batch_size=spec.max_batch_size,
                              max_seq_len=spec.max_seq_len, use_cuda_graph=spec.use_cuda_graph)  # fmt: skip
 
@@ -194,6 +197,10 @@ class EngineWorker:
         returns the (identical) results."""
         t0 = time.perf_counter()
         results = self.engine.generate(prompts, params)
+        if self.free_kv:  # colocated: the trainer gets the memory back until the next rollout
+            self.engine.cache.free()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         return (results if self.tp is None or self.tp.lead else None), time.perf_counter() - t0
 
     def receive(self, version: int, check_equal: bool) -> SyncStats:
@@ -246,9 +253,10 @@ class RayEngines:
     """``num_engines`` engine actors and the ``torch.distributed`` world that feeds them weights."""
 
     def __init__(self, spec: EngineSpec, num_engines: int = 1, cpus_per_engine: float = 1.0,
-                 world: World | None = None):  # fmt: skip
+                 world: World | None = None, placement_group=None):  # fmt: skip
         """``world``: the run's world, this process its rank 0 (other trainer ranks join it themselves);
-        None: a world of this process and the engines, its store hosted here."""
+        None: a world of this process and the engines, its store hosted here. ``placement_group``
+        (--colocate): engine ``e`` runs in bundle ``e`` with half its GPU, beside the trainer there."""
         import torch.distributed as dist
 
         ray = import_ray()
@@ -271,13 +279,24 @@ class RayEngines:
         if not cuda:
             spec = replace(spec, threads=max(1, int(cpus_per_engine)))
         n = num_engines * spec.tp
-        check_resources(ray, gpus=n * options["num_gpus"], cpus=n * options["num_cpus"],
-                        what=f"{num_engines} rollout engine(s) of {spec.tp} GPU(s)")  # fmt: skip
+        if placement_group is not None and spec.tp != 1:
+            raise ValueError("colocated engines take one GPU each, shared with a trainer (tp 1)")
+        if placement_group is None:
+            check_resources(ray, gpus=n * options["num_gpus"], cpus=n * options["num_cpus"],
+                            what=f"{num_engines} rollout engine(s) of {spec.tp} GPU(s)")  # fmt: skip
+        elif cuda:
+            options["num_gpus"] = 0.5  # the bundle's GPU, shared with its trainer
         self._store = None
         if world is None:
             world, self._store = host_world(1, num_engines, "nccl" if cuda else "gloo", spec.tp)
         actor = ray.remote(**options)(EngineWorker)
-        self.workers = [actor.remote(spec, r) for _ in range(num_engines) for r in range(spec.tp)]
+        if placement_group is None:
+            self.workers = [actor.remote(spec, r) for _ in range(num_engines) for r in range(spec.tp)]
+        else:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            self.workers = [actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, e))
+                            .remote(spec, 0) for e in range(num_engines)]  # fmt: skip
         try:  # engines that cannot be built fail here, not as a rendezvous timeout
             ray.get([w.weight_version.remote() for w in self.workers])
             joined = [w.join.remote(world, world.trainers + i) for i, w in enumerate(self.workers)]
