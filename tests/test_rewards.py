@@ -124,3 +124,13 @@ def test_math_reward(response, label, reward):
 
 def test_answers_match_needs_both_sides():
     assert answers_match("1/2", "0.5") and not answers_match("1/0", "0") and not answers_match("", "")
+
+
+def test_dapo_soft_overlong_penalty_hand_computed():
+    from quantrl.rl.rewards import overlong_penalty
+
+    # max 100 tokens, the last 20 a buffer: free up to 80, then -1/20 a token down to -factor at 100
+    assert overlong_penalty(80, 100, 20) == 0.0 and overlong_penalty(10, 100, 20) == 0.0
+    assert overlong_penalty(90, 100, 20) == -0.5 and overlong_penalty(100, 100, 20) == -1.0
+    assert overlong_penalty(95, 100, 20, factor=0.4) == pytest.approx(-0.3)
+    assert overlong_penalty(100, 100, 0) == 0.0  # no buffer: no penalty

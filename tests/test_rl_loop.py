@@ -332,6 +332,32 @@ def test_several_optimizer_steps_per_rollout(tmp_path, monkeypatch):
         RLConfig(num_steps_per_rollout=2, dynamic_sampling=True, placement="ray", dp_size=2)
 
 
+def test_sampled_evaluation_reports_avg_and_pass_at_k(tmp_path):
+    """--n-samples-per-eval-prompt 4 --eval-temperature 1: eval_accuracy is the mean over all samples
+    (avg@4) and eval_pass_at_4 the mean of each prompt's best, so it is never below; seeded per step."""
+    run = cfg("", tmp_path / "e", num_steps=1, eval_interval=1, eval_size=16, n_samples_per_eval_prompt=4,
+              eval_temperature=1.0, max_new_tokens=48, difficulty="medium")  # fmt: skip
+    rows = train(run, progress=False)
+    assert [r["step"] for r in rows] == [0, 1]
+    for r in rows:
+        assert 0 <= r["eval_accuracy"] <= r["eval_pass_at_4"] <= 1
+    assert any(r["eval_pass_at_4"] > r["eval_accuracy"] for r in rows)  # some prompts solved by only some samples
+    with pytest.raises(ValueError, match="needs --eval-temperature"):
+        RLConfig(n_samples_per_eval_prompt=4)
+
+
+def test_soft_overlong_penalty_enters_the_reward(tmp_path):
+    """--overlong-buffer-len = --max-new-tokens, a reward of 0 for everything: each sample's reward is
+    -len / max_new_tokens, so the step's reward is minus the mean response length over the limit."""
+    rm = tmp_path / "zero.py"
+    rm.write_text("def reward(response, label):\n    return 0.0\n")
+    rows = train(cfg("", tmp_path / "o", num_steps=1, eval_interval=0, max_new_tokens=40, overlong_buffer_len=40,
+                     custom_rm_path=f"{rm}:reward", difficulty="medium"), progress=False)  # fmt: skip
+    assert rows[0]["reward"] == pytest.approx(-rows[0]["response_len"] / 40, rel=1e-6)
+    with pytest.raises(ValueError, match="overlong_buffer_len"):
+        RLConfig(overlong_buffer_len=100, max_new_tokens=48)
+
+
 def test_lr_schedule_warms_up_and_decays_to_min_lr():
     from quantrl.rl.loop import lr_at
 

@@ -98,6 +98,10 @@ class RLConfig:
     "optimizer steps per rollout batch, on that many mini-batches of it (slime's flag); > 1 takes PPO's ratio against the sampling policy's logprobs"
     dynamic_sampling: bool = False
     "DAPO dynamic sampling: drop prompts whose samples all got one reward (no gradient) and sample more prompts until --prompts-per-step have a spread"
+    overlong_buffer_len: int = 0
+    "DAPO soft overlong punishment: the last N tokens before --max-new-tokens cost up to --overlong-penalty-factor of reward"
+    overlong_penalty_factor: float = 1.0
+    "the penalty at --max-new-tokens (with --overlong-buffer-len)"
     overlong_filter: bool = False
     "DAPO overlong filtering: samples cut at --max-new-tokens carry no loss (their rewards still shape their group's baseline)"
     max_sampling_rounds: int = 4
@@ -126,6 +130,10 @@ class RLConfig:
     "MoE models: the trainer (and the --kl-coef reference) uses the experts the engine routed each token to (R3)"
     eval_interval: int = 10
     "evaluate held-out accuracy every N steps (0: never)"
+    n_samples_per_eval_prompt: int = 1
+    "samples per held-out prompt (slime's flag): eval_accuracy is their mean (avg@k), eval_pass_at_k the best of them"
+    eval_temperature: float = 0.0
+    "held-out sampling temperature (0: greedy, which needs --n-samples-per-eval-prompt 1)"
     save_interval: int = 20
     "checkpoint every N steps (0: only at the end)"
     seed: int = 0
@@ -183,6 +191,12 @@ class RLConfig:
         if self.num_steps_per_rollout > 1 and self.dynamic_sampling and self.dp_size > 1:
             # replicas would cut batches of different sizes into different numbers of steps
             raise ValueError("--num-steps-per-rollout > 1 with --dynamic-sampling needs --dp-size 1")
+        if self.n_samples_per_eval_prompt < 1 or (self.n_samples_per_eval_prompt > 1 and self.eval_temperature <= 0):
+            raise ValueError("--n-samples-per-eval-prompt must be >= 1, and > 1 needs --eval-temperature > 0 "
+                             "(greedy samples are all the same)")  # fmt: skip
+        if not 0 <= self.overlong_buffer_len <= self.max_new_tokens:
+            raise ValueError(f"overlong_buffer_len must be in [0, max_new_tokens={self.max_new_tokens}], "
+                             f"got {self.overlong_buffer_len}")  # fmt: skip
         if self.max_sampling_rounds < 1:
             raise ValueError(f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
         if self.placement == "local" and self.dp_size != 1:
@@ -456,13 +470,21 @@ class RLRun:
                               seed=cfg.seed * 1_000_003 + step + round_ * 100_003,
                               return_routing=cfg.use_rollout_routing_replay)  # fmt: skip
 
-    def evaluate(self) -> float:
+    def evaluate(self, step: int = 0) -> dict[str, float]:
+        """Held-out reward: ``eval_accuracy`` (the mean over every prompt's samples; greedy by default) and,
+        with several samples a prompt, ``eval_pass_at_k`` (the mean over prompts of their best sample)."""
         from quantrl.rollout import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.max_new_tokens, stop_token_ids=(self.tok.eos_token_id,))
+        cfg, k = self.cfg, self.cfg.n_samples_per_eval_prompt
+        params = SamplingParams(n=k, temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
+                                stop_token_ids=(self.tok.eos_token_id,), seed=cfg.seed * 1_000_003 + 7_919 * (step + 1))  # fmt: skip
         _, _, results, _ = self._sample(self.held_out, params)
         texts = [self.tok.decode(r.tokens, skip_special_tokens=True) for r in results]
-        return sum(self.reward(t, self.held_out[r.prompt_index]) for t, r in zip(texts, results)) / len(results)
+        rewards = torch.tensor([self.reward(t, self.held_out[r.prompt_index]) for t, r in zip(texts, results)])
+        out = {"eval_accuracy": float(rewards.mean())}
+        if k > 1:
+            out[f"eval_pass_at_{k}"] = float(rewards.view(-1, k).max(1).values.mean())
+        return out
 
     def _logprobs(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T-1] logprobs of the batch's tokens under ``model``, micro-batch by micro-batch (no grad), and
@@ -482,11 +504,17 @@ class RLRun:
 
     def _groups(self, rollout: dict) -> tuple[list[tuple], float]:
         """A collected rollout as (prompt, prompt ids, its n results, their rewards [n]) per prompt, and the
-        engine seconds."""
+        engine seconds. Rewards include the soft overlong penalty (--overlong-buffer-len)."""
+        from quantrl.rl.rewards import overlong_penalty
+
+        cfg = self.cfg
         prompts, prompt_ids, results, rollout_s = self._collect(rollout)
-        n = self.cfg.n_samples_per_prompt
+        n = cfg.n_samples_per_prompt
         texts = [self.tok.decode(r.tokens, skip_special_tokens=True) for r in results]
-        rewards = torch.tensor([self.reward(t, prompts[r.prompt_index]) for t, r in zip(texts, results)])
+        rewards = torch.tensor([self.reward(t, prompts[r.prompt_index])
+                                + overlong_penalty(len(r.tokens), cfg.max_new_tokens, cfg.overlong_buffer_len,
+                                                   cfg.overlong_penalty_factor)
+                                for t, r in zip(texts, results)])  # fmt: skip
         groups = [(p, ids, results[i * n : (i + 1) * n], rewards[i * n : (i + 1) * n])
                   for i, (p, ids) in enumerate(zip(prompts, prompt_ids))]  # fmt: skip
         return groups, rollout_s
@@ -644,7 +672,7 @@ class RLRun:
 
             row["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         if cfg.eval_interval and step % cfg.eval_interval == 0:
-            row["eval_accuracy"] = self.evaluate()
+            row.update(self.evaluate(step))
         return row
 
     def save(self) -> Path:
@@ -686,7 +714,7 @@ class RLRun:
         """The step-0 held-out accuracy of a fresh run (logged), or nothing."""
         if self.step_idx > 0 or not self.cfg.eval_interval or not self.lead:
             return []
-        row0 = {"step": 0, "eval_accuracy": self.evaluate()}
+        row0 = {"step": 0, **self.evaluate(0)}
         self.run_dir.append_metrics(row0)
         return [row0]
 

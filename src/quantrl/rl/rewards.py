@@ -210,3 +210,11 @@ def math_reward(response: str, label: str) -> float:
         label = extract_final_answer(label) or label
     pred = extract_final_answer(response)
     return 1.0 if pred is not None and answers_match(pred, label) else 0.0
+
+
+def overlong_penalty(length: int, max_len: int, buffer: int, factor: float = 1.0) -> float:
+    """DAPO's soft overlong punishment: 0 up to ``max_len - buffer`` tokens, then falling linearly to
+    ``-factor`` at ``max_len`` (a response cut there gets the whole penalty)."""
+    if buffer <= 0 or length <= max_len - buffer:
+        return 0.0
+    return -factor * min(1.0, (length - (max_len - buffer)) / buffer)
