@@ -31,6 +31,18 @@ def test_group_advantages_hand_computed():
     torch.testing.assert_close(biased[:4], torch.tensor([1.0, -1, -1, 1]), atol=1e-5, rtol=0)
 
 
+def test_rloo_and_dr_grpo_advantages_hand_computed():
+    from quantrl.rl.grpo import ADVANTAGE_ESTIMATORS
+
+    r = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1])
+    rloo = group_advantages(r, 4, **ADVANTAGE_ESTIMATORS["rloo"])
+    # sample 0: 1 - mean(0, 0, 1) = 2/3; sample 1: 0 - mean(1, 0, 1) = -2/3; group 2: 1 - 0 = 1, 0 - 1/3
+    torch.testing.assert_close(rloo, torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, -1 / 3, -1 / 3, -1 / 3, 1.0]))
+    dr = group_advantages(r, 4, **ADVANTAGE_ESTIMATORS["dr-grpo"])
+    torch.testing.assert_close(dr, torch.tensor([0.5, -0.5, -0.5, 0.5, -0.25, -0.25, -0.25, 0.75]))
+    assert torch.equal(group_advantages(torch.ones(4), 4, **ADVANTAGE_ESTIMATORS["rloo"]), torch.zeros(4))
+
+
 def test_equal_reward_groups_and_single_samples_get_exactly_zero():
     r = torch.tensor([0.3, 0.3, 0.3, 0.7, 0.1, 0.2])  # 0.3 * 3 / 3 != 0.3 in fp32: rounding must not leak
     a = group_advantages(r, 3)

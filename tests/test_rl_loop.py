@@ -352,10 +352,13 @@ def test_soft_overlong_penalty_enters_the_reward(tmp_path):
     rm = tmp_path / "zero.py"
     rm.write_text("def reward(response, label):\n    return 0.0\n")
     rows = train(cfg("", tmp_path / "o", num_steps=1, eval_interval=0, max_new_tokens=40, overlong_buffer_len=40,
-                     custom_rm_path=f"{rm}:reward", difficulty="medium"), progress=False)  # fmt: skip
+                     custom_rm_path=f"{rm}:reward", difficulty="medium", advantage_estimator="rloo"),
+                 progress=False)  # fmt: skip
     assert rows[0]["reward"] == pytest.approx(-rows[0]["response_len"] / 40, rel=1e-6)
     with pytest.raises(ValueError, match="overlong_buffer_len"):
         RLConfig(overlong_buffer_len=100, max_new_tokens=48)
+    with pytest.raises(ValueError, match="advantage_estimator must be one of"):
+        RLConfig(advantage_estimator="ppo")
 
 
 def test_lr_schedule_warms_up_and_decays_to_min_lr():

@@ -5,6 +5,9 @@ Per group ``g``:
 
     A_i = (r_i - mean_g(r)) / (std_g(r) + eps)      normalize_std=True  (GRPO)
     A_i =  r_i - mean_g(r)                          normalize_std=False (Dr. GRPO / REINFORCE baseline)
+    A_i =  r_i - mean_{j != i} r_j                  leave_one_out=True  (RLOO: n/(n-1) (r_i - mean_g(r)))
+
+``ADVANTAGE_ESTIMATORS`` names the three (``--advantage-estimator grpo | dr-grpo | rloo``).
 
 ``std_g`` is the *unbiased* (Bessel, ``N-1``) standard deviation, ``torch.std``'s default: slime's
 ``_post_process_rewards`` and verl's ``compute_grpo_outcome_advantage`` both call ``torch.std`` with no
@@ -54,8 +57,13 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
 KL_CLAMP = 10.0  # verl / slime low_var_kl clamp
 
 
+ADVANTAGE_ESTIMATORS = {"grpo": {}, "dr-grpo": {"normalize_std": False},
+                        "rloo": {"normalize_std": False, "leave_one_out": True}}  # fmt: skip
+
+
 def group_advantages(
-    rewards: torch.Tensor, n: int, *, normalize_std: bool = True, eps: float = 1e-6, unbiased: bool = True
+    rewards: torch.Tensor, n: int, *, normalize_std: bool = True, eps: float = 1e-6, unbiased: bool = True,
+    leave_one_out: bool = False,
 ) -> torch.Tensor:
     """GRPO advantages ``[B]`` (fp32) for rewards ``[B]`` in contiguous groups of ``n`` (see the module note)."""
     if rewards.ndim != 1:
@@ -66,6 +74,8 @@ def group_advantages(
     if not torch.isfinite(r).all():
         raise ValueError("group_advantages: rewards contain NaN or Inf")
     adv = r - r.mean(dim=1, keepdim=True)
+    if leave_one_out and n > 1:  # the baseline of each sample is the mean of the others
+        adv = adv * (n / (n - 1))
     if normalize_std and n > 1:
         adv = adv / (r.std(dim=1, keepdim=True, correction=1 if unbiased else 0) + eps)
     constant = ~informative_groups(rewards, n)[:, None]  # no signal: exactly zero, not rounding noise

@@ -94,6 +94,8 @@ class RLConfig:
     "PPO clip (slime --eps-clip)"
     clip_eps_high: float = 0.28
     "PPO upper clip, DAPO clip-higher (slime --eps-clip-high)"
+    advantage_estimator: str = "grpo"
+    "grpo (group mean and std) | dr-grpo (mean only) | rloo (leave-one-out mean) (slime's flag)"
     num_steps_per_rollout: int = 1
     "optimizer steps per rollout batch, on that many mini-batches of it (slime's flag); > 1 takes PPO's ratio against the sampling policy's logprobs"
     dynamic_sampling: bool = False
@@ -197,6 +199,11 @@ class RLConfig:
         if not 0 <= self.overlong_buffer_len <= self.max_new_tokens:
             raise ValueError(f"overlong_buffer_len must be in [0, max_new_tokens={self.max_new_tokens}], "
                              f"got {self.overlong_buffer_len}")  # fmt: skip
+        from quantrl.rl.grpo import ADVANTAGE_ESTIMATORS
+
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage_estimator must be one of {sorted(ADVANTAGE_ESTIMATORS)}, "
+                             f"got {self.advantage_estimator!r}")  # fmt: skip
         if self.max_sampling_rounds < 1:
             raise ValueError(f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
         if self.placement == "local" and self.dp_size != 1:
@@ -522,7 +529,7 @@ class RLRun:
     def _rollout_batch(self, step: int) -> tuple[dict[str, torch.Tensor], dict]:
         """Lead only: the step's samples (or the wait for them), rewards, advantages, as one batch [B, T].
         With --dynamic-sampling, more rounds of fresh prompts until enough groups have a reward spread."""
-        from quantrl.rl.grpo import group_advantages, informative_groups
+        from quantrl.rl.grpo import ADVANTAGE_ESTIMATORS, group_advantages, informative_groups
 
         cfg = self.cfg
         rollout = self.pending or self._submit(self.dataset.next_batch(cfg.prompts_per_step), self._rollout_params(step))
@@ -552,7 +559,8 @@ class RLRun:
         batch = _batch([g[1] for g in groups], results, self.tok.pad_token_id)
         if cfg.use_rollout_routing_replay and "routing" not in batch:  # e.g. samples saved by a run without it
             raise ValueError(f"step {step}: --use-rollout-routing-replay, but these samples carry no routing")
-        batch["advantages"] = group_advantages(torch.cat([g[3] for g in groups]), cfg.n_samples_per_prompt)
+        batch["advantages"] = group_advantages(torch.cat([g[3] for g in groups]), cfg.n_samples_per_prompt,
+                                               **ADVANTAGE_ESTIMATORS[cfg.advantage_estimator])  # fmt: skip
         cut = torch.tensor([r.finish_reason == "length" for r in results])
         if cfg.overlong_filter and not cut.all():  # all cut: keep them rather than train on nothing
             batch["loss_mask"][cut] = 0
