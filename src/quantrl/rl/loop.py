@@ -637,9 +637,14 @@ class RLRun:
         else:  # PPO's mini-batches: every step's ratio is taken against the policy that sampled-and-scored
             from quantrl.sync.ray_engines import shares
 
-            mine["old_logp"] = own_logp  # (a --dynamic-sampling batch may have fewer rows than steps: fewer steps)
-            parts = [self.trainer.train_step({k: v[a:b] for k, v in mine.items()}, self.loss_fn)
-                     for a, b in shares(mine["input_ids"].shape[0], cfg.num_steps_per_rollout) if b > a]  # fmt: skip
+            mine["old_logp"] = own_logp
+            parts = []
+            for a, b in shares(mine["input_ids"].shape[0], cfg.num_steps_per_rollout):
+                sub = {k: v[a:b] for k, v in mine.items()}
+                # a mini-batch with no loss token (fewer --dynamic-sampling rows than steps, all of its samples
+                # cut by --overlong-filter) is no step; every replica agrees on that, the count being summed
+                if self.trainer.dp_sum([float(sub["loss_mask"].sum())])[0] > 0:
+                    parts.append(self.trainer.train_step(sub, self.loss_fn))
             train_metrics = reduce_metrics(merge_step_metrics(parts))
         train_s = time.perf_counter() - t0
         self.step_idx = step

@@ -101,7 +101,7 @@ class Trainer:
         if "loss_mask" not in batch:
             raise KeyError("train_step: batch needs a 'loss_mask' [B, T] marking the tokens that carry loss")
         n = batch["loss_mask"].shape[0]
-        total_tokens = self._dp_sum([float(batch["loss_mask"].sum())])[0]
+        total_tokens = self.dp_sum([float(batch["loss_mask"].sum())])[0]
         if total_tokens <= 0:
             raise ValueError("train_step: loss_mask selects no tokens")
         self.model.train()
@@ -119,7 +119,7 @@ class Trainer:
             if self.dp_group is not None:
                 sum_gradients(self.optimizer, self.dp_group, to_owners=self.sharded, bucket_elems=self.bucket_elems)
                 keys = sorted(sums)
-                loss_total, *vals = self._dp_sum([loss_total] + [sums[k] for k in keys])
+                loss_total, *vals = self.dp_sum([loss_total] + [sums[k] for k in keys])
                 sums = dict(zip(keys, vals))
             grad_norm = self.optimizer.grad_norm_and_clip(self.cfg.grad_clip or None,
                                                           group=self.dp_group if self.sharded else None)  # fmt: skip
@@ -138,7 +138,8 @@ class Trainer:
 
         return dist.get_rank(self.dp_group), dist.get_world_size(self.dp_group)
 
-    def _dp_sum(self, values: list[float]) -> list[float]:
+    def dp_sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the data-parallel replicas (float64; a collective every replica calls)."""
         if self.dp_group is None:
             return values
         import torch.distributed as dist
