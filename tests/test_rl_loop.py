@@ -141,13 +141,13 @@ def test_refuses_to_reuse_a_run_dir(tiny_model, tmp_path):
         train(cfg(tiny_model, tmp_path / "x", num_steps=1), progress=False)
 
 
-def test_plot_writes_the_three_figures(tiny_model, tmp_path):
+def test_plot_writes_the_figures(tiny_model, tmp_path):
     from quantrl.cli import main
 
     train(cfg(tiny_model, tmp_path / "a", recipe="bf16", num_steps=2), progress=False)
     train(cfg(tiny_model, tmp_path / "b", recipe="int4-qat", num_steps=2), progress=False)
     assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "plots")]) == 0
-    for name in ("reward.png", "mismatch.png", "throughput.png"):
+    for name in ("reward.png", "mismatch.png", "throughput.png", "entropy.png"):
         data = (tmp_path / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 

@@ -3,6 +3,7 @@
     reward.png      training reward (smoothed) and held-out accuracy vs step, one line per run
     mismatch.png    mean |logprob_train - logprob_rollout| vs step, one line per run (log scale)
     throughput.png  median rollout tokens/s per run
+    entropy.png     the policy's mean token entropy on the trained tokens vs step (an entropy collapse shows here)
     routing.png     MoE runs with routing replay: fraction of expert choices the trainer's router would
                     have made differently from the engine's, vs step
 """
@@ -77,7 +78,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) 
         if ev:
             ax_e.plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], "o-", color=line.get_color(), label=label[run])
     ax_r.set(title=f"training reward (mean over samples, {smooth}-step moving average)", xlabel="step", ylabel="reward")
-    ax_e.set(title="held-out accuracy (greedy)", xlabel="step", ylabel="accuracy")
+    ax_e.set(title="held-out accuracy (mean over samples; greedy by default)", xlabel="step", ylabel="accuracy")
     for ax in (ax_r, ax_e):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # no eval rows (--eval-interval 0): an empty panel, no legend
@@ -111,6 +112,18 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) 
     ax.set(title="rollout throughput (median over steps)", xlabel="generated tokens / s")
     ax.grid(alpha=0.3, axis="x")
     _save(fig, out / "throughput.png", paths)
+
+    with_entropy = [(run, [r for r in rows if "entropy" in r]) for run, rows in runs]
+    with_entropy = [(run, steps) for run, steps in with_entropy if steps]
+    if with_entropy:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for run, steps in with_entropy:
+            ax.plot([r["step"] for r in steps], _smooth([r["entropy"] for r in steps], smooth), label=label[run])
+        ax.set(title=f"policy entropy on the trained tokens ({smooth}-step moving average)", xlabel="step",
+               ylabel="nats per token")  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        _save(fig, out / "entropy.png", paths)
 
     routed = [(run, [r for r in rows if "routing_flip_frac" in r]) for run, rows in runs]
     routed = [(run, steps) for run, steps in routed if steps]
