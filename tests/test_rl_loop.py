@@ -361,6 +361,17 @@ def test_soft_overlong_penalty_enters_the_reward(tmp_path):
         RLConfig(advantage_estimator="ppo")
 
 
+def test_packed_training_takes_the_padded_runs_steps_up_to_rounding(tiny_moe_model, tmp_path):
+    """--pack-sequences: the same samples (the first rollout precedes any update), the same metrics to bf16
+    rounding of the other GEMM row counts, routing replay included."""
+    run = functools.partial(cfg, tiny_moe_model, eval_interval=0, num_steps=1, use_rollout_routing_replay=True,
+                            recipe="bf16")  # fmt: skip
+    padded, packed = (train(run(tmp_path / str(p), pack_sequences=p), progress=False)[0] for p in (False, True))
+    assert padded["reward"] == packed["reward"] and padded["response_len"] == packed["response_len"]
+    for key in ("loss", "mismatch_abs_mean", "entropy", "routing_flip_frac"):
+        assert abs(padded[key] - packed[key]) <= 0.05 * abs(padded[key]) + 1e-6, (key, padded[key], packed[key])
+
+
 def test_lr_schedule_warms_up_and_decays_to_min_lr():
     from quantrl.rl.loop import lr_at
 

@@ -291,3 +291,45 @@ def test_distributed_optimizer_owners_are_contiguous_and_balanced():
     p.grad = torch.ones(3)
     idle.step()  # nothing to step; the weights come from their owners
     assert torch.equal(p, torch.ones(3)) and idle.state_dict()["params"] == {}
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_packed_sequences_give_the_padded_batchs_logprobs_and_gradients(moe):
+    """Packing ragged right-padded sequences (first-fit decreasing into fewer rows, attention kept inside each
+    sequence, positions restarting): logprobs, entropies and gradients equal the padded batch's (fp32), MoE
+    routing replay included; left padding is refused."""
+    from quantrl.train.packing import pack
+
+    torch.manual_seed(0)
+    if moe:
+        from _tiny_models import qwen3_moe_config
+
+        model = random_init_(build_model(qwen3_moe_config(vocab_size=VOCAB).to_dict(), dtype=torch.float32), std=0.1)
+    else:
+        model = tiny(torch.float32)
+    b = batch(n=5, t=20)
+    lengths = [20, 7, 12, 5, 9]
+    am = torch.stack([(torch.arange(20) < n).long() for n in lengths])
+    ids = b["input_ids"] * am
+    assert pack(ids, am).input_ids.shape[0] == 3  # 20 | 12 + 7 | 9 + 5
+    routing = None
+    if moe:  # replay each token's own choices: the packed forward must route the same tokens the same way
+        from quantrl.model.moe import Routing
+
+        rec = Routing(record=True)
+        with torch.no_grad():
+            model(ids, am, routing=rec)
+        routing = rec.stacked(*ids.shape)
+    out = {}
+    for packed in (False, True):
+        model.zero_grad()
+        lp, ent = token_logprobs(model, ids, am, temperature=0.9, with_entropy=True, routing=routing, pack=packed)
+        (lp.sum() + 0.1 * ent.sum()).backward()
+        out[packed] = (lp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    (lp0, e0, g0), (lp1, e1, g1) = out[False], out[True]
+    torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-5)
+    assert (lp1[3, 4:] == 0).all() and (lp1[3, :4] != 0).all()  # a 5-token sequence scores its 4 targets
+    assert len(g0) == len(g1) and all(torch.allclose(a, c, rtol=1e-4, atol=1e-6) for a, c in zip(g0, g1))
+    with pytest.raises(ValueError, match="right-padded"):
+        pack(ids, am.flip(1))

@@ -281,8 +281,10 @@ class Decoder(nn.Module):
             masks[True] = (allowed & near)[:, None]
         return masks
 
-    def _sequence_masks(self, positions: torch.Tensor, valid: torch.Tensor) -> dict[bool, torch.Tensor]:
-        """Full / prefill forward over T padded tokens: causal by index, real keys only.
+    def _sequence_masks(self, positions: torch.Tensor, valid: torch.Tensor,
+                        segments: torch.Tensor | None = None) -> dict[bool, torch.Tensor]:  # fmt: skip
+        """Full / prefill forward over T padded tokens: causal by index, real keys only, and with
+        ``segments`` [B, T] (packed sequences) keys of the query's own segment only.
 
         The diagonal is always allowed so that a padding query never sees an all-masked row (NaN); its
         output is garbage that nobody reads.
@@ -290,7 +292,10 @@ class Decoder(nn.Module):
         t = positions.shape[1]
         idx = torch.arange(t, device=positions.device)
         causal = idx[None, :] <= idx[:, None]  # [Tq, Tk]
-        allowed = (causal[None] & valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=positions.device)[None]
+        allowed = causal[None] & valid[:, None, :]
+        if segments is not None:
+            allowed = allowed & (segments[:, :, None] == segments[:, None, :])  # [B, Tq, Tk]
+        allowed = allowed | torch.eye(t, dtype=torch.bool, device=positions.device)[None]
         return self._masks(allowed, positions, positions)
 
     # ---- forward paths ----------------------------------------------------------------------------
@@ -302,23 +307,26 @@ class Decoder(nn.Module):
         return self.model.norm(h)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      positions: torch.Tensor | None = None, routing: Routing | None = None) -> torch.Tensor:  # fmt: skip
+                      positions: torch.Tensor | None = None, routing: Routing | None = None,
+                      segments: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Final normed hidden states [B, T, H] of full sequences (no cache).
 
         ``attention_mask`` [B, T] (1 = token, 0 = padding; left or right). ``positions`` default to the
         count of real tokens before each one (HF ``generate``'s rule), i.e. 0.. for every sequence.
-        ``routing``: MoE experts to replay and/or record (``quantrl.model.moe.Routing``).
+        ``routing``: MoE experts to replay and/or record (``quantrl.model.moe.Routing``). ``segments``
+        [B, T]: several sequences packed in a row (``quantrl.train.packing``), each attending to itself.
         """
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         if positions is None:
             positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
         h = self.model.embed_tokens(input_ids)
-        return self._layers(h, positions, self._sequence_masks(positions, valid), None, routing)
+        return self._layers(h, positions, self._sequence_masks(positions, valid, segments), None, routing)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, routing: Routing | None = None) -> torch.Tensor:  # fmt: skip
+                positions: torch.Tensor | None = None, routing: Routing | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Logits [B, T, V] in the model dtype (see ``hidden_states`` for the arguments)."""
-        return self._logits(self.hidden_states(input_ids, attention_mask, positions, routing))
+        return self._logits(self.hidden_states(input_ids, attention_mask, positions, routing, segments))
 
     def prefill(self, input_ids: torch.Tensor, lens: torch.Tensor, kv: KVContext,
                 routing: Routing | None = None) -> torch.Tensor:  # fmt: skip

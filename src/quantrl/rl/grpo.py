@@ -229,6 +229,8 @@ class GRPOConfig:
     "weight of the entropy bonus (slime --entropy-coef); the entropy is measured and logged either way"
     temperature: float = 1.0
     "sampling temperature: logits are divided by it, so logp is the same quantity the engine reported"
+    pack: bool = False
+    "run each micro-batch's sequences packed into as few rows as fit (quantrl.train.packing)"
 
     def __post_init__(self):
         if not 0 < self.clip_eps < 1:
@@ -263,7 +265,7 @@ def make_loss_fn(cfg: GRPOConfig = GRPOConfig()) -> LossFn:
             raise ValueError("GRPO loss_fn: loss_mask[:, 0] must be 0 (the first token is never predicted)")
         logp, entropy = token_logprobs(model, micro["input_ids"], micro["attention_mask"], temperature=cfg.temperature,
                                        with_entropy=True, entropy_grad=cfg.entropy_coef > 0,
-                                       routing=micro.get("routing"))  # fmt: skip
+                                       routing=micro.get("routing"), pack=cfg.pack)  # fmt: skip
         old = micro.get("old_logp")
         return policy_loss(
             logp,

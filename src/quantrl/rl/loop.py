@@ -88,6 +88,8 @@ class RLConfig:
     "where linear and cosine decay end (slime --min-lr)"
     micro_batch_size: int = 32
     "sequences per forward/backward"
+    pack_sequences: bool = False
+    "trainer forwards run each micro-batch packed (first-fit into as few rows as fit, attention within each sequence): fewer padded tokens"
     grad_clip: float = 1.0
     "gradient norm clip"
     clip_eps: float = 0.2
@@ -408,7 +410,7 @@ class RLRun:
         is_cfg = ISConfig(cfg.is_mode or None, cfg.is_cap)
         self.loss_fn = make_loss_fn(GRPOConfig(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, is_cfg=is_cfg,
                                                kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef,
-                                               temperature=cfg.temperature))  # fmt: skip
+                                               temperature=cfg.temperature, pack=cfg.pack_sequences))  # fmt: skip
         self.dataset, self.held_out, self.reward = _task(cfg, self.tok)
         self.step_idx = 0
         self.pending: dict | None = None  # async rollout: the next step's samples, submitted or collected
@@ -504,7 +506,8 @@ class RLRun:
         parts, counts = [], torch.zeros(2, dtype=torch.long)
         for i in range(0, ids.shape[0], mb):
             routing = None if replay is None else Routing(replay=replay[i : i + mb].long())
-            parts.append(token_logprobs(model, ids[i : i + mb], am[i : i + mb], temperature=t, routing=routing)[0])
+            parts.append(token_logprobs(model, ids[i : i + mb], am[i : i + mb], temperature=t, routing=routing,
+                                        pack=self.cfg.pack_sequences)[0])  # fmt: skip
             if routing is not None:
                 counts += torch.tensor([int(routing.flips), int(routing.decisions)])
         return torch.cat(parts), counts
