@@ -68,6 +68,9 @@ def _packed_logprobs(model, input_ids, attention_mask, temperature, with_entropy
     from quantrl.model.moe import FREE
     from quantrl.train.packing import pack
 
+    if routing is not None and (routing.record or routing.balance_mask is not None):
+        raise ValueError("token_logprobs(pack=True) replays routing only: recording experts or a balance loss "
+                         "would see the packed rows")  # fmt: skip
     p = pack(input_ids, attention_mask)
     if routing is not None and routing.replay is not None:  # the same experts, token for token (the caller's
         routing.replay = p.rows(routing.replay, FREE)  # Routing goes on counting flips, now in packed rows)
