@@ -74,7 +74,9 @@ def decode_rate(run, batch: int, n_short: int, n_long: int, repeats: int, device
     run(n_short), run(n_long)
     t_short = min(sync_time(lambda: run(n_short), device) for _ in range(repeats))
     t_long = min(sync_time(lambda: run(n_long), device) for _ in range(repeats))
-    return batch * (n_long - n_short) / max(t_long - t_short, 1e-9)
+    if t_long <= t_short:  # timing noise larger than the decode it should measure (a loaded CPU): no figure
+        return float("nan")
+    return batch * (n_long - n_short) / (t_long - t_short)
 
 
 def linear_paths(model) -> dict[str, int]:
@@ -233,7 +235,7 @@ def print_table(rows: list[dict], args, roof: dict, model_name: str) -> None:
         hf_s = f"{r['hf_tok_s']:>11.1f}" if "hf_tok_s" in r else f"{'':>11}"
         x_hf = f"{r['speedup_vs_hf']:>8.1f}" if "speedup_vs_hf" in r else f"{'':>8}"
         x_bf = f"{r['speedup_vs_bf16']:>8.2f}" if "speedup_vs_bf16" in r else f"{'':>8}"
-        print(f"{r['format']:<7}{r['batch']:>6}{r['tok_s']:>12.1f}{r['roofline_tok_s']:>12.1f}"
+        print(f"{r['format']:<7}{r['batch']:>6} {r['tok_s']:>11.1f} {r['roofline_tok_s']:>11.1f}"
               f"{r['frac_roofline']:>8.1%}{r['frac_roofline_h100']:>8.1%}{hf_s}{x_hf}{x_bf}"
               f"{r['weight_bytes'] / 1e6:>12.1f}")  # fmt: skip
 
