@@ -125,6 +125,24 @@ def bf16_fp8_int4(config, base: Path, group_size: int) -> dict[str, Path]:
     }  # fmt: skip
 
 
+def pattern_batch(n: int = 8, t: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """[n, t] token rows with a learnable rule (token i+1 = 7 * first + i mod 300), every token scored."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, 1), generator=g)
+    ids = torch.cat([ids] + [(ids * 7 + i) % VOCAB for i in range(1, t)], 1)
+    am = torch.ones_like(ids)
+    return {"input_ids": ids, "attention_mask": am, "loss_mask": am.clone()}
+
+
+def lm_loss(model, micro):
+    """Summed next-token NLL over ``loss_mask`` (a ``Trainer.train_step`` loss) and its token count."""
+    from quantrl.train.logprobs import token_logprobs
+
+    logp, _ = token_logprobs(model, micro["input_ids"], micro["attention_mask"])
+    mask = micro["loss_mask"][:, 1:]
+    return -(logp * mask).sum(), {"tokens": float(mask.sum())}
+
+
 def reference(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
 

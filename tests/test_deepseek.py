@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from _tiny_models import bf16_fp8_int4, deepseek_v3_config, random_prompts
+from _tiny_models import bf16_fp8_int4, deepseek_v3_config, lm_loss, pattern_batch, random_prompts
 from safetensors.torch import load_file
 
 from quantrl.checkpoint.convert_int import IntConvertOptions, convert_to_int
@@ -118,18 +118,8 @@ def test_deepseek_trains_the_router_not_its_bias(ckpts, mode):
     router, bias = (model.get_parameter(f"{ROUTERS[0]}.{t}") for t in ("weight", "e_score_correction_bias"))
     before = router.detach().clone(), bias.detach().clone()
     tr = Trainer(model, TrainConfig(mode=mode, lr=3e-3, micro_batch_size=4, qat_group_size=GROUP))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 300, (8, 1), generator=g)
-    ids = torch.cat([ids] + [(ids * 7 + i) % 300 for i in range(1, 16)], 1)  # a learnable pattern
-    am = torch.ones_like(ids)
-    batch = {"input_ids": ids, "attention_mask": am, "loss_mask": am.clone()}
-
-    def loss(m, micro):
-        logp, _ = token_logprobs(m, micro["input_ids"], micro["attention_mask"])
-        mask = micro["loss_mask"][:, 1:]
-        return -(logp * mask).sum(), {"tokens": float(mask.sum())}
-
-    losses = [tr.train_step(batch, loss)["loss"] for _ in range(12)]
+    batch = pattern_batch()  # a learnable pattern
+    losses = [tr.train_step(batch, lm_loss)["loss"] for _ in range(12)]
     assert losses[-1] < 0.7 * losses[0], losses
     assert router.dtype == torch.float32 and not torch.equal(router.detach(), before[0])
     assert torch.equal(bias, before[1])  # moved only by load balancing, which is not a gradient

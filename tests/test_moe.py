@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from _tiny_models import bf16_fp8_int4, qwen3_moe_config, random_prompts, save_model
+from _tiny_models import bf16_fp8_int4, lm_loss, pattern_batch, qwen3_moe_config, random_prompts, save_model
 from safetensors.torch import load_file
 
 from quantrl.checkpoint.convert_fp8 import convert_to_fp8
@@ -176,18 +176,8 @@ def test_moe_model_trains_and_the_router_learns(ckpts, mode):
     model = load_model(ckpts["bf16"], dtype=torch.bfloat16).train()
     router_before = model.get_parameter(f"{ROUTERS[0]}.weight").detach().clone()
     tr = Trainer(model, TrainConfig(mode=mode, lr=3e-3, micro_batch_size=4, qat_group_size=128))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 300, (8, 1), generator=g)
-    ids = torch.cat([ids] + [(ids * 7 + i) % 300 for i in range(1, 16)], 1)  # a learnable pattern
-    am = torch.ones_like(ids)
-    batch = {"input_ids": ids, "attention_mask": am, "loss_mask": am.clone()}
-
-    def loss(m, micro):
-        logp, _ = token_logprobs(m, micro["input_ids"], micro["attention_mask"])
-        mask = micro["loss_mask"][:, 1:]
-        return -(logp * mask).sum(), {"tokens": float(mask.sum())}
-
-    losses = [tr.train_step(batch, loss)["loss"] for _ in range(15)]
+    batch = pattern_batch()  # a learnable pattern
+    losses = [tr.train_step(batch, lm_loss)["loss"] for _ in range(15)]
     assert losses[-1] < 0.7 * losses[0], losses
     assert not torch.equal(model.get_parameter(f"{ROUTERS[0]}.weight").detach(), router_before)
 

@@ -98,24 +98,42 @@ def test_ray_engines_match_a_local_engine(local_ray):
     assert engines.workers == []
 
 
+def _synced_with_a_local_twin(engines, cfg: dict):
+    """An fp32 trainer's weights synced (checked) into the Ray engines and into a local engine: that local
+    engine and the state it holds."""
+    from test_sync import make_engine, make_trainer
+
+    trainer = make_trainer(cfg, torch.float32)
+    engines.sync_weights(trainer, 1, target=engines.target(qmax=7), check_equal=True)
+    local = make_engine(cfg, QuantScheme(), torch.float32)
+    local.cache = type(local.cache).for_model(local.model, max_tokens=4096)
+    sync_weights(trainer, local, version=1)
+    return local, engine_state(local.model)
+
+
+def _assert_samples_alike(engines, local, lengths, prompt_seed: int, seed: int) -> None:
+    """The Ray engines sample the local engine's tokens, with its logprobs to fp32 rounding."""
+    g = torch.Generator().manual_seed(prompt_seed)
+    prompts = [torch.randint(0, 300, (int(n),), generator=g).tolist() for n in lengths]
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=seed)
+    got, ref = engines.generate(prompts, params), local.generate(prompts, params)
+    assert [r.tokens for r in got] == [r.tokens for r in ref]
+    assert max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x.logprobs, y.logprobs)) < 1e-5
+
+
 def test_a_two_gpu_engine_holds_its_shards_and_samples_what_one_process_samples(local_ray):
     """--rollout-num-gpus-per-engine 2: one engine over two actors (tensor parallelism, gloo here). After a
     sync each shard holds its rows / columns of what a local engine holds (the row-parallel o_proj bias on
     rank 0 only, half the vocabulary's embedding rows), and the engine samples the local engine's tokens,
     with its logprobs to fp32 rounding."""
-    from test_sync import make_engine, make_trainer, tiny_cfg
+    from test_sync import tiny_cfg
 
     f32 = torch.float32
     spec = EngineSpec(tiny_cfg(), QuantScheme(), f32, kv_cache_tokens=4096, max_batch_size=16, tp=2)
     engines = RayEngines(spec, num_engines=1)
     try:
         assert engines.num_engines == 1 and len(engines.workers) == 2
-        trainer = make_trainer(tiny_cfg(), f32)
-        engines.sync_weights(trainer, 1, target=engines.target(qmax=7), check_equal=True)
-        local = make_engine(tiny_cfg(), QuantScheme(), f32)
-        local.cache = type(local.cache).for_model(local.model, max_tokens=4096)
-        sync_weights(trainer, local, version=1)
-        want = engine_state(local.model)
+        local, want = _synced_with_a_local_twin(engines, tiny_cfg())
         attn = "model.layers.1.self_attn"
         for rank, state in enumerate(engines.states()):
             assert torch.equal(state[f"{attn}.q_proj.weight"], want[f"{attn}.q_proj.weight"].chunk(2, 0)[rank])
@@ -124,41 +142,25 @@ def test_a_two_gpu_engine_holds_its_shards_and_samples_what_one_process_samples(
             assert torch.equal(state[f"{attn}.o_proj.bias"], bias)
             assert torch.equal(state["model.embed_tokens.weight"], want["model.embed_tokens.weight"].chunk(2, 0)[rank])
         assert engines.versions() == [1, 1]
-        g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(0, 300, (int(n),), generator=g).tolist() for n in (5, 9, 3)]
-        params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=11)
-        got, ref = engines.generate(prompts, params), local.generate(prompts, params)
-        assert [r.tokens for r in got] == [r.tokens for r in ref]
-        assert max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x.logprobs, y.logprobs)) < 1e-5
+        _assert_samples_alike(engines, local, (5, 9, 3), prompt_seed=0, seed=11)
     finally:
         engines.close()
 
 
 def test_an_expert_parallel_engine_holds_half_the_experts_and_samples_like_one_process(local_ray):
     from _tiny_models import qwen3_moe_config
-    from test_sync import make_engine, make_trainer
 
     cfg = qwen3_moe_config(num_experts=4, moe_intermediate_size=64).to_dict()
     f32 = torch.float32
     spec = EngineSpec(cfg, QuantScheme(), f32, kv_cache_tokens=4096, max_batch_size=16, tp=2, expert_parallel=True)
     engines = RayEngines(spec, num_engines=1)
     try:
-        trainer = make_trainer(cfg, f32)
-        engines.sync_weights(trainer, 1, target=engines.target(qmax=7), check_equal=True)
-        local = make_engine(cfg, QuantScheme(), f32)
-        local.cache = type(local.cache).for_model(local.model, max_tokens=4096)
-        sync_weights(trainer, local, version=1)
-        want = engine_state(local.model)
+        local, want = _synced_with_a_local_twin(engines, cfg)
         for rank, state in enumerate(engines.states()):
             held = sorted({n.split(".experts.")[1].split(".")[0] for n in state if n.startswith("model.layers.0.mlp.experts.")})
             assert held == [str(j) for j in range(2 * rank, 2 * rank + 2)]  # experts 0-1 on rank 0, 2-3 on rank 1
             w = f"model.layers.0.mlp.experts.{2 * rank}.down_proj.weight"
             assert torch.equal(state[w], want[w])  # whole, not split
-        g = torch.Generator().manual_seed(1)
-        prompts = [torch.randint(0, 300, (int(n),), generator=g).tolist() for n in (4, 7)]
-        params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=5)
-        got, ref = engines.generate(prompts, params), local.generate(prompts, params)
-        assert [r.tokens for r in got] == [r.tokens for r in ref]
-        assert max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x.logprobs, y.logprobs)) < 1e-5
+        _assert_samples_alike(engines, local, (4, 7), prompt_seed=1, seed=5)
     finally:
         engines.close()

@@ -6,14 +6,10 @@ rejects, a conversion the trainer cannot do, and an engine failure of any type m
 (not hang one in a collective) and leave the engine as it was.
 """
 
-import os
-import sys
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _gloo import spawn_gloo
 
 from quantrl.model import QuantScheme, engine_state
 from quantrl.rollout.weight_update import bitwise_equal
@@ -79,22 +75,9 @@ def _engine_rank() -> None:
         receive_weights(engine, src=0, version=6)
 
 
-def _worker(rank: int, world: int, store_file: str) -> None:
-    torch.set_num_threads(1)
-    # a file rendezvous, not a TCP port: a port picked free here can be taken before the workers bind it
-    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))  # fmt: skip
-    try:
-        (_trainer_rank if rank == 0 else _engine_rank)()
-    finally:
-        dist.destroy_process_group()
-    # Passed. Leave without C++ static destructors: now and then (1 run in 4 right after a Ray test in the
-    # same pytest process) a gloo thread calls std::terminate while the interpreter finalizes, which
-    # mp.spawn reports as a failed rank although every check above passed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+def _ranks(rank: int, world: int) -> None:
+    (_trainer_rank if rank == 0 else _engine_rank)()
 
 
 def test_gloo_broadcast_sync_equals_in_process_sync(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+    spawn_gloo(_ranks, 2, tmp_path)

@@ -7,14 +7,10 @@ engine samples what the single engine samples, with the whole model's logprobs; 
 whole tensors (the trainer's sync in the engine's format) leaves each rank its piece, atomically.
 """
 
-import os
-import sys
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _gloo import spawn_gloo
 from _tiny_models import bf16_fp8_int4, deepseek_v3_config, qwen3_config, qwen3_moe_config, random_prompts
 
 # every split holds whole FP8 tiles: 4 query heads and 2 kv heads of 128, SwiGLU 512, experts 256
@@ -42,18 +38,9 @@ ARCHS = {
 LOGPROB_TOL = {"bf16": 1e-5, "int4": 1e-5, "fp8": 5e-2}
 
 
-def _worker(rank: int, world: int, store: str, ckpts: dict) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))  # fmt: skip
-    try:
-        for (arch, kind), path in ckpts.items():
-            _check(rank, world, arch, kind, path)
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # passed; skip C++ static destructors (see test_sync_distributed)
+def _shards(rank: int, world: int, ckpts: dict) -> None:
+    for (arch, kind), path in ckpts.items():
+        _check(rank, world, arch, kind, path)
 
 
 def _check(rank, world, arch, kind, path):
@@ -136,7 +123,7 @@ def _check(rank, world, arch, kind, path):
 def test_tensor_parallel_engine_equals_one_process(tmp_path):
     ckpts = {(arch, kind): path for arch, make in ARCHS.items()
              for kind, path in bf16_fp8_int4(make(), tmp_path / arch, 32).items()}  # fmt: skip
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), ckpts), nprocs=2, join=True)
+    spawn_gloo(_shards, 2, tmp_path, ckpts)
 
 
 def test_splits_that_would_cut_a_block_are_refused(tmp_path):

@@ -3,6 +3,7 @@ BF16 HF checkpoints that transformers and our loader read back."""
 
 import pytest
 import torch
+from _tiny_models import lm_loss
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from quantrl.model import build_model, load_model, random_init_
@@ -21,12 +22,6 @@ def hf_config(**kw):
 
 def tiny(dtype=torch.bfloat16, seed=0, **kw):
     return random_init_(build_model(hf_config(**kw).to_dict(), dtype=dtype), seed=seed, std=0.05).train()
-
-
-def lm_loss(model, micro):
-    logp, _ = token_logprobs(model, micro["input_ids"], micro["attention_mask"])
-    mask = micro["loss_mask"][:, 1:]
-    return -(logp * mask).sum(), {"tokens": float(mask.sum())}
 
 
 def batch(n=8, t=24, seed=0):

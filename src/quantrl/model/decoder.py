@@ -151,12 +151,14 @@ class MLAttention(nn.Module):
         self.rope = apply_rope_interleaved if m.rope_interleave else apply_rope
         self._w: torch.Tensor | None = None  # kv_b_proj's weight [H, nope + v, r], dequantized, for decode
         self._w_key: tuple | None = None  # the versions of kv_b_proj's tensors it was made from
+        lin = self.kv_b_proj
+        self._kv_b_tensors = [a for a in lin.specs() if isinstance(getattr(lin, a, None), torch.Tensor)]
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_uk [H, nope, r], W_uv [H, v, r]) of kv_b_proj, dequantized; recomputed, in place (a CUDA graph
         reads that storage), when its tensors have changed since."""
         lin, m = self.kv_b_proj, self.mla
-        key = tuple(getattr(lin, a)._version for a in lin.specs() if isinstance(getattr(lin, a, None), torch.Tensor))
+        key = tuple(getattr(lin, a)._version for a in self._kv_b_tensors)
         if self._w is None or self._w_key != key or self._w.dtype != dtype:
             w = lin.dequantized_weight(dtype).view(self.num_heads, m.qk_nope_head_dim + m.v_head_dim, -1)
             if self._w is None or self._w.dtype != dtype:
@@ -188,7 +190,8 @@ class MLAttention(nn.Module):
         elif kv is not None:  # decode: t == 1; attend to the slot's whole cached latent
             kv.k[layer][kv._rows, 0, kv.write_pos] = latent[:, 0]
             kv.v[layer][kv._rows, 0, kv.write_pos] = k_rot[:, 0]
-            latent, k_rot = kv.k[layer][:b, 0, : kv.kv_len], kv.v[layer][:b, 0, : kv.kv_len]  # [B, Lk, r], [B, Lk, rot]
+            # [B, Lk, r], [B, Lk, rot]
+            latent, k_rot = kv.k[layer][:b, 0, : kv.kv_len], kv.v[layer][:b, 0, : kv.kv_len]
             if self.absorb_decode and not isinstance(self.kv_b_proj, Fp8Linear):
                 w_uk, w_uv = self.absorbed_weights(x.dtype)
                 query = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_pass, w_uk), q_rot], dim=-1)  # [B, H, 1, r + rot]
