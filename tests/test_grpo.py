@@ -8,7 +8,7 @@ from transformers import Qwen3Config
 
 from quantrl.model import build_model, random_init_
 from quantrl.rl.grpo import GRPOConfig, group_advantages, informative_groups, make_loss_fn, policy_loss, reduce_metrics
-from quantrl.rl.mismatch import ISConfig
+from quantrl.rl.mismatch import ISConfig, importance_weights
 from quantrl.train.trainer import TrainConfig, Trainer
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def test_clipped_loss_hand_computed(gen):
     assert m["pg_clipfrac"] == pytest.approx(2 / 5)
     assert m["ratio_mean"] == pytest.approx((1.5 + 0.5 + 1.0 + 1.1 + 0.7) / 5, abs=1e-6)
     assert m["approx_kl"] == pytest.approx(-sum(math.log(x) for x in (1.5, 0.5, 1.0, 1.1, 0.7)) / 5, abs=1e-6)
-    assert m["is_clipped_frac"] == 0 and "kl_ref" not in m
+    assert "kl_ref" not in m
     loss.backward()
     # d/dlogp of -A * ratio is -A * ratio; clipped tokens and padding get no gradient
     want = torch.tensor([[0.0, -0.5, -1.0], [1.1, 0.0, 0.0]]) / 5
@@ -134,15 +134,51 @@ def test_tis_and_mis_weights_multiply_the_surrogate(gen):
     logp, old, adv, mask = case(gen)
     # old / rollout ratios [[3, 1, 0.5], [1, 1, 1]]
     rollout = old - torch.log(torch.tensor([[3.0, 1.0, 0.5], [1.0, 1.0, 1.0]]))
-    loss, m = policy_loss(logp, old, adv, mask, rollout_logp=rollout, is_cfg=ISConfig("tis", cap=2.0))
+    w, info = importance_weights(old, rollout, mask, ISConfig("tis", cap=2.0))
+    loss, _ = policy_loss(logp, old, adv, mask, is_weight=w)
     assert loss.item() == pytest.approx((2 * -1.2 + 1 * -0.5 + 0.5 * -1.0 + 1.1 + 0.8) / 5, abs=1e-5)
-    assert m["is_clipped_frac"] == pytest.approx(1 / 5)
-    loss, m = policy_loss(logp, old, adv, mask, rollout_logp=rollout, is_cfg=ISConfig("mis", cap=2.0))
+    assert info["is_clipped_frac"] == pytest.approx(1 / 5)
+    w, info = importance_weights(old, rollout, mask, ISConfig("mis", cap=2.0))
+    loss, _ = policy_loss(logp, old, adv, mask, is_weight=w)
     # MIS drops ratio 3 (> 2) and keeps 0.5 (= 1/2, inside [1/C, C]); dropped tokens stay in the denominator
     assert loss.item() == pytest.approx((0 - 0.5 + 0.5 * -1.0 + 1.1 + 0.8) / 5, abs=1e-5)
-    assert m["is_clipped_frac"] == pytest.approx(1 / 5)
-    off, _ = policy_loss(logp, old, adv, mask, rollout_logp=rollout, is_cfg=ISConfig(None))
+    assert info["is_clipped_frac"] == pytest.approx(1 / 5)
+    off, _ = policy_loss(logp, old, adv, mask, is_weight=importance_weights(old, rollout, mask, ISConfig(None))[0])
     assert off.item() == pytest.approx(-0.8 / 5, abs=1e-6)
+
+
+def test_gspo_sequence_ratio_hand_computed(gen):
+    logp, old, adv, mask = case(gen)
+    s0, s1 = 0.75 ** (1 / 3), 0.77**0.5  # geometric means of [1.5, 0.5, 1.0] and [1.1, 0.7]
+    loss, m = policy_loss(logp, old, adv, mask, ratio_level="sequence")
+    assert loss.item() == pytest.approx((-3 * s0 + 2 * s1) / 5, abs=1e-6)
+    assert m["ratio_mean"] == pytest.approx((3 * s0 + 2 * s1) / 5, abs=1e-6) and m["pg_clipfrac"] == 0
+    loss.backward()  # every token of a sequence: -A * s_i / tokens
+    torch.testing.assert_close(logp.grad, torch.tensor([[-s0, -s0, -s0], [s1, s1, 0.0]]) / 5, atol=1e-6, rtol=1e-5)
+    # clip range 0.05: row 1 (A=-1, s=0.877 < 0.95) takes the clipped branch, whole, and loses its gradient
+    logp.grad = None
+    loss, m = policy_loss(logp, old, adv, mask, ratio_level="sequence", clip_eps=0.05)
+    assert loss.item() == pytest.approx((-3 * s0 + 2 * 0.95) / 5, abs=1e-6) and m["pg_clipfrac"] == pytest.approx(2 / 5)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-s0, -s0, -s0], [0.0, 0.0, 0.0]]) / 5, atol=1e-6, rtol=1e-5)
+
+
+def test_gspo_token_form_has_slimes_gradient(gen):
+    """slime's GSPO puts exp(mean_t (logp_t - old_t)) on every token, its gradient through the mean; under
+    token-mean aggregation that is the gradient of our token form."""
+    logp = (-torch.rand(4, 9, generator=gen) - 0.5).requires_grad_(True)
+    old = logp.detach() + 0.1 * torch.randn(4, 9, generator=gen)
+    adv = torch.randn(4, generator=gen)
+    mask = (torch.rand(4, 9, generator=gen) > 0.3).float()
+    loss, _ = policy_loss(logp, old, adv, mask, ratio_level="sequence", clip_eps=3e-2)
+    (ours,) = torch.autograd.grad(loss, logp)
+    seq = ((logp - old) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)
+    ratio = seq.exp().expand_as(logp)
+    a = adv[:, None]
+    pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - 3e-2, 1 + 3e-2))
+    (slime,) = torch.autograd.grad((pg * mask).sum() / mask.sum(), logp)
+    torch.testing.assert_close(ours, slime, atol=1e-7, rtol=1e-5)
+    assert ours.abs().sum() > 0
 
 
 def test_k3_kl_to_reference(gen):
@@ -186,8 +222,10 @@ def test_empty_rows_are_left_out_of_the_sequence_mean(gen):
 
 def test_policy_loss_errors(gen):
     logp, old, adv, mask = case(gen)
-    with pytest.raises(ValueError, match="rollout_logp"):
-        policy_loss(logp, old, adv, mask, is_cfg=ISConfig("tis"))
+    with pytest.raises(ValueError, match="is_weight"):
+        policy_loss(logp, old, adv, mask, is_weight=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="ratio_level"):
+        policy_loss(logp, old, adv, mask, ratio_level="geometric")
     with pytest.raises(ValueError, match="token-mean"):
         policy_loss(logp, old, adv, mask, aggregation="seq-mean-token-mean", token_sum=True)
     with pytest.raises(ValueError, match="aggregation"):
@@ -228,7 +266,11 @@ def rl_batch(gen, b=6, t=12):
 
 def test_loss_fn_in_trainer_is_independent_of_micro_batch_size(gen):
     batch = rl_batch(gen)
-    cfg = GRPOConfig(is_cfg=ISConfig("tis", cap=2.0), clip_eps_high=0.28)
+    cfg = GRPOConfig(clip_eps_high=0.28)
+    # any detached weights (here TIS of arbitrary logprobs) must enter the same way however the batch is cut
+    trainer_logp = -torch.rand(batch["rollout_logp"].shape, generator=gen) - 4.5
+    batch["is_weight"], info = importance_weights(trainer_logp, batch["rollout_logp"], batch["loss_mask"][:, 1:],
+                                                  ISConfig("tis", cap=1.5))  # fmt: skip
     out = []
     for mb in (6, 4, 1):
         tr = Trainer(tiny_model(), TrainConfig(lr=1e-3, micro_batch_size=mb, grad_clip=0.0))
@@ -240,9 +282,11 @@ def test_loss_fn_in_trainer_is_independent_of_micro_batch_size(gen):
     for r, m, p in out[1:]:
         assert r["loss"] == pytest.approx(r0["loss"], abs=1e-6)
         assert r["grad_norm"] == pytest.approx(r0["grad_norm"], rel=1e-4)
-        assert m["is_clipped_frac"] == pytest.approx(m0["is_clipped_frac"], abs=1e-9)
         torch.testing.assert_close(p, p0, atol=1e-6, rtol=1e-5)
-    assert r0["grad_norm"] > 0 and 0 < m0["is_clipped_frac"] < 1  # TIS truncates some tokens, not all
+    assert r0["grad_norm"] > 0 and 0 < info["is_clipped_frac"] < 1  # TIS truncates some tokens, not all
+    unweighted = Trainer(tiny_model(), TrainConfig(lr=1e-3, micro_batch_size=6, grad_clip=0.0))
+    plain = unweighted.train_step({k: v for k, v in batch.items() if k != "is_weight"}, make_loss_fn(cfg))
+    assert plain["grad_norm"] != pytest.approx(r0["grad_norm"], rel=1e-3)  # the weights do reach the loss
 
 
 def test_loss_fn_rejects_a_loss_mask_on_the_first_token(gen):

@@ -56,7 +56,7 @@ def trained_micro_batches(monkeypatch, key: str) -> list:
 
     def spy(*a, **k):
         fn = real(*a, **k)
-        return lambda model, micro: seen.append(micro[key]) or fn(model, micro)
+        return lambda model, micro: seen.append(micro.get(key)) or fn(model, micro)
 
     monkeypatch.setattr(grpo, "make_loss_fn", spy)
     return seen
@@ -145,9 +145,10 @@ def test_plot_writes_the_figures(tiny_model, tmp_path):
     from quantrl.cli import main
 
     train(cfg(tiny_model, tmp_path / "a", recipe="bf16", num_steps=2), progress=False)
-    train(cfg(tiny_model, tmp_path / "b", recipe="int4-qat", num_steps=2), progress=False)
+    train(cfg(tiny_model, tmp_path / "b", recipe="int4-qat", num_steps=2, is_mode="mis", rs_level="token"),
+          progress=False)  # fmt: skip
     assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "plots")]) == 0
-    for name in ("reward.png", "mismatch.png", "throughput.png", "entropy.png"):
+    for name in ("reward.png", "mismatch.png", "throughput.png", "entropy.png", "correction.png"):
         data = (tmp_path / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
@@ -320,16 +321,48 @@ def test_several_optimizer_steps_per_rollout(tmp_path, monkeypatch):
         out[1]["ratio_mean_sum"] / out[1]["loss_tokens"]) or out)  # fmt: skip
     # the embedded model: the tiny one solves nothing, so its advantages are zero and the policy never moves
     run = cfg("", tmp_path / "k", eval_interval=0, num_steps=2, num_steps_per_rollout=3, micro_batch_size=64,
-              n_samples_per_prompt=4, prompts_per_step=4, max_new_tokens=48, difficulty="medium", lr=1e-3)  # fmt: skip
+              n_samples_per_prompt=4, prompts_per_step=4, max_new_tokens=48, difficulty="medium", lr=1e-3,
+              lr_decay_style="linear")  # fmt: skip
     rl = RLRun(run, progress=False)
     rows = rl.run()
     assert [r["weight_version"] for r in rows] == [1, 2] and rl.trainer.step_count == 6
     assert len(ratios) == 6 and abs(ratios[0] - 1) < 1e-3 and any(abs(r - 1) > 1e-3 for r in ratios[1:])
+    assert [r["lr"] for r in rows] == pytest.approx([5e-4, 0.0])  # linear decay over the 6 optimizer steps: 3 and 6
     assert all("pg_clipfrac" in r and r["loss_tokens"] > 0 for r in rows)
     with pytest.raises(ValueError, match="num_steps_per_rollout=7"):
         RLConfig(num_steps_per_rollout=7, prompts_per_step=2, n_samples_per_prompt=3)
     with pytest.raises(ValueError, match="needs --dp-size 1"):
         RLConfig(num_steps_per_rollout=2, dynamic_sampling=True, placement="ray", dp_size=2)
+
+
+def test_sequence_level_correction_and_gspo_in_the_loop(tmp_path, monkeypatch):
+    """Sequence-level TIS with rejection and batch normalization (INT4 PTQ rollout: a mismatch to correct):
+    the loss gets one weight per sequence, mean 1 over the step's kept sequences, none on rejected ones.
+    GSPO with two optimizer steps per rollout: the second step's sequence ratios leave GSPO's narrow clip."""
+    weights = trained_micro_batches(monkeypatch, "is_weight")
+    masks = trained_micro_batches(monkeypatch, "loss_mask")
+    run = functools.partial(cfg, "", eval_interval=0, num_steps=2, micro_batch_size=64, n_samples_per_prompt=4,
+                            prompts_per_step=4, max_new_tokens=48, difficulty="medium", recipe="int4-ptq")  # fmt: skip
+    rows = train(run(tmp_path / "is", is_mode="tis", is_level="sequence", is_cap=1.05, is_batch_normalize=True,
+                     rs_level="sequence", rs_cap=1.5, rs_veto_threshold=1e-4), progress=False)  # fmt: skip
+    assert len(weights) == 2  # one micro-batch a step
+    for w, lm, r in zip(weights, masks, rows):
+        m = lm[:, 1:].bool()
+        per_row = [w[i][m[i]] for i in range(len(w)) if m[i].any()]
+        assert all(torch.equal(x, x[:1].expand_as(x)) for x in per_row)  # one weight per sequence
+        kept = torch.stack([x[0] for x in per_row if x[0] > 0])
+        assert float(kept.mean()) == pytest.approx(1.0, abs=1e-5)
+        assert (w[~m] == 0).all() and 0 <= r["rs_rejected_frac"] < 1 and r["is_weight_mean"] > 0
+        assert r["mismatch_seq_abs_mean"] >= r["mismatch_geo_abs_mean"] > 0
+    assert any(r["is_clipped_frac"] > 0 for r in rows)  # sequence ratios beyond 1.05 were truncated
+
+    gspo = train(run(tmp_path / "gspo", recipe="bf16", advantage_estimator="gspo", clip_eps=3e-4, clip_eps_high=4e-4,
+                     num_steps_per_rollout=2, lr=3e-3), progress=False)  # fmt: skip
+    assert all(r["loss_tokens"] > 0 for r in gspo) and any(r["pg_clipfrac"] > 0 for r in gspo)
+    with pytest.raises(ValueError, match="needs an IS mode"):
+        RLConfig(is_batch_normalize=True)
+    with pytest.raises(ValueError, match="level"):
+        RLConfig(is_mode="tis", is_level="batch")
 
 
 def test_sampled_evaluation_reports_avg_and_pass_at_k(tmp_path):
@@ -381,6 +414,9 @@ def test_lr_schedule_warms_up_and_decays_to_min_lr():
     lin = dataclasses.replace(c, lr_decay_style="linear")
     assert lr_at(lin, 9) == pytest.approx(5.5e-5) and lr_at(lin, 20) == pytest.approx(1e-5)  # past the end: min_lr
     assert lr_at(RLConfig(lr=3e-5), 7) == 3e-5
+    # the schedule counts optimizer steps: 5 rollout steps x 2 optimizer steps each decay over 10
+    per_opt = RLConfig(lr=1e-4, lr_decay_style="linear", num_steps=5, num_steps_per_rollout=2)
+    assert lr_at(per_opt, 5) == pytest.approx(5e-5) and lr_at(per_opt, 10) == 0
     with pytest.raises(ValueError, match="lr_decay_style"):
         RLConfig(lr_decay_style="step")
     with pytest.raises(ValueError, match="min_lr"):
@@ -432,14 +468,15 @@ def test_data_parallel_replicas_take_the_single_trainer_step(tiny_model, tmp_pat
     pytest.importorskip("ray")
     # the embedded model: the tiny one solves no problem, so its advantages, and gradients, would be all zero
     run = functools.partial(cfg, "", placement="ray", threads=1, eval_interval=0, prompts_per_step=4,
-                            n_samples_per_prompt=4, max_new_tokens=48, difficulty="medium")  # fmt: skip
+                            n_samples_per_prompt=4, max_new_tokens=48, difficulty="medium", is_mode="tis",
+                            is_batch_normalize=True)  # the weights' normalization sums over the replicas  # fmt: skip
     one = train(run(tmp_path / "one"), progress=False)
     two = train(run(tmp_path / "two", dp_size=2), progress=False)
     assert [r["weight_version"] for r in two] == [1, 2]
     a, b = one[0], two[0]
     assert a["reward"] == b["reward"] and a["response_len"] == b["response_len"]  # the same samples
     assert a["grad_norm"] > 0  # GRPO's first-step loss is ~0 (ratio 1, mean advantage 0); its gradient is not
-    for key in ("grad_norm", "mismatch_abs_mean"):
+    for key in ("grad_norm", "mismatch_abs_mean", "is_weight_mean"):
         assert abs(a[key] - b[key]) <= 0.05 * abs(a[key]), (key, a[key], b[key])
     assert b["loss_tokens"] == a["loss_tokens"]  # the replicas' token counts add up to the batch's
     assert (tmp_path / "two" / "checkpoints" / "latest").read_text().strip() == "step_000002"

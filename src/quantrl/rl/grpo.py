@@ -18,18 +18,26 @@ signal, for DAPO's dynamic sampling (``--dynamic-sampling``: such groups are dro
 
 Policy loss. Per response token t (``mask`` = 1), with ``A`` the advantage of the token's sequence:
 
-    ratio_t = exp(logp_t - old_logp_t)
+    ratio_t = exp(logp_t - old_logp_t)                                                  token level (GRPO, PPO)
+    ratio_t = sg[exp(mean_s (logp_s - old_logp_s))] * exp(logp_t - sg[logp_t])         sequence level (GSPO)
     pg_t    = max(-A * ratio_t, -A * clamp(ratio_t, 1 - clip_eps, 1 + clip_eps_high))   PPO clip; DAPO clip-higher
-    w_t     = importance_weights(old_logp, rollout_logp, mask, is_cfg)                  TIS / MIS, detached (1 if off)
+    w_t     = is_weight_t                                                               TIS / MIS, detached (1 if off)
     kl_t    = min(exp(ref_t - logp_t) - (ref_t - logp_t) - 1, 10)                       k3 estimator of KL(pi||ref)
     H_t     = -sum_v p_t(v) log p_t(v)                                                  entropy of the next-token policy
     loss_t  = w_t * pg_t + kl_coef * kl_t - entropy_coef * H_t
 
 ``old_logp`` is the trainer's own logprob of the sampled tokens before this update (equal to ``logp``
-detached when each rollout batch is used for one optimizer step); ``rollout_logp`` is what the (possibly
-FP8/INT4) engine reported while sampling. The ratio ``old/rollout`` is the train-rollout mismatch
-correction of slime's TIS: it multiplies the per-token surrogate, not the ratio inside the clip. The k3
-term is clamped at 10 like verl's / slime's ``low_var_kl``, so one wild token cannot dominate the step.
+detached when each rollout batch is used for one optimizer step). ``is_weight`` is the train-rollout
+mismatch correction (``rl.mismatch.importance_weights`` of ``old_logp`` against the logprobs the FP8/INT4
+engine reported while sampling, computed once per step): as in slime's TIS it multiplies the per-token
+surrogate, not the ratio inside the clip. The k3 term is clamped at 10 like verl's / slime's
+``low_var_kl``, so one wild token cannot dominate the step.
+
+GSPO (``ratio_level="sequence"``, ``--advantage-estimator gspo``) clips the sequence's geometric-mean ratio
+``s_i`` instead of each token's: the token form above has the value ``s_i`` on every token of sequence i and
+the gradient ``s_i * grad logp_t``, so under token-mean aggregation it is slime's GSPO loss exactly, and a
+clipped sequence stops all of its tokens. Its ratios sit near 1 (a mean over the sequence), so GSPO's clip
+ranges are ~1e-3 (the paper: 3e-4 below, 4e-4 above), not PPO's 0.2.
 
 Aggregation over tokens:
 
@@ -45,20 +53,21 @@ Tensor alignment: every logprob tensor is ``[B, T-1]`` as ``train.logprobs.token
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from quantrl.rl.mismatch import ISConfig, importance_weights
 from quantrl.train.logprobs import token_logprobs
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+RATIO_LEVELS = ("token", "sequence")
 KL_CLAMP = 10.0  # verl / slime low_var_kl clamp
 
 
 ADVANTAGE_ESTIMATORS = {"grpo": {}, "dr-grpo": {"normalize_std": False},
-                        "rloo": {"normalize_std": False, "leave_one_out": True}}  # fmt: skip
+                        "rloo": {"normalize_std": False, "leave_one_out": True}, "gspo": {}}  # fmt: skip
+RATIO_LEVEL_OF_ESTIMATOR = {"gspo": "sequence"}  # GSPO: GRPO's advantages, the sequence-level ratio
 
 
 def group_advantages(
@@ -102,8 +111,8 @@ def policy_loss(
     *,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
-    rollout_logp: torch.Tensor | None = None,
-    is_cfg: ISConfig | None = None,
+    is_weight: torch.Tensor | None = None,
+    ratio_level: str = "token",
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     entropy: torch.Tensor | None = None,
@@ -114,8 +123,8 @@ def policy_loss(
     """GRPO/PPO loss (scalar, differentiable in ``logp``) and metrics; the formula is in the module note.
 
     Metrics are means over masked tokens: ``pg_clipfrac`` (tokens where the clipped branch is taken),
-    ``approx_kl`` (mean ``old_logp - logp``, slime's / verl's ``ppo_kl``), ``ratio_mean``, ``is_clipped_frac``
-    (TIS-truncated / MIS-masked tokens), ``pg_loss``, ``kl_ref`` (mean k3) when ``ref_logp`` is given, and
+    ``approx_kl`` (mean ``old_logp - logp``, slime's / verl's ``ppo_kl``), ``ratio_mean`` (at ``ratio_level``),
+    ``pg_loss``, ``kl_ref`` (mean k3) when ``ref_logp`` is given, and
     ``entropy`` when ``entropy`` [B, T] (the policy's, differentiable when ``entropy_coef`` > 0) is.
     With ``token_sum=True`` the loss is the masked *sum* and each metric ``m`` becomes ``m_sum`` (mean x
     tokens) next to ``loss_tokens``, so values summed over micro-batches turn into batch means with
@@ -123,7 +132,7 @@ def policy_loss(
     """
     if logp.ndim != 2:
         raise ValueError(f"policy_loss: logp must be [B, T], got shape {tuple(logp.shape)}")
-    for name, t in (("old_logp", old_logp), ("mask", mask), ("rollout_logp", rollout_logp), ("ref_logp", ref_logp),
+    for name, t in (("old_logp", old_logp), ("mask", mask), ("is_weight", is_weight), ("ref_logp", ref_logp),
                     ("entropy", entropy)):  # fmt: skip
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"policy_loss: {name} has shape {tuple(t.shape)}, logp has {tuple(logp.shape)}")
@@ -137,24 +146,23 @@ def policy_loss(
     clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     if not (0 < clip_eps < 1 and clip_eps_high > 0):
         raise ValueError(f"policy_loss: need 0 < clip_eps < 1 and clip_eps_high > 0, got {clip_eps}, {clip_eps_high}")
-    is_on = is_cfg is not None and is_cfg.mode is not None
-    if is_on and rollout_logp is None:
-        raise ValueError(f"policy_loss: IS mode {is_cfg.mode!r} needs rollout_logp (the engine's logprobs)")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"policy_loss: ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
 
     m = mask.float()
     logp = logp.float()
     old = old_logp.detach().float()
     adv = advantages.detach().float().unsqueeze(1)  # [B, 1]
     log_ratio = logp - old
+    if ratio_level == "sequence":  # GSPO-token: the value of the sequence's mean log ratio, each token's gradient
+        seq = (log_ratio.detach() * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)  # [B, 1]
+        log_ratio = seq + logp - logp.detach()
     ratio = log_ratio.exp()
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps_high)
     pg = torch.maximum(pg1, pg2)
-    if is_on:
-        w, is_info = importance_weights(old, rollout_logp, mask, is_cfg)
-        pg = pg * w
-    else:
-        is_info = {"is_clipped_frac": 0.0}
+    if is_weight is not None:
+        pg = pg * is_weight.detach().float()
     per_token = pg
     kl = None
     if ref_logp is not None:
@@ -190,7 +198,6 @@ def policy_loss(
             "pg_clipfrac": mean((pg2 > pg1).float()),
             "approx_kl": mean(-log_ratio),
             "ratio_mean": mean(ratio),
-            "is_clipped_frac": float(is_info["is_clipped_frac"]),
         }
         if kl is not None:
             metrics["kl_ref"] = mean(kl)
@@ -221,8 +228,8 @@ class GRPOConfig:
     "PPO clip range below 1 (slime --eps-clip)"
     clip_eps_high: float | None = None
     "PPO clip range above 1, DAPO clip-higher, e.g. 0.28 (slime --eps-clip-high); None: clip_eps"
-    is_cfg: ISConfig = field(default_factory=ISConfig)
-    "train-rollout correction: ISConfig('tis'|'mis', cap) on old_logp vs rollout_logp; mode None: off"
+    ratio_level: str = "token"
+    "the PPO ratio per token (GRPO) or per sequence (GSPO; clip ranges ~1e-3)"
     kl_coef: float = 0.0
     "weight of the k3 KL to the reference policy (slime --kl-loss-coef); needs ref_logp in the batch"
     entropy_coef: float = 0.0
@@ -243,6 +250,8 @@ class GRPOConfig:
             raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.ratio_level not in RATIO_LEVELS:
+            raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {self.ratio_level!r}")
 
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -254,9 +263,9 @@ def make_loss_fn(cfg: GRPOConfig = GRPOConfig()) -> LossFn:
     Micro-batch keys: ``input_ids``, ``attention_mask``, ``loss_mask`` ``[B, T]`` (1 on response tokens;
     position 0 is never a target), ``advantages [B]``; optional ``[B, T-1]`` logprobs aligned with
     ``input_ids[:, 1:]``: ``old_logp`` (absent: ``logp.detach()``, exact for one update per rollout batch),
-    ``rollout_logp`` (needed when IS is on), ``ref_logp`` (needed when kl_coef > 0); ``routing``
-    ``[B, T, L_moe, k]`` (MoE routing replay). Pass the summed metrics of ``train_step`` through
-    :func:`reduce_metrics`.
+    ``is_weight`` (the mismatch correction, ``rl.mismatch.importance_weights``), ``ref_logp`` (needed when
+    kl_coef > 0); ``routing`` ``[B, T, L_moe, k]`` (MoE routing replay). Pass the summed metrics of
+    ``train_step`` through :func:`reduce_metrics`.
     """
 
     def loss_fn(model: nn.Module, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -274,8 +283,8 @@ def make_loss_fn(cfg: GRPOConfig = GRPOConfig()) -> LossFn:
             micro["loss_mask"][:, 1:],
             clip_eps=cfg.clip_eps,
             clip_eps_high=cfg.clip_eps_high,
-            rollout_logp=micro.get("rollout_logp"),
-            is_cfg=cfg.is_cfg,
+            is_weight=micro.get("is_weight"),
+            ratio_level=cfg.ratio_level,
             ref_logp=micro.get("ref_logp"),
             kl_coef=cfg.kl_coef,
             entropy=entropy,

@@ -81,9 +81,9 @@ class RLConfig:
     lr: float = 5e-5
     "learning rate (the peak, with a schedule)"
     lr_warmup_steps: int = 0
-    "linear warm-up from 0 over this many steps (slime --lr-warmup-iters)"
+    "linear warm-up from 0 over this many optimizer steps (slime --lr-warmup-iters)"
     lr_decay_style: str = "constant"
-    "after the warm-up: constant | linear | cosine, down to --min-lr at --num-steps (slime --lr-decay-style)"
+    "after the warm-up: constant | linear | cosine, down to --min-lr at the last optimizer step (slime --lr-decay-style)"
     min_lr: float = 0.0
     "where linear and cosine decay end (slime --min-lr)"
     micro_batch_size: int = 32
@@ -97,7 +97,7 @@ class RLConfig:
     clip_eps_high: float = 0.28
     "PPO upper clip, DAPO clip-higher (slime --eps-clip-high)"
     advantage_estimator: str = "grpo"
-    "grpo (group mean and std) | dr-grpo (mean only) | rloo (leave-one-out mean) (slime's flag)"
+    "grpo (group mean and std) | dr-grpo (mean only) | rloo (leave-one-out mean) | gspo (grpo's, with the sequence-level ratio: set --clip-eps ~3e-4) (slime's flag)"
     num_steps_per_rollout: int = 1
     "optimizer steps per rollout batch, on that many mini-batches of it (slime's flag); > 1 takes PPO's ratio against the sampling policy's logprobs"
     dynamic_sampling: bool = False
@@ -115,9 +115,23 @@ class RLConfig:
     entropy_coef: float = 0.0
     "entropy bonus (slime --entropy-coef); the policy's entropy on the trained tokens is logged either way"
     is_mode: str = ""
-    "train-rollout correction: '' (off), tis or mis"
+    "train-rollout correction: '' (off), tis (min(rho, cap)), clip (clamp to [cap-low, cap]) or mis (0 outside it)"
     is_cap: float = 2.0
-    "TIS/MIS threshold C"
+    "upper bound of the importance weights"
+    is_cap_low: float = 0.0
+    "lower bound for clip / mis (0: 1 / --is-cap)"
+    is_level: str = "token"
+    "importance ratio per token, per sequence (product) or geometric (per-token mean over the sequence)"
+    is_batch_normalize: bool = False
+    "scale the importance weights to mean 1 over the step (self-normalized IS)"
+    rs_level: str = ""
+    "rejection sampling: '' (off), token, sequence or geometric: drop what has a ratio outside [--rs-cap-low, --rs-cap]"
+    rs_cap: float = 0.0
+    "rejection upper bound (0: --is-cap)"
+    rs_cap_low: float = 0.0
+    "rejection lower bound (0: 1 / the upper bound)"
+    rs_veto_threshold: float = 0.0
+    "reject every sample holding a token whose ratio is below this (0: off; e.g. 1e-4)"
     group_size: int = 128
     "INT4 group size (OPEN_TRAINING_INT4_GROUP_SIZE)"
     qmax: int = 7
@@ -218,19 +232,31 @@ class RLConfig:
                              "sequences of a step: every replica needs rows")  # fmt: skip
         if self.placement == "local" and self.async_rollout:
             raise ValueError("--async-rollout needs --placement ray (the engines must run beside the trainer)")
+        self.is_config()  # the correction's options are checked where they are made
         if self.eval_interval and not self.eval_size and not self.eval_data:
             raise ValueError(f"--eval-interval {self.eval_interval} needs held-out prompts: --eval-size > 0 or "
                              "--eval-data (or --eval-interval 0)")  # fmt: skip
 
 
+    def is_config(self):
+        """The train-rollout correction these flags describe (``rl.mismatch.ISConfig``)."""
+        from quantrl.rl.mismatch import ISConfig
+
+        return ISConfig(self.is_mode or None, self.is_cap, self.is_cap_low or None, self.is_level,
+                        self.rs_level or None, self.rs_cap or None, self.rs_cap_low or None, self.rs_veto_threshold,
+                        self.is_batch_normalize)  # fmt: skip
+
+
 def lr_at(cfg: RLConfig, step: int) -> float:
-    """The learning rate of step ``step`` (1-based): linear warm-up to ``lr``, then the decay style down to
-    ``min_lr`` at ``num_steps``. A function of the step alone, so a resumed run continues the same curve."""
+    """The learning rate of optimizer step ``step`` (1-based; ``num_steps_per_rollout`` of them per rollout
+    step, as Megatron's scheduler counts iterations): linear warm-up to ``lr``, then the decay style down to
+    ``min_lr`` at the last. A function of the step alone, so a resumed run continues the same curve."""
     if step <= cfg.lr_warmup_steps:
         return cfg.lr * step / cfg.lr_warmup_steps
     if cfg.lr_decay_style == "constant":
         return cfg.lr
-    frac = min(1.0, (step - cfg.lr_warmup_steps) / max(1, cfg.num_steps - cfg.lr_warmup_steps))
+    total = cfg.num_steps * cfg.num_steps_per_rollout
+    frac = min(1.0, (step - cfg.lr_warmup_steps) / max(1, total - cfg.lr_warmup_steps))
     shape = 1 - frac if cfg.lr_decay_style == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
 
@@ -336,8 +362,7 @@ class RLRun:
         from transformers import AutoTokenizer
 
         from quantrl.model import build_model, load_model
-        from quantrl.rl.grpo import GRPOConfig, make_loss_fn
-        from quantrl.rl.mismatch import ISConfig
+        from quantrl.rl.grpo import RATIO_LEVEL_OF_ESTIMATOR, GRPOConfig, make_loss_fn
         from quantrl.rollout import Engine
         from quantrl.train.trainer import TrainConfig, Trainer
 
@@ -407,10 +432,11 @@ class RLRun:
                 with torch.no_grad():
                     for name, p in self.ref.named_parameters():
                         p.copy_(init[name])
-        is_cfg = ISConfig(cfg.is_mode or None, cfg.is_cap)
-        self.loss_fn = make_loss_fn(GRPOConfig(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, is_cfg=is_cfg,
-                                               kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef,
-                                               temperature=cfg.temperature, pack=cfg.pack_sequences))  # fmt: skip
+        self.is_cfg = cfg.is_config()
+        ratio_level = RATIO_LEVEL_OF_ESTIMATOR.get(cfg.advantage_estimator, "token")
+        self.loss_fn = make_loss_fn(GRPOConfig(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
+                                               ratio_level=ratio_level, kl_coef=cfg.kl_coef,
+                                               entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, pack=cfg.pack_sequences))  # fmt: skip
         self.dataset, self.held_out, self.reward = _task(cfg, self.tok)
         self.step_idx = 0
         self.pending: dict | None = None  # async rollout: the next step's samples, submitted or collected
@@ -611,7 +637,7 @@ class RLRun:
     def step(self, rows: dict[str, torch.Tensor] | None = None) -> dict:
         """One RL step. With replicas, ``rows`` are this replica's rows of the lead's ``prepare_batch``."""
         from quantrl.rl.grpo import reduce_metrics
-        from quantrl.rl.mismatch import mismatch_metrics
+        from quantrl.rl.mismatch import importance_weights, mismatch_metrics
 
         cfg, step = self.cfg, self.step_idx + 1
         t_step = time.perf_counter()
@@ -633,16 +659,22 @@ class RLRun:
             train_logp, flips = self._gather_rows(own_logp), self._gather_rows(flips[None])
             if self.ref is not None:
                 mine["ref_logp"] = self._logprobs(self.ref, mine)[0]
-        self.trainer.optimizer.set_lr(lr_at(cfg, step))
+        correction = {}
+        if self.is_cfg.active:  # once per step, over every replica's rows, before the batch is cut up
+            mine["is_weight"], correction = importance_weights(own_logp, mine["rollout_logp"], mine["loss_mask"][:, 1:],
+                                                               self.is_cfg, reduce=self.trainer.dp_sum)  # fmt: skip
         t0 = time.perf_counter()
+        first_opt_step = (step - 1) * cfg.num_steps_per_rollout + 1
         if cfg.num_steps_per_rollout == 1:  # one step: the ratio's old policy is the training forward itself
+            self.trainer.optimizer.set_lr(lr_at(cfg, first_opt_step))
             train_metrics = reduce_metrics(self.trainer.train_step(mine, self.loss_fn))
         else:  # PPO's mini-batches: every step's ratio is taken against the policy that sampled-and-scored
             from quantrl.sync.ray_engines import shares
 
             mine["old_logp"] = own_logp
             parts = []
-            for a, b in shares(mine["input_ids"].shape[0], cfg.num_steps_per_rollout):
+            for j, (a, b) in enumerate(shares(mine["input_ids"].shape[0], cfg.num_steps_per_rollout)):
+                self.trainer.optimizer.set_lr(lr_at(cfg, first_opt_step + j))
                 sub = {k: v[a:b] for k, v in mine.items()}
                 # a mini-batch with no loss token (fewer --dynamic-sampling rows than steps, all of its samples
                 # cut by --overlong-filter) is no step; every replica agrees on that, the count being summed
@@ -663,6 +695,7 @@ class RLRun:
             "step": step,
             "reward": float(info["rewards"].mean()),
             **mismatch,
+            **correction,
             **{k: v for k, v in train_metrics.items()},
             **info.get("dynamic", {}),
             "response_len": gen_tokens / len(sampled),

@@ -6,18 +6,45 @@ Over the sampled (response) tokens, with ``r = logp_train - logp_rollout`` per t
     k3 = E[exp(r) - 1 - r] an unbiased, non-negative estimate of KL(pi_rollout || pi_train) from samples
                            drawn by the rollout policy (Schulman's k3)
     ratio = exp(r)         the importance ratio pi_train / pi_rollout, summarized by quantiles
+    |sum_t r|, |mean_t r|  per sequence: the log of the sequence's ratio and its per-token (geometric) mean
 
-Correction (importance weights on the policy-gradient loss, detached):
-    TIS: w = min(ratio, C)                          truncated importance sampling (Yao et al.)
-    MIS: w = ratio if 1/C <= ratio <= C else 0      masked importance sampling: drop tokens whose
-                                                    sampler and learner disagree too much
+Correction: detached weights on the policy-gradient term, from the ratio at one of three levels
+
+    token       rho_t = exp(r_t)                          one weight per token (Yao et al.'s TIS)
+    sequence    rho_t = exp(sum_s r_s)                    the sequence's likelihood ratio, on all its tokens
+    geometric   rho_t = exp(mean_s r_s)                   its per-token geometric mean (length-free)
+
+shaped by the mode, with bounds [L, U] (``cap_low``, ``cap``; L = 1/U unless given):
+
+    tis    w = min(rho, U)                                truncated importance sampling
+    clip   w = clamp(rho, L, U)                           two-sided truncation
+    mis    w = rho if L <= rho <= U else 0                masked importance sampling
+
+then rejection sampling, which keeps the weight but drops what it rejects (w = 0): tokens, or whole
+sequences (sequence / geometric level), whose ratio at ``rs_level`` lies outside ``[rs_cap_low, rs_cap]``,
+and with the veto every sequence holding one token whose ratio is below ``veto`` (a token the trainer
+finds vastly less likely than the sampler did: one such token is enough to distrust the whole sample).
+``batch_normalize`` finally scales the weights to mean 1 over what has a nonzero weight: tokens at token
+level, sequences otherwise (self-normalized IS), so the correction moves the direction, not the step size.
+These are the options of slime's / Miles' MIS helper and of verl's rollout correction. A sequence ratio
+is a product over hundreds of tokens, so its log is clamped at +-20 before ``exp``: a finite weight that
+truncation or masking then decides, never inf.
+
+Weights are computed once per step, over the whole batch (every data-parallel replica's rows with a
+summing ``reduce``), before it is cut into micro-batches: batch normalization sees the step, not a slice.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+IS_MODES = ("tis", "clip", "mis")
+IS_LEVELS = ("token", "sequence", "geometric")
+LOG_RATIO_BOUND = 20.0  # exp(20) = 4.9e8: far past any cap, still finite in fp32
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -40,13 +67,15 @@ def quantiles(x: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
 
 
 def mismatch_metrics(logp_train: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """Per-step mismatch figures over the tokens where ``mask`` is true (any shape, e.g. [B, T])."""
-    r = _masked(logp_train.detach().float() - logp_rollout.detach().float(), mask)
+    """Per-step mismatch figures over the tokens where ``mask`` is true (any shape, e.g. [B, T]; the
+    per-sequence figures need rows, [B, T], and cover the rows with at least one token)."""
+    d = logp_train.detach().float() - logp_rollout.detach().float()
+    r = _masked(d, mask)
     if r.numel() == 0:
         raise ValueError("mismatch_metrics: mask selects no tokens")
     ratio = r.exp()
     q = quantiles(ratio, (0.01, 0.5, 0.99))
-    return {
+    out = {
         "mismatch_abs_mean": float(r.abs().mean()),
         "mismatch_abs_max": float(r.abs().max()),
         "mismatch_k3": float((ratio - 1 - r).mean()),
@@ -58,35 +87,134 @@ def mismatch_metrics(logp_train: torch.Tensor, logp_rollout: torch.Tensor, mask:
         "is_ratio_p99": float(q[2]),
         "tokens": float(r.numel()),
     }
+    if d.ndim == 2:
+        m = mask.float()
+        rows = m.sum(1) > 0
+        seq = (d * m).sum(1)[rows]
+        out["mismatch_seq_abs_mean"] = float(seq.abs().mean())
+        out["mismatch_geo_abs_mean"] = float((seq / m.sum(1)[rows]).abs().mean())
+    return out
 
 
 @dataclass(frozen=True)
 class ISConfig:
     mode: str | None = None
-    "None (off), 'tis' (truncate ratios at cap) or 'mis' (mask tokens with ratio outside [1/cap, cap])"
+    "None (no weights), 'tis' (min(rho, cap)), 'clip' (clamp(rho, cap_low, cap)) or 'mis' (0 outside [cap_low, cap])"
     cap: float = 2.0
-    "C: truncation / masking threshold"
+    "U: the upper bound of the weights"
+    cap_low: float | None = None
+    "L: the lower bound of 'clip' / 'mis'; None: 1 / cap"
+    level: str = "token"
+    "where rho is taken: 'token', 'sequence' (product over the sequence) or 'geometric' (its per-token mean)"
+    rs_level: str | None = None
+    "rejection sampling: None (off) or the level whose ratio outside [rs_cap_low, rs_cap] drops the token / sequence"
+    rs_cap: float | None = None
+    "rejection upper bound; None: cap"
+    rs_cap_low: float | None = None
+    "rejection lower bound; None: 1 / rs_cap"
+    veto: float = 0.0
+    "reject every sequence with a token whose ratio is below this (0: off; e.g. 1e-4)"
+    batch_normalize: bool = False
+    "scale the kept weights to mean 1 over the step (tokens at token level, sequences otherwise)"
 
     def __post_init__(self):
-        if self.mode not in (None, "tis", "mis"):
-            raise ValueError(f"IS mode must be None, 'tis' or 'mis', got {self.mode!r}")
-        if not self.cap > 1.0:
-            raise ValueError(f"IS cap must be > 1, got {self.cap}")
+        if self.mode not in (None, *IS_MODES):
+            raise ValueError(f"IS mode must be None or one of {IS_MODES}, got {self.mode!r}")
+        for name in ("level", "rs_level"):
+            v = getattr(self, name)
+            if v not in IS_LEVELS and not (name == "rs_level" and v is None):
+                raise ValueError(f"IS {name} must be one of {IS_LEVELS}, got {v!r}")
+        lo, hi = self.bounds
+        if not hi > 1.0 or not 0 < lo < 1.0:
+            raise ValueError(f"IS cap must be > 1 and cap_low in (0, 1), got cap={self.cap}, cap_low={self.cap_low}")
+        lo, hi = self.rs_bounds
+        if not hi > 1.0 or not 0 < lo < 1.0:
+            raise ValueError(f"rejection bounds need rs_cap > 1 and rs_cap_low in (0, 1), got {self.rs_cap}, "
+                             f"{self.rs_cap_low}")  # fmt: skip
+        if not 0 <= self.veto < 1:
+            raise ValueError(f"veto threshold must be in [0, 1), got {self.veto}")
+        if self.batch_normalize and self.mode is None:
+            raise ValueError("batch_normalize normalizes importance weights: it needs an IS mode")
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return (1.0 / self.cap if self.cap_low is None else self.cap_low), self.cap
+
+    @property
+    def rs_bounds(self) -> tuple[float, float]:
+        hi = self.cap if self.rs_cap is None else self.rs_cap
+        return (1.0 / hi if self.rs_cap_low is None else self.rs_cap_low), hi
+
+    @property
+    def active(self) -> bool:
+        """Whether any weight can differ from 1 (else the correction is skipped)."""
+        return self.mode is not None or self.rs_level is not None or self.veto > 0
+
+
+def level_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """``log rho`` [B, T] at ``level`` for per-token log ratios [B, T]: the token's own, or its row's sum
+    or mean over masked tokens on every token of the row."""
+    if level == "token":
+        return log_ratio
+    m = mask.float()
+    s = (log_ratio * m).sum(1, keepdim=True)  # [B, 1]
+    if level == "geometric":
+        s = s / m.sum(1, keepdim=True).clamp(min=1)
+    return s.expand_as(log_ratio)
+
+
+def _sum_over(reduce: Callable[[list[float]], list[float]] | None, xs: list[float]) -> list[float]:
+    return xs if reduce is None else list(reduce(xs))
 
 
 def importance_weights(
-    logp_train: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor, cfg: ISConfig
+    logp_train: torch.Tensor,
+    logp_rollout: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: ISConfig,
+    reduce: Callable[[list[float]], list[float]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Detached per-token weights (same shape as the inputs) and the fraction of tokens clipped/masked."""
-    ratio = (logp_train.detach().float() - logp_rollout.detach().float()).exp()
+    """Detached weights [B, T] (0 off the mask; the formulas are in the module note) and the step's
+    ``is_clipped_frac`` (tokens whose weight truncation / clipping / masking changed), ``rs_rejected_frac``
+    (tokens rejection or the veto dropped) and ``is_weight_mean`` (over the tokens with a nonzero weight,
+    before normalization). ``reduce`` sums lists of floats over data-parallel replicas, so fractions and the
+    normalization cover the whole step's batch."""
+    if logp_train.ndim != 2 or logp_train.shape != logp_rollout.shape or mask.shape != logp_train.shape:
+        raise ValueError(f"importance_weights: need equal [B, T] logprobs and mask, got {tuple(logp_train.shape)}, "
+                         f"{tuple(logp_rollout.shape)}, {tuple(mask.shape)}")  # fmt: skip
     m = mask.bool()
-    if cfg.mode is None:
-        return torch.ones_like(ratio), {"is_clipped_frac": 0.0}
+    mf = m.float()
+    if not cfg.active:
+        return mf, {"is_clipped_frac": 0.0}
+    log_ratio = logp_train.detach().float() - logp_rollout.detach().float()
+    rho = level_log_ratio(log_ratio, m, cfg.level).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
+    lo, hi = cfg.bounds
+    outside = (rho > hi) | (rho < lo)
     if cfg.mode == "tis":
-        clipped = (ratio > cfg.cap) & m
-        w = ratio.clamp(max=cfg.cap)
+        w, changed = rho.clamp(max=hi), rho > hi
+    elif cfg.mode == "clip":
+        w, changed = rho.clamp(lo, hi), outside
+    elif cfg.mode == "mis":
+        w, changed = torch.where(outside, torch.zeros_like(rho), rho), outside
     else:
-        clipped = ((ratio > cfg.cap) | (ratio < 1.0 / cfg.cap)) & m
-        w = torch.where(clipped, torch.zeros_like(ratio), ratio)
-    frac = float(clipped.sum()) / max(1, int(m.sum()))
-    return w * m, {"is_clipped_frac": frac}
+        w, changed = torch.ones_like(rho), torch.zeros_like(m)
+    keep = m.clone()
+    if cfg.rs_level is not None:
+        rs_lo, rs_hi = cfg.rs_bounds
+        rs_rho = level_log_ratio(log_ratio, m, cfg.rs_level).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
+        keep &= (rs_rho >= rs_lo) & (rs_rho <= rs_hi)
+    if cfg.veto > 0:
+        vetoed = ((log_ratio < math.log(cfg.veto)) & m).any(dim=1, keepdim=True)  # [B, 1]
+        keep &= ~vetoed
+    w = w * keep
+    live = w > 0  # what the step learns from: neither rejected nor masked
+    # the units normalization averages over: kept tokens, or (sequence levels) sequences, one weight each
+    units, unit_w = (live.any(1), w.amax(1)) if cfg.level != "token" else (live, w)
+    n_tok, n_changed, n_rejected, n_live, live_w, n_units, units_w = _sum_over(reduce, [
+        float(m.sum()), float((changed & m).sum()), float((m & ~keep).sum()), float(live.sum()), float(w.sum()),
+        float(units.sum()), float(unit_w.sum())])  # fmt: skip
+    if cfg.batch_normalize and units_w > 0:
+        w = w * (n_units / units_w)
+    denom = max(n_tok, 1.0)
+    return w, {"is_clipped_frac": n_changed / denom, "rs_rejected_frac": n_rejected / denom,
+               "is_weight_mean": live_w / max(n_live, 1.0)}  # fmt: skip

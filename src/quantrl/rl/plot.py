@@ -4,6 +4,8 @@
     mismatch.png    mean |logprob_train - logprob_rollout| vs step, one line per run (log scale)
     throughput.png  median rollout tokens/s per run
     entropy.png     the policy's mean token entropy on the trained tokens vs step (an entropy collapse shows here)
+    correction.png  runs with a train-rollout correction: fraction of tokens whose importance weight was
+                    truncated / clipped / masked, and fraction rejected, vs step
     routing.png     MoE runs with routing replay: fraction of expert choices the trainer's router would
                     have made differently from the engine's, vs step
 """
@@ -40,6 +42,20 @@ def _smooth(xs: list[float], k: int) -> list[float]:
         acc = acc[-k:]
         out.append(sum(acc) / len(acc))
     return out
+
+
+def _step_lines(ax, runs: list[tuple[Path, list[dict]]], label: dict[Path, str], key: str, smooth: int = 1) -> bool:
+    """One line of ``key`` vs step per run that logs it; whether any run did."""
+    drawn = False
+    for run, rows in runs:
+        steps = [r for r in rows if key in r]
+        if steps:
+            ax.plot([r["step"] for r in steps], _smooth([r[key] for r in steps], smooth), label=label[run])
+            drawn = True
+    if drawn:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return drawn
 
 
 def _save(fig, path: Path, paths: list[Path]) -> None:
@@ -113,27 +129,28 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, smooth: int = 5) 
     ax.grid(alpha=0.3, axis="x")
     _save(fig, out / "throughput.png", paths)
 
-    with_entropy = [(run, [r for r in rows if "entropy" in r]) for run, rows in runs]
-    with_entropy = [(run, steps) for run, steps in with_entropy if steps]
-    if with_entropy:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for run, steps in with_entropy:
-            ax.plot([r["step"] for r in steps], _smooth([r["entropy"] for r in steps], smooth), label=label[run])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if _step_lines(ax, runs, label, "entropy", smooth):
         ax.set(title=f"policy entropy on the trained tokens ({smooth}-step moving average)", xlabel="step",
                ylabel="nats per token")  # fmt: skip
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
         _save(fig, out / "entropy.png", paths)
+    else:
+        plt.close(fig)
 
-    routed = [(run, [r for r in rows if "routing_flip_frac" in r]) for run, rows in runs]
-    routed = [(run, steps) for run, steps in routed if steps]
-    if routed:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for run, steps in routed:
-            ax.plot([r["step"] for r in steps], [r["routing_flip_frac"] for r in steps], label=label[run])
+    fig, (ax_c, ax_j) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if _step_lines(ax_c, runs, label, "is_clipped_frac"):
+        ax_c.set(title="importance weights truncated / clipped / masked", xlabel="step", ylabel="fraction of tokens")
+        _step_lines(ax_j, runs, label, "rs_rejected_frac")
+        ax_j.set(title="tokens rejected (rejection sampling, veto)", xlabel="step", ylabel="fraction of tokens")
+        _save(fig, out / "correction.png", paths)
+    else:
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if _step_lines(ax, runs, label, "routing_flip_frac"):
         ax.set(title="MoE routing: expert choices where trainer and engine disagree", xlabel="step",
                ylabel="fraction of (token, layer) choices")  # fmt: skip
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
         _save(fig, out / "routing.png", paths)
+    else:
+        plt.close(fig)
     return paths
