@@ -146,3 +146,22 @@ def test_quantized_moe_experts_are_all_probed_before_capture(kind):
     assert all(flag(lin) is True for lin in experts), [flag(lin) for lin in experts]
     errs = logprob_errors(model, prompts, results, 0.9)
     assert errs.mean() < 0.05 and errs.max() < 1, (errs.mean(), errs.max())
+
+
+def test_fp8_kv_cache_under_cuda_graphs_matches_the_rounding_forward():
+    """An FP8 KV cache on CUDA, graphed decode (fp8 slot copies, index writes, dequantized reads): the
+    logprobs follow a full forward that rounds K and V alike much more closely than one that does not."""
+    model = random_init_(build_model(CFG, dtype=torch.bfloat16, device=DEV), seed=0, std=0.1)
+    engine = Engine(model, kv_cache_tokens=4096, max_seq_len=64, max_batch_size=16, use_cuda_graph=True,
+                    kv_cache_dtype="fp8_e4m3")  # fmt: skip
+    prompts = random_prompts([5, 12, 3, 9, 4], seed=8)
+    res = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=24, seed=3,
+                                                  stop_token_ids=[7, 11, 13, 17, 19]))  # fmt: skip
+    assert engine._graphs is not None, "graph capture failed and the engine fell back to eager decode"
+    assert engine.cache.dtype == torch.float8_e4m3fn
+    plain = logprob_errors(model, prompts, res, 1.0)
+    model.set_kv_fake_quant(True)
+    rounded = logprob_errors(model, prompts, res, 1.0)
+    model.set_kv_fake_quant(False)
+    assert float(rounded.mean()) < 0.05 and float(rounded.max()) < 1.0
+    assert float(rounded.mean()) < float(plain.mean())

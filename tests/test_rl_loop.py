@@ -359,10 +359,30 @@ def test_sequence_level_correction_and_gspo_in_the_loop(tmp_path, monkeypatch):
     gspo = train(run(tmp_path / "gspo", recipe="bf16", advantage_estimator="gspo", clip_eps=3e-4, clip_eps_high=4e-4,
                      num_steps_per_rollout=2, lr=3e-3), progress=False)  # fmt: skip
     assert all(r["loss_tokens"] > 0 for r in gspo) and any(r["pg_clipfrac"] > 0 for r in gspo)
+    # --use-rollout-logprobs: the engine's logprobs are PPO's old policy, so the first ratio is the mismatch's
+    (bypass,) = train(run(tmp_path / "bypass", num_steps=1, use_rollout_logprobs=True), progress=False)
+    assert bypass["approx_kl"] != 0 and bypass["ratio_mean"] == pytest.approx(bypass["is_ratio_mean"], abs=2e-4)
+    with pytest.raises(ValueError, match="use-rollout-logprobs"):
+        RLConfig(use_rollout_logprobs=True, is_mode="tis")
     with pytest.raises(ValueError, match="needs an IS mode"):
         RLConfig(is_batch_normalize=True)
     with pytest.raises(ValueError, match="level"):
         RLConfig(is_mode="tis", is_level="batch")
+
+
+def test_fp8_kv_cache_rollout_and_the_trainers_matching_rounding(tiny_model, tmp_path):
+    """--kv-cache-dtype fp8_e4m3 adds the cache's rounding to the mismatch; --kv-fake-quant puts the same
+    rounding into the trainer's attention and takes it out again (the first step: the same weights)."""
+    run = functools.partial(cfg, tiny_model, recipe="bf16", eval_interval=0, num_steps=1)
+    plain, kv8, both = (train(run(tmp_path / name, **kw), progress=False)[0] for name, kw in (
+        ("plain", {}), ("kv8", {"kv_cache_dtype": "fp8_e4m3"}),
+        ("both", {"kv_cache_dtype": "fp8_e4m3", "kv_fake_quant": True})))  # fmt: skip
+    assert kv8["mismatch_abs_mean"] > 3 * plain["mismatch_abs_mean"], (kv8, plain)
+    assert both["mismatch_abs_mean"] < kv8["mismatch_abs_mean"] / 3, (both, kv8)
+    with pytest.raises(ValueError, match="needs --kv-cache-dtype fp8_e4m3"):
+        RLConfig(kv_fake_quant=True)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        RLConfig(kv_cache_dtype="int4")
 
 
 def test_sampled_evaluation_reports_avg_and_pass_at_k(tmp_path):

@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="activation / high-precision weight dtype")
     p.add_argument("--cuda-graph", action="store_true", help="replay the decode step from CUDA graphs")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8_e4m3"), default="auto",
+                   help="fp8_e4m3: an FP8 KV cache with the checkpoint's k_scale / v_scale (or 1.0), as SGLang's flag")
     p.set_defaults(func=_main)
 
 
@@ -63,7 +65,8 @@ def _main(args: argparse.Namespace) -> int:
         )  # fmt: skip
         # KV cache for exactly this request: n sequences of prompt + max_new_tokens positions
         kv_tokens = args.n * (len(ids) + args.max_new_tokens)
-        engine = Engine(model, kv_cache_tokens=kv_tokens, use_cuda_graph=args.cuda_graph)
+        engine = Engine(model, kv_cache_tokens=kv_tokens, use_cuda_graph=args.cuda_graph,
+                        kv_cache_dtype=args.kv_cache_dtype)
         results = engine.generate([ids], params)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}")

@@ -331,3 +331,27 @@ def fake_quantize_fp8_activation(
         return _qdq(_rows(v), 1, group_size, scale_fmt, dtype or v.dtype, "fake_quantize_fp8_activation").view(v.shape)
 
     return straight_through(x, qdq)
+
+
+# ---- static per-tensor scale: the FP8 KV cache ----------------------------------------------------------
+# SGLang's and vLLM's ``--kv-cache-dtype fp8_e4m3`` store keys and values as q = e4m3(x / s) with one fixed
+# fp32 scale per layer for K and one for V (a checkpoint's ``self_attn.k_scale`` / ``v_scale``; 1.0 when it
+# has none), and attend to q * s. A fixed scale makes a token's stored value independent of the rest of
+# its batch, and costs no reduction on the decode path. The clamp keeps values past 448 * s finite.
+
+
+def quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``e4m3(clamp(fp32(x) / scale, -448, 448))`` for a fixed fp32 ``scale`` (a 0-d tensor or a float)."""
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dequantize_fp8_static(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``fp32(q) * scale`` rounded once to ``dtype``."""
+    if q.dtype != FP8_DTYPE:
+        raise TypeError(f"dequantize_fp8_static: expected {FP8_DTYPE} values, got {q.dtype}")
+    return (q.float() * scale).to(dtype)
+
+
+def fake_quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What a static-scale FP8 store gives back, in ``x``'s dtype; the gradient passes straight through."""
+    return straight_through(x, lambda v: dequantize_fp8_static(quantize_fp8_static(v, scale), scale, v.dtype))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantrl.formats.fp8 import FP8_DTYPE, dequantize_fp8_static, fake_quantize_fp8_static, quantize_fp8_static
 from quantrl.model.config import ModelConfig
 from quantrl.model.linear import Bf16Linear, Fp8Linear, QLinear, make_linear
 from quantrl.model.moe import MLP, Routing, SparseMoeBlock
@@ -56,6 +57,9 @@ class KVContext:
     prefill: the batch's B sequences go to slots [slot_start, slot_start + B) at positions 0..T-1.
     decode:  the B active sequences occupy slots [0, B); token b is written at ``write_pos[b]`` and
              attends to keys [0, kv_len) of its slot (masked to <= its position).
+    An FP8 cache (``float8_e4m3fn`` views) stores ``quantize_fp8_static`` of each value with the layer's
+    fixed scale and gives back its dequantization; attention sees those values in prefill as well (the
+    layers fake-quantize K and V before attending), so a prompt and its continuation read the same numbers.
     """
 
     k: list[torch.Tensor]
@@ -65,6 +69,43 @@ class KVContext:
     write_pos: torch.Tensor | None = None
     kv_len: int = 0
     _rows: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def fp8(self) -> bool:
+        return self.k[0].dtype == FP8_DTYPE
+
+    def store(self, layer: int, index: tuple, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor,
+              v_scale: torch.Tensor) -> None:  # fmt: skip
+        """Write K and V at ``index`` of layer ``layer``'s cache views (quantized when the cache is FP8)."""
+        for cache, x, scale in ((self.k[layer], k, k_scale), (self.v[layer], v, v_scale)):
+            cache[index] = quantize_fp8_static(x, scale) if cache.dtype == FP8_DTYPE else x
+
+    def load(self, layer: int, b: int, k_scale: torch.Tensor, v_scale: torch.Tensor,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Keys and values [b, kv_heads, kv_len, D] of slots [0, b) (dequantized when the cache is FP8)."""
+        out = []
+        for cache, scale in ((self.k[layer], k_scale), (self.v[layer], v_scale)):
+            c = cache[:b, :, : self.kv_len]
+            out.append(dequantize_fp8_static(c, scale, dtype) if c.dtype == FP8_DTYPE else c)
+        return out[0], out[1]
+
+
+class KVScales(nn.Module):
+    """A layer's fixed FP8 KV-cache scales (fp32, 1.0 unless the checkpoint has ``self_attn.k_scale`` /
+    ``v_scale``; not parameters, not in the state dict, so weight sync never touches them) and whether the
+    full-sequence forward (the trainer's) rounds K and V as an FP8 cache would (``fake_quant``, STE)."""
+
+    def __init__(self, device: torch.device | str):
+        super().__init__()
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32, device=device), persistent=False)
+        self.fake_quant = False
+
+    def round_kv(self, k: torch.Tensor, v: torch.Tensor, kv: KVContext | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as attention must see them: an FP8 cache's values, or the inputs unchanged."""
+        if self.fake_quant or (kv is not None and kv.fp8):
+            return fake_quantize_fp8_static(k, self.k_scale), fake_quantize_fp8_static(v, self.v_scale)
+        return k, v
 
 
 class Attention(nn.Module):
@@ -84,6 +125,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
         self.qk_norm = cfg.qk_norm
+        self.kv_scales = KVScales(device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 kv: KVContext | None, layer: int) -> torch.Tensor:  # fmt: skip
@@ -95,15 +137,13 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = k, v
+        k, v = keys, values = self.kv_scales.round_kv(k, v, kv)
+        ks, vs = self.kv_scales.k_scale, self.kv_scales.v_scale
         if kv is not None and kv.mode == "prefill":
-            s = slice(kv.slot_start, kv.slot_start + b)
-            kv.k[layer][s, :, :t] = k
-            kv.v[layer][s, :, :t] = v
-        elif kv is not None:  # decode: t == 1, active slots are [0, B)
-            kv.k[layer][kv._rows, :, kv.write_pos] = k[:, :, 0]  # [B, Hkv, D] at (slot b, position pos_b)
-            kv.v[layer][kv._rows, :, kv.write_pos] = v[:, :, 0]
-            keys, values = kv.k[layer][:b, :, : kv.kv_len], kv.v[layer][:b, :, : kv.kv_len]  # [B, Hkv, Lk, D]
+            kv.store(layer, (slice(kv.slot_start, kv.slot_start + b), slice(None), slice(None, t)), k, v, ks, vs)
+        elif kv is not None:  # decode: t == 1, active slots are [0, B); [B, Hkv, D] at (slot b, position pos_b)
+            kv.store(layer, (kv._rows, slice(None), kv.write_pos), k[:, :, 0], v[:, :, 0], ks, vs)
+            keys, values = kv.load(layer, b, ks, vs, q.dtype)  # [B, Hkv, Lk, D]
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.num_heads != self.num_kv_heads
         )  # [B, Hq, T, D]
@@ -153,6 +193,7 @@ class MLAttention(nn.Module):
         self._w_key: tuple | None = None  # the versions of kv_b_proj's tensors it was made from
         lin = self.kv_b_proj
         self._kv_b_tensors = [a for a in lin.specs() if isinstance(getattr(lin, a, None), torch.Tensor)]
+        self.kv_scales = KVScales(device)  # k_scale for the cached latent, v_scale for the roped shared key
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_uk [H, nope, r], W_uv [H, v, r]) of kv_b_proj, dequantized; recomputed, in place (a CUDA graph
@@ -183,15 +224,13 @@ class MLAttention(nn.Module):
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [B, T, r]
         q_rot, k_rot = self.rope(q_rot, cos, sin), self.rope(k_rot[:, None], cos, sin)[:, 0]  # k_rot [B, T, rot]
+        latent, k_rot = self.kv_scales.round_kv(latent, k_rot, kv)
+        ks, vs = self.kv_scales.k_scale, self.kv_scales.v_scale
         if kv is not None and kv.mode == "prefill":
-            s = slice(kv.slot_start, kv.slot_start + b)
-            kv.k[layer][s, 0, :t] = latent
-            kv.v[layer][s, 0, :t] = k_rot
+            kv.store(layer, (slice(kv.slot_start, kv.slot_start + b), 0, slice(None, t)), latent, k_rot, ks, vs)
         elif kv is not None:  # decode: t == 1; attend to the slot's whole cached latent
-            kv.k[layer][kv._rows, 0, kv.write_pos] = latent[:, 0]
-            kv.v[layer][kv._rows, 0, kv.write_pos] = k_rot[:, 0]
-            # [B, Lk, r], [B, Lk, rot]
-            latent, k_rot = kv.k[layer][:b, 0, : kv.kv_len], kv.v[layer][:b, 0, : kv.kv_len]
+            kv.store(layer, (kv._rows, 0, kv.write_pos), latent[:, 0], k_rot[:, 0], ks, vs)
+            latent, k_rot = (c[:, 0] for c in kv.load(layer, b, ks, vs, x.dtype))  # [B, Lk, r], [B, Lk, rot]
             if self.absorb_decode and not isinstance(self.kv_b_proj, Fp8Linear):
                 w_uk, w_uv = self.absorbed_weights(x.dtype)
                 query = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_pass, w_uk), q_rot], dim=-1)  # [B, H, 1, r + rot]
@@ -362,6 +401,36 @@ class Decoder(nn.Module):
         """Is tensor ``name`` (``...experts.{j}.{proj}.{tensor}``) one of another rank's experts'?"""
         foreign = self.foreign_experts() if foreign is None else foreign
         return bool(foreign) and name.rsplit(".", 2)[0] in foreign
+
+    def kv_scales(self) -> dict[str, KVScales]:
+        """Each layer's FP8 KV-cache scales by the HF prefix of its checkpoint tensors
+        (``model.layers.{i}.self_attn`` + ``.k_scale`` / ``.v_scale``)."""
+        return {f"model.layers.{i}.self_attn": layer.self_attn.kv_scales for i, layer in enumerate(self.model.layers)}
+
+    def kv_scale_tensors(self) -> dict[str, torch.Tensor]:
+        """The FP8 KV-cache scales that differ from the default 1.0, under their checkpoint names
+        (``model.layers.{i}.self_attn.k_scale`` / ``v_scale``): what a checkpoint or an engine must be given."""
+        return {f"{prefix}.{attr}": getattr(scales, attr) for prefix, scales in self.kv_scales().items()
+                for attr in ("k_scale", "v_scale") if float(getattr(scales, attr)) != 1.0}  # fmt: skip
+
+    def set_kv_scales(self, named: dict[str, torch.Tensor | float]) -> None:
+        """Set FP8 KV-cache scales by checkpoint name; ``ValueError`` names a bad one."""
+        scales = self.kv_scales()
+        for name, value in named.items():
+            prefix, _, attr = name.rpartition(".")
+            t = torch.as_tensor(value, dtype=torch.float32)
+            if prefix not in scales or attr not in ("k_scale", "v_scale"):
+                raise ValueError(f"{name!r} names no k_scale / v_scale of this {self.config.num_layers}-layer model")
+            if t.numel() != 1 or not bool(torch.isfinite(t).all()) or float(t) <= 0:
+                raise ValueError(f"{name!r} must be one positive finite scale (a per-tensor FP8 KV cache), "
+                                 f"got {t.flatten()[:4].tolist()} of shape {tuple(t.shape)}")  # fmt: skip
+            getattr(scales[prefix], attr).fill_(float(t))
+
+    def set_kv_fake_quant(self, on: bool) -> None:
+        """Full-sequence forwards round K and V as the FP8 KV cache stores them (the trainer's side of an
+        FP8-KV rollout: the engine's logprobs then come from the same attention inputs)."""
+        for scales in self.kv_scales().values():
+            scales.fake_quant = on
 
     @property
     def num_moe_layers(self) -> int:

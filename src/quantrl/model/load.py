@@ -30,6 +30,8 @@ HIGH_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 # NVFP4 W4A4 checkpoints calibrate a static activation global scale; the weight-only engine never uses it
 NVFP4_ACT_SUFFIXES = (".input_global_scale",)
+# an FP8 KV cache's fixed per-layer scales (llm-compressor's kv_cache_scheme; SGLang and vLLM read them)
+KV_SCALE_SUFFIXES = (".self_attn.k_scale", ".self_attn.v_scale")
 
 
 def build_model(config: ModelConfig | dict, quant_scheme: QuantScheme | dict | None = None,
@@ -93,7 +95,7 @@ def load_model(
     model = build_model(cfg, _scale_dtype(scheme, reader), dtype, device, tp)
     index = tensor_index(model)
     stored = set(reader.names())
-    ignored = IGNORED_SUFFIXES + (NVFP4_ACT_SUFFIXES if scheme.method == "nvfp4" else ())
+    ignored = IGNORED_SUFFIXES + KV_SCALE_SUFFIXES + (NVFP4_ACT_SUFFIXES if scheme.method == "nvfp4" else ())
     missing = [n for n, (u, a) in index.items() if n not in stored and not u.specs[a].optional]
     foreign = model.foreign_experts()  # expert parallelism: other ranks' experts, stored here too
     # DeepSeek-V3's multi-token-prediction layers follow the decoder's; like transformers, sampling skips them
@@ -121,5 +123,13 @@ def load_model(
             unit.tensor(attr).copy_(t)
         for lin in linear_modules(model).values():
             lin.post_process_weights()
+        _load_kv_scales(model, reader, [n for n in stored if n.endswith(KV_SCALE_SUFFIXES)], path)
     return model
 
+
+def _load_kv_scales(model: Decoder, reader: SafetensorsDir, names: list[str], where: Path) -> None:
+    """A checkpoint's per-layer ``k_scale`` / ``v_scale`` into the layers' FP8 KV-cache scales."""
+    try:
+        model.set_kv_scales({n: reader.read(n) for n in names})
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None

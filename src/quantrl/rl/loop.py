@@ -132,10 +132,16 @@ class RLConfig:
     "rejection lower bound (0: 1 / the upper bound)"
     rs_veto_threshold: float = 0.0
     "reject every sample holding a token whose ratio is below this (0: off; e.g. 1e-4)"
+    use_rollout_logprobs: bool = False
+    "PPO's old policy is the engine's logprobs (slime's flag): the clip then bounds the train-rollout ratio too (not with --is-mode / --rs-level)"
     group_size: int = 128
     "INT4 group size (OPEN_TRAINING_INT4_GROUP_SIZE)"
     qmax: int = 7
     "INT4 range: 7 (absmax/7, [-7, 7]) or 8 (absmax/7.5, [-8, 7])"
+    kv_cache_dtype: str = "auto"
+    "rollout KV cache: auto (the model dtype) or fp8_e4m3 (SGLang's flag: half the bytes; one fixed scale per layer, the checkpoint's k_scale / v_scale or 1.0)"
+    kv_fake_quant: bool = False
+    "the trainer's attention rounds K and V as the FP8 KV cache stores them (STE, like QAT for weights): the cache then adds no mismatch"
     fp8_param_gather: bool = False
     "FP8 training: keep the FP8 weight copy for the step"
     optimizer_cpu_offload: bool = False
@@ -232,7 +238,15 @@ class RLConfig:
                              "sequences of a step: every replica needs rows")  # fmt: skip
         if self.placement == "local" and self.async_rollout:
             raise ValueError("--async-rollout needs --placement ray (the engines must run beside the trainer)")
-        self.is_config()  # the correction's options are checked where they are made
+        if self.is_config().active and self.use_rollout_logprobs:
+            raise ValueError("--use-rollout-logprobs makes the engine's logprobs the old policy, leaving no "
+                             "train-rollout ratio to correct: drop --is-mode / --rs-level / --rs-veto-threshold")  # fmt: skip
+        from quantrl.rollout.kv_cache import KV_CACHE_DTYPES
+
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.kv_fake_quant and self.kv_cache_dtype != "fp8_e4m3":
+            raise ValueError("--kv-fake-quant rounds K and V as an FP8 KV cache does: it needs --kv-cache-dtype fp8_e4m3")
         if self.eval_interval and not self.eval_size and not self.eval_data:
             raise ValueError(f"--eval-interval {self.eval_interval} needs held-out prompts: --eval-size > 0 or "
                              "--eval-data (or --eval-interval 0)")  # fmt: skip
@@ -396,8 +410,11 @@ class RLRun:
         batch = cfg.prompts_per_step * cfg.n_samples_per_prompt
         if cfg.placement == "ray":  # each engine samples about 1/E of the batch
             batch = -(-cfg.prompts_per_step // cfg.rollout_num_engines) * cfg.n_samples_per_prompt
-        engine_kw = {"kv_cache_tokens": batch * max_len, "max_batch_size": batch,
+        engine_kw = {"kv_cache_tokens": batch * max_len, "max_batch_size": batch, "kv_cache_dtype": cfg.kv_cache_dtype,
                      "max_seq_len": max_len if cfg.cuda_graph else None, "use_cuda_graph": cfg.cuda_graph}  # fmt: skip
+        # the engines' models are built, not loaded: they take the checkpoint's FP8 KV-cache scales from here
+        kv_scales = {n: float(t) for n, t in model.kv_scale_tensors().items()}
+        model.set_kv_fake_quant(cfg.kv_fake_quant)
         self.remote = cfg.placement == "ray"
         self.engine = None
         if self.remote and not self.lead:
@@ -409,7 +426,7 @@ class RLRun:
 
             spec = EngineSpec(self.hf_config, scheme, torch.bfloat16, cfg.device, tp=cfg.rollout_num_gpus_per_engine,
                               expert_parallel=cfg.rollout_expert_parallel, free_kv_after_generate=cfg.colocate,
-                              **engine_kw)  # fmt: skip
+                              kv_scales=kv_scales, **engine_kw)  # fmt: skip
             self.engine = RayEngines(spec, cfg.rollout_num_engines, world=world, placement_group=placement_group)
             self.dp_group = self.engine.dp_group
             self.sync_target = self.engine.target(qmax=cfg.qmax)  # PTQ too uses --qmax
@@ -417,6 +434,7 @@ class RLRun:
             from quantrl.sync.convert import SyncTarget
 
             engine_model = build_model(self.hf_config, scheme, dtype=torch.bfloat16, device=cfg.device)
+            engine_model.set_kv_scales(kv_scales)
             self.engine = Engine(engine_model, **engine_kw)
             self.sync_target = SyncTarget.for_engine(self.engine, qmax=cfg.qmax)
         self.trainer = Trainer(model, TrainConfig(
@@ -665,13 +683,15 @@ class RLRun:
                                                                self.is_cfg, reduce=self.trainer.dp_sum)  # fmt: skip
         t0 = time.perf_counter()
         first_opt_step = (step - 1) * cfg.num_steps_per_rollout + 1
-        if cfg.num_steps_per_rollout == 1:  # one step: the ratio's old policy is the training forward itself
+        if cfg.use_rollout_logprobs:  # the sampler is the old policy: the ratio carries the mismatch into the clip
+            mine["old_logp"] = mine["rollout_logp"]
+        if cfg.num_steps_per_rollout == 1:  # one step: the old policy is the training forward itself (or the sampler)
             self.trainer.optimizer.set_lr(lr_at(cfg, first_opt_step))
             train_metrics = reduce_metrics(self.trainer.train_step(mine, self.loss_fn))
         else:  # PPO's mini-batches: every step's ratio is taken against the policy that sampled-and-scored
             from quantrl.sync.ray_engines import shares
 
-            mine["old_logp"] = own_logp
+            mine.setdefault("old_logp", own_logp)
             parts = []
             for j, (a, b) in enumerate(shares(mine["input_ids"].shape[0], cfg.num_steps_per_rollout)):
                 self.trainer.optimizer.set_lr(lr_at(cfg, first_opt_step + j))

@@ -96,9 +96,9 @@ class _Routes:
 class Engine:
     def __init__(self, model: Decoder, *, kv_cache_tokens: int | None = None, kv_cache_bytes: int | None = None,
                  max_batch_size: int = 256, max_prefill_tokens: int = 8192, max_seq_len: int | None = None,
-                 use_cuda_graph: bool = False):  # fmt: skip
+                 use_cuda_graph: bool = False, kv_cache_dtype: str = "auto"):  # fmt: skip
         """``kv_cache_tokens`` or ``kv_cache_bytes`` sizes the KV cache (default: half the free GPU memory,
-        or 1 GiB on CPU). ``max_seq_len`` fixes the positions per KV slot for every call (prompt +
+        or 1 GiB on CPU); ``kv_cache_dtype`` ``fp8_e4m3`` stores it in FP8 (``rollout.kv_cache``). ``max_seq_len`` fixes the positions per KV slot for every call (prompt +
         max_new_tokens must fit in it); without it each call uses its own longest prompt + max_new_tokens.
         A fixed length keeps one KV layout, so CUDA graphs (``use_cuda_graph``, CUDA only) are captured
         once instead of once per distinct request length."""
@@ -109,7 +109,8 @@ class Engine:
                 kv_cache_bytes = int(torch.cuda.mem_get_info(dev)[0] * CUDA_DEFAULT_KV_FRACTION)
             else:
                 kv_cache_bytes = CPU_DEFAULT_KV_BYTES
-        self.cache = KVCache.for_model(model, max_tokens=kv_cache_tokens, budget_bytes=kv_cache_bytes)
+        self.cache = KVCache.for_model(model, max_tokens=kv_cache_tokens, budget_bytes=kv_cache_bytes,
+                                       dtype=kv_cache_dtype)
         if max_batch_size < 1 or max_prefill_tokens < 1:
             raise ValueError("max_batch_size and max_prefill_tokens must be positive")
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens

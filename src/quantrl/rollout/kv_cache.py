@@ -6,13 +6,22 @@ viewed as ``capacity // L`` slots of shape [kv_heads, L, head_dim] (latent atten
 latents and [1, L, qk_rope_head_dim] roped shared keys), a free reshape (the pool itself is
 allocated once, zero-filled so that never-written positions can never inject NaN through a masked
 attention weight of 0). Whether a request fits is decided from sizes alone, before any allocation.
+
+``fp8_e4m3`` (SGLang's / vLLM's ``--kv-cache-dtype``) stores the pool as ``float8_e4m3fn``, the values
+quantized with each layer's fixed scales (``formats.fp8.quantize_fp8_static``; the attention layers do
+it, ``model.decoder.KVContext``). That halves the bytes a token costs, so the same budget holds twice the
+tokens. Here decode dequantizes the cached prefix to the model dtype before attention, so the memory
+is saved but not yet the bandwidth (an attention kernel reading FP8 directly would save both).
 """
 
 from __future__ import annotations
 
 import torch
 
+from quantrl.formats.fp8 import FP8_DTYPE
 from quantrl.model.decoder import Decoder
+
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 
 
 class KVCache:
@@ -39,13 +48,19 @@ class KVCache:
         self._pool: torch.Tensor | None = None  # [layers, capacity * kv_heads * (head_dim + v_dim)]: all K, then all V
 
     @classmethod
-    def for_model(cls, model: Decoder, *, max_tokens: int | None = None, budget_bytes: int | None = None) -> KVCache:
+    def for_model(cls, model: Decoder, *, max_tokens: int | None = None, budget_bytes: int | None = None,
+                  dtype: str = "auto") -> KVCache:  # fmt: skip
+        """``dtype``: ``auto`` (the model's) or ``fp8_e4m3`` (SGLang's name: one byte a value, half the bytes
+        of BF16 for twice the tokens, each layer's fixed ``k_scale`` / ``v_scale``)."""
+        if dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv cache dtype must be one of {KV_CACHE_DTYPES}, got {dtype!r}")
+        store = FP8_DTYPE if dtype == "fp8_e4m3" else model.dtype
         c = model.config
         if c.mla is not None:  # the latent and the roped shared key: one "head" each
-            return cls(c.num_layers, 1, c.mla.kv_lora_rank, model.dtype, model.device, max_tokens=max_tokens,
+            return cls(c.num_layers, 1, c.mla.kv_lora_rank, store, model.device, max_tokens=max_tokens,
                        budget_bytes=budget_bytes, v_dim=c.mla.qk_rope_head_dim)  # fmt: skip
         heads = model.tp.split(c.num_kv_heads, "num_key_value_heads")  # this rank's, with tensor parallelism
-        return cls(c.num_layers, heads, c.head_dim, model.dtype, model.device,
+        return cls(c.num_layers, heads, c.head_dim, store, model.device,
                    max_tokens=max_tokens, budget_bytes=budget_bytes)  # fmt: skip
 
     @property

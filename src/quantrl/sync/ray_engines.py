@@ -89,6 +89,10 @@ class EngineSpec:
     "with tp > 1: MoE experts spread whole over the shards instead of each split tp ways"
     free_kv_after_generate: bool = False
     "free the KV cache after every generate (the engine shares its GPU with a trainer: --colocate)"
+    kv_cache_dtype: str = "auto"
+    "auto (the model dtype) or fp8_e4m3"
+    kv_scales: dict[str, float] = field(default_factory=dict)
+    "FP8 KV-cache scales other than 1.0, by checkpoint name (the engine's model is built, not loaded)"
 
 
 @dataclass(frozen=True)
@@ -178,9 +182,11 @@ class EngineWorker:
         # a shard of a multi-GPU engine; its group exists once the world is joined (``join`` sets it)
         self.tp = TPContext(tp_rank, spec.tp, expert_parallel=spec.expert_parallel) if spec.tp > 1 else None
         model = build_model(spec.hf_config, spec.scheme, dtype=spec.dtype, device=spec.device, tp=self.tp)
+        model.set_kv_scales(spec.kv_scales)
         self.free_kv = spec.free_kv_after_generate
         self.engine = Engine(model, kv_cache_tokens=spec.kv_cache_tokens, max_batch_size=spec.max_batch_size,
-                             max_seq_len=spec.max_seq_len, use_cuda_graph=spec.use_cuda_graph)  # fmt: skip
+                             max_seq_len=spec.max_seq_len, use_cuda_graph=spec.use_cuda_graph,
+                             kv_cache_dtype=spec.kv_cache_dtype)  # fmt: skip
 
     def join(self, world: World, rank: int) -> None:
         if world.backend == "nccl":

@@ -157,8 +157,9 @@ class Trainer:
         return out
 
     def save_checkpoint(self, out_dir: str | Path, source_dir: str | Path, *, overwrite: bool = True) -> Path:
-        """A BF16 HF checkpoint (config, tokenizer files from ``source_dir``), written atomically."""
-        state = self.bf16_state()
+        """A BF16 HF checkpoint (config, tokenizer files from ``source_dir``), written atomically; FP8
+        KV-cache scales the model was loaded with (``k_scale`` / ``v_scale``) are kept."""
+        state = {**self.bf16_state(), **{n: t.detach().clone() for n, t in self.model.kv_scale_tensors().items()}}
         config = json.loads((Path(source_dir) / "config.json").read_text())
         config.pop("quantization_config", None)
         config.pop("quantrl_quantization", None)
