@@ -21,7 +21,8 @@ LOGPROB_ATOL = 1e-5  # as tests/test_engine.py: the same function summed in anot
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("kv")
-    return {"qwen3": save_model(qwen3_config(), base / "qwen3"), "deepseek": save_model(deepseek_v3_config(), base / "ds")}
+    return {"qwen3": save_model(qwen3_config(), base / "qwen3"),
+            "deepseek": save_model(deepseek_v3_config(), base / "ds")}
 
 
 def full_forward_logprobs(model, prompt, tokens, temperature):
@@ -32,8 +33,10 @@ def full_forward_logprobs(model, prompt, tokens, temperature):
 
 
 def max_gap(model, prompts, results, temperature):
-    return max(float((torch.tensor(r.logprobs) - full_forward_logprobs(model, prompts[r.prompt_index], r.tokens,
-                                                                        temperature)).abs().max()) for r in results)  # fmt: skip
+    """The largest |engine logprob - full-forward logprob| over every sampled token."""
+    gaps = [torch.tensor(r.logprobs) - full_forward_logprobs(model, prompts[r.prompt_index], r.tokens, temperature)
+            for r in results]  # fmt: skip
+    return max(float(g.abs().max()) for g in gaps)
 
 
 def test_static_format_is_the_tensor_strategy_with_a_given_scale():
@@ -99,10 +102,12 @@ def test_checkpoint_scales_load_save_and_reach_built_engines(dirs, tmp_path):
     from quantrl.sync.ray_engines import EngineSpec, EngineWorker
     from quantrl.train.trainer import TrainConfig, Trainer
 
-    scales = {"model.layers.0.self_attn.k_scale": torch.tensor(0.02), "model.layers.1.self_attn.v_scale": torch.tensor([0.005])}
+    scales = {"model.layers.0.self_attn.k_scale": torch.tensor(0.02),
+              "model.layers.1.self_attn.v_scale": torch.tensor([0.005])}
     path = with_scales(dirs["qwen3"], tmp_path / "scaled", scales)
     model = load_model(path, dtype=torch.float32)
-    assert {n: float(t) for n, t in model.kv_scale_tensors().items()} == pytest.approx({n: float(t) for n, t in scales.items()})
+    as_floats = {n: float(t) for n, t in scales.items()}
+    assert {n: float(t) for n, t in model.kv_scale_tensors().items()} == pytest.approx(as_floats)
     prompts, params = random_prompts([6, 9], seed=2), SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=1)
     scaled = Engine(model, kv_cache_tokens=256, kv_cache_dtype="fp8_e4m3").generate(prompts, params)
     unscaled = Engine(load_model(dirs["qwen3"], dtype=torch.float32), kv_cache_tokens=256,
@@ -116,7 +121,7 @@ def test_checkpoint_scales_load_save_and_reach_built_engines(dirs, tmp_path):
     # an engine actor builds its model (weights come by sync): the scales travel in its spec
     worker = EngineWorker(EngineSpec(json.loads((path / "config.json").read_text()), dtype=torch.float32,
                                      kv_cache_tokens=64, kv_cache_dtype="fp8_e4m3",
-                                     kv_scales={n: float(t) for n, t in scales.items()}))  # fmt: skip
+                                     kv_scales=as_floats))  # fmt: skip
     assert worker.engine.cache.dtype == FP8_DTYPE
     assert set(worker.engine.model.kv_scale_tensors()) == set(scales)
 

@@ -239,18 +239,18 @@ class RLConfig:
         if self.placement == "local" and self.async_rollout:
             raise ValueError("--async-rollout needs --placement ray (the engines must run beside the trainer)")
         if self.is_config().active and self.use_rollout_logprobs:
-            raise ValueError("--use-rollout-logprobs makes the engine's logprobs the old policy, leaving no "
-                             "train-rollout ratio to correct: drop --is-mode / --rs-level / --rs-veto-threshold")  # fmt: skip
+            raise ValueError("--use-rollout-logprobs makes the engine's logprobs the old policy, leaving no train-"
+                             "rollout ratio to correct: drop --is-mode / --rs-level / --rs-veto-threshold")  # fmt: skip
         from quantrl.rollout.kv_cache import KV_CACHE_DTYPES
 
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.kv_fake_quant and self.kv_cache_dtype != "fp8_e4m3":
-            raise ValueError("--kv-fake-quant rounds K and V as an FP8 KV cache does: it needs --kv-cache-dtype fp8_e4m3")
+            raise ValueError("--kv-fake-quant rounds K and V as an FP8 KV cache does: it needs --kv-cache-dtype "
+                             "fp8_e4m3")  # fmt: skip
         if self.eval_interval and not self.eval_size and not self.eval_data:
             raise ValueError(f"--eval-interval {self.eval_interval} needs held-out prompts: --eval-size > 0 or "
                              "--eval-data (or --eval-interval 0)")  # fmt: skip
-
 
     def is_config(self):
         """The train-rollout correction these flags describe (``rl.mismatch.ISConfig``)."""
@@ -410,8 +410,9 @@ class RLRun:
         batch = cfg.prompts_per_step * cfg.n_samples_per_prompt
         if cfg.placement == "ray":  # each engine samples about 1/E of the batch
             batch = -(-cfg.prompts_per_step // cfg.rollout_num_engines) * cfg.n_samples_per_prompt
-        engine_kw = {"kv_cache_tokens": batch * max_len, "max_batch_size": batch, "kv_cache_dtype": cfg.kv_cache_dtype,
-                     "max_seq_len": max_len if cfg.cuda_graph else None, "use_cuda_graph": cfg.cuda_graph}  # fmt: skip
+        engine_kw = {"kv_cache_tokens": batch * max_len, "max_batch_size": batch, "use_cuda_graph": cfg.cuda_graph,
+                     "max_seq_len": max_len if cfg.cuda_graph else None,
+                     "kv_cache_dtype": cfg.kv_cache_dtype}  # fmt: skip
         # the engines' models are built, not loaded: they take the checkpoint's FP8 KV-cache scales from here
         kv_scales = {n: float(t) for n, t in model.kv_scale_tensors().items()}
         model.set_kv_fake_quant(cfg.kv_fake_quant)
@@ -454,7 +455,8 @@ class RLRun:
         ratio_level = RATIO_LEVEL_OF_ESTIMATOR.get(cfg.advantage_estimator, "token")
         self.loss_fn = make_loss_fn(GRPOConfig(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
                                                ratio_level=ratio_level, kl_coef=cfg.kl_coef,
-                                               entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, pack=cfg.pack_sequences))  # fmt: skip
+                                               entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
+                                               pack=cfg.pack_sequences))  # fmt: skip
         self.dataset, self.held_out, self.reward = _task(cfg, self.tok)
         self.step_idx = 0
         self.pending: dict | None = None  # async rollout: the next step's samples, submitted or collected

@@ -98,7 +98,8 @@ class Engine:
                  max_batch_size: int = 256, max_prefill_tokens: int = 8192, max_seq_len: int | None = None,
                  use_cuda_graph: bool = False, kv_cache_dtype: str = "auto"):  # fmt: skip
         """``kv_cache_tokens`` or ``kv_cache_bytes`` sizes the KV cache (default: half the free GPU memory,
-        or 1 GiB on CPU); ``kv_cache_dtype`` ``fp8_e4m3`` stores it in FP8 (``rollout.kv_cache``). ``max_seq_len`` fixes the positions per KV slot for every call (prompt +
+        or 1 GiB on CPU); ``kv_cache_dtype`` ``fp8_e4m3`` stores it in FP8 (``rollout.kv_cache``).
+        ``max_seq_len`` fixes the positions per KV slot for every call (prompt +
         max_new_tokens must fit in it); without it each call uses its own longest prompt + max_new_tokens.
         A fixed length keeps one KV layout, so CUDA graphs (``use_cuda_graph``, CUDA only) are captured
         once instead of once per distinct request length."""
