@@ -1,4 +1,4 @@
-"""``quantrl convert fp8|int4|nvfp4|bf16``: thin parsers over ``quantrl.checkpoint`` converters.
+"""``quantrl convert fp8|int4|nvfp4|kv-scales|bf16``: thin parsers over ``quantrl.checkpoint`` converters.
 
 Flag names follow slime's ``convert_hf_to_fp8.py`` and its INT4 GPTQ script.
 """
@@ -69,6 +69,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=_nvfp4)
 
+    p = csub.add_parser("kv-scales", help="add calibrated FP8 KV-cache scales (k_scale / v_scale) to a checkpoint")
+    p.add_argument("--input-dir", required=True, help="input HF directory (any format quantrl loads)")
+    p.add_argument("--output-dir", required=True, help="output directory (created atomically)")
+    p.add_argument("--data-dir", default="synthetic", help="calibration text: parquet (text column), .txt, .jsonl, "
+                   "or 'synthetic'")  # fmt: skip
+    p.add_argument("--num-calibration-samples", type=int, default=64)
+    p.add_argument("--max-sequence-length", type=int, default=512)
+    p.add_argument("--headroom", type=float, default=1.0, help="scale = amax * headroom / 448 (> 1: room for RL "
+                   "to grow K/V before they saturate)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    p.add_argument("--max-shard-size", type=float, default=5.0, help="GB per output safetensors shard")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_kv_scales)
+
     p = csub.add_parser("bf16", help="FP8 / INT4 / INT8 / NVFP4 -> BF16 (dequantize through quantrl.formats)")
     p.add_argument("--input-dir", required=True)
     p.add_argument("--output-dir", required=True)
@@ -127,3 +143,16 @@ def _bf16(args: argparse.Namespace) -> int:
         max_shard_bytes=_shard_bytes(args),
     )
     return _run(convert_to_bf16, args.input_dir, args.output_dir, opts, progress=not args.no_progress)
+
+
+def _kv_scales(args: argparse.Namespace) -> int:
+    from quantrl.rollout.kv_scales import KVScaleOptions, add_kv_scales
+
+    try:
+        opts = KVScaleOptions(data_dir=args.data_dir, num_calibration_samples=args.num_calibration_samples,
+                              max_sequence_length=args.max_sequence_length, headroom=args.headroom, seed=args.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _run(add_kv_scales, args.input_dir, args.output_dir, opts, device=args.device, overwrite=args.overwrite,
+                max_shard_bytes=_shard_bytes(args), progress=not args.no_progress)  # fmt: skip

@@ -100,9 +100,13 @@ class KVScales(nn.Module):
         self.register_buffer("k_scale", torch.ones((), dtype=torch.float32, device=device), persistent=False)
         self.register_buffer("v_scale", torch.ones((), dtype=torch.float32, device=device), persistent=False)
         self.fake_quant = False
+        self.amax: list[torch.Tensor] | None = None  # calibration (checkpoint.kv_scales): the largest |K|, |V| seen
 
     def round_kv(self, k: torch.Tensor, v: torch.Tensor, kv: KVContext | None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V as attention must see them: an FP8 cache's values, or the inputs unchanged."""
+        if self.amax is not None:
+            for seen, x in zip(self.amax, (k, v)):
+                torch.maximum(seen, x.detach().abs().amax().float(), out=seen)
         if self.fake_quant or (kv is not None and kv.fp8):
             return fake_quantize_fp8_static(k, self.k_scale), fake_quantize_fp8_static(v, self.v_scale)
         return k, v
