@@ -6,7 +6,7 @@ import argparse
 
 
 def register_all(sub: argparse._SubParsersAction) -> None:
-    from quantrl.commands import convert, demo, generate, plot, train
+    from quantrl.commands import convert, demo, eval, generate, plot, train
 
-    for module in (train, plot, convert, generate, demo):
+    for module in (train, eval, plot, convert, generate, demo):
         module.register(sub)

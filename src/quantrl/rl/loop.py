@@ -309,18 +309,10 @@ def _engine_scheme(rollout: str, cfg: RLConfig):
 
 def _task(cfg: RLConfig, tok):
     """(train PromptDataset, held-out prompts, reward(response_text, prompt) -> float)."""
-    from quantrl.rl.data import DataConfig, Prompt, PromptDataset, load_data
-    from quantrl.rl.rewards import math_reward
+    from quantrl.rl.data import DataConfig, PromptDataset, load_data
+    from quantrl.rl.evaluate import embedded_split, reward_function
 
-    if cfg.custom_rm_path:
-        from quantrl.rl.custom_reward import load_reward_fn
-
-        reward = load_reward_fn(cfg.custom_rm_path)
-    else:
-
-        def reward(text: str, prompt: Prompt) -> float:
-            return math_reward(text, prompt.label or "")
-
+    reward = reward_function(cfg.custom_rm_path)
     if cfg.prompt_data:
         dcfg = DataConfig(prompt_data=cfg.prompt_data, input_key=cfg.input_key, label_key=cfg.label_key,
                           apply_chat_template=cfg.apply_chat_template, seed=cfg.seed, eval_data=cfg.eval_data or None,
@@ -328,11 +320,8 @@ def _task(cfg: RLConfig, tok):
                           eval_size=0 if cfg.eval_data or not cfg.eval_interval else cfg.eval_size)  # fmt: skip
         ds, held = load_data(dcfg, tok)
         return ds, held, reward
-    from quantrl.tasks.arithmetic import make_split
-
-    train, held = make_split(cfg.num_prompts, cfg.eval_size, cfg.seed + 1, cfg.difficulty)
-    to_prompt = lambda i, p: Prompt(text=p.prompt, label=p.answer, index=i)
-    return PromptDataset([to_prompt(i, p) for i, p in enumerate(train)], seed=cfg.seed), [to_prompt(i, p) for i, p in enumerate(held)], reward
+    train, held = embedded_split(cfg.num_prompts, cfg.eval_size, cfg.seed, cfg.difficulty)
+    return PromptDataset(train, seed=cfg.seed), held, reward
 
 
 def _batch(prompt_ids: list[list[int]], results, pad_id: int) -> dict[str, torch.Tensor]:
@@ -528,18 +517,16 @@ class RLRun:
     def evaluate(self, step: int = 0) -> dict[str, float]:
         """Held-out reward: ``eval_accuracy`` (the mean over every prompt's samples; greedy by default) and,
         with several samples a prompt, ``eval_pass_at_k`` (the mean over prompts of their best sample)."""
+        from quantrl.rl.evaluate import eval_figures, eval_seed
         from quantrl.rollout import SamplingParams
 
         cfg, k = self.cfg, self.cfg.n_samples_per_eval_prompt
         params = SamplingParams(n=k, temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
-                                stop_token_ids=(self.tok.eos_token_id,), seed=cfg.seed * 1_000_003 + 7_919 * (step + 1))  # fmt: skip
+                                stop_token_ids=(self.tok.eos_token_id,), seed=eval_seed(cfg.seed, step))  # fmt: skip
         _, _, results, _ = self._sample(self.held_out, params)
         texts = [self.tok.decode(r.tokens, skip_special_tokens=True) for r in results]
         rewards = torch.tensor([self.reward(t, self.held_out[r.prompt_index]) for t, r in zip(texts, results)])
-        out = {"eval_accuracy": float(rewards.mean())}
-        if k > 1:
-            out[f"eval_pass_at_{k}"] = float(rewards.view(-1, k).max(1).values.mean())
-        return out
+        return eval_figures(rewards, k)
 
     def _logprobs(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T-1] logprobs of the batch's tokens under ``model``, micro-batch by micro-batch (no grad), and
