@@ -24,36 +24,37 @@ from quantrl.rl.data import Prompt
 RewardFn = Callable[[str, Prompt], float]
 
 
-def _resolve(spec: str) -> Callable:
+def resolve_function(spec: str, flag: str = "--custom-rm-path") -> Callable:
+    """The function ``spec`` names (``module:fn``, ``module.fn`` or ``file.py:fn``); errors name ``flag``."""
     if ":" in spec:
         where, name = spec.rsplit(":", 1)
     elif "." in spec:
         where, name = spec.rsplit(".", 1)
     else:
-        raise ValueError(f"--custom-rm-path {spec!r}: give module:function, module.function or file.py:function")
+        raise ValueError(f"{flag} {spec!r}: give module:function, module.function or file.py:function")
     if where.endswith(".py"):
         path = Path(where)
         if not path.is_file():
-            raise FileNotFoundError(f"--custom-rm-path {spec!r}: no file {path}")
-        module_spec = importlib.util.spec_from_file_location(f"quantrl_custom_rm_{path.stem}", path)
+            raise FileNotFoundError(f"{flag} {spec!r}: no file {path}")
+        module_spec = importlib.util.spec_from_file_location(f"quantrl_custom_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     else:
         try:
             module = importlib.import_module(where)
         except ImportError as e:
-            raise ValueError(f"--custom-rm-path {spec!r}: cannot import {where!r} ({e})") from None
+            raise ValueError(f"{flag} {spec!r}: cannot import {where!r} ({e})") from None
     fn = getattr(module, name, None)
     if fn is None:
-        raise ValueError(f"--custom-rm-path {spec!r}: {where!r} has no function {name!r}")
+        raise ValueError(f"{flag} {spec!r}: {where!r} has no function {name!r}")
     if not callable(fn):
-        raise TypeError(f"--custom-rm-path {spec!r}: {where}.{name} is a {type(fn).__name__}, not a function")
+        raise TypeError(f"{flag} {spec!r}: {where}.{name} is a {type(fn).__name__}, not a function")
     return fn
 
 
 def load_reward_fn(spec: str) -> RewardFn:
     """The reward ``(response text, Prompt) -> float`` that calls the function ``spec`` names."""
-    fn = _resolve(spec)
+    fn = resolve_function(spec)
     params = inspect.signature(fn).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     extra = [k for k in ("prompt", "metadata") if takes_all or k in params]

@@ -60,6 +60,10 @@ class RLConfig:
     "comma-separated columns of --prompt-data kept with each prompt and handed to --custom-rm-path's function"
     custom_rm_path: str = ""
     "your reward, module:function or file.py:function, called fn(response, label[, prompt=, metadata=]) -> float (slime --custom-rm-path); '': the math reward"
+    custom_env_path: str = ""
+    "multi-turn rollouts: env(prompt, transcript) -> next observation text or None (end), module:function or file.py:function; the policy's tokens keep their engine logprobs, observations carry no loss"
+    max_turns: int = 4
+    "with --custom-env-path: policy turns per episode at most"
     eval_size: int = 64
     "held-out prompts for --eval-interval accuracy"
     difficulty: str = "medium"
@@ -236,6 +240,10 @@ class RLConfig:
         if self.dp_size > self.prompts_per_step * self.n_samples_per_prompt:
             raise ValueError(f"--dp-size {self.dp_size} exceeds the {self.prompts_per_step * self.n_samples_per_prompt} "
                              "sequences of a step: every replica needs rows")  # fmt: skip
+        if self.custom_env_path and self.async_rollout:
+            raise ValueError("--custom-env-path episodes wait on the environment every turn: no --async-rollout")
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
         if self.placement == "local" and self.async_rollout:
             raise ValueError("--async-rollout needs --placement ray (the engines must run beside the trainer)")
         if self.is_config().active and self.use_rollout_logprobs:
@@ -338,7 +346,8 @@ def _batch(prompt_ids: list[list[int]], results, pad_id: int) -> dict[str, torch
         p = len(prompt_ids[r.prompt_index])
         ids[i, : len(s)] = torch.tensor(s)
         am[i, : len(s)] = 1
-        lm[i, p : len(s)] = 1
+        mask = getattr(r, "loss_mask", None)  # multi-turn episodes: observation tokens carry no loss
+        lm[i, p : len(s)] = 1 if mask is None else torch.tensor(mask)
         rollout_logp[i, p - 1 : len(s) - 1] = torch.tensor(r.logprobs)  # [B, T-1]: index j predicts token j+1
     batch = {"input_ids": ids, "attention_mask": am, "loss_mask": lm, "rollout_logp": rollout_logp}
     if results and results[0].routing is not None:
@@ -447,6 +456,12 @@ class RLRun:
                                                entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
                                                pack=cfg.pack_sequences))  # fmt: skip
         self.dataset, self.held_out, self.reward = _task(cfg, self.tok)
+        if cfg.custom_env_path:
+            from quantrl.rl.multiturn import load_env_fn
+
+            self.env = load_env_fn(cfg.custom_env_path)
+        else:
+            self.env = None
         self.step_idx = 0
         self.pending: dict | None = None  # async rollout: the next step's samples, submitted or collected
         if resume_from is not None:
@@ -493,6 +508,11 @@ class RLRun:
 
         ids = [encode_prompt(self.tok, p) for p in prompts]
         t0 = time.perf_counter()
+        if self.env is not None:  # turn by turn, with the environment in between (never asynchronous)
+            from quantrl.rl.multiturn import generate_episodes
+
+            results = generate_episodes(self.engine, prompts, ids, params, self.env, self.tok, self.cfg.max_turns)
+            return {"prompts": prompts, "ids": ids, "results": results, "rollout_s": time.perf_counter() - t0}
         if self.remote:
             return {"prompts": prompts, "ids": ids, "handle": self.engine.submit(ids, params)}
         results = self.engine.generate(ids, params)
@@ -709,6 +729,7 @@ class RLRun:
             **info.get("dynamic", {}),
             "response_len": gen_tokens / len(sampled),
             "truncated_frac": sum(r.finish_reason == "length" for r in sampled) / len(sampled),
+            **({"turns": sum(r.turns for r in sampled) / len(sampled)} if self.env is not None else {}),
             "rollout_tokens_per_s": gen_tokens / rollout_s,
             "train_tokens_per_s": float(batch["attention_mask"].sum()) / train_s,
             "rollout_s": rollout_s,
