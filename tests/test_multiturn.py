@@ -2,6 +2,8 @@
 context they were sampled in (fp32: equal to a full forward of the final sequence), observations carry
 no loss, episodes end for the documented reasons, and the RL loop trains on them."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -92,5 +94,11 @@ def test_the_loop_trains_on_episodes(tmp_path):
     for r in steps:  # observation tokens are in the response but not in the loss
         assert r["loss_tokens"] < r["response_len"] * 8 and r["mismatch_abs_mean"] < 1e-2
     assert "eval_accuracy" in rows[-1]
+    from quantrl.rl.evaluate import EvalConfig, evaluate  # quantrl eval runs the same episodes
+
+    out = evaluate(EvalConfig(custom_env_path=f"{__file__}:one_check", max_turns=2, eval_size=4, max_new_tokens=64,
+                              save_samples=str(tmp_path / "samples.jsonl")))  # fmt: skip
+    first = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
+    assert out["prompts"] == 4 and "check: ok" in first["response"]
     with pytest.raises(ValueError, match="no --async-rollout"):
         RLConfig(custom_env_path="x.py:f", async_rollout=True, placement="ray")

@@ -39,6 +39,10 @@ class EvalConfig:
     "comma-separated columns handed to --custom-rm-path's function"
     custom_rm_path: str = ""
     "your reward, module:function or file.py:function (as quantrl train's); '': the math reward"
+    custom_env_path: str = ""
+    "multi-turn episodes with this environment (as quantrl train's)"
+    max_turns: int = 4
+    "with --custom-env-path: policy turns per episode at most"
     eval_size: int = 64
     "embedded task: held-out prompts (quantrl train's --eval-size)"
     num_prompts: int = 64
@@ -137,7 +141,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     params = SamplingParams(n=k, temperature=cfg.eval_temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                             stop_token_ids=(tok.eos_token_id,), seed=eval_seed(cfg.seed, cfg.step))  # fmt: skip
     t0 = time.perf_counter()
-    results = sorted(engine.generate(ids, params), key=lambda r: (r.prompt_index, r.sample_index))
+    if cfg.custom_env_path:
+        from quantrl.rl.multiturn import generate_episodes, load_env_fn
+
+        results = generate_episodes(engine, prompts, ids, params, load_env_fn(cfg.custom_env_path), tok, cfg.max_turns)
+    else:
+        results = sorted(engine.generate(ids, params), key=lambda r: (r.prompt_index, r.sample_index))
     seconds = time.perf_counter() - t0
     texts = [tok.decode(r.tokens, skip_special_tokens=True) for r in results]
     rewards = torch.tensor([reward(t, prompts[r.prompt_index]) for t, r in zip(texts, results)], dtype=torch.float32)
