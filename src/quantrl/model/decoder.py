@@ -100,7 +100,7 @@ class KVScales(nn.Module):
         self.register_buffer("k_scale", torch.ones((), dtype=torch.float32, device=device), persistent=False)
         self.register_buffer("v_scale", torch.ones((), dtype=torch.float32, device=device), persistent=False)
         self.fake_quant = False
-        self.amax: list[torch.Tensor] | None = None  # calibration (checkpoint.kv_scales): the largest |K|, |V| seen
+        self.amax: list[torch.Tensor] | None = None  # calibration (rollout.kv_scales): the largest |K|, |V| seen
 
     def round_kv(self, k: torch.Tensor, v: torch.Tensor, kv: KVContext | None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V as attention must see them: an FP8 cache's values, or the inputs unchanged."""

@@ -456,12 +456,9 @@ class RLRun:
                                                entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
                                                pack=cfg.pack_sequences))  # fmt: skip
         self.dataset, self.held_out, self.reward = _task(cfg, self.tok)
-        if cfg.custom_env_path:
-            from quantrl.rl.multiturn import load_env_fn
+        from quantrl.rl.multiturn import load_env_fn
 
-            self.env = load_env_fn(cfg.custom_env_path)
-        else:
-            self.env = None
+        self.env = load_env_fn(cfg.custom_env_path) if cfg.custom_env_path else None  # multi-turn episodes
         self.step_idx = 0
         self.pending: dict | None = None  # async rollout: the next step's samples, submitted or collected
         if resume_from is not None:
