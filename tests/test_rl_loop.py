@@ -385,6 +385,24 @@ def test_fp8_kv_cache_rollout_and_the_trainers_matching_rounding(tiny_model, tmp
         RLConfig(kv_cache_dtype="int4")
 
 
+def test_weights_sync_every_other_step(tmp_path):
+    """--update-weights-interval 2: the engine takes the weights at even steps (and the last), so odd steps
+    sample from weights one update old; that lag shows in the mismatch, and resuming repeats the run."""
+    run = functools.partial(cfg, "", recipe="bf16", num_steps=4, update_weights_interval=2, eval_interval=2,
+                            save_interval=2, lr=1e-3, prompts_per_step=4, n_samples_per_prompt=4, max_new_tokens=48,
+                            difficulty="medium")  # fmt: skip
+    rows = [r for r in train(run(tmp_path / "full"), progress=False) if "reward" in r]
+    assert [r["weight_version"] for r in rows] == [0, 2, 2, 4]
+    assert [r["rollout_weight_version"] for r in rows] == [0, 0, 2, 2]
+    assert ["sync_s" in r for r in rows] == [False, True, False, True]
+    assert rows[1]["mismatch_abs_mean"] > 5 * rows[0]["mismatch_abs_mean"]  # step 2 samples pre-step-1 weights
+    train(run(tmp_path / "half", num_steps=2), progress=False)
+    resumed = [r for r in train(run(tmp_path / "half", resume=True), progress=False) if "reward" in r]
+    assert untimed(resumed) == untimed(rows[2:])
+    with pytest.raises(ValueError, match="multiples"):
+        RLConfig(update_weights_interval=4, eval_interval=10)
+
+
 def test_sampled_evaluation_reports_avg_and_pass_at_k(tmp_path):
     """--n-samples-per-eval-prompt 4 --eval-temperature 1: eval_accuracy is the mean over all samples
     (avg@4) and eval_pass_at_4 the mean of each prompt's best, so it is never below; seeded per step."""

@@ -152,6 +152,8 @@ class RLConfig:
     "fp32 masters and Adam moments in CPU memory, the optimizer step on the CPU (Megatron/slime's flag)"
     use_distributed_optimizer: bool = False
     "with --dp-size N: each replica keeps the fp32 masters and Adam moments of ~1/N of the parameters (Megatron's flag)"
+    update_weights_interval: int = 1
+    "sync the trainer's weights to the engines every N steps (slime's flag; and at the last): rollouts in between come from weights up to N-1 steps old, which --is-mode corrects; --eval-interval and --save-interval must be multiples"
     check_weight_update_equal: bool = False
     "verify after every sync that the engine holds exactly the converted weights"
     use_rollout_routing_replay: bool = False
@@ -240,6 +242,11 @@ class RLConfig:
         if self.dp_size > self.prompts_per_step * self.n_samples_per_prompt:
             raise ValueError(f"--dp-size {self.dp_size} exceeds the {self.prompts_per_step * self.n_samples_per_prompt} "
                              "sequences of a step: every replica needs rows")  # fmt: skip
+        n = self.update_weights_interval
+        if n < 1 or (n > 1 and (self.async_rollout or self.eval_interval % n or self.save_interval % n)):
+            raise ValueError(f"--update-weights-interval {n} must be >= 1; above 1 it needs --eval-interval and "
+                             "--save-interval multiples of it (evaluations and checkpoints meet synced engines) "
+                             "and no --async-rollout")  # fmt: skip
         if self.custom_env_path and self.async_rollout:
             raise ValueError("--custom-env-path episodes wait on the environment every turn: no --async-rollout")
         if self.max_turns < 1:
@@ -714,7 +721,8 @@ class RLRun:
         if not self.lead:
             return {"step": step}
         mismatch = mismatch_metrics(train_logp, batch["rollout_logp"], batch["loss_mask"][:, 1:])
-        sync = self._sync(step)
+        synced = step % cfg.update_weights_interval == 0 or step == cfg.num_steps
+        sync = self._sync(step) if synced else {}
         sampled, rollout_s = info["sampled"], info["rollout_s"]
         gen_tokens = sum(len(r.tokens) for r in sampled)  # every sample of the step, trained on or not
         row = {
