@@ -267,6 +267,18 @@ def test_placement_bench_runs_every_placement(tmp_path):
     assert table["ray-async"][-1] == "1.0" and table["ray"][-1] == "0.0"  # samples one weight version behind
 
 
+def test_rl_corrections_bench_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/rl_corrections.py", "--device", "cpu", "--num-steps", "2",
+                           "--suites", "lag", "--no-write", "--out", str(tmp_path)], check=False, cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, f"exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = [line.split() for line in proc.stdout.splitlines()
+            if line.split()[:1] and line.split()[0].startswith(("lag5", "synced"))]  # fmt: skip
+    assert [r[0] for r in rows] == ["synced", "lag5", "lag5-tis", "lag5-geo-mis-veto"]
+    assert rows[0][3] == "-" and rows[2][3].endswith("%")  # 'changed' is logged only where a correction runs
+    assert (tmp_path / "plots" / "lag" / "correction.png").exists()
+
+
 def test_moe_routing_replay_bench_runs(tmp_path):
     proc = subprocess.run([sys.executable, "bench/moe_routing_replay.py", "--device", "cpu", "--pretrain-steps", "3",
                            "--num-experts", "4", "--num-steps", "1", "--prompts-per-step", "2",
