@@ -108,10 +108,11 @@ def main() -> None:
         print(f"\n{suite}: {'run':<28}{'reward first->last':>20}{'|dlogp|':>10}{'changed':>9}{'rejected':>9}"
               f"{'eval last':>10}")  # fmt: skip
         for run_name, s in results[suite].items():
-            changed, rejected = s["is_clipped_frac_mean"], s["rs_rejected_frac_mean"]
-            print(f"{'':<7}{run_name:<28}{s['reward_first']:>10.3f}->{s['reward_last']:<8.3f}{s['mismatch_mean']:>10.2e}"
-                  f"{'-' if changed is None else f'{changed:.2%}':>9}{'-' if rejected is None else f'{rejected:.2%}':>9}"
-                  f"{s['eval_accuracy'][-1] if s['eval_accuracy'] else float('nan'):>10.3f}")  # fmt: skip
+            changed, rejected = (("-" if f is None else f"{f:.2%}") for f in (s["is_clipped_frac_mean"],
+                                                                             s["rs_rejected_frac_mean"]))  # fmt: skip
+            last_eval = s["eval_accuracy"][-1] if s["eval_accuracy"] else float("nan")
+            print(f"{'':<7}{run_name:<28}{s['reward_first']:>10.3f}->{s['reward_last']:<8.3f}"
+                  f"{s['mismatch_mean']:>10.2e}{changed:>9}{rejected:>9}{last_eval:>10.3f}")  # fmt: skip
         fig_dir = (out / "plots" / suite) if args.no_write else RESULTS / name / suite
         plot_runs([out / suite / r for r in RUNS[suite]], fig_dir)
     if args.no_write:
