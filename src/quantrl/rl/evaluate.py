@@ -161,10 +161,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         "config": asdict(cfg),
     }
     if cfg.save_samples:
-        with open(cfg.save_samples, "w") as f:
-            for r, text, rw in zip(results, texts, rewards.tolist()):
-                f.write(json.dumps({"prompt_index": r.prompt_index, "sample_index": r.sample_index, "response": text,
-                                    "reward": rw, "finish_reason": r.finish_reason}) + "\n")  # fmt: skip
+        Path(cfg.save_samples).write_text("".join(
+            json.dumps({"prompt_index": r.prompt_index, "sample_index": r.sample_index, "response": text,
+                        "reward": rw, "finish_reason": r.finish_reason}) + "\n"
+            for r, text, rw in zip(results, texts, rewards.tolist())))  # fmt: skip
     if cfg.out:
         Path(cfg.out).write_text(json.dumps(out, indent=2) + "\n")
     return out
