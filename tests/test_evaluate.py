@@ -46,6 +46,19 @@ def test_cli_and_errors(tmp_path, capsys):
 
     assert main(["eval", "--eval-size", "4", "--max-new-tokens", "16", "--kv-cache-dtype", "fp8_e4m3"]) == 0
     assert "accuracy" in capsys.readouterr().out
+    # a BF16 checkpoint next to its FP8 conversion, one table and one JSON list
+    from quantrl.checkpoint.convert_fp8 import convert_to_fp8
+    from quantrl.rl.loop import default_model_dir
+
+    fp8 = convert_to_fp8(default_model_dir(), tmp_path / "fp8", progress=False).output_dir
+    out = tmp_path / "both.json"
+    assert main(["eval", "--eval-size", "4", "--max-new-tokens", "16", "--compare", default_model_dir(), str(fp8),
+                 "--out", str(out)]) == 0  # fmt: skip
+    both = json.loads(out.read_text())
+    assert [b["model"] for b in both] == [default_model_dir(), str(fp8)]
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main(["eval", "--compare", str(fp8), "--save-samples", str(tmp_path / "s.jsonl")]) == 2
+    assert "one at a time" in capsys.readouterr().out
     assert main(["eval", "--eval-data", str(tmp_path / "missing.jsonl")]) == 2
     assert "not found" in capsys.readouterr().out
     with pytest.raises(ValueError, match="eval-temperature"):
