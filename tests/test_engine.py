@@ -7,7 +7,7 @@ forward compute the same function with different summation orders; measured diff
 
 import pytest
 import torch
-from _tiny_models import qwen3_config, random_prompts, save_model
+from _tiny_models import full_forward_logprobs, qwen3_config, random_prompts, save_model
 
 from quantrl.formats import (
     encode_e8m0,
@@ -37,14 +37,6 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(model_dir):
     return load_model(model_dir, dtype=torch.float32)
-
-
-def full_forward_logprobs(model, prompt, tokens, temperature):
-    """log softmax(logits / T) of ``tokens`` given ``prompt`` from one full-sequence forward."""
-    ids = torch.tensor([prompt + tokens])
-    with torch.no_grad():
-        logits = model(ids)[0, len(prompt) - 1 : -1].float() / temperature
-    return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
 
 
 @pytest.mark.parametrize("kv_tokens", [4096, 70])  # 70: 3 slots for 12 samples -> admission + compaction

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from _tiny_models import deepseek_v3_config, qwen3_config, random_prompts, save_model
+from _tiny_models import deepseek_v3_config, full_forward_logprobs, qwen3_config, random_prompts, save_model
 from safetensors.torch import load_file, save_file
 
 from quantrl.checkpoint.safetensors_io import CheckpointError
@@ -23,13 +23,6 @@ def dirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("kv")
     return {"qwen3": save_model(qwen3_config(), base / "qwen3"),
             "deepseek": save_model(deepseek_v3_config(), base / "ds")}
-
-
-def full_forward_logprobs(model, prompt, tokens, temperature):
-    ids = torch.tensor([prompt + tokens])
-    with torch.no_grad():
-        logits = model(ids)[0, len(prompt) - 1 : -1].float() / temperature
-    return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
 
 
 def max_gap(model, prompts, results, temperature):

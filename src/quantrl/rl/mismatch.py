@@ -151,20 +151,16 @@ class ISConfig:
         return self.mode is not None or self.rs_level is not None or self.veto > 0
 
 
-def level_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
-    """``log rho`` [B, T] at ``level`` for per-token log ratios [B, T]: the token's own, or its row's sum
-    or mean over masked tokens on every token of the row."""
-    if level == "token":
-        return log_ratio
-    m = mask.float()
-    s = (log_ratio * m).sum(1, keepdim=True)  # [B, 1]
-    if level == "geometric":
-        s = s / m.sum(1, keepdim=True).clamp(min=1)
-    return s.expand_as(log_ratio)
-
-
-def _sum_over(reduce: Callable[[list[float]], list[float]] | None, xs: list[float]) -> list[float]:
-    return xs if reduce is None else list(reduce(xs))
+def level_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """``rho`` [B, T] at ``level`` for per-token log ratios [B, T]: exp of the token's own, or of its row's
+    sum or mean over masked tokens on every token of the row (the log clamped at +-LOG_RATIO_BOUND)."""
+    if level != "token":
+        m = mask.float()
+        s = (log_ratio * m).sum(1, keepdim=True)  # [B, 1]
+        if level == "geometric":
+            s = s / m.sum(1, keepdim=True).clamp(min=1)
+        log_ratio = s.expand_as(log_ratio)
+    return log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
 
 
 def importance_weights(
@@ -183,11 +179,10 @@ def importance_weights(
         raise ValueError(f"importance_weights: need equal [B, T] logprobs and mask, got {tuple(logp_train.shape)}, "
                          f"{tuple(logp_rollout.shape)}, {tuple(mask.shape)}")  # fmt: skip
     m = mask.bool()
-    mf = m.float()
     if not cfg.active:
-        return mf, {"is_clipped_frac": 0.0}
+        return m.float(), {"is_clipped_frac": 0.0}
     log_ratio = logp_train.detach().float() - logp_rollout.detach().float()
-    rho = level_log_ratio(log_ratio, m, cfg.level).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
+    rho = level_ratio(log_ratio, m, cfg.level)
     lo, hi = cfg.bounds
     outside = (rho > hi) | (rho < lo)
     if cfg.mode == "tis":
@@ -201,7 +196,7 @@ def importance_weights(
     keep = m.clone()
     if cfg.rs_level is not None:
         rs_lo, rs_hi = cfg.rs_bounds
-        rs_rho = level_log_ratio(log_ratio, m, cfg.rs_level).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
+        rs_rho = level_ratio(log_ratio, m, cfg.rs_level)
         keep &= (rs_rho >= rs_lo) & (rs_rho <= rs_hi)
     if cfg.veto > 0:
         vetoed = ((log_ratio < math.log(cfg.veto)) & m).any(dim=1, keepdim=True)  # [B, 1]
@@ -210,9 +205,8 @@ def importance_weights(
     live = w > 0  # what the step learns from: neither rejected nor masked
     # the units normalization averages over: kept tokens, or (sequence levels) sequences, one weight each
     units, unit_w = (live.any(1), w.amax(1)) if cfg.level != "token" else (live, w)
-    n_tok, n_changed, n_rejected, n_live, live_w, n_units, units_w = _sum_over(reduce, [
-        float(m.sum()), float((changed & m).sum()), float((m & ~keep).sum()), float(live.sum()), float(w.sum()),
-        float(units.sum()), float(unit_w.sum())])  # fmt: skip
+    sums = torch.stack([t.sum().double() for t in (m, changed & m, m & ~keep, live, w, units, unit_w)]).tolist()
+    n_tok, n_changed, n_rejected, n_live, live_w, n_units, units_w = sums if reduce is None else reduce(sums)
     if cfg.batch_normalize and units_w > 0:
         w = w * (n_units / units_w)
     denom = max(n_tok, 1.0)

@@ -24,7 +24,7 @@ import torch
 from quantrl.checkpoint.calibration import GptqCalibrationOptions, gptq_calibration_batches
 from quantrl.checkpoint.convert_common import ConvertReport, write_converted
 from quantrl.checkpoint.layout import load_config
-from quantrl.checkpoint.safetensors_io import CheckpointError, SafetensorsDir, TensorSpec
+from quantrl.checkpoint.safetensors_io import SafetensorsDir, TensorSpec
 from quantrl.checkpoint.stream import copy_job
 from quantrl.formats.fp8 import FP8_MAX
 from quantrl.model.decoder import Decoder
@@ -99,10 +99,7 @@ def add_kv_scales(input_dir: str | Path, output_dir: str | Path, opts: KVScaleOp
         for name, t in scales.items():
             writer.write(name, t)
 
-    try:
-        return write_converted(input_dir, output_dir, reader, config, jobs, overwrite=overwrite, max_workers=1,
-                               device="cpu", desc="copy", max_shard_bytes=max_shard_bytes, extra=write_scales,
-                               extra_specs=[TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in scales.items()],
-                               extra_quantized=len(scales), progress=progress)  # fmt: skip
-    except OSError as e:
-        raise CheckpointError(f"{output_dir}: {e}") from None
+    return write_converted(input_dir, output_dir, reader, config, jobs, overwrite=overwrite, max_workers=1,
+                           device="cpu", desc="copy", max_shard_bytes=max_shard_bytes, extra=write_scales,
+                           extra_specs=[TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in scales.items()],
+                           extra_quantized=len(scales), progress=progress)  # fmt: skip
