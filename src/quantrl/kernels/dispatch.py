@@ -36,7 +36,7 @@ from quantrl.formats import (
     quantize_fp8_activation as _ref_quantize_fp8_activation,
 )
 from quantrl.formats._checks import cdiv, check_block_size, check_float_tensor
-from quantrl.formats.fp8 import _check_scale_fmt
+from quantrl.formats.fp8 import _check_scale_fmt, dequantize_fp8_static
 from quantrl.formats.int4 import _check_weight, int_range
 from quantrl.formats.ste import straight_through
 from quantrl.kernels._triton import HAVE_TRITON
@@ -469,3 +469,83 @@ def linear_fp32_acc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Decode attention
+# ------------------------------------------------------------------------------------------------------
+# (device type, index, q dtype, cache dtype, G, D, Dv, sliding) -> the kernel agreed with the reference
+_ATTN_OK: dict[tuple, bool] = {}
+ATTN_PROBE_RTOL = 2e-2  # both are fp32 softmax sums of bf16 products; they differ by the rounding of p and V
+
+
+def decode_attention_reference(q, k, v, lens, scale: float, k_scale=None, v_scale=None,
+                               window: int | None = None) -> torch.Tensor:  # fmt: skip
+    """The engine's decode attention before the kernel, as the kernel's oracle: an FP8 cache dequantized to
+    q's dtype (``formats.dequantize_fp8_static``), then SDPA with keys [max(0, len - window), len) per row."""
+    if k.dtype == FP8_DTYPE:
+        k, v = dequantize_fp8_static(k, k_scale, q.dtype), dequantize_fp8_static(v, v_scale, q.dtype)
+    j = torch.arange(k.shape[2], device=q.device)
+    mask = j[None, :] < lens[:, None]  # [B, L]
+    if window is not None:
+        mask &= j[None, :] >= lens[:, None] - window
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None], scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])  # fmt: skip
+    return out[:, :, 0]
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lens: torch.Tensor,
+    *,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    window: int | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """One query token per row over a KV cache: q [B, Hq, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] (model
+    dtype, or ``float8_e4m3fn`` codes with fp32 ``k_scale`` / ``v_scale``), lens [B] (keys [0, len) are
+    real, len >= 1; ``window``: only the last ``window`` of them) -> [B, Hq, Dv] in q's dtype.
+
+    ``"auto"`` on CUDA runs the Triton kernel (``kernels.decode_attention``: reads only each row's keys,
+    FP8 codes as stored), checked once per configuration against the reference and dropped, with a
+    warning, if it disagrees or fails; not checked under CUDA-graph capture (no host syncs there: the
+    engine's warm-up steps run first)."""
+    if q.ndim != 3 or k.ndim != 4 or v.ndim != 4 or k.shape[:3] != v.shape[:3] or k.shape[0] != q.shape[0] \
+            or k.shape[-1] != q.shape[-1] or lens.shape != (q.shape[0],):  # fmt: skip
+        raise ValueError(f"decode_attention: expected q [B, Hq, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv], lens [B]; "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(lens.shape)}")  # fmt: skip
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"decode_attention: {q.shape[1]} query heads do not group over {k.shape[1]} KV heads")
+    ok = False
+    if HAVE_TRITON:
+        from quantrl.kernels.decode_attention import supported
+
+        ok = supported(q, k, v)
+    args = (q, k, v, lens, scale, k_scale, v_scale, window)
+    why = f"q {q.dtype}, cache {k.dtype}, head dims {q.shape[-1]}/{v.shape[-1]}"
+    if not use_triton(q, backend, ok, "decode_attention", why):
+        return decode_attention_reference(*args)
+    from quantrl.kernels.decode_attention import decode_attention_triton
+
+    key = (q.device.type, q.device.index, q.dtype, k.dtype, q.shape[1] // k.shape[1], q.shape[-1], v.shape[-1],
+           window is not None)  # fmt: skip
+    if backend == "triton" or _ATTN_OK.get(key):
+        return decode_attention_triton(*args)
+    if key in _ATTN_OK or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return decode_attention_reference(*args)
+    ref = decode_attention_reference(*args)
+    try:
+        out = decode_attention_triton(*args)
+        err = float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+        _ATTN_OK[key], why = err <= ATTN_PROBE_RTOL, f"relative error {err:.2e} against the reference"
+    except (RuntimeError, ValueError) as e:  # a Triton compile / launch failure
+        _ATTN_OK[key], why = False, str(e).splitlines()[0] if str(e) else type(e).__name__
+    if not _ATTN_OK[key]:
+        warnings.warn(f"decode attention kernel disabled for q {q.dtype}, cache {k.dtype}, {key[4]} query heads per KV "
+                      f"head, head dims {key[5]}/{key[6]} ({why}); using dequantize + SDPA", stacklevel=2)  # fmt: skip
+        return ref
+    return out

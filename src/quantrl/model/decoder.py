@@ -17,13 +17,14 @@ Padding is handled by positions (RoPE) plus a boolean attention mask, never by s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from quantrl.formats.fp8 import FP8_DTYPE, dequantize_fp8_static, fake_quantize_fp8_static, quantize_fp8_static
+from quantrl.kernels.dispatch import decode_attention
 from quantrl.model.config import ModelConfig
 from quantrl.model.linear import Bf16Linear, Fp8Linear, QLinear, make_linear
 from quantrl.model.moe import MLP, Routing, SparseMoeBlock
@@ -69,6 +70,7 @@ class KVContext:
     write_pos: torch.Tensor | None = None
     kv_len: int = 0
     _rows: torch.Tensor | None = field(default=None, repr=False)
+    attention_backend: ClassVar[str] = "auto"  # decode attention (kernels.decode_attention): "reference" in benches
 
     @property
     def fp8(self) -> bool:
@@ -79,6 +81,16 @@ class KVContext:
         """Write K and V at ``index`` of layer ``layer``'s cache views (quantized when the cache is FP8)."""
         for cache, x, scale in ((self.k[layer], k, k_scale), (self.v[layer], v, v_scale)):
             cache[index] = quantize_fp8_static(x, scale) if cache.dtype == FP8_DTYPE else x
+
+    def attend(self, layer: int, q: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, scale: float,
+               window: int | None) -> torch.Tensor:  # fmt: skip
+        """Decode attention of q [B, Hq, D] (slots [0, B)) over keys [0, position] of each slot, the last
+        ``window`` only on sliding layers -> [B, Hq, D]: the Triton kernel on CUDA (reads each row's keys
+        only, FP8 codes as stored), dequantize + SDPA elsewhere (``kernels.decode_attention``)."""
+        b = q.shape[0]
+        k, v = self.k[layer][:b, :, : self.kv_len], self.v[layer][:b, :, : self.kv_len]
+        return decode_attention(q, k, v, self.write_pos + 1, scale=scale, k_scale=k_scale, v_scale=v_scale,
+                                window=window, backend=self.attention_backend)  # fmt: skip
 
     def load(self, layer: int, b: int, k_scale: torch.Tensor, v_scale: torch.Tensor,
              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -130,6 +142,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
         self.qk_norm = cfg.qk_norm
         self.kv_scales = KVScales(device)
+        self.window: int | None = None  # keys this far back at most, on sliding layers (DecoderLayer sets it)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 kv: KVContext | None, layer: int) -> torch.Tensor:  # fmt: skip
@@ -147,7 +160,8 @@ class Attention(nn.Module):
             kv.store(layer, (slice(kv.slot_start, kv.slot_start + b), slice(None), slice(None, t)), k, v, ks, vs)
         elif kv is not None:  # decode: t == 1, active slots are [0, B); [B, Hkv, D] at (slot b, position pos_b)
             kv.store(layer, (kv._rows, slice(None), kv.write_pos), k[:, :, 0], v[:, :, 0], ks, vs)
-            keys, values = kv.load(layer, b, ks, vs, q.dtype)  # [B, Hkv, Lk, D]
+            out = kv.attend(layer, q[:, :, 0], ks, vs, self.head_dim**-0.5, self.window)  # [B, Hq, D]
+            return self.tp.all_reduce(self.o_proj(out.reshape(b, 1, self.num_heads * self.head_dim)))
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.num_heads != self.num_kv_heads
         )  # [B, Hq, T, D]
@@ -262,6 +276,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.layer, self.sliding = i, cfg.is_sliding(i)
+        if self.sliding and not cfg.mla:
+            self.self_attn.window = cfg.sliding_window
         self.moe_index = sum(cfg.is_moe(j) for j in range(i)) if cfg.is_moe(i) else None  # among MoE layers
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: dict[bool, torch.Tensor],
