@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ H100_COPY_BW = 3.0e12  # B/s, measured copy_ bandwidth (bytes read + written)
 H100_PEAK_BF16 = 800e12  # FLOP/s, dense
 H100_PEAK_FP8 = 1260e12  # FLOP/s, dense
 
+L2_BYTES = 50 * 2**20  # the H100's L2: timed inputs are cycled past ~3x of it
 COPY_BW_BYTES = 1 << 30  # >= 1 GiB: far past any L2, so the copy runs at DRAM bandwidth
 SMOKE_COPY_BW_BYTES = 16 << 20  # --smoke runs: the same code, in milliseconds
 
@@ -175,3 +178,43 @@ def write_results(name: str, payload: dict, smoke: bool = False) -> Path | None:
     path = RESULTS / f"{name}.json"
     path.write_text(text)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+class Timer:
+    """Seconds per call of a list of zero-argument callables (one per weight copy)."""
+
+    def __init__(self, device: torch.device, reps: int):
+        self.device, self.reps = device, reps
+
+    def __call__(self, fns: list, capture: bool = True) -> float:
+        """``capture=False`` for code with host syncs (eager launches, launch gaps included)."""
+        if self.device.type != "cuda":
+            for f in fns:
+                f()
+            t0 = time.perf_counter()
+            for f in fns:
+                f()
+            return (time.perf_counter() - t0) / len(fns)
+        for f in fns:  # compile / autotune / allocate outside the graph
+            f()
+        torch.cuda.synchronize()
+
+        def run():
+            for f in fns:
+                f()
+
+        if capture:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            run = graph.replay
+
+        return statistics.median(cuda_event_times(run, self.reps)) / len(fns)
+
+
+def copies_for(nbytes: int, device: torch.device) -> int:
+    """Weight copies to cycle through so that one pass exceeds ~3x the L2 (1 on CPU)."""
+    if device.type != "cuda":
+        return 1
+    return int(min(256, max(1, math.ceil(3 * L2_BYTES / max(nbytes, 1)))))

@@ -102,7 +102,7 @@ class Case:
 
 
 def _cases() -> list[Case]:
-    from quantrl.kernels import block_gemm, fp8_quant, int4_quant
+    from quantrl.kernels import block_gemm, decode_attention, fp8_quant, int4_quant
     from quantrl.kernels.w4a16 import DEFAULT_UNPACK, GEMV_CONFIG, MMA_CONFIGS, W4A16Config, nvfp4_gemm, w4a16_gemm
 
     n, k = 1024, 1024  # multiples of 16: the pointer/int divisibility specializations real shapes get
@@ -178,14 +178,31 @@ def _cases() -> list[Case]:
             cases.append(Case(f"fp8 block gemm M={m} b_scale={b_scale}{' +bias' if bias is not None else ''}",
                               lambda xq=xq, xs=xs, wq=wq, ws=ws, bias=bias, b=b_scale: block_gemm.fp8_block_gemm_triton(
                                   xq, xs, wq, ws, bias, native=True, b_scale=b)))  # fmt: skip
+
+    # decode attention: Qwen3-0.6B's heads (16 q / 8 kv, D 128) at batch 1 (split + merge) and 64 (one
+    # split), BF16 and FP8 caches; a 4-per-group sliding layer at D 64; fp16; MHA at D 256 (the largest)
+    def attn(b, hq, hkv, d, cache, qdt=bf, window=None, length=4096):
+        q = torch.empty(b, hq, d, dtype=qdt)
+        kv = torch.empty(b, hkv, length, d, dtype=cache or qdt)
+        lens = torch.empty(b, dtype=torch.long)
+        sc = torch.empty((), dtype=torch.float32)
+        return lambda: decode_attention.decode_attention_triton(q, kv, kv, lens, d**-0.5, sc, sc, window,
+                                                                native=True)  # fmt: skip
+
+    for b in (1, 64):
+        for cache in (None, torch.float8_e4m3fn):
+            cases.append(Case(f"decode attn B={b} G=2 D=128 {'fp8' if cache else 'bf16'}", attn(b, 16, 8, 128, cache)))
+    cases.append(Case("decode attn G=4 D=64 window", attn(2, 16, 4, 64, None, window=1024)))
+    cases.append(Case("decode attn fp16 G=2 D=128", attn(8, 16, 8, 128, None, torch.float16)))
+    cases.append(Case("decode attn MHA D=256 fp8", attn(4, 8, 8, 256, torch.float8_e4m3fn)))
     return cases
 
 
 def _jit_functions() -> list:
-    from quantrl.kernels import block_gemm, fp8_quant, int4_quant, w4a16
+    from quantrl.kernels import block_gemm, decode_attention, fp8_quant, int4_quant, w4a16
 
     out = []
-    for mod in (w4a16, fp8_quant, int4_quant, block_gemm):
+    for mod in (w4a16, fp8_quant, int4_quant, block_gemm, decode_attention):
         out += [v for v in vars(mod).values()
                 if isinstance(v, triton.runtime.jit.JITFunction) and v.__name__.endswith("_kernel")]  # fmt: skip
     return out

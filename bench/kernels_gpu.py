@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 import zlib
@@ -52,7 +51,8 @@ from _common import (
     H100_COPY_BW,
     H100_PEAK_BF16,
     H100_PEAK_FP8,
-    cuda_event_times,
+    Timer,
+    copies_for,
     describe_roofline,
     error_line,
     roofline,
@@ -60,7 +60,6 @@ from _common import (
 )
 from rollout_gpu import QWEN3_06B
 
-L2_BYTES = 50 * 2**20
 W4A16_MS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 FP8_MS = W4A16_MS + [1024, 4096]
 GROUP = 128
@@ -129,48 +128,6 @@ def pct_bw(nbytes: int, t: float | None, bw: float) -> float | None:
 
 def pct_flops(flops: int, t: float | None, peak: float) -> float | None:
     return None if not t else flops / t / peak
-
-
-# ---------------------------------------------------------------------------------------------------------
-# timing
-# ---------------------------------------------------------------------------------------------------------
-class Timer:
-    """Seconds per call of a list of zero-argument callables (one per weight copy)."""
-
-    def __init__(self, device: torch.device, reps: int):
-        self.device, self.reps = device, reps
-
-    def __call__(self, fns: list, capture: bool = True) -> float:
-        """``capture=False`` for code with host syncs (eager launches, launch gaps included)."""
-        if self.device.type != "cuda":
-            for f in fns:
-                f()
-            t0 = time.perf_counter()
-            for f in fns:
-                f()
-            return (time.perf_counter() - t0) / len(fns)
-        for f in fns:  # compile / autotune / allocate outside the graph
-            f()
-        torch.cuda.synchronize()
-
-        def run():
-            for f in fns:
-                f()
-
-        if capture:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                run()
-            run = graph.replay
-
-        return statistics.median(cuda_event_times(run, self.reps)) / len(fns)
-
-
-def copies_for(nbytes: int, device: torch.device) -> int:
-    """Weight copies to cycle through so that one pass exceeds ~3x the L2 (1 on CPU)."""
-    if device.type != "cuda":
-        return 1
-    return int(min(256, max(1, math.ceil(3 * L2_BYTES / max(nbytes, 1)))))
 
 
 # ---------------------------------------------------------------------------------------------------------

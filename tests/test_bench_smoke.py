@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 SESSION = BENCH / "gpu_session.sh"
-GPU_BENCHES = ("kernels_gpu", "rollout_gpu", "train_gpu", "sync_gpu")
+GPU_BENCHES = ("kernels_gpu", "attention_gpu", "rollout_gpu", "train_gpu", "sync_gpu")
 
 
 def _env(**extra) -> dict:
@@ -69,6 +69,13 @@ def test_kernels_gpu_smoke():
     for target in ("w4a16_m1_ge_3x_bf16_largest", "w4a16_m32_256_not_slower_than_bf16", "fp8_m4096_8192_ge_1.4x_bf16",
                    "quant_kernels_ge_80pct_measured_copy_bw"):  # fmt: skip
         assert f"target {target}:" in out
+
+
+def test_attention_gpu_smoke():
+    pytest.importorskip("triton")
+    out = _smoke("attention_gpu")
+    assert "correctness: 0 failure(s)" in out
+    assert re.search(r"^\s+3\s+100\s+[\d.]+ \(", out, re.MULTILINE), out[-3000:]  # the last row of the table
 
 
 def test_rollout_gpu_smoke():
@@ -149,7 +156,7 @@ def _stub(tmp_path: Path) -> Path:
     return stub
 
 
-def _session(tmp_path: Path, *steps: str, budget: int = 540) -> subprocess.CompletedProcess:
+def _session(tmp_path: Path, *steps: str, budget: int = 560) -> subprocess.CompletedProcess:
     env = _env(PYTHON=str(_stub(tmp_path)), OUT=str(tmp_path / "out"), GPU_SESSION_BUDGET_S=str(budget),
                GPU_SESSION_MIN_STEP_S="1", GPU_SESSION_STAGE=str(tmp_path / "stage"))  # fmt: skip
     return subprocess.run(

@@ -1,0 +1,171 @@
+"""Decode attention (``kernels.decode_attention``) against an fp64 softmax over the same cached values.
+
+The Triton kernel runs on CUDA or in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest when
+there is no GPU), outputs poisoned before each run. In the interpreter every product and sum is fp32 and the
+output is rounded once, so it must equal the fp64 answer rounded to bf16 up to fp32 summation error; on the
+device the probabilities are rounded to bf16 before the P @ V tensor-core product (flash attention's
+choice), which the looser device bound allows for. The reference (dequantize + SDPA, the engine's CPU
+path) is held to the same fp64 answer.
+"""
+
+import pytest
+import torch
+
+from quantrl import kernels
+from quantrl.formats.fp8 import FP8_DTYPE, dequantize_fp8_static, quantize_fp8_static
+from quantrl.kernels.dispatch import decode_attention, decode_attention_reference
+
+triton = pytest.importorskip("triton")
+from quantrl.kernels.decode_attention import BLOCK_N, decode_attention_triton, pick_splits
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+pytestmark = [
+    pytest.mark.skipif(not (CUDA or kernels.interpreted()), reason="needs CUDA or TRITON_INTERPRET=1"),
+    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),  # numpy inside the interpreter
+]
+NATIVE = [False, True] if CUDA else [False]
+# |out - truth| / |truth| (norms): one bf16 rounding is ~1.7e-3 on random data; the device also rounds p
+TOL = {False: 2.5e-3, True: 8e-3}
+
+
+def make_cache(b, hq, hkv, length, d, dtype, gen, fp8=False, pool_slots=None):
+    """q [B, Hq, D] and K/V views [B, Hkv, L, D] into a larger pool (strided like the engine's slots),
+    with the fp32 values they stand for (dequantized, for the fp64 truth)."""
+    slots = pool_slots or b + 2
+    q = torch.randn(b, hq, d, generator=gen).to(dtype)
+    k = torch.randn(slots, hkv, length + 7, d, generator=gen) * 3
+    v = torch.randn(slots, hkv, length + 7, d, generator=gen)
+    ks = vs = None
+    if fp8:
+        ks, vs = torch.tensor(0.02), torch.tensor(0.005)
+        k, v = quantize_fp8_static(k, ks), quantize_fp8_static(v, vs)
+        kf, vf = dequantize_fp8_static(k, ks, torch.float64), dequantize_fp8_static(v, vs, torch.float64)
+        ks, vs = ks.to(DEV), vs.to(DEV)
+    else:
+        k, v = k.to(dtype), v.to(dtype)
+        kf, vf = k.double(), v.double()
+    view = (slice(0, b), slice(None), slice(0, length))
+    return q.to(DEV), k.to(DEV)[view], v.to(DEV)[view], ks, vs, kf[view], vf[view]
+
+
+def truth(q, kf, vf, lens, scale, window=None):
+    """fp64 softmax attention per row over keys [max(0, len - window), len)."""
+    b, hq, _ = q.shape
+    g = hq // kf.shape[1]
+    out = torch.empty(b, hq, vf.shape[-1], dtype=torch.float64)
+    for i in range(b):
+        n = int(lens[i])
+        lo = 0 if window is None else max(0, n - window)
+        k, v = kf[i, :, lo:n].repeat_interleave(g, 0), vf[i, :, lo:n].repeat_interleave(g, 0)  # [Hq, n, D]
+        p = torch.softmax(torch.einsum("hd,hnd->hn", q[i].double().cpu(), k) * scale, dim=-1)
+        out[i] = torch.einsum("hn,hnd->hd", p, v)
+    return out
+
+
+def rel(a, b):
+    return float((a.double().cpu() - b).norm() / b.norm())
+
+
+CASES = [  # (B, Hq, Hkv, L, D, window, splits)
+    (1, 2, 1, 1, 64, None, None),  # one key
+    (3, 4, 2, 100, 32, None, None),
+    (2, 16, 8, 300, 128, None, None),  # Qwen3-0.6B's heads
+    (2, 6, 3, 200, 16, 50, None),  # a sliding layer
+    (2, 7, 1, 130, 80, None, 3),  # G = 7 (not a power of two), D = 80 (not a power of two), forced splits
+    (4, 8, 8, 257, 64, 64, 1),  # MHA, one split, a window of exactly one tile
+]
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_the_fp64_softmax(case, fp8, native, gen):
+    b, hq, hkv, length, d, window, splits = case
+    q, k, v, ks, vs, kf, vf = make_cache(b, hq, hkv, length, d, torch.bfloat16, gen, fp8)
+    lens = torch.randint(1, length + 1, (b,), generator=gen)
+    lens[0] = length
+    want = truth(q, kf, vf, lens, d**-0.5, window)
+    out = decode_attention_triton(q, k, v, lens.to(DEV), d**-0.5, ks, vs, window, splits=splits, native=native)
+    assert out.shape == (b, hq, d) and out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    assert rel(out, want) <= TOL[native]
+    # the engine's CPU path, held to the same answer
+    assert rel(decode_attention_reference(q, k, v, lens.to(DEV), d**-0.5, ks, vs, window), want) <= 5e-3
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+def test_split_count_does_not_change_the_answer(gen):
+    """Merging chunks is exact algebra: 1 split and many agree to fp32 summation error (before the
+    single bf16 rounding, compared here in fp16 output to see more bits)."""
+    q, k, v, _, _, _, _ = make_cache(2, 8, 2, 600, 64, torch.float16, gen)
+    lens = torch.tensor([600, 65]).to(DEV)
+    one = decode_attention_triton(q, k, v, lens, 0.125, splits=1)
+    for s in (2, 5, 10):
+        many = decode_attention_triton(q, k, v, lens, 0.125, splits=s)
+        assert (many.float() - one.float()).abs().max() <= 2e-3 * one.float().abs().max()
+
+
+def test_keys_past_a_rows_length_are_never_read(gen):
+    """NaN after each row's length (what an unwritten slot position could hold) must not reach the output."""
+    q, k, v, _, _, _, _ = make_cache(2, 4, 2, 200, 32, torch.bfloat16, gen)
+    lens = torch.tensor([130, 7])
+    k[0, :, 130:] = float("nan")
+    v[1, :, 7:] = float("nan")
+    out = decode_attention_triton(q, k, v, lens.to(DEV), 32**-0.5)
+    assert torch.isfinite(out).all()
+
+
+def test_pick_splits_fills_the_machine_and_never_splits_below_a_tile():
+    assert pick_splits(1, 8, 4096, 132) == 33  # 2 waves of 132 SMs over 8 programs per split
+    assert pick_splits(256, 8, 4096, 132) == 1
+    assert pick_splits(1, 1, 100, 132) == 2  # 100 keys: two 64-key tiles at most
+    assert pick_splits(1, 1, 1, 132) == 1
+    assert BLOCK_N == 64
+
+
+def test_dispatch_reference_on_cpu_and_argument_errors(gen):
+    q, k, v, ks, vs, kf, vf = make_cache(2, 4, 2, 50, 32, torch.bfloat16, gen, fp8=True)
+    lens = torch.tensor([50, 3]).to(DEV)
+    want = truth(q, kf, vf, lens.cpu(), 0.2)
+    assert rel(decode_attention(q, k, v, lens, scale=0.2, k_scale=ks, v_scale=vs, backend="reference"), want) < 5e-3
+    assert rel(decode_attention(q, k, v, lens, scale=0.2, k_scale=ks, v_scale=vs, backend="triton"), want) < 5e-3
+    with pytest.raises(ValueError, match="do not group"):
+        decode_attention(q[:, :3], k, v, lens, scale=0.2, k_scale=ks, v_scale=vs)
+    with pytest.raises(ValueError, match=r"expected q \[B, Hq, D\]"):
+        decode_attention(q, k, v, lens[:1], scale=0.2, k_scale=ks, v_scale=vs)
+    with pytest.raises(ValueError, match="needs k_scale and v_scale"):
+        decode_attention(q, k, v, lens, scale=0.2, backend="triton")
+    assert k.dtype == FP8_DTYPE
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_kernel_under_a_cuda_graph_follows_lengths_and_scales(fp8, gen):
+    """One captured launch serves every step: new lengths and new scale values are read at replay."""
+    q, k, v, ks, vs, kf, vf = make_cache(4, 16, 8, 512, 128, torch.bfloat16, gen, fp8)
+    lens = torch.tensor([512, 1, 100, 300], device=DEV)
+    decode_attention_triton(q, k, v, lens, 128**-0.5, ks, vs)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention_triton(q, k, v, lens, 128**-0.5, ks, vs)
+    for new in ([5, 512, 64, 65], [200, 2, 511, 1]):
+        lens.copy_(torch.tensor(new))
+        if fp8:
+            ks.mul_(2.0)
+            kf = kf * 2.0
+        graph.replay()
+        assert rel(out, truth(q, kf, vf, lens.cpu(), 128**-0.5)) <= TOL[True]
+
+
+@pytest.mark.gpu
+def test_auto_dispatch_keeps_the_kernel_after_its_check(gen):
+    from quantrl.kernels import dispatch
+
+    q, k, v, _, _, kf, vf = make_cache(8, 16, 8, 1000, 128, torch.bfloat16, gen)
+    lens = torch.randint(1, 1001, (8,), generator=gen).to(DEV)
+    dispatch._ATTN_OK.clear()
+    out = decode_attention(q, k, v, lens, scale=128**-0.5)
+    assert list(dispatch._ATTN_OK.values()) == [True]
+    assert rel(out, truth(q, kf, vf, lens.cpu(), 128**-0.5)) <= TOL[True]
