@@ -169,3 +169,17 @@ def test_auto_dispatch_keeps_the_kernel_after_its_check(gen):
     out = decode_attention(q, k, v, lens, scale=128**-0.5)
     assert list(dispatch._ATTN_OK.values()) == [True]
     assert rel(out, truth(q, kf, vf, lens.cpu(), 128**-0.5)) <= TOL[True]
+
+
+@pytest.mark.gpu
+def test_a_growing_key_axis_compiles_the_kernel_once_per_split_mode(gen):
+    """Eager decode hands the kernel one more key every step; the split count changes with it, which must
+    not recompile (S is a runtime argument): at most two specializations, split or not."""
+    from quantrl.kernels.decode_attention import _decode_attn_kernel
+
+    q, k, v, _, _, _, _ = make_cache(1, 16, 8, 1200, 128, torch.bfloat16, gen)
+    before = sum(len(c[0]) for c in _decode_attn_kernel.device_caches.values())
+    for n in range(64, 1200, 97):  # 1 .. 19 key tiles: split counts 1 .. 19
+        decode_attention_triton(q, k[:, :, :n], v[:, :, :n], torch.full((1,), n, device=DEV), 0.1)
+    after = sum(len(c[0]) for c in _decode_attn_kernel.device_caches.values())
+    assert after - before <= 2

@@ -20,7 +20,8 @@ make one tensor-core tile), and one of S chunks of the key axis, and runs the on
 chunk in BLOCK_N-key tiles. With S > 1 it writes fp32 partials (output [B, Hq, S, Dv], log-sum-exp
 [B, Hq, S]) and a second kernel merges the chunks; S is chosen so that B * Hkv * S fills the SMs, and
 it is a function of the static slot length only, so a CUDA graph captures one grid that serves every
-length: chunks past a row's length return at once.
+length: chunks past a row's length return at once. S is a runtime argument (only S > 1 is compiled in), so
+eager decode, whose key axis grows by one every step, compiles the kernel once, not once per split count.
 Shapes: q [B, Hq, D]; k [B, Hkv, L, D], v [B, Hkv, L, Dv] (any strides with a unit last one, the cache's
 slot views); lens [B] int (keys [0, len) are real, len >= 1); out [B, Hq, Dv] in q's dtype.
 """
@@ -70,9 +71,9 @@ def _operand(x, FP8: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr):
 def _decode_attn_kernel(
     q_ptr, k_ptr, v_ptr, lens_ptr, ks_ptr, vs_ptr, out_ptr, part_ptr, lse_ptr,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-    qk_scale, chunk, window,
+    qk_scale, chunk, window, S,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     hk = tl.program_id(1)
@@ -117,7 +118,7 @@ def _decode_attn_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(vo.dtype), vo)
         m_i = m_new
     out = acc * (out_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
-    if S == 1:
+    if not SPLIT:
         tl.store(out_ptr + (b * n_q + heads)[:, None] * DV + dv[None, :], cast_out(out, out_ptr.dtype.element_ty, NATIVE),
                  mask=g_mask[:, None] & (dv < DV)[None, :])  # fmt: skip
     else:  # an empty chunk leaves lse = -inf: weight 0 in the merge
@@ -128,8 +129,8 @@ def _decode_attn_kernel(
 
 
 @triton.jit
-def _merge_kernel(part_ptr, lse_ptr, out_ptr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, S: tl.constexpr,
-                  BLOCK_S: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
+def _merge_kernel(part_ptr, lse_ptr, out_ptr, S, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+                  NATIVE: tl.constexpr):  # fmt: skip
     """One (row, query head): out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse)."""
     r = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
@@ -196,13 +197,13 @@ def decode_attention_triton(
     native = native_default(native)
     _decode_attn_kernel[(bsz, hkv, s)](
         q, kc, vc, lens, ks, vs, out, part, lse, q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
-        scale * LOG2E, chunk, window or 0,
+        scale * LOG2E, chunk, window or 0, s,
         G=g, BLOCK_G=max(MIN_BLOCK_G, triton.next_power_of_2(g)), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_N=BLOCK_N, S=s, FP8=fp8, NATIVE=native,
+        DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_N=BLOCK_N, SPLIT=s > 1, FP8=fp8, NATIVE=native,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     if s > 1:
-        _merge_kernel[(bsz * hq,)](part, lse, out, DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)), S=s,
+        _merge_kernel[(bsz * hq,)](part, lse, out, s, DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
                                    BLOCK_S=max(2, triton.next_power_of_2(s)), NATIVE=native, num_warps=4)  # fmt: skip
     return out
 
