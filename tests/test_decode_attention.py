@@ -96,6 +96,21 @@ def test_kernel_matches_the_fp64_softmax(case, fp8, native, gen):
 
 
 @pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("q_scale", [3e4, 1.0, 1e-4])
+def test_fp8_cache_attends_in_fp16_with_the_query_brought_into_range(q_scale, gen):
+    """The device path of an FP8 cache multiplies in fp16 (e4m3 widens to it exactly); q goes in divided by
+    a power of two above its max-abs, so a bf16 q beyond fp16's 65504 cannot overflow and a tiny one keeps
+    its bits. fp16 dots and e4m3 -> fp16 are exact in the interpreter too, so this runs everywhere."""
+    q, k, v, ks, vs, kf, vf = make_cache(2, 16, 8, 300, 128, torch.bfloat16, gen, fp8=True)
+    q = (q.float() * q_scale).bfloat16()
+    lens = torch.tensor([300, 77])
+    scale = 128**-0.5 / q_scale
+    out = decode_attention_triton(q, k, v, lens.to(DEV), scale, ks, vs, splits=3, native=True)
+    assert torch.isfinite(out).all()
+    assert rel(out, truth(q, kf, vf, lens, scale)) <= TOL[True]
+
+
+@pytest.mark.usefixtures("poisoned_empty")
 def test_split_count_does_not_change_the_answer(gen):
     """Merging chunks is exact algebra: 1 split and many agree to fp32 summation error (before the
     single bf16 rounding, compared here in fp16 output to see more bits)."""

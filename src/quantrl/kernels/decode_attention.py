@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from quantrl.formats._checks import cdiv
-from quantrl.kernels._numerics import cast_out, native_default, widen
+from quantrl.kernels._numerics import abs_bits, cast_out, native_default, widen
 from quantrl.kernels._triton import tl, triton
 
 LOG2E = 1.4426950408889634
@@ -52,12 +52,12 @@ def _e4m3_to_f32(b):
 
 
 @triton.jit
-def _operand(x, FP8: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr):
-    """A loaded tile as a tl.dot operand: native dtype on the device (fp8 codes widened exactly to the
-    query's dtype), fp32 in the interpreter (which multiplies bf16 dot operands as raw bits)."""
+def _operand(x, FP8: tl.constexpr, NATIVE: tl.constexpr):
+    """A loaded tile as a tl.dot operand: on the device the cache's dtype, fp8 codes widened exactly to
+    fp16; fp32 in the interpreter (which multiplies bf16 dot operands as raw bits)."""
     if FP8:
         if NATIVE:
-            y = x.to(tl.float8e4nv, bitcast=True).to(DT)
+            y = x.to(tl.float8e4nv, bitcast=True).to(tl.float16)
         else:
             y = _e4m3_to_f32(x)
     elif NATIVE:
@@ -67,7 +67,7 @@ def _operand(x, FP8: tl.constexpr, DT: tl.constexpr, NATIVE: tl.constexpr):
     return y
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])  # Triton specializes ints divisible by 16: S = 16, 32 would recompile
 def _decode_attn_kernel(
     q_ptr, k_ptr, v_ptr, lens_ptr, ks_ptr, vs_ptr, out_ptr, part_ptr, lse_ptr,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
@@ -95,7 +95,13 @@ def _decode_attn_kernel(
         out_scale = tl.load(vs_ptr)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
-    qd = _operand(q, False, q.dtype, NATIVE)  # [BLOCK_G, BLOCK_D]
+    qd = _operand(q, False, NATIVE)  # [BLOCK_G, BLOCK_D]
+    if FP8 and NATIVE:  # e4m3 widens exactly to fp16 at one instruction a pair (to bf16 it takes more): q
+        # joins it there, scaled by a power of two to |q| < 1 (exact; fp16 then holds more of q's bits
+        # than bf16 does, and no q can overflow), and the scores are scaled back
+        e = tl.minimum(tl.maximum(tl.max(tl.max(abs_bits(widen(q, NATIVE)), axis=1), axis=0) >> 23, 1), 252)
+        qd = (widen(q, NATIVE) * ((253 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16)  # q / 2^(e - 126)
+        qk_scale = qk_scale * ((e + 1) << 23).to(tl.float32, bitcast=True)
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_DV), tl.float32)
@@ -106,7 +112,7 @@ def _decode_attn_kernel(
         n_mask = n < hi
         kt = tl.load(k_base + n[None, :] * stride_kl + d[:, None], mask=(d < D)[:, None] & n_mask[None, :],
                      other=0.0)  # [BLOCK_D, BLOCK_N]: K^T  # fmt: skip
-        s = tl.dot(qd, _operand(kt, FP8, q.dtype, NATIVE)) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
+        s = tl.dot(qd, _operand(kt, FP8, NATIVE)) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -114,7 +120,7 @@ def _decode_attn_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(v_base + n[:, None] * stride_vl + dv[None, :], mask=n_mask[:, None] & (dv < DV)[None, :],
                      other=0.0)  # [BLOCK_N, BLOCK_DV]  # fmt: skip
-        vo = _operand(vt, FP8, q.dtype, NATIVE)
+        vo = _operand(vt, FP8, NATIVE)
         acc = acc * alpha[:, None] + tl.dot(p.to(vo.dtype), vo)
         m_i = m_new
     out = acc * (out_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
@@ -128,7 +134,7 @@ def _decode_attn_kernel(
         tl.store(lse_ptr + row, lse, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _merge_kernel(part_ptr, lse_ptr, out_ptr, S, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
                   NATIVE: tl.constexpr):  # fmt: skip
     """One (row, query head): out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse)."""
