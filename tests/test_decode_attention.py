@@ -198,3 +198,32 @@ def test_a_growing_key_axis_compiles_the_kernel_once_per_split_mode(gen):
         decode_attention_triton(q, k[:, :, :n], v[:, :, :n], torch.full((1,), n, device=DEV), 0.1)
     after = sum(len(c[0]) for c in _decode_attn_kernel.device_caches.values())
     assert after - before <= 2
+
+
+@pytest.mark.parametrize(("arch", "kv_dtype"), [("qwen3", "auto"), ("qwen3", "fp8_e4m3"), ("mistral", "auto")])
+def test_the_engine_decodes_through_the_kernel(tmp_path, monkeypatch, arch, kv_dtype):
+    """The engine with the kernel forced (interpreted here) returns the logprobs of a full forward, fp32,
+    to summation order: GQA (Qwen3), a 5-token sliding window that decode outruns (Mistral), and an FP8
+    cache against a forward that rounds K and V alike. Every decode layer call went through the kernel."""
+    from _tiny_models import full_forward_logprobs, mistral_config, qwen3_config, random_prompts, save_model
+
+    from quantrl.kernels import decode_attention as da
+    from quantrl.model import load_model
+    from quantrl.model.decoder import KVContext
+    from quantrl.rollout import Engine, SamplingParams
+
+    model = load_model(save_model((qwen3_config if arch == "qwen3" else mistral_config)(), tmp_path / arch),
+                       dtype=torch.float32, device=DEV)  # fmt: skip
+    calls = []
+    real = da.decode_attention_triton
+    monkeypatch.setattr(da, "decode_attention_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(KVContext, "attention_backend", "triton")
+    prompts = random_prompts([5, 12, 3], seed=2)
+    params = SamplingParams(n=2, temperature=0.8, max_new_tokens=9, seed=0)
+    results = Engine(model, kv_cache_tokens=64, kv_cache_dtype=kv_dtype).generate(prompts, params)
+    decode_tokens = sum(len(r.tokens) - 1 for r in results)
+    assert len(calls) >= model.config.num_layers * (params.max_new_tokens - 1) and decode_tokens > 0
+    model.set_kv_fake_quant(kv_dtype == "fp8_e4m3")
+    gap = max(float((torch.tensor(r.logprobs) - full_forward_logprobs(model, prompts[r.prompt_index], r.tokens,
+                                                                      0.8)).abs().max()) for r in results)  # fmt: skip
+    assert gap <= 1e-5

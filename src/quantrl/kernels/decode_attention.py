@@ -52,12 +52,13 @@ def _e4m3_to_f32(b):
 
 
 @triton.jit
-def _operand(x, FP8: tl.constexpr, NATIVE: tl.constexpr):
+def _operand(x, FP8: tl.constexpr, F16: tl.constexpr, NATIVE: tl.constexpr):
     """A loaded tile as a tl.dot operand: on the device the cache's dtype, fp8 codes widened exactly to
-    fp16; fp32 in the interpreter (which multiplies bf16 dot operands as raw bits)."""
+    fp16 (``F16``, bf16/fp16 queries) or fp32; fp32 in the interpreter (which multiplies bf16 dot operands
+    as raw bits)."""
     if FP8:
         if NATIVE:
-            y = x.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+            y = x.to(tl.float8e4nv, bitcast=True).to(tl.float16 if F16 else tl.float32)
         else:
             y = _e4m3_to_f32(x)
     elif NATIVE:
@@ -73,7 +74,8 @@ def _decode_attn_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     qk_scale, chunk, window, S,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr, F16: tl.constexpr,
+    PREC: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     hk = tl.program_id(1)
@@ -95,8 +97,8 @@ def _decode_attn_kernel(
         out_scale = tl.load(vs_ptr)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
-    qd = _operand(q, False, NATIVE)  # [BLOCK_G, BLOCK_D]
-    if FP8 and NATIVE:  # e4m3 widens exactly to fp16 at one instruction a pair (to bf16 it takes more): q
+    qd = _operand(q, False, F16, NATIVE)  # [BLOCK_G, BLOCK_D]
+    if F16:  # e4m3 widens exactly to fp16 at one instruction a pair (to bf16 it takes more): q
         # joins it there, scaled by a power of two to |q| < 1 (exact; fp16 then holds more of q's bits
         # than bf16 does, and no q can overflow), and the scores are scaled back
         e = tl.minimum(tl.maximum(tl.max(tl.max(abs_bits(widen(q, NATIVE)), axis=1), axis=0) >> 23, 1), 252)
@@ -112,7 +114,7 @@ def _decode_attn_kernel(
         n_mask = n < hi
         kt = tl.load(k_base + n[None, :] * stride_kl + d[:, None], mask=(d < D)[:, None] & n_mask[None, :],
                      other=0.0)  # [BLOCK_D, BLOCK_N]: K^T  # fmt: skip
-        s = tl.dot(qd, _operand(kt, FP8, NATIVE)) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
+        s = tl.dot(qd, _operand(kt, FP8, F16, NATIVE), input_precision=PREC) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -120,8 +122,8 @@ def _decode_attn_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(v_base + n[:, None] * stride_vl + dv[None, :], mask=n_mask[:, None] & (dv < DV)[None, :],
                      other=0.0)  # [BLOCK_N, BLOCK_DV]  # fmt: skip
-        vo = _operand(vt, FP8, NATIVE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vo.dtype), vo)
+        vo = _operand(vt, FP8, F16, NATIVE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vo.dtype), vo, input_precision=PREC)
         m_i = m_new
     out = acc * (out_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
     if not SPLIT:
@@ -153,7 +155,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Shapes and dtypes the kernel takes (anything else runs the reference under ``backend="auto"``)."""
     hq, hkv = q.shape[1], k.shape[1]
     return (
-        q.dtype in (torch.bfloat16, torch.float16)
+        q.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and k.dtype == v.dtype
         and k.dtype in (q.dtype, torch.float8_e4m3fn)
         and hq % hkv == 0
@@ -205,7 +207,8 @@ def decode_attention_triton(
         q, kc, vc, lens, ks, vs, out, part, lse, q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
         scale * LOG2E, chunk, window or 0, s,
         G=g, BLOCK_G=max(MIN_BLOCK_G, triton.next_power_of_2(g)), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_N=BLOCK_N, SPLIT=s > 1, FP8=fp8, NATIVE=native,
+        DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_N=BLOCK_N, SPLIT=s > 1, FP8=fp8,
+        F16=fp8 and native and q.dtype != torch.float32, PREC="ieee" if q.dtype == torch.float32 else "tf32", NATIVE=native,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     if s > 1:
