@@ -65,7 +65,8 @@ def variants(slot: int) -> dict:
     scale = D**-0.5
 
     def sdpa(q, k, v, mask=None):
-        return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=True)[:, :, 0]
+        out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out[:, :, 0]
 
     def slot_mask(x):  # [B, 1, 1, slot]: keys < len, as the engine's decode masks are built
         return (torch.arange(slot, device=x["q"].device)[None, :] < x["lens"][:, None])[:, None, None]
@@ -174,7 +175,8 @@ def main() -> int:
         for b in args.batches:
             for ctx in args.ctx:
                 rows.append(bench_row(b, ctx, args.slot, timer, device, failures))
-                print(f"B={b} ctx={ctx}: " + ", ".join(f"{n} {t:.1f} us" for n, t in rows[-1]["us"].items()), flush=True)
+                figures = ", ".join(f"{n} {t:.1f} us" for n, t in rows[-1]["us"].items())
+                print(f"B={b} ctx={ctx}: {figures}", flush=True)
     except KeyboardInterrupt:
         interrupted = True
         print(f"interrupted: writing the {len(rows)} rows timed so far", flush=True)

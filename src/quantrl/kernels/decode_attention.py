@@ -114,7 +114,7 @@ def _decode_attn_kernel(
         n_mask = n < hi
         kt = tl.load(k_base + n[None, :] * stride_kl + d[:, None], mask=(d < D)[:, None] & n_mask[None, :],
                      other=0.0)  # [BLOCK_D, BLOCK_N]: K^T  # fmt: skip
-        s = tl.dot(qd, _operand(kt, FP8, F16, NATIVE), input_precision=PREC) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
+        s = tl.dot(qd, _operand(kt, FP8, F16, NATIVE), input_precision=PREC) * qk_scale  # [BLOCK_G, BLOCK_N]: log2
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -215,5 +215,3 @@ def decode_attention_triton(
         _merge_kernel[(bsz * hq,)](part, lse, out, s, DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
                                    BLOCK_S=max(2, triton.next_power_of_2(s)), NATIVE=native, num_warps=4)  # fmt: skip
     return out
-
-
