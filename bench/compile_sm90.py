@@ -180,14 +180,15 @@ def _cases() -> list[Case]:
                                   xq, xs, wq, ws, bias, native=True, b_scale=b)))  # fmt: skip
 
     # decode attention: Qwen3-0.6B's heads (16 q / 8 kv, D 128) at batch 1 (split + merge) and 64 (one
-    # split), BF16 and FP8 caches; a 4-per-group sliding layer at D 64; fp16; MHA at D 256 (the largest)
-    def attn(b, hq, hkv, d, cache, qdt=bf, window=None, length=4096):
-        q = torch.empty(b, hq, d, dtype=qdt)
-        kv = torch.empty(b, hkv, length, d, dtype=cache or qdt)
+    # split), BF16 and FP8 caches; a 4-per-group sliding layer at D 64; fp16; MHA at D 256; latent attention
+    def attn(b, hq, hkv, d, cache, qdt=bf, window=None, length=4096, rope=0):
+        q = torch.empty(b, hq, d + rope, dtype=qdt)
+        k, v = (torch.empty(b, hkv, length, d, dtype=cache or qdt) for _ in range(2))
+        r = torch.empty(b, hkv, length, rope, dtype=cache or qdt) if rope else None
         lens = torch.empty(b, dtype=torch.long)
         sc = torch.empty((), dtype=torch.float32)
-        return lambda: decode_attention.decode_attention_triton(q, kv, kv, lens, d**-0.5, sc, sc, window,
-                                                                native=True)  # fmt: skip
+        return lambda: decode_attention.decode_attention_triton(q, k, k if rope else v, lens, d**-0.5, sc, sc, window,
+                                                                k_rope=r, rope_scale=sc, native=True)  # fmt: skip
 
     for b in (1, 64):
         for cache in (None, torch.float8_e4m3fn):
@@ -195,6 +196,9 @@ def _cases() -> list[Case]:
     cases.append(Case("decode attn G=4 D=64 window", attn(2, 16, 4, 64, None, window=1024)))
     cases.append(Case("decode attn fp16 G=2 D=128", attn(8, 16, 8, 128, None, torch.float16)))
     cases.append(Case("decode attn MHA D=256 fp8", attn(4, 8, 8, 256, torch.float8_e4m3fn)))
+    for cache in (None, torch.float8_e4m3fn):  # DeepSeek / Kimi latent decode: 16 heads a block, r 512 + rot 64
+        cases.append(Case(f"decode attn latent H=16 r=512 {'fp8' if cache else 'bf16'}",
+                          attn(8, 16, 1, 512, cache, rope=64)))  # fmt: skip
     return cases
 
 

@@ -16,7 +16,7 @@ from quantrl.formats.fp8 import FP8_DTYPE, dequantize_fp8_static, quantize_fp8_s
 from quantrl.kernels.dispatch import decode_attention, decode_attention_reference
 
 triton = pytest.importorskip("triton")
-from quantrl.kernels.decode_attention import BLOCK_N, decode_attention_triton, pick_splits
+from quantrl.kernels.decode_attention import BLOCK_N, decode_attention_triton, pick_splits, tiles_for
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -133,11 +133,50 @@ def test_keys_past_a_rows_length_are_never_read(gen):
 
 
 def test_pick_splits_fills_the_machine_and_never_splits_below_a_tile():
-    assert pick_splits(1, 8, 4096, 132) == 33  # 2 waves of 132 SMs over 8 programs per split
-    assert pick_splits(256, 8, 4096, 132) == 1
-    assert pick_splits(1, 1, 100, 132) == 2  # 100 keys: two 64-key tiles at most
-    assert pick_splits(1, 1, 1, 132) == 1
+    assert pick_splits(8, 4096, 132) == 33  # 2 waves of 132 SMs over 8 programs per split
+    assert pick_splits(256 * 8, 4096, 132) == 1
+    assert pick_splits(1, 100, 132) == 2  # 100 keys: two 64-key tiles at most
+    assert pick_splits(1, 100, 132, block_n=32) == 4
+    assert pick_splits(1, 1, 132) == 1
     assert BLOCK_N == 64
+    assert tiles_for(2, 128, 128) == (16, 64)  # Qwen3: a 2-head group padded to 16 rows
+    assert tiles_for(16, 512, 512) == (16, 32)  # latent attention: 16 heads a program, 32 latents a tile
+    assert tiles_for(64, 128, 128) == (64, 64)
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize(("heads", "rank", "rot", "length"), [(4, 64, 16, 90), (20, 128, 32, 150), (16, 512, 64, 40)])
+def test_latent_attention_reads_each_latent_tile_once_for_keys_and_values(heads, rank, rot, length, fp8, native, gen):
+    """DeepSeek's absorbed decode: one shared KV head whose keys are [latent, k_rot] and whose values are
+    the latent itself (v is k); 20 heads take two head blocks; FP8 latent and roped key with their own scales.
+    The device's fp16 path of an FP8 cache runs in the interpreter too (its bf16 dots do not)."""
+    if native and not (CUDA or fp8):
+        pytest.skip("the interpreter multiplies bf16 dot operands as raw bits")
+    b = 3
+    q = torch.randn(b, heads, rank + rot, generator=gen).bfloat16()
+    lat = torch.randn(b + 1, 1, length + 5, rank, generator=gen)
+    rope = torch.randn(b + 1, 1, length + 5, rot, generator=gen) * 2
+    if fp8:
+        ls, rs = torch.tensor(0.01), torch.tensor(0.03)
+        lat, rope = quantize_fp8_static(lat, ls), quantize_fp8_static(rope, rs)
+        lf, rf = dequantize_fp8_static(lat, ls, torch.float64), dequantize_fp8_static(rope, rs, torch.float64)
+        ls, rs = ls.to(DEV), rs.to(DEV)
+    else:
+        lat, rope, ls, rs = lat.bfloat16(), rope.bfloat16(), None, None
+        lf, rf = lat.double(), rope.double()
+    view = (slice(0, b), slice(None), slice(0, length))
+    lat_d, rope_d = lat.to(DEV)[view], rope.to(DEV)[view]
+    lens = torch.tensor([length, 1, 33])
+    scale = (rank + rot) ** -0.5
+    want = truth(q, torch.cat([lf, rf], -1)[view], lf[view], lens, scale)
+    out = decode_attention_triton(q.to(DEV), lat_d, lat_d, lens.to(DEV), scale, ls, ls, k_rope=rope_d,
+                                  rope_scale=rs, native=native)  # fmt: skip
+    assert out.shape == (b, heads, rank) and rel(out, want) <= TOL[native]
+    ref = decode_attention(q.to(DEV), lat_d, lat_d, lens.to(DEV), scale=scale, k_scale=ls, v_scale=ls, k_rope=rope_d,
+                           rope_scale=rs, backend="reference")  # fmt: skip
+    assert rel(ref, want) <= 5e-3
 
 
 def test_dispatch_reference_on_cpu_and_argument_errors(gen):
@@ -200,20 +239,23 @@ def test_a_growing_key_axis_compiles_the_kernel_once_per_split_mode(gen):
     assert after - before <= 2
 
 
-@pytest.mark.parametrize(("arch", "kv_dtype"), [("qwen3", "auto"), ("qwen3", "fp8_e4m3"), ("mistral", "auto")])
+@pytest.mark.parametrize(("arch", "kv_dtype"), [("qwen3", "auto"), ("qwen3", "fp8_e4m3"), ("mistral", "auto"),
+                                               ("deepseek", "auto"), ("deepseek", "fp8_e4m3")])  # fmt: skip
 def test_the_engine_decodes_through_the_kernel(tmp_path, monkeypatch, arch, kv_dtype):
     """The engine with the kernel forced (interpreted here) returns the logprobs of a full forward, fp32,
-    to summation order: GQA (Qwen3), a 5-token sliding window that decode outruns (Mistral), and an FP8
-    cache against a forward that rounds K and V alike. Every decode layer call went through the kernel."""
-    from _tiny_models import full_forward_logprobs, mistral_config, qwen3_config, random_prompts, save_model
+    to summation order: GQA (Qwen3), a 5-token sliding window that decode outruns (Mistral), DeepSeek's
+    absorbed latent decode, and FP8 caches against a forward that rounds K and V (latent and roped key)
+    alike. Every decode layer call went through the kernel."""
+    from _tiny_models import deepseek_v3_config, full_forward_logprobs, mistral_config, qwen3_config, random_prompts
+    from _tiny_models import save_model
 
     from quantrl.kernels import decode_attention as da
     from quantrl.model import load_model
     from quantrl.model.decoder import KVContext
     from quantrl.rollout import Engine, SamplingParams
 
-    model = load_model(save_model((qwen3_config if arch == "qwen3" else mistral_config)(), tmp_path / arch),
-                       dtype=torch.float32, device=DEV)  # fmt: skip
+    config = {"qwen3": qwen3_config, "mistral": mistral_config, "deepseek": deepseek_v3_config}[arch]()
+    model = load_model(save_model(config, tmp_path / arch), dtype=torch.float32, device=DEV)
     calls = []
     real = da.decode_attention_triton
     monkeypatch.setattr(da, "decode_attention_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))

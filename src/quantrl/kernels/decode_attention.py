@@ -37,7 +37,7 @@ from quantrl.kernels._triton import tl, triton
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # keys per tile: a 64 x 128 bf16 K tile is 16 KB, V the same; two stages fit in shared memory
 MIN_BLOCK_G = 16  # tl.dot's smallest M: a group of fewer query heads is padded with zero rows
-MAX_HEAD_DIM = 256  # a [BLOCK_G, 256] fp32 accumulator is the most the register file takes per program
+MAX_HEAD_DIM = 512  # latent attention's kv_lora_rank; the widest value row (acc [16, 512] fp32)
 
 
 @triton.jit
@@ -68,42 +68,65 @@ def _operand(x, FP8: tl.constexpr, F16: tl.constexpr, NATIVE: tl.constexpr):
     return y
 
 
+@triton.jit
+def _scores(qd, kt, qk_scale, FP8: tl.constexpr, F16: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
+    """[BLOCK_G, BLOCK_N] = (q . K_j) * qk_scale for a key tile kt [BLOCK_N, BLOCK_D]."""
+    return tl.dot(qd, tl.trans(_operand(kt, FP8, F16, NATIVE)), input_precision=PREC) * qk_scale
+
+
 @triton.jit(do_not_specialize=["S"])  # Triton specializes ints divisible by 16: S = 16, 32 would recompile
 def _decode_attn_kernel(
-    q_ptr, k_ptr, v_ptr, lens_ptr, ks_ptr, vs_ptr, out_ptr, part_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, r_ptr, lens_ptr, ks_ptr, vs_ptr, rs_ptr, out_ptr, part_ptr, lse_ptr,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-    qk_scale, chunk, window, S,
+    stride_rb, stride_rh, stride_rl, qk_scale, chunk, window, S,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr, F16: tl.constexpr,
-    PREC: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_DV: tl.constexpr, DR: tl.constexpr, BLOCK_DR: tl.constexpr, V_IS_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr, F16: tl.constexpr, PREC: tl.constexpr,
+    NATIVE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
-    hk = tl.program_id(1)
+    n_blocks: tl.constexpr = (G + BLOCK_G - 1) // BLOCK_G  # query-head blocks per KV head
+    hk = tl.program_id(1) // n_blocks
+    g0 = (tl.program_id(1) % n_blocks) * BLOCK_G
     split = tl.program_id(2)
-    n_q = tl.num_programs(1) * G  # query heads
+    n_q = (tl.num_programs(1) // n_blocks) * G  # query heads
     length = tl.load(lens_ptr + b).to(tl.int32)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)
     if window > 0:
         lo = tl.maximum(lo, length - window)
-    g = tl.arange(0, BLOCK_G)
+    g = g0 + tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     heads = hk * G + g
     g_mask = g < G
+    k_scale = qk_scale
+    r_scale = qk_scale
     out_scale = 1.0
     if FP8:  # read on the device at every launch: a CUDA graph replays with the scales' current values
-        qk_scale = qk_scale * tl.load(ks_ptr)
+        k_scale = qk_scale * tl.load(ks_ptr)
+        r_scale = qk_scale * tl.load(rs_ptr)
         out_scale = tl.load(vs_ptr)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=g_mask[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
-    qd = _operand(q, False, F16, NATIVE)  # [BLOCK_G, BLOCK_D]
-    if F16:  # e4m3 widens exactly to fp16 at one instruction a pair (to bf16 it takes more): q
-        # joins it there, scaled by a power of two to |q| < 1 (exact; fp16 then holds more of q's bits
-        # than bf16 does, and no q can overflow), and the scores are scaled back
-        e = tl.minimum(tl.maximum(tl.max(tl.max(abs_bits(widen(q, NATIVE)), axis=1), axis=0) >> 23, 1), 252)
-        qd = (widen(q, NATIVE) * ((253 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16)  # q / 2^(e - 126)
-        qk_scale = qk_scale * ((e + 1) << 23).to(tl.float32, bitcast=True)
+    q_row = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_row + d[None, :], mask=g_mask[:, None] & (d < D)[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    qd = _operand(q, False, F16, NATIVE)
+    if DR > 0:  # latent attention: each key also has DR roped dimensions, stored apart (q holds them after D)
+        dr = tl.arange(0, BLOCK_DR)
+        qr = tl.load(q_row + D + dr[None, :], mask=g_mask[:, None] & (dr < DR)[None, :], other=0.0)
+        qrd = _operand(qr, False, F16, NATIVE)
+    if F16:  # e4m3 widens exactly to fp16 at one instruction a pair (to bf16 it takes more): q joins it
+        # there, divided by a power of two above its max-abs (exact; fp16 then holds more of q's bits than
+        # bf16 does, and no q can overflow), and the scores are scaled back
+        qmax = tl.max(tl.max(abs_bits(widen(q, NATIVE)), axis=1), axis=0)
+        if DR > 0:
+            qmax = tl.maximum(qmax, tl.max(tl.max(abs_bits(widen(qr, NATIVE)), axis=1), axis=0))
+        e = tl.minimum(tl.maximum(qmax >> 23, 1), 252)
+        inv = ((253 - e) << 23).to(tl.float32, bitcast=True)  # 1 / 2^(e - 126)
+        qd = (widen(q, NATIVE) * inv).to(tl.float16)
+        if DR > 0:
+            qrd = (widen(qr, NATIVE) * inv).to(tl.float16)
+        k_scale = k_scale * ((e + 1) << 23).to(tl.float32, bitcast=True)
+        r_scale = r_scale * ((e + 1) << 23).to(tl.float32, bitcast=True)
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_DV), tl.float32)
@@ -112,17 +135,24 @@ def _decode_attn_kernel(
     for start in range(lo, hi, BLOCK_N):  # every tile holds >= 1 real key, so m_i is finite after the first
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < hi
-        kt = tl.load(k_base + n[None, :] * stride_kl + d[:, None], mask=(d < D)[:, None] & n_mask[None, :],
-                     other=0.0)  # [BLOCK_D, BLOCK_N]: K^T  # fmt: skip
-        s = tl.dot(qd, _operand(kt, FP8, F16, NATIVE), input_precision=PREC) * qk_scale  # [BLOCK_G, BLOCK_N]: log2
+        kt = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=n_mask[:, None] & (d < D)[None, :],
+                     other=0.0)  # [BLOCK_N, BLOCK_D]  # fmt: skip
+        s = _scores(qd, kt, k_scale, FP8, F16, PREC, NATIVE)  # [BLOCK_G, BLOCK_N], log2 units
+        if DR > 0:
+            rt = tl.load(r_ptr + b * stride_rb + hk * stride_rh + n[:, None] * stride_rl + dr[None, :],
+                         mask=n_mask[:, None] & (dr < DR)[None, :], other=0.0)  # fmt: skip
+            s += _scores(qrd, rt, r_scale, FP8, F16, PREC, NATIVE)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v_base + n[:, None] * stride_vl + dv[None, :], mask=n_mask[:, None] & (dv < DV)[None, :],
-                     other=0.0)  # [BLOCK_N, BLOCK_DV]  # fmt: skip
-        vo = _operand(vt, FP8, F16, NATIVE)
+        if V_IS_K:  # latent attention's values are its keys' first DV dims: the tile already loaded
+            vo = _operand(kt, FP8, F16, NATIVE)
+        else:
+            vt = tl.load(v_base + n[:, None] * stride_vl + dv[None, :], mask=n_mask[:, None] & (dv < DV)[None, :],
+                         other=0.0)  # [BLOCK_N, BLOCK_DV]  # fmt: skip
+            vo = _operand(vt, FP8, F16, NATIVE)
         acc = acc * alpha[:, None] + tl.dot(p.to(vo.dtype), vo, input_precision=PREC)
         m_i = m_new
     out = acc * (out_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
@@ -151,15 +181,19 @@ def _merge_kernel(part_ptr, lse_ptr, out_ptr, S, DV: tl.constexpr, BLOCK_DV: tl.
     tl.store(out_ptr + r * DV + dv, cast_out(out, out_ptr.dtype.element_ty, NATIVE), mask=dv < DV)
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_rope: torch.Tensor | None = None) -> bool:
     """Shapes and dtypes the kernel takes (anything else runs the reference under ``backend="auto"``)."""
     hq, hkv = q.shape[1], k.shape[1]
+    d = k.shape[-1] + (0 if k_rope is None else k_rope.shape[-1])
     return (
         q.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and k.dtype == v.dtype
         and k.dtype in (q.dtype, torch.float8_e4m3fn)
+        and (k_rope is None or (k_rope.dtype == k.dtype and k_rope.stride(-1) == 1 and (v is k or v.shape[-1] > 0)))
         and hq % hkv == 0
-        and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM
+        and q.shape[-1] == d
+        and max(k.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM
+        and (k_rope is None or k_rope.shape[-1] <= 128)
         and k.stride(-1) == 1
         and v.stride(-1) == 1
         and q.stride(-1) == 1
@@ -172,46 +206,63 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def pick_splits(batch: int, kv_heads: int, max_len: int, sm_count: int) -> int:
-    """Chunks of the key axis: enough programs for ~2 waves over the SMs, never a chunk under one tile.
-    A function of the static slot length (not the rows' lengths), so a captured grid serves any step."""
-    tiles = cdiv(max_len, BLOCK_N)
-    return max(1, min(tiles, cdiv(2 * sm_count, batch * kv_heads)))
+def tiles_for(g: int, d: int, dv: int) -> tuple[int, int]:
+    """(BLOCK_G, BLOCK_N): query heads per program (<= 8192 fp32 accumulators over 128 threads) and keys
+    per tile (a K tile of <= 16K elements: 64 keys at head dim 128, 32 at latent attention's 512)."""
+    block_dv = max(16, triton.next_power_of_2(dv))
+    block_g = max(MIN_BLOCK_G, min(triton.next_power_of_2(g), 8192 // block_dv))
+    return block_g, max(16, min(BLOCK_N, 16384 // max(16, triton.next_power_of_2(d))))
+
+
+def pick_splits(programs: int, max_len: int, sm_count: int, block_n: int = BLOCK_N) -> int:
+    """Chunks of the key axis for ``programs`` (row, head-block) pairs: enough for ~2 waves over the SMs,
+    never a chunk under one tile. A function of the static slot length (not the rows' lengths), so a
+    captured grid serves any step."""
+    return max(1, min(cdiv(max_len, block_n), cdiv(2 * sm_count, programs)))
 
 
 def decode_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, scale: float,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, window: int | None = None,
+    k_rope: torch.Tensor | None = None, rope_scale: torch.Tensor | None = None,
     splits: int | None = None, native: bool | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """See the module note. ``k_scale`` / ``v_scale``: an FP8 cache's fp32 dequantization scales (one
-    element each, on q's device; read by the kernel, so no host sync and CUDA-graph safe)."""
-    bsz, hq, d = q.shape
-    hkv, max_len, dv = k.shape[1], k.shape[2], v.shape[-1]
+    element each, on q's device; read by the kernel, so no host sync and CUDA-graph safe). Latent
+    attention: ``k_rope`` [B, Hkv, L, Dr] holds the keys' last Dr dims (q [B, Hq, D + Dr]; its scale
+    ``rope_scale``), and ``v`` may be ``k`` itself (values = the latent keys: each tile is read once)."""
+    bsz, hq, _ = q.shape
+    hkv, max_len, d, dv = k.shape[1], k.shape[2], k.shape[-1], v.shape[-1]
+    dr = 0 if k_rope is None else k_rope.shape[-1]
     fp8 = k.dtype == torch.float8_e4m3fn
     out = torch.empty(bsz, hq, dv, dtype=q.dtype, device=q.device)
     if bsz == 0:
         return out
-    s = splits or pick_splits(bsz, hkv, max_len, _sm_count(q.device))
-    chunk = cdiv(cdiv(max_len, s), BLOCK_N) * BLOCK_N  # chunks of whole tiles
+    if fp8 and (k_scale is None or v_scale is None or (k_rope is not None and rope_scale is None)):
+        raise ValueError("decode_attention: an FP8 cache needs k_scale and v_scale (and rope_scale with k_rope)")
+    g = hq // hkv
+    block_g, block_n = tiles_for(g, d, dv)
+    programs = bsz * hkv * cdiv(g, block_g)
+    s = splits or pick_splits(programs, max_len, _sm_count(q.device), block_n)
+    chunk = cdiv(cdiv(max_len, s), block_n) * block_n  # chunks of whole tiles
     s = cdiv(max_len, chunk)
     part = torch.empty(bsz * hq * s * dv if s > 1 else 1, dtype=torch.float32, device=q.device)
     lse = torch.empty(bsz * hq * s if s > 1 else 1, dtype=torch.float32, device=q.device)
-    if fp8 and (k_scale is None or v_scale is None):
-        raise ValueError("decode_attention: an FP8 cache needs k_scale and v_scale")
-    ks, vs = (k_scale, v_scale) if fp8 else (lens, lens)  # not read without FP8
-    g = hq // hkv
-    kc, vc = (k.view(torch.uint8), v.view(torch.uint8)) if fp8 else (k, v)
+    ks, vs, rs = (k_scale, v_scale, rope_scale if k_rope is not None else k_scale) if fp8 else (lens,) * 3
+    codes = (lambda t: t.view(torch.uint8)) if fp8 else (lambda t: t)  # noqa: E731
+    r = k if k_rope is None else k_rope
     native = native_default(native)
-    _decode_attn_kernel[(bsz, hkv, s)](
-        q, kc, vc, lens, ks, vs, out, part, lse, q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
-        scale * LOG2E, chunk, window or 0, s,
-        G=g, BLOCK_G=max(MIN_BLOCK_G, triton.next_power_of_2(g)), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_N=BLOCK_N, SPLIT=s > 1, FP8=fp8,
-        F16=fp8 and native and q.dtype != torch.float32, PREC="ieee" if q.dtype == torch.float32 else "tf32", NATIVE=native,
-        num_warps=4, num_stages=2,
+    block_dv = max(16, triton.next_power_of_2(dv))
+    _decode_attn_kernel[(bsz, programs // bsz, s)](
+        q, codes(k), codes(v), codes(r), lens, ks, vs, rs, out, part, lse, q.stride(0), q.stride(1),
+        *k.stride()[:3], *v.stride()[:3], *r.stride()[:3], scale * LOG2E, chunk, window or 0, s,
+        G=g, BLOCK_G=block_g, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DV=dv, BLOCK_DV=block_dv,
+        DR=dr, BLOCK_DR=max(16, triton.next_power_of_2(dr)), V_IS_K=v is k, BLOCK_N=block_n, SPLIT=s > 1,
+        FP8=fp8, F16=fp8 and native and q.dtype != torch.float32,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", NATIVE=native, num_stages=2,
+        num_warps=8 if max(d, dv) > 128 else 4,  # wide rows: 4 warps ran out of registers (fp8 latent spilled)
     )  # fmt: skip
     if s > 1:
-        _merge_kernel[(bsz * hq,)](part, lse, out, s, DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        _merge_kernel[(bsz * hq,)](part, lse, out, s, DV=dv, BLOCK_DV=block_dv,
                                    BLOCK_S=max(2, triton.next_power_of_2(s)), NATIVE=native, num_warps=4)  # fmt: skip
     return out

@@ -474,17 +474,22 @@ def linear_fp32_acc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 # ------------------------------------------------------------------------------------------------------
 # Decode attention
 # ------------------------------------------------------------------------------------------------------
-# (device type, index, q dtype, cache dtype, G, D, Dv, sliding) -> the kernel agreed with the reference
+# (device type, index, q dtype, cache dtype, G, D, Dv, sliding, rope dims) -> the kernel agreed with the reference
 _ATTN_OK: dict[tuple, bool] = {}
 ATTN_PROBE_RTOL = 2e-2  # both are fp32 softmax sums of bf16 products; they differ by the rounding of p and V
 
 
-def decode_attention_reference(q, k, v, lens, scale: float, k_scale=None, v_scale=None,
-                               window: int | None = None) -> torch.Tensor:  # fmt: skip
+def decode_attention_reference(q, k, v, lens, scale: float, k_scale=None, v_scale=None, window: int | None = None,
+                               k_rope=None, rope_scale=None) -> torch.Tensor:  # fmt: skip
     """The engine's decode attention before the kernel, as the kernel's oracle: an FP8 cache dequantized to
-    q's dtype (``formats.dequantize_fp8_static``), then SDPA with keys [max(0, len - window), len) per row."""
+    q's dtype (``formats.dequantize_fp8_static``), then SDPA with keys [max(0, len - window), len) per row;
+    latent attention's keys are [k, k_rope]."""
     if k.dtype == FP8_DTYPE:
         k, v = dequantize_fp8_static(k, k_scale, q.dtype), dequantize_fp8_static(v, v_scale, q.dtype)
+        if k_rope is not None:
+            k_rope = dequantize_fp8_static(k_rope, rope_scale, q.dtype)
+    if k_rope is not None:
+        k = torch.cat([k, k_rope], dim=-1)
     j = torch.arange(k.shape[2], device=q.device)
     mask = j[None, :] < lens[:, None]  # [B, L]
     if window is not None:
@@ -504,35 +509,42 @@ def decode_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     window: int | None = None,
+    k_rope: torch.Tensor | None = None,
+    rope_scale: torch.Tensor | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """One query token per row over a KV cache: q [B, Hq, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] (model
     dtype, or ``float8_e4m3fn`` codes with fp32 ``k_scale`` / ``v_scale``), lens [B] (keys [0, len) are
-    real, len >= 1; ``window``: only the last ``window`` of them) -> [B, Hq, Dv] in q's dtype.
+    real, len >= 1; ``window``: only the last ``window`` of them) -> [B, Hq, Dv] in q's dtype. Latent
+    attention (DeepSeek's absorbed decode): ``k_rope`` [B, Hkv, L, Dr] are the keys' last Dr dims (q is
+    [B, Hq, D + Dr]; FP8 scale ``rope_scale``), and ``v`` may be ``k`` itself.
 
     ``"auto"`` on CUDA runs the Triton kernel (``kernels.decode_attention``: reads only each row's keys,
     FP8 codes as stored), checked once per configuration against the reference and dropped, with a
     warning, if it disagrees or fails; not checked under CUDA-graph capture (no host syncs there: the
     engine's warm-up steps run first)."""
+    dr = 0 if k_rope is None else k_rope.shape[-1]
     if q.ndim != 3 or k.ndim != 4 or v.ndim != 4 or k.shape[:3] != v.shape[:3] or k.shape[0] != q.shape[0] \
-            or k.shape[-1] != q.shape[-1] or lens.shape != (q.shape[0],):  # fmt: skip
+            or k.shape[-1] + dr != q.shape[-1] or lens.shape != (q.shape[0],) \
+            or (k_rope is not None and k_rope.shape[:3] != k.shape[:3]):  # fmt: skip
+        rope = "" if k_rope is None else f", k_rope {tuple(k_rope.shape)}"
         raise ValueError(f"decode_attention: expected q [B, Hq, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv], lens [B]; "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(lens.shape)}")  # fmt: skip
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(lens.shape)}{rope}")  # fmt: skip
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"decode_attention: {q.shape[1]} query heads do not group over {k.shape[1]} KV heads")
     ok = False
     if HAVE_TRITON:
         from quantrl.kernels.decode_attention import supported
 
-        ok = supported(q, k, v)
-    args = (q, k, v, lens, scale, k_scale, v_scale, window)
+        ok = supported(q, k, v, k_rope)
+    args = (q, k, v, lens, scale, k_scale, v_scale, window, k_rope, rope_scale)
     why = f"q {q.dtype}, cache {k.dtype}, head dims {q.shape[-1]}/{v.shape[-1]}"
     if not use_triton(q, backend, ok, "decode_attention", why):
         return decode_attention_reference(*args)
     from quantrl.kernels.decode_attention import decode_attention_triton
 
     key = (q.device.type, q.device.index, q.dtype, k.dtype, q.shape[1] // k.shape[1], q.shape[-1], v.shape[-1],
-           window is not None)  # fmt: skip
+           window is not None, dr)  # fmt: skip
     if backend == "triton" or _ATTN_OK.get(key):
         return decode_attention_triton(*args)
     if key in _ATTN_OK or (q.is_cuda and torch.cuda.is_current_stream_capturing()):

@@ -83,12 +83,17 @@ class KVContext:
             cache[index] = quantize_fp8_static(x, scale) if cache.dtype == FP8_DTYPE else x
 
     def attend(self, layer: int, q: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, scale: float,
-               window: int | None) -> torch.Tensor:  # fmt: skip
+               window: int | None = None, latent: bool = False) -> torch.Tensor:  # fmt: skip
         """Decode attention of q [B, Hq, D] (slots [0, B)) over keys [0, position] of each slot, the last
-        ``window`` only on sliding layers -> [B, Hq, D]: the Triton kernel on CUDA (reads each row's keys
-        only, FP8 codes as stored), dequantize + SDPA elsewhere (``kernels.decode_attention``)."""
+        ``window`` only on sliding layers -> [B, Hq, Dv]: the Triton kernel on CUDA (reads each row's keys
+        only, FP8 codes as stored), dequantize + SDPA elsewhere (``kernels.decode_attention``).
+        ``latent``: DeepSeek's absorbed decode, q [B, H, r + rot] against keys [latent, roped key] and
+        values = the latent (one shared head; ``k_scale`` the latent's, ``v_scale`` the roped key's)."""
         b = q.shape[0]
         k, v = self.k[layer][:b, :, : self.kv_len], self.v[layer][:b, :, : self.kv_len]
+        if latent:
+            return decode_attention(q, k, k, self.write_pos + 1, scale=scale, k_scale=k_scale, v_scale=k_scale,
+                                    k_rope=v, rope_scale=v_scale, backend=self.attention_backend)  # fmt: skip
         return decode_attention(q, k, v, self.write_pos + 1, scale=scale, k_scale=k_scale, v_scale=v_scale,
                                 window=window, backend=self.attention_backend)  # fmt: skip
 
@@ -248,15 +253,13 @@ class MLAttention(nn.Module):
             kv.store(layer, (slice(kv.slot_start, kv.slot_start + b), 0, slice(None, t)), latent, k_rot, ks, vs)
         elif kv is not None:  # decode: t == 1; attend to the slot's whole cached latent
             kv.store(layer, (kv._rows, 0, kv.write_pos), latent[:, 0], k_rot[:, 0], ks, vs)
-            latent, k_rot = (c[:, 0] for c in kv.load(layer, b, ks, vs, x.dtype))  # [B, Lk, r], [B, Lk, rot]
             if self.absorb_decode and not isinstance(self.kv_b_proj, Fp8Linear):
                 w_uk, w_uv = self.absorbed_weights(x.dtype)
-                query = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_pass, w_uk), q_rot], dim=-1)  # [B, H, 1, r + rot]
-                keys = torch.cat([latent, k_rot], dim=-1)[:, None]  # [B, 1, Lk, r + rot]: one latent "kv head"
-                out = F.scaled_dot_product_attention(query, keys, latent[:, None], attn_mask=mask, scale=m.softmax_scale,
-                                                     enable_gqa=True)  # [B, H, 1, r]  # fmt: skip
-                out = torch.einsum("bhtr,hvr->bhtv", out, w_uv)  # [B, H, 1, v]
-                return self.tp.all_reduce(self.o_proj(out.transpose(1, 2).reshape(b, t, heads * m.v_head_dim)))
+                query = torch.cat([torch.einsum("bhn,hnr->bhr", q_pass[:, :, 0], w_uk), q_rot[:, :, 0]], dim=-1)
+                out = kv.attend(layer, query, ks, vs, m.softmax_scale, latent=True)  # [B, H, r]: one latent head
+                out = torch.einsum("bhr,hvr->bhv", out, w_uv)  # [B, H, v]
+                return self.tp.all_reduce(self.o_proj(out.reshape(b, t, heads * m.v_head_dim)))
+            latent, k_rot = (c[:, 0] for c in kv.load(layer, b, ks, vs, x.dtype))  # [B, Lk, r], [B, Lk, rot]
         lk = latent.shape[1]
         k_nope, values = self.kv_b_proj(latent).view(b, lk, heads, -1).transpose(1, 2).split(
             [m.qk_nope_head_dim, m.v_head_dim], dim=-1)  # [B, H, Lk, nope], [B, H, Lk, v]  # fmt: skip
