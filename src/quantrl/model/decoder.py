@@ -185,11 +185,17 @@ class MLAttention(nn.Module):
     cached [c, k_rot] directly (one shared "kv head"), and its latent output is mapped by W_uv. That is
     O(heads x r) per cached token instead of expanding every cached token through an r x heads(nope + v)
     GEMM each step. The same function, summed in another order; a weight-only kv_b_proj (BF16, INT4,
-    NVFP4) is absorbed through its dequantized weight (cached, refreshed in place after an update). An FP8
-    kv_b_proj quantizes its input latents per call, which the absorbed form cannot reproduce: it keeps
-    the expansion."""
+    NVFP4) is absorbed through its dequantized weight (cached, refreshed in place after an update).
+
+    An FP8 (W8A8) kv_b_proj also quantizes its input latents per call, which the absorbed form cannot
+    reproduce. Expanding every cached latent each step costs L x r x heads x (nope + v) x 2 FLOPs a layer
+    (Kimi-K2 at 4K context: ~68 GFLOP per layer per token), so by default decode absorbs its dequantized
+    weight as SGLang does (``absorb_fp8_decode``): the prefill keeps the W8A8 expansion, decode the FP8
+    weights with unquantized latents. The difference is measured (tests/test_deepseek.py) and shows in
+    the mismatch metrics; ``absorb_fp8_decode = False`` keeps the exact expansion."""
 
     absorb_decode = True  # class switch (tests, debugging)
+    absorb_fp8_decode = True  # FP8 kv_b_proj: absorb its dequantized weight (SGLang) instead of expanding
 
     def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
                  device: torch.device | str, tp: TPContext = SINGLE):  # fmt: skip
@@ -253,7 +259,7 @@ class MLAttention(nn.Module):
             kv.store(layer, (slice(kv.slot_start, kv.slot_start + b), 0, slice(None, t)), latent, k_rot, ks, vs)
         elif kv is not None:  # decode: t == 1; attend to the slot's whole cached latent
             kv.store(layer, (kv._rows, 0, kv.write_pos), latent[:, 0], k_rot[:, 0], ks, vs)
-            if self.absorb_decode and not isinstance(self.kv_b_proj, Fp8Linear):
+            if self.absorb_decode and (self.absorb_fp8_decode or not isinstance(self.kv_b_proj, Fp8Linear)):
                 w_uk, w_uv = self.absorbed_weights(x.dtype)
                 query = torch.cat([torch.einsum("bhn,hnr->bhr", q_pass[:, :, 0], w_uk), q_rot[:, :, 0]], dim=-1)
                 out = kv.attend(layer, query, ks, vs, m.softmax_scale, latent=True)  # [B, H, r]: one latent head
