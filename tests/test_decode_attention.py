@@ -246,8 +246,14 @@ def test_the_engine_decodes_through_the_kernel(tmp_path, monkeypatch, arch, kv_d
     to summation order: GQA (Qwen3), a 5-token sliding window that decode outruns (Mistral), DeepSeek's
     absorbed latent decode, and FP8 caches against a forward that rounds K and V (latent and roped key)
     alike. Every decode layer call went through the kernel."""
-    from _tiny_models import deepseek_v3_config, full_forward_logprobs, mistral_config, qwen3_config, random_prompts
-    from _tiny_models import save_model
+    from _tiny_models import (
+        deepseek_v3_config,
+        full_forward_logprobs,
+        mistral_config,
+        qwen3_config,
+        random_prompts,
+        save_model,
+    )
 
     from quantrl.kernels import decode_attention as da
     from quantrl.model import load_model

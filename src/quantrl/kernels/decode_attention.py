@@ -249,7 +249,7 @@ def decode_attention_triton(
     part = torch.empty(bsz * hq * s * dv if s > 1 else 1, dtype=torch.float32, device=q.device)
     lse = torch.empty(bsz * hq * s if s > 1 else 1, dtype=torch.float32, device=q.device)
     ks, vs, rs = (k_scale, v_scale, rope_scale if k_rope is not None else k_scale) if fp8 else (lens,) * 3
-    codes = (lambda t: t.view(torch.uint8)) if fp8 else (lambda t: t)  # noqa: E731
+    codes = (lambda t: t.view(torch.uint8)) if fp8 else (lambda t: t)
     r = k if k_rope is None else k_rope
     native = native_default(native)
     block_dv = max(16, triton.next_power_of_2(dv))

@@ -33,12 +33,18 @@ Two dispatches compute that same sum:
            a GEMM's rounding that depends on the row count (cuBLAS and our W4A16 kernels pick tiles by M,
            so on GPU the two agree to bf16 rounding, not bit for bit). It costs E/k times the FLOPs and
            reads every expert's weights each step: for many experts and small batches (Qwen3-30B-A3B:
-           128 experts, top 8) graphed decode is a correctness path, not a fast one; a grouped-GEMM kernel
-           is what would make it fast.
+           128 experts, top 8) graphed decode is a correctness path, not a fast one.
+  grouped W4A16 kernel  INT4 experts on CUDA (``fused_w4a16``; ``kernels.moe_w4a16``): the routed pairs
+           sorted by expert on the device and three grouped GEMMs (gate, up, down) over them, each pair
+           through its own expert's weights: no host sync, static shapes, k/E of the dense dispatch's
+           work. The experts' kernel buffers become views of one stacked tensor per projection, so weight
+           sync refills the stack in place. The sum is the loop's (``sum_in_expert_order``); checked once
+           against the loop, dropped with a warning if it disagrees.
 """
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -202,6 +208,8 @@ class Fp32Router(nn.Module):
 
 class SparseMoeBlock(nn.Module):
     dense_dispatch = False  # set by the dense_dispatch() context below (CUDA-graph warm-up, tests)
+    fused_w4a16 = True  # class switch: INT4 (W4A16) experts run as one grouped kernel (kernels.moe_w4a16)
+    FUSED_PROBE_RTOL = 1e-2  # the grouped kernel vs the expert loop: fp32 sums in another order, bf16 outputs
 
     def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
                  device: torch.device | str, tp: TPContext = SINGLE):  # fmt: skip
@@ -235,6 +243,9 @@ class SparseMoeBlock(nn.Module):
         if cfg.shared_experts_intermediate_size:
             self.shared_experts = MLP(cfg, f"{prefix}.shared_experts", scheme, dtype, device,
                                       cfg.shared_experts_intermediate_size, **shared)  # fmt: skip
+        # the experts' W4A16 kernel weights stacked per projection (None: not built, False: not W4A16)
+        self._stack: dict[str, tuple[torch.Tensor, torch.Tensor, int]] | bool | None = None
+        self._fused_ok: bool | None = None  # None: not yet checked against the expert loop
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None, moe_index: int = 0) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H]; ``routing`` replays and/or records this layer's (number ``moe_index``
@@ -253,8 +264,11 @@ class SparseMoeBlock(nn.Module):
         if routing is not None:
             routing.note(experts, own, replay, logits)
         capturing = flat.is_cuda and torch.cuda.is_current_stream_capturing()
-        dispatch = self._dense if (self.dense_dispatch or capturing) else self._grouped
-        out = dispatch(flat, weights, experts)
+        if self._fused_usable(flat, capturing):
+            out = self._fused(flat, weights, experts) if self._fused_ok else self._probe_fused(flat, weights, experts)
+        else:
+            dispatch = self._dense if (self.dense_dispatch or capturing) else self._grouped
+            out = dispatch(flat, weights, experts)
         if self.shared_expert is not None and self._adds_shared:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         if self.shared_experts is not None and self._adds_shared:
@@ -283,6 +297,86 @@ class SparseMoeBlock(nn.Module):
                 out.index_add_(0, rows, (expert(x[rows]) * w[a:b]).to(out.dtype))
         return out
 
+    # ---- the grouped W4A16 kernel ---------------------------------------------------------------------
+    def _fused_usable(self, x: torch.Tensor, capturing: bool) -> bool:
+        """Every expert W4A16 with its kernel on (the stack is built outside CUDA-graph capture, at the first
+        eager call: a prefill precedes any captured decode), checked once against the expert loop."""
+        if not self.fused_w4a16 or self._fused_ok is False or x.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        if self._stack is None and not capturing:
+            self._stack = self._stack_experts()
+        return bool(self._stack) and (self._fused_ok or not capturing)
+
+    def grouped_kernel_possible(self) -> bool:
+        """Whether this block can take the grouped W4A16 kernel once loaded (INT4 experts, kernels on)."""
+        from quantrl.model.linear import W4A16Linear
+
+        lins = [getattr(e, n) for _, e in self._owned for n in ("gate_proj", "up_proj", "down_proj")]
+        return self.fused_w4a16 and len(self._owned) == self.num_experts and all(
+            isinstance(lin, W4A16Linear) and lin.num_bits == 4 and lin._wants_kernel() for lin in lins)  # fmt: skip
+
+    def _stack_experts(self) -> dict | bool:
+        """Stack each projection's kernel weights [E, K/8, N] / [E, K/G, N] and make every expert's buffers
+        views into the stack (no second copy; post-processing refills them in place, so updates land in the
+        stack). False when some expert is not a W4A16 layer with its kernel on."""
+        from quantrl.model.linear import W4A16Linear
+
+        if len(self._owned) != self.num_experts:  # expert parallelism: the loop over this rank's experts
+            return False
+        stack = {}
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lins = [getattr(e, name) for _, e in self._owned]
+            ok = all(isinstance(lin, W4A16Linear) and lin._kernel_valid and lin._kernel_ok is not False
+                     and lin.bias is None and lin.group_size == lins[0].group_size for lin in lins)  # fmt: skip
+            if not ok:
+                return False
+            qt = torch.stack([lin._kernel_weights[0] for lin in lins])
+            st = torch.stack([lin._kernel_weights[1] for lin in lins])
+            for j, lin in enumerate(lins):
+                lin._kernel_weights = (qt[j], st[j])
+            stack[name] = (qt, st, lins[0].group_size)
+        return stack
+
+    def after_weight_update(self) -> None:
+        """A post-process that had to reallocate an expert's kernel weights leaves the stack stale: rebuild."""
+        if isinstance(self._stack, dict):
+            for name, (qt, _, _) in self._stack.items():
+                lins = [getattr(e, name) for _, e in self._owned]
+                if any(lin._kernel_weights is None or lin._kernel_weights[0].data_ptr() != qt[j].data_ptr()
+                       for j, lin in enumerate(lins)):  # fmt: skip
+                    self._stack = None
+                    return
+        elif self._stack is False:
+            self._stack = None  # an update may have turned the experts' kernels on
+
+    def _fused(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The expert loop's sum, from three grouped GEMMs over the routed pairs (rows in pair order t*k + j)."""
+        from quantrl.kernels.moe_w4a16 import align_pairs, block_rows, moe_w4a16_gemm
+
+        k, n_pairs = self.top_k, experts.numel()
+        bm = block_rows(n_pairs, self.num_experts)
+        ids, blocks = align_pairs(experts, self.num_experts, bm)
+        gemm = {n: (lambda a, div, t=t: moe_w4a16_gemm(a, t[0], t[1], t[2], ids, blocks, n_pairs, div, bm))
+                for n, t in self._stack.items()}  # fmt: skip
+        h = F.silu(gemm["gate_proj"](x, k)) * gemm["up_proj"](x, k)  # [N*k, I], as MLP.forward rounds it
+        y = (gemm["down_proj"](h, 1).view(x.shape[0], k, -1) * weights[..., None]).to(x.dtype)  # [N, k, H]
+        return sum_in_expert_order(y, experts)
+
+    def _probe_fused(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """First call: keep the grouped kernel only if it agrees with the expert loop here."""
+        ref = self._grouped(x, weights, experts)
+        try:
+            out = self._fused(x, weights, experts)
+            err = float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+            self._fused_ok, why = err <= self.FUSED_PROBE_RTOL, f"relative error {err:.2e} against the expert loop"
+        except (RuntimeError, ValueError) as e:  # a Triton compile / launch failure
+            self._fused_ok, why = False, str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not self._fused_ok:
+            warnings.warn(f"{self.prefix}: grouped W4A16 MoE kernel disabled ({why}); looping over experts",
+                          stacklevel=3)  # fmt: skip
+            return ref
+        return out
+
     def _dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         gates = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=x.device)
         gates.scatter_(1, experts, weights)  # [N, E]: weight 0 for experts not chosen
@@ -291,6 +385,16 @@ class SparseMoeBlock(nn.Module):
             g = gates[:, j : j + 1]  # [N, 1]
             out = out + (expert(x * (g != 0)) * g).to(out.dtype)
         return out
+
+
+def sum_in_expert_order(y: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """y [N, k, H] (each token's weighted expert outputs, in routing order) -> [N, H] summed in ascending
+    expert order with one rounding per addition: the numbers of the expert loop's ``index_add_``."""
+    y = y.gather(1, experts.argsort(dim=1, stable=True)[..., None].expand_as(y))
+    out = y[:, 0]
+    for j in range(1, y.shape[1]):
+        out = out + y[:, j]
+    return out
 
 
 @contextmanager

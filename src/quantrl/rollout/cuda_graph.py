@@ -8,8 +8,10 @@ no live sequence because the engine keeps active sequences compacted into slots 
 
 Graphs belong to one KV layout (number of slots, L); a generate call with another layout recaptures
 lazily. Weight updates copy in place, so captured graphs stay valid across them. Sampling stays outside
-the graph (it uses a host-seeded generator). MoE models run the dense expert dispatch inside the graph
-(static shapes) and the graph also outputs every MoE layer's chosen experts, for routing replay.
+the graph (it uses a host-seeded generator). MoE models run static-shape dispatches inside the graph:
+INT4 experts the grouped W4A16 kernel (``kernels.moe_w4a16``: each routed pair through its own expert),
+other formats the dense dispatch (every expert on every row); the graph also outputs every MoE layer's
+chosen experts, for routing replay.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import warnings
 import torch
 
 from quantrl.model.decoder import Decoder, KVContext
-from quantrl.model.moe import Routing, dense_dispatch
+from quantrl.model.moe import Routing, SparseMoeBlock, dense_dispatch
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -39,7 +41,9 @@ class DecodeGraphs:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor | None]]] = {}
         self._moe = model.num_moe_layers > 0
         cfg = model.config
-        if self._moe and cfg.num_experts > 4 * cfg.num_experts_per_tok:
+        blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+        grouped = all(b.grouped_kernel_possible() for b in blocks)  # INT4 experts: one grouped kernel instead
+        if self._moe and cfg.num_experts > 4 * cfg.num_experts_per_tok and not grouped:
             warnings.warn(
                 f"CUDA graphs on a MoE model run all {cfg.num_experts} experts on every row "
                 f"({cfg.num_experts / cfg.num_experts_per_tok:.0f}x the routed experts' FLOPs and weight reads); "

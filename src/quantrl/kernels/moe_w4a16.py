@@ -1,0 +1,122 @@
+"""Grouped W4A16 GEMM for mixture-of-experts layers: every routed (token, expert) pair through its expert's
+INT4 weight in one launch, with no host sync and static shapes (so a CUDA graph captures it).
+
+Why. A MoE decode step with E experts and top-k routing touches k experts per token. Looping over experts
+needs the per-expert counts on the host (a sync per layer, no CUDA graph); the graph-safe alternative,
+every expert on every row, costs E/k times the FLOPs and reads every expert's weights each step
+(Qwen3-30B-A3B: 128 experts, top 8, so 16x). Here each pair reads its own expert's weights only.
+
+Layout. A layer's experts are stacked: qweight_t int32 [E, K/8, N], scale_t [E, K/G, N] (each expert's
+W4A16 kernel layout, ``layout.w4a16_repack``). ``align_pairs`` sorts the T*k pairs p = t*k + j by expert
+and pads each expert's run to a multiple of BM: ``sorted_ids`` [P] (pair index, or T*k for padding) and
+``block_expert`` [P/BM] (the expert of each BM-row block, -1 past the last), with P = an upper bound
+fixed by T, k, E and BM alone (the static shape). Program (block, N tile): gathers its BM rows of x
+(row = pair // ``row_div``: the token for the first GEMMs, the pair itself for the down projection),
+dequantizes its expert's weight tile as the dense W4A16 mma kernel does (same helpers: exactly formats'
+weights) and writes its output rows in pair order [T*k, N]. Blocks of padding or past the end return.
+Numbers: per row, the dense kernel's (fp32 accumulation over K, rounded once); only the summation order
+depends on the tile.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantrl.formats._checks import cdiv
+from quantrl.kernels._numerics import cast_out, native_default, widen
+from quantrl.kernels._triton import tl, triton
+from quantrl.kernels.w4a16 import _bf16_pair, _k_major_tile, _load_scale_tile, _load_scales, _nibbles, _round_to
+
+
+@triton.jit
+def _moe_w4a16_kernel(
+    x_ptr, qt_ptr, st_ptr, sorted_ptr, block_expert_ptr, out_ptr,
+    N, K, stride_xm, stride_qe, stride_se, num_pairs,
+    ROW_DIV: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    NATIVE: tl.constexpr, BF16X2: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= 0:
+        pairs = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+        valid = pairs < num_pairs
+        rows = tl.where(valid, pairs // ROW_DIV, 0)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_mask = rn < N
+        qt = qt_ptr + e.to(tl.int64) * stride_qe
+        st = st_ptr + e.to(tl.int64) * stride_se
+        dt = x_ptr.dtype.element_ty
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            rkw = k0 // 8 + tl.arange(0, BK // 8)
+            a = tl.load(x_ptr + rows[:, None] * stride_xm + rk[None, :], mask=valid[:, None] & (rk < K)[None, :],
+                        other=0.0)  # [BM, BK]: the block's rows, gathered  # fmt: skip
+            mask2d = (rkw < K // 8)[:, None] & n_mask[None, :]
+            words = tl.load(qt + rkw[:, None] * N + rn[None, :], mask=mask2d, other=0)
+            if BF16X2:
+                s = _load_scale_tile(st, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK)
+                w = _k_major_tile(words, _bf16_pair(s), NATIVE)
+            else:
+                sf = _load_scales(st, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK, NATIVE)
+                w = tl.reshape(_round_to(_nibbles(words) * sf, dt, NATIVE), (BK, BN))
+            if NATIVE:
+                acc = tl.dot(a, w, acc)
+            else:  # interpreter: fp32 operands holding the same bf16/fp16 values (its bf16 dot is broken)
+                acc = tl.dot(widen(a, NATIVE), w, acc, input_precision="ieee")
+        tl.store(out_ptr + pairs[:, None] * N + rn[None, :], cast_out(acc, out_ptr.dtype.element_ty, NATIVE),
+                 mask=valid[:, None] & n_mask[None, :])  # fmt: skip
+
+
+def block_rows(pairs: int, experts: int) -> int:
+    """BM by the pairs an expert gets on average: 16 at decode (a few rows each), up to 64 in prefill."""
+    per = pairs / max(experts, 1)
+    return 16 if per <= 16 else 32 if per <= 32 else 64
+
+
+def align_pairs(experts: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_ids int32 [P], block_expert int32 [P / bm]) for routed experts [T, k] (module note). Device
+    ops only: counts, offsets and the scatter stay on the GPU, and P depends on shapes alone."""
+    flat = experts.reshape(-1)
+    n = flat.numel()
+    p_max = cdiv(n + num_experts * (bm - 1), bm) * bm  # every expert's run padded by < bm rows
+    order = flat.argsort(stable=True)  # pairs by expert, each expert's in pair order
+    # not torch.bincount: its output size depends on the largest id, a host sync CUDA graphs cannot capture
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + bm - 1) // bm * bm
+    run_start = torch.cumsum(counts, 0) - counts  # where each expert's pairs begin in `order`
+    ends = torch.cumsum(padded, 0)  # where each expert's padded run ends in sorted_ids
+    e_sorted = flat[order]
+    pos = (ends - padded)[e_sorted] + torch.arange(n, device=flat.device) - run_start[e_sorted]
+    sorted_ids = torch.full((p_max,), n, dtype=torch.int32, device=flat.device)
+    sorted_ids[pos] = order.to(torch.int32)
+    block_start = torch.arange(0, p_max, bm, device=flat.device)
+    block_expert = torch.searchsorted(ends, block_start, right=True)  # the run holding each block's first row
+    return sorted_ids, torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+
+
+def moe_w4a16_gemm(
+    x: torch.Tensor, qweight_t: torch.Tensor, scale_t: torch.Tensor, group_size: int, sorted_ids: torch.Tensor,
+    block_expert: torch.Tensor, num_pairs: int, row_div: int, bm: int, bn: int = 64, bk: int = 128,
+    native: bool | None = None, unpack: str | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """out [num_pairs, N]: row p = x[p // row_div] @ dequant(expert of p).T in x's dtype. ``qweight_t``
+    [E, K/8, N], ``scale_t`` [E, K/G, N] (contiguous per expert); ``sorted_ids`` / ``block_expert`` from
+    ``align_pairs(..., bm)``. ``unpack``: "bf16x2" (default for bf16 activations and scales) or "magic"."""
+    k, n = x.shape[1], qweight_t.shape[-1]
+    out = torch.empty(num_pairs, n, dtype=x.dtype, device=x.device)
+    if num_pairs == 0:
+        return out
+    bf16x2 = (unpack or ("bf16x2" if x.dtype == scale_t.dtype == torch.bfloat16 else "magic")) == "bf16x2"
+    if bf16x2 and not x.dtype == scale_t.dtype == torch.bfloat16:
+        raise ValueError(f"moe_w4a16_gemm: unpack 'bf16x2' needs bf16 activations and scales, got "
+                         f"{x.dtype} / {scale_t.dtype}")  # fmt: skip
+    bk = min(bk, max(16, triton.next_power_of_2(k)))  # a tile no wider than K (tiny test models)
+    grid = (block_expert.numel(), triton.cdiv(n, bn))
+    _moe_w4a16_kernel[grid](
+        x, qweight_t, scale_t, sorted_ids, block_expert, out, n, k, x.stride(0), qweight_t.stride(0),
+        scale_t.stride(0), num_pairs, ROW_DIV=row_div, GROUP=group_size, BM=bm, BN=bn, BK=bk,
+        NATIVE=native_default(native), BF16X2=bf16x2, num_warps=4, num_stages=4,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,184 @@
+"""The grouped W4A16 MoE kernel (``kernels.moe_w4a16``) and the MoE block running on it.
+
+The kernel runs on CUDA or in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1 without a GPU),
+outputs poisoned. Each routed pair's row must equal an fp32 GEMM of its token with its expert's engine
+weight (formats' dequantization) to the one bf16 rounding of the output; the block must give the expert
+loop's sum (the same bf16 additions in ascending expert order) to that rounding, keep following weight
+updates through the stacked buffers, and check itself once against the loop.
+"""
+
+import pytest
+import torch
+
+from quantrl import formats as fm
+from quantrl import kernels
+
+triton = pytest.importorskip("triton")
+from quantrl.kernels.moe_w4a16 import align_pairs, block_rows, moe_w4a16_gemm
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+pytestmark = [
+    pytest.mark.skipif(not (CUDA or kernels.interpreted()), reason="needs CUDA or TRITON_INTERPRET=1"),
+    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),  # numpy inside the interpreter
+]
+
+
+def experts_w4(e, n, k, g, gen):
+    """E random INT4 experts: stacked kernel layout (qweight_t [E, K/8, N], scale_t [E, K/G, N]) and each
+    one's engine weight [N, K] (bf16, formats' dequantization)."""
+    qts, sts, ws = [], [], []
+    for _ in range(e):
+        q, s = fm.quantize_int4(torch.randn(n, k, generator=gen) * 0.1, g, 7)
+        s = s.bfloat16()
+        qt, st = kernels.w4a16_repack(fm.pack_int4(q), s)
+        qts.append(qt)
+        sts.append(st)
+        ws.append(fm.dequantize_int4(q, s, g, torch.bfloat16))
+    return torch.stack(qts).to(DEV), torch.stack(sts).to(DEV), ws
+
+
+def routed(t, e, top_k, gen, skip=()):
+    """[T, k] distinct experts per token, never one of ``skip`` (experts that get no pair)."""
+    allowed = torch.tensor([j for j in range(e) if j not in skip])
+    return torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:top_k]] for _ in range(t)])
+
+
+@pytest.mark.parametrize(("t", "e", "top_k", "bm"), [(1, 4, 2, 16), (5, 6, 2, 16), (37, 8, 3, 32), (3, 16, 8, 16)])
+def test_align_pairs_places_every_pair_once_in_its_experts_blocks(t, e, top_k, bm, gen):
+    ex = routed(t, e, top_k, gen, skip=(1,))
+    ids, blocks = align_pairs(ex, e, bm)
+    n = t * top_k
+    assert ids.shape[0] % bm == 0 and blocks.shape[0] == ids.shape[0] // bm
+    assert ids.shape[0] == -(-(n + e * (bm - 1)) // bm) * bm  # shapes alone: static under CUDA graphs
+    real = ids[ids < n]
+    assert sorted(real.tolist()) == list(range(n))  # every pair exactly once
+    for b, expert in enumerate(blocks.tolist()):
+        rows = ids[b * bm : (b + 1) * bm]
+        rows = rows[rows < n]
+        if expert < 0:
+            assert rows.numel() == 0
+        else:
+            assert rows.numel() > 0 and (ex.reshape(-1)[rows.long()] == expert).all()
+            assert rows.tolist() == sorted(rows.tolist())  # pair order within an expert
+    assert 1 not in blocks.tolist()  # an expert without pairs has no block
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("unpack", ["bf16x2", "magic"])
+@pytest.mark.parametrize(("t", "e", "top_k", "n", "k", "g"),
+                         [(1, 4, 2, 96, 128, 32), (7, 6, 2, 64, 256, 128), (20, 5, 3, 80, 64, 32)])  # fmt: skip
+def test_each_pair_is_its_token_through_its_expert(t, e, top_k, n, k, g, unpack, gen):
+    qt, st, ws = experts_w4(e, n, k, g, gen)
+    x = torch.randn(t, k, generator=gen).bfloat16()
+    ex = routed(t, e, top_k, gen, skip=(e - 1,))
+    bm = block_rows(t * top_k, e)
+    ids, blocks = align_pairs(ex.to(DEV), e, bm)
+    out = moe_w4a16_gemm(x.to(DEV), qt, st, g, ids, blocks, t * top_k, top_k, bm, unpack=unpack)
+    want = torch.stack([x[p // top_k].double() @ ws[int(ex.reshape(-1)[p])].double().T for p in range(t * top_k)])
+    err = (out.cpu().double() - want).abs() / want.abs().clamp_min(1e-3 * want.abs().max())
+    assert torch.isfinite(out).all() and float(err.max()) <= 2**-7  # the output's one bf16 rounding (+ sums)
+    # the down projection's form: rows are the pairs themselves
+    h = torch.randn(t * top_k, k, generator=gen).bfloat16()
+    out = moe_w4a16_gemm(h.to(DEV), qt, st, g, ids, blocks, t * top_k, 1, bm, unpack=unpack)
+    want = torch.stack([h[p].double() @ ws[int(ex.reshape(-1)[p])].double().T for p in range(t * top_k)])
+    assert float((out.cpu().double() - want).norm() / want.norm()) <= 4e-3
+
+
+def test_the_grouped_sum_adds_in_the_expert_loops_order(gen):
+    """bf16 addition is not associative: the grouped path must add each token's expert outputs in ascending
+    expert order, as the loop's index_add_ does, to give its bits (large and tiny terms make orders differ)."""
+    from quantrl.model.moe import sum_in_expert_order
+
+    n, k, h, e = 64, 4, 32, 9
+    ex = routed(n, e, k, gen)
+    y = (torch.randn(n, k, h, generator=gen) * torch.exp2(torch.randint(-12, 12, (n, k, h), generator=gen))).bfloat16()
+    loop = torch.zeros(n, h, dtype=torch.bfloat16)
+    for j in range(e):  # SparseMoeBlock._grouped's order
+        t, slot = (ex == j).nonzero(as_tuple=True)
+        loop.index_add_(0, t, y[t, slot])
+    assert torch.equal(sum_in_expert_order(y, ex), loop)
+    assert not torch.equal(y.sum(1, dtype=torch.bfloat16), loop)  # another order: other bits
+
+
+@pytest.fixture(scope="module")
+def moe_int4(tmp_path_factory):
+    from _tiny_models import bf16_fp8_int4, qwen3_moe_config
+
+    return bf16_fp8_int4(qwen3_moe_config(moe_intermediate_size=64), tmp_path_factory.mktemp("moe_w4a16"), 32)["int4"]
+
+
+def _kernels_on(monkeypatch):
+    from quantrl.model.linear import _KernelLinear
+
+    if not CUDA:
+        monkeypatch.setattr(_KernelLinear, "kernel_backend", "triton")  # the interpreter's W4A16 kernels
+
+
+def test_the_block_sums_the_expert_loop_through_the_grouped_kernel(moe_int4, monkeypatch, gen):
+    """An INT4 Qwen3-MoE: logits of a batch through the grouped kernel equal the expert loop's to bf16
+    rounding; the kernel was taken (checked once, then kept), and its stacked weights are the experts'."""
+    from quantrl.model import load_model
+    from quantrl.model.moe import SparseMoeBlock
+
+    _kernels_on(monkeypatch)
+    model = load_model(moe_int4, dtype=torch.bfloat16, device=DEV)
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    ids = torch.randint(0, model.config.vocab_size, (3, 11), generator=gen).to(DEV)
+    with torch.no_grad():
+        fused = model(ids).float()
+        assert all(b._fused_ok is True for b in blocks)
+        fused_again = model(ids).float()  # the kept kernel, without the check
+        monkeypatch.setattr(SparseMoeBlock, "fused_w4a16", False)
+        loop = model(ids).float()
+    assert torch.equal(fused, fused_again)
+    assert float((fused - loop).norm() / loop.norm()) < 1e-2
+    b = blocks[0]
+    qt = b._stack["down_proj"][0]
+    assert all(e.down_proj._kernel_weights[0].data_ptr() == qt[j].data_ptr() for j, e in enumerate(b.experts))
+
+
+def test_an_engine_update_reaches_the_stacked_experts(moe_int4, monkeypatch, gen):
+    """Weight sync refills each expert's kernel buffers in place, which are views into the stack: after an
+    update the grouped kernel computes with the new experts (as the loop over the same model does)."""
+    from quantrl.model import engine_state, load_model
+    from quantrl.model.moe import SparseMoeBlock
+    from quantrl.rollout import Engine
+
+    _kernels_on(monkeypatch)
+    model = load_model(moe_int4, dtype=torch.bfloat16, device=DEV)
+    engine = Engine(model, kv_cache_tokens=64)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=gen).to(DEV)
+    with torch.no_grad():
+        before = model(ids).float()
+    update = {n: t.clone() for n, t in engine_state(model).items()}
+    for name in [n for n in update if ".experts." in n and n.endswith("weight_packed")]:
+        update[name] = update[name].flip(0).contiguous()  # other experts, same shapes
+    engine.update_weights(update.items(), version=1)
+    block = next(m for m in model.modules() if isinstance(m, SparseMoeBlock))
+    assert isinstance(block._stack, dict)  # still the stack: refilled in place
+    with torch.no_grad():
+        after = model(ids).float()
+        monkeypatch.setattr(SparseMoeBlock, "fused_w4a16", False)
+        loop = model(ids).float()
+    assert float((after - before).norm() / before.norm()) > 0.05
+    assert float((after - loop).norm() / loop.norm()) < 1e-2
+
+
+def test_a_disagreeing_kernel_is_dropped_with_a_warning(moe_int4, monkeypatch, gen):
+    from quantrl.kernels import moe_w4a16
+    from quantrl.model import load_model
+    from quantrl.model.moe import SparseMoeBlock
+
+    _kernels_on(monkeypatch)
+    real = moe_w4a16.moe_w4a16_gemm
+    monkeypatch.setattr(moe_w4a16, "moe_w4a16_gemm", lambda *a, **kw: real(*a, **kw) * 1.5)
+    model = load_model(moe_int4, dtype=torch.bfloat16, device=DEV)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=gen).to(DEV)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="grouped W4A16 MoE kernel disabled"):
+            out = model(ids).float()
+        monkeypatch.setattr(SparseMoeBlock, "fused_w4a16", False)
+        loop = model(ids).float()
+    assert torch.equal(out, loop)
+    assert all(m._fused_ok is False for m in model.modules() if isinstance(m, SparseMoeBlock))
