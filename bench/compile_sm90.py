@@ -102,7 +102,7 @@ class Case:
 
 
 def _cases() -> list[Case]:
-    from quantrl.kernels import block_gemm, decode_attention, fp8_quant, int4_quant
+    from quantrl.kernels import block_gemm, decode_attention, fp8_quant, int4_quant, moe_w4a16
     from quantrl.kernels.w4a16 import DEFAULT_UNPACK, GEMV_CONFIG, MMA_CONFIGS, W4A16Config, nvfp4_gemm, w4a16_gemm
 
     n, k = 1024, 1024  # multiples of 16: the pointer/int divisibility specializations real shapes get
@@ -199,14 +199,28 @@ def _cases() -> list[Case]:
     for cache in (None, torch.float8_e4m3fn):  # DeepSeek / Kimi latent decode: 16 heads a block, r 512 + rot 64
         cases.append(Case(f"decode attn latent H=16 r=512 {'fp8' if cache else 'bf16'}",
                           attn(8, 16, 1, 512, cache, rope=64)))  # fmt: skip
+
+    # grouped MoE W4A16 (Qwen3-30B-A3B's experts: H 2048, I 768): decode (BM 16) to prefill (BM 64) blocks
+    def moe(bm, g, unpack, k_dim=2048, n_dim=768, e=128):
+        x = torch.empty(64, k_dim, dtype=bf)
+        qt = torch.empty(e, k_dim // 8, n_dim, dtype=torch.int32)
+        st = torch.empty(e, k_dim // g, n_dim, dtype=bf)
+        ids = torch.empty(4096, dtype=torch.int32)
+        blocks = torch.empty(4096 // bm, dtype=torch.int32)
+        return lambda: moe_w4a16.moe_w4a16_gemm(x, qt, st, g, ids, blocks, 512, 8, bm, native=True, unpack=unpack)
+
+    for bm in (16, 32, 64):
+        for unpack in ("bf16x2", "magic"):
+            cases.append(Case(f"moe w4a16 bm={bm} G=128 {unpack}", moe(bm, 128, unpack)))
+    cases.append(Case("moe w4a16 bm=16 G=32 bf16x2", moe(16, 32, "bf16x2")))
     return cases
 
 
 def _jit_functions() -> list:
-    from quantrl.kernels import block_gemm, decode_attention, fp8_quant, int4_quant, w4a16
+    from quantrl.kernels import block_gemm, decode_attention, fp8_quant, int4_quant, moe_w4a16, w4a16
 
     out = []
-    for mod in (w4a16, fp8_quant, int4_quant, block_gemm, decode_attention):
+    for mod in (w4a16, fp8_quant, int4_quant, block_gemm, decode_attention, moe_w4a16):
         out += [v for v in vars(mod).values()
                 if isinstance(v, triton.runtime.jit.JITFunction) and v.__name__.endswith("_kernel")]  # fmt: skip
     return out
