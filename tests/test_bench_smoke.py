@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 SESSION = BENCH / "gpu_session.sh"
-GPU_BENCHES = ("kernels_gpu", "attention_gpu", "rollout_gpu", "train_gpu", "sync_gpu")
+GPU_BENCHES = ("kernels_gpu", "attention_gpu", "moe_gpu", "rollout_gpu", "train_gpu", "sync_gpu")
 
 
 def _env(**extra) -> dict:
@@ -76,6 +76,13 @@ def test_attention_gpu_smoke():
     out = _smoke("attention_gpu")
     assert "correctness: 0 failure(s)" in out
     assert re.search(r"^\s+3\s+100\s+[\d.]+ \(", out, re.MULTILINE), out[-3000:]  # the last row of the table
+
+
+def test_moe_gpu_smoke():
+    pytest.importorskip("triton")
+    out = _smoke("moe_gpu")
+    assert "correctness: 0 failure(s)" in out
+    assert re.search(r"^\s+5\s+\d+\s+[\d.]+ \(", out, re.MULTILINE), out[-3000:]  # the T = 5 row
 
 
 def test_rollout_gpu_smoke():
@@ -156,7 +163,7 @@ def _stub(tmp_path: Path) -> Path:
     return stub
 
 
-def _session(tmp_path: Path, *steps: str, budget: int = 560) -> subprocess.CompletedProcess:
+def _session(tmp_path: Path, *steps: str, budget: int = 580) -> subprocess.CompletedProcess:
     env = _env(PYTHON=str(_stub(tmp_path)), OUT=str(tmp_path / "out"), GPU_SESSION_BUDGET_S=str(budget),
                GPU_SESSION_MIN_STEP_S="1", GPU_SESSION_STAGE=str(tmp_path / "stage"))  # fmt: skip
     return subprocess.run(
