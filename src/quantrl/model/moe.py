@@ -338,11 +338,12 @@ class SparseMoeBlock(nn.Module):
         return stack
 
     def after_weight_update(self) -> None:
-        """A post-process that had to reallocate an expert's kernel weights leaves the stack stale: rebuild."""
+        """A post-process that reallocated an expert's kernel weights, or skipped them (its kernel is off),
+        leaves the stack stale: rebuild it (or fall back) at the next eager call."""
         if isinstance(self._stack, dict):
             for name, (qt, _, _) in self._stack.items():
                 lins = [getattr(e, name) for _, e in self._owned]
-                if any(lin._kernel_weights is None or lin._kernel_weights[0].data_ptr() != qt[j].data_ptr()
+                if any(not lin._kernel_valid or lin._kernel_weights[0].data_ptr() != qt[j].data_ptr()
                        for j, lin in enumerate(lins)):  # fmt: skip
                     self._stack = None
                     return
