@@ -102,7 +102,7 @@ class Case:
 
 
 def _cases() -> list[Case]:
-    from quantrl.kernels import block_gemm, decode_attention, fp8_quant, int4_quant, moe_w4a16
+    from quantrl.kernels import block_gemm, decode_attention, fp8_quant, int4_quant, moe_fp8, moe_w4a16
     from quantrl.kernels.w4a16 import DEFAULT_UNPACK, GEMV_CONFIG, MMA_CONFIGS, W4A16Config, nvfp4_gemm, w4a16_gemm
 
     n, k = 1024, 1024  # multiples of 16: the pointer/int divisibility specializations real shapes get
@@ -213,14 +213,20 @@ def _cases() -> list[Case]:
         for unpack in ("bf16x2", "magic"):
             cases.append(Case(f"moe w4a16 bm={bm} G=128 {unpack}", moe(bm, 128, unpack)))
     cases.append(Case("moe w4a16 bm=16 G=32 bf16x2", moe(16, 32, "bf16x2")))
+    for bm in (16, 32, 64):  # the same layer with FP8 (128x128-block) experts
+        xq, xs = torch.empty(64, 2048, dtype=torch.float8_e4m3fn), torch.empty(64, 16, dtype=torch.float32)
+        w8, ws8 = torch.empty(128, 768, 2048, dtype=torch.float8_e4m3fn), torch.empty(128, 6, 16, dtype=torch.float32)
+        ids, blocks = torch.empty(4096, dtype=torch.int32), torch.empty(4096 // bm, dtype=torch.int32)
+        cases.append(Case(f"moe fp8 bm={bm}", lambda xq=xq, xs=xs, w8=w8, ws8=ws8, ids=ids, blocks=blocks, bm=bm:
+                          moe_fp8.moe_fp8_gemm(xq, xs, w8, ws8, ids, blocks, 512, 8, bm, native=True)))  # fmt: skip
     return cases
 
 
 def _jit_functions() -> list:
-    from quantrl.kernels import block_gemm, decode_attention, fp8_quant, int4_quant, moe_w4a16, w4a16
+    from quantrl.kernels import block_gemm, decode_attention, fp8_quant, int4_quant, moe_fp8, moe_w4a16, w4a16
 
     out = []
-    for mod in (w4a16, fp8_quant, int4_quant, block_gemm, decode_attention, moe_w4a16):
+    for mod in (w4a16, fp8_quant, int4_quant, block_gemm, decode_attention, moe_w4a16, moe_fp8):
         out += [v for v in vars(mod).values()
                 if isinstance(v, triton.runtime.jit.JITFunction) and v.__name__.endswith("_kernel")]  # fmt: skip
     return out

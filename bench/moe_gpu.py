@@ -1,19 +1,20 @@
-"""One MoE layer's decode on one GPU: INT4 experts through the grouped W4A16 kernel against the other dispatches.
+"""One MoE layer's decode on one GPU: INT4 and FP8 experts through the grouped kernels against the other dispatches.
 
 The layer is Qwen3-30B-A3B's (hidden 2048, 128 experts of intermediate 768, top 8, INT4 group 128;
 ``QWEN3_30B_A3B_MOE``), random weights (``build_model`` + ``random_init_``, one decoder layer), T tokens a
-step. Rows, all computing the same sum:
+step. Rows, all computing the same sum (FMT = int4 or fp8, 128x128 blocks):
 
-    grouped-int4   the grouped kernel (kernels.moe_w4a16): routing sorted on the device, three grouped GEMMs
-    dense-int4     every expert on every row (W4A16 kernels): what a CUDA-graphed INT4 decode ran before
-    loop-int4      eager loop over the routed experts (W4A16 kernels; one host sync a layer, no graph)
+    grouped-FMT    the grouped kernel (kernels.moe_w4a16 / moe_fp8): routing sorted on the device, three
+                   grouped GEMMs
+    dense-FMT      every expert on every row: what a CUDA-graphed INT4 / FP8 decode ran before
+    loop-FMT       eager loop over the routed experts (the Linears' kernels; one host sync a layer, no graph)
     loop-bf16      the same loop with BF16 experts (cuBLAS): the BF16 engine's MoE
     router         the router and top-k alone (in every row above), for scale
 
-Bytes: the weights of the experts the step touches (distinct experts x 3 x 2048 x 768 x 0.5 B + scales;
-BF16: x 2 B), the floor a decode step cannot go under; ``pct_bw`` = bytes / time / the copy bandwidth
+Bytes: the weights of the experts the step touches (distinct experts x 3 x 2048 x 768 x 0.5 B for INT4,
+1 B for FP8, 2 B for BF16, + scales), the floor a decode step cannot go under; ``pct_bw`` = bytes / time / the copy bandwidth
 measured here. grouped and dense are timed as CUDA-graph replays (their point), the loops eagerly (they
-sync). Checked first: grouped vs loop-int4 (the expert loop's numbers), relative error recorded.
+sync). Checked first: grouped vs loop per format (the expert loop's numbers), relative errors recorded.
 
 Run: ``python bench/moe_gpu.py`` (needs CUDA; writes bench/results/moe_gpu.json). ``--smoke``: a tiny
 layer on CPU through Triton's interpreter, the same code, writes nothing.
@@ -59,7 +60,7 @@ def moe_block(config: dict, fmt: str, device: str):
     from quantrl.model import QuantScheme, build_model, random_init_
     from quantrl.model.moe import SparseMoeBlock
 
-    scheme = QuantScheme.int4(group_of(config)) if fmt == "int4" else QuantScheme()
+    scheme = {"int4": QuantScheme.int4(group_of(config)), "fp8": QuantScheme.fp8_block(), "bf16": QuantScheme()}[fmt]
     model = random_init_(build_model(config, scheme, dtype=torch.bfloat16, device=device), seed=0)
     return next(m for m in model.modules() if isinstance(m, SparseMoeBlock))
 
@@ -67,6 +68,8 @@ def moe_block(config: dict, fmt: str, device: str):
 def expert_bytes(config: dict, distinct: int, fmt: str) -> int:
     h, i = config["hidden_size"], config["moe_intermediate_size"]
     per = 3 * h * i
+    if fmt == "fp8":
+        return distinct * (per + 3 * -(-h // 128) * -(-i // 128) * 4)
     return distinct * (per * 2 if fmt == "bf16" else per // 2 + (per // group_of(config)) * 2)
 
 
@@ -94,31 +97,32 @@ def bench_row(t: int, config: dict, blocks: dict, reps: int, device: torch.devic
 
     g = torch.Generator(device=device).manual_seed(t)
     x = torch.randn(t, config["hidden_size"], generator=g, device=device, dtype=torch.bfloat16)
-    int4, bf16 = blocks["int4"], blocks["bf16"]
+    lead = blocks["int4"]
     with torch.no_grad():
-        weights, experts, _ = route(int4.gate(x), int4.top_k, int4.normalize, None)  # [T, k] each
+        weights, experts, _ = route(lead.gate(x), lead.top_k, lead.normalize, None)  # [T, k] each
         distinct = int(experts.unique().numel())
-        loop = int4._grouped(x, weights, experts)
-        if int4._stack is None:
-            int4._stack = int4._stack_experts()
-        if not isinstance(int4._stack, dict):
-            raise RuntimeError("bench/moe_gpu.py: the INT4 experts did not stack (kernels off?)")
-        grouped = int4._fused(x, weights, experts)
-        err = float((grouped.float() - loop.float()).norm() / loop.float().norm())
-        if not err <= CHECK_RTOL:
-            failures.append(f"grouped T={t}: relative error {err:.2e} against the expert loop")
-        variants = {
-            "grouped-int4": (lambda: int4._fused(x, weights, experts), True, "int4"),
-            "dense-int4": (lambda: int4._dense(x, weights, experts), True, "int4"),
-            "loop-int4": (lambda: int4._grouped(x, weights, experts), False, "int4"),
-            "loop-bf16": (lambda: bf16._grouped(x, weights, experts), False, "bf16"),
-            "router": (lambda: int4.gate(x).topk(int4.top_k, dim=-1), True, None),
-        }
-        row = {"tokens": t, "distinct_experts": distinct, "rel_error_grouped_vs_loop": err, "us": {}, "bytes": {}}
-        for name, (fn, graph, fmt) in variants.items():
+        row = {"tokens": t, "distinct_experts": distinct, "rel_error_grouped_vs_loop": {}, "us": {}, "bytes": {}}
+        variants = {}
+        for fmt in ("int4", "fp8"):
+            block = blocks[fmt]
+            loop = block._grouped(x, weights, experts)
+            if block._stack is None:
+                block._stack = block._stack_experts()
+            if not block._stack:
+                raise RuntimeError(f"bench/moe_gpu.py: the {fmt} experts did not stack (kernels off?)")
+            err = float((block._fused(x, weights, experts).float() - loop.float()).norm() / loop.float().norm())
+            row["rel_error_grouped_vs_loop"][fmt] = err
+            if not err <= CHECK_RTOL:
+                failures.append(f"grouped {fmt} T={t}: relative error {err:.2e} against the expert loop")
+            variants[f"grouped-{fmt}"] = (lambda b=block: b._fused(x, weights, experts), True, fmt, distinct)
+            variants[f"dense-{fmt}"] = (lambda b=block: b._dense(x, weights, experts), True, fmt,
+                                        config["num_experts"])  # fmt: skip
+            variants[f"loop-{fmt}"] = (lambda b=block: b._grouped(x, weights, experts), False, fmt, distinct)
+        variants["loop-bf16"] = (lambda: blocks["bf16"]._grouped(x, weights, experts), False, "bf16", distinct)
+        variants["router"] = (lambda: lead.gate(x).topk(lead.top_k, dim=-1), True, None, 0)
+        for name, (fn, graph, fmt, touched) in variants.items():
             row["us"][name] = timed(fn, reps, device, graph and device.type == "cuda") * 1e6
-            row["bytes"][name] = expert_bytes(config, distinct if name != "dense-int4" else config["num_experts"],
-                                              fmt) if fmt else 0  # fmt: skip
+            row["bytes"][name] = expert_bytes(config, touched, fmt) if fmt else 0
     return row
 
 
@@ -127,9 +131,8 @@ def annotate(rows: list[dict], bw: float) -> None:
         us = r["us"]
         r["pct_bw"] = {n: r["bytes"][n] / (us[n] * 1e-6) / bw for n in us if r["bytes"][n]}
         r["pct_bw_h100"] = {n: r["bytes"][n] / (us[n] * 1e-6) / H100_COPY_BW for n in us if r["bytes"][n]}
-        r["speedup"] = {"grouped_vs_dense_int4": us["dense-int4"] / us["grouped-int4"],
-                        "grouped_vs_loop_int4": us["loop-int4"] / us["grouped-int4"],
-                        "grouped_vs_loop_bf16": us["loop-bf16"] / us["grouped-int4"]}  # fmt: skip
+        r["speedup"] = {f"grouped_{f}_vs_{other}": us[other] / us[f"grouped-{f}"]
+                        for f in ("int4", "fp8") for other in (f"dense-{f}", f"loop-{f}", "loop-bf16")}  # fmt: skip
 
 
 def print_table(rows: list[dict], roof: dict, config: dict) -> None:
@@ -137,13 +140,14 @@ def print_table(rows: list[dict], roof: dict, config: dict) -> None:
     print(f"\nMoE layer decode, {config['num_experts']} experts top {config['num_experts_per_tok']}, hidden "
           f"{config['hidden_size']}, expert width {config['moe_intermediate_size']} (us; % of measured copy "
           f"bandwidth over the touched experts' bytes); {describe_roofline(roof)}")  # fmt: skip
-    print(f"{'T':>4} {'experts':>7} " + " ".join(f"{n:>18}" for n in names) + "   vs dense  vs loop-int4  vs bf16")
+    print(f"{'T':>4} {'experts':>7} " + " ".join(f"{n:>18}" for n in names) + "   grouped vs: dense, loop, bf16 loop")
     for r in rows:
         cells = " ".join(f"{r['us'][n]:9.1f} ({r['pct_bw'][n]:5.0%})" if n in r["pct_bw"] else f"{r['us'][n]:9.1f}        "
                          for n in names)  # fmt: skip
         s = r["speedup"]
-        print(f"{r['tokens']:4d} {r['distinct_experts']:7d} {cells}   {s['grouped_vs_dense_int4']:7.2f}x "
-              f"{s['grouped_vs_loop_int4']:10.2f}x {s['grouped_vs_loop_bf16']:7.2f}x")  # fmt: skip
+        ratios = "  ".join(f"{f} {s[f'grouped_{f}_vs_dense-{f}']:.2f}x {s[f'grouped_{f}_vs_loop-{f}']:.2f}x "
+                           f"{s[f'grouped_{f}_vs_loop-bf16']:.2f}x" for f in ("int4", "fp8"))  # fmt: skip
+        print(f"{r['tokens']:4d} {r['distinct_experts']:7d} {cells}   {ratios}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,13 +171,13 @@ def main() -> int:
     device = torch.device("cpu" if args.smoke else "cuda")
     config = SMOKE_MOE if args.smoke else QWEN3_30B_A3B_MOE
     if args.smoke:  # the interpreter's W4A16 kernels stand in for the device's
-        from quantrl.model.linear import _KernelLinear
+        from quantrl.model.linear import Fp8Linear, _KernelLinear
 
-        _KernelLinear.kernel_backend = "triton"
+        _KernelLinear.kernel_backend = Fp8Linear.kernel_backend = "triton"
     roof = roofline(device, smoke=args.smoke)
     print(describe_roofline(roof), flush=True)
     t0 = time.perf_counter()
-    blocks = {fmt: moe_block(config, fmt, str(device)) for fmt in ("int4", "bf16")}
+    blocks = {fmt: moe_block(config, fmt, str(device)) for fmt in ("int4", "fp8", "bf16")}
     rows, failures, interrupted = [], [], False
     try:  # SIGINT (the session's step timeout): write what was timed so far
         for t in args.tokens:

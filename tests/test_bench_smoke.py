@@ -163,7 +163,7 @@ def _stub(tmp_path: Path) -> Path:
     return stub
 
 
-def _session(tmp_path: Path, *steps: str, budget: int = 580) -> subprocess.CompletedProcess:
+def _session(tmp_path: Path, *steps: str, budget: int = 585) -> subprocess.CompletedProcess:
     env = _env(PYTHON=str(_stub(tmp_path)), OUT=str(tmp_path / "out"), GPU_SESSION_BUDGET_S=str(budget),
                GPU_SESSION_MIN_STEP_S="1", GPU_SESSION_STAGE=str(tmp_path / "stage"))  # fmt: skip
     return subprocess.run(

@@ -7,10 +7,8 @@ every expert on every row, costs E/k times the FLOPs and reads every expert's we
 (Qwen3-30B-A3B: 128 experts, top 8, so 16x). Here each pair reads its own expert's weights only.
 
 Layout. A layer's experts are stacked: qweight_t int32 [E, K/8, N], scale_t [E, K/G, N] (each expert's
-W4A16 kernel layout, ``layout.w4a16_repack``). ``align_pairs`` sorts the T*k pairs p = t*k + j by expert
-and pads each expert's run to a multiple of BM: ``sorted_ids`` [P] (pair index, or T*k for padding) and
-``block_expert`` [P/BM] (the expert of each BM-row block, -1 past the last), with P = an upper bound
-fixed by T, k, E and BM alone (the static shape). Program (block, N tile): gathers its BM rows of x
+W4A16 kernel layout, ``layout.w4a16_repack``); the pairs come sorted into per-expert blocks of BM rows
+(``moe_routing.align_pairs``). Program (block, N tile): gathers its BM rows of x
 (row = pair // ``row_div``: the token for the first GEMMs, the pair itself for the down projection),
 dequantizes its expert's weight tile as the dense W4A16 mma kernel does (same helpers: exactly formats'
 weights) and writes its output rows in pair order [T*k, N]. Blocks of padding or past the end return.
@@ -22,7 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from quantrl.formats._checks import cdiv
 from quantrl.kernels._numerics import cast_out, native_default, widen
 from quantrl.kernels._triton import tl, triton
 from quantrl.kernels.w4a16 import _bf16_pair, _k_major_tile, _load_scale_tile, _load_scales, _nibbles, _round_to
@@ -69,33 +66,6 @@ def _moe_w4a16_kernel(
                  mask=valid[:, None] & n_mask[None, :])  # fmt: skip
 
 
-def block_rows(pairs: int, experts: int) -> int:
-    """BM by the pairs an expert gets on average: 16 at decode (a few rows each), up to 64 in prefill."""
-    per = pairs / max(experts, 1)
-    return 16 if per <= 16 else 32 if per <= 32 else 64
-
-
-def align_pairs(experts: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sorted_ids int32 [P], block_expert int32 [P / bm]) for routed experts [T, k] (module note). Device
-    ops only: counts, offsets and the scatter stay on the GPU, and P depends on shapes alone."""
-    flat = experts.reshape(-1)
-    n = flat.numel()
-    p_max = cdiv(n + num_experts * (bm - 1), bm) * bm  # every expert's run padded by < bm rows
-    order = flat.argsort(stable=True)  # pairs by expert, each expert's in pair order
-    # not torch.bincount: its output size depends on the largest id, a host sync CUDA graphs cannot capture
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + bm - 1) // bm * bm
-    run_start = torch.cumsum(counts, 0) - counts  # where each expert's pairs begin in `order`
-    ends = torch.cumsum(padded, 0)  # where each expert's padded run ends in sorted_ids
-    e_sorted = flat[order]
-    pos = (ends - padded)[e_sorted] + torch.arange(n, device=flat.device) - run_start[e_sorted]
-    sorted_ids = torch.full((p_max,), n, dtype=torch.int32, device=flat.device)
-    sorted_ids[pos] = order.to(torch.int32)
-    block_start = torch.arange(0, p_max, bm, device=flat.device)
-    block_expert = torch.searchsorted(ends, block_start, right=True)  # the run holding each block's first row
-    return sorted_ids, torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
-
-
 def moe_w4a16_gemm(
     x: torch.Tensor, qweight_t: torch.Tensor, scale_t: torch.Tensor, group_size: int, sorted_ids: torch.Tensor,
     block_expert: torch.Tensor, num_pairs: int, row_div: int, bm: int, bn: int = 64, bk: int = 128,
@@ -103,7 +73,7 @@ def moe_w4a16_gemm(
 ) -> torch.Tensor:  # fmt: skip
     """out [num_pairs, N]: row p = x[p // row_div] @ dequant(expert of p).T in x's dtype. ``qweight_t``
     [E, K/8, N], ``scale_t`` [E, K/G, N] (contiguous per expert); ``sorted_ids`` / ``block_expert`` from
-    ``align_pairs(..., bm)``. ``unpack``: "bf16x2" (default for bf16 activations and scales) or "magic"."""
+    ``moe_routing.align_pairs(..., bm)``. ``unpack``: "bf16x2" (default for bf16 activations and scales) or "magic"."""
     k, n = x.shape[1], qweight_t.shape[-1]
     out = torch.empty(num_pairs, n, dtype=x.dtype, device=x.device)
     if num_pairs == 0:

@@ -24,7 +24,7 @@ at the replayed experts, so the router keeps its gradient. A near-tie in the rou
 source of train-rollout mismatch (quantized rollouts move the router's inputs; one flipped expert for a
 prompt token shifts every later token's logprob).
 
-Two dispatches compute that same sum:
+Three dispatches compute that same sum:
   grouped  tokens sorted by expert, each expert runs only on its tokens. Needs the per-expert counts on
            the host (one sync), so it is the eager path: training, prefill, CPU.
   dense    every expert runs on every row, the rows not routed to it zeroed (so a per-call FP8 activation
@@ -34,12 +34,12 @@ Two dispatches compute that same sum:
            so on GPU the two agree to bf16 rounding, not bit for bit). It costs E/k times the FLOPs and
            reads every expert's weights each step: for many experts and small batches (Qwen3-30B-A3B:
            128 experts, top 8) graphed decode is a correctness path, not a fast one.
-  grouped W4A16 kernel  INT4 experts on CUDA (``fused_w4a16``; ``kernels.moe_w4a16``): the routed pairs
-           sorted by expert on the device and three grouped GEMMs (gate, up, down) over them, each pair
-           through its own expert's weights: no host sync, static shapes, k/E of the dense dispatch's
-           work. The experts' kernel buffers become views of one stacked tensor per projection, so weight
-           sync refills the stack in place. The sum is the loop's (``sum_in_expert_order``); checked once
-           against the loop, dropped with a warning if it disagrees.
+  grouped  INT4 (W4A16) or FP8-block experts on CUDA (``grouped_kernel``; ``kernels.moe_w4a16`` /
+  kernels  ``kernels.moe_fp8``): the routed pairs sorted by expert on the device and three grouped GEMMs
+           (gate, up, down) over them, each pair through its own expert's weights: no host sync, static
+           shapes, k/E of the dense dispatch's work. The experts' kernel tensors become views of one stack
+           per projection, so weight sync refills the stack in place. The sum is the loop's
+           (``sum_in_expert_order``); checked once against the loop, dropped with a warning if it disagrees.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ class Fp32Router(nn.Module):
 
 class SparseMoeBlock(nn.Module):
     dense_dispatch = False  # set by the dense_dispatch() context below (CUDA-graph warm-up, tests)
-    fused_w4a16 = True  # class switch: INT4 (W4A16) experts run as one grouped kernel (kernels.moe_w4a16)
+    grouped_kernel = True  # class switch: INT4 / FP8 experts run as grouped kernels (kernels.moe_w4a16 / moe_fp8)
     FUSED_PROBE_RTOL = 1e-2  # the grouped kernel vs the expert loop: fp32 sums in another order, bf16 outputs
 
     def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
@@ -297,53 +297,49 @@ class SparseMoeBlock(nn.Module):
                 out.index_add_(0, rows, (expert(x[rows]) * w[a:b]).to(out.dtype))
         return out
 
-    # ---- the grouped W4A16 kernel ---------------------------------------------------------------------
+    # ---- the grouped kernels (INT4 and FP8 experts) ---------------------------------------------------
     def _fused_usable(self, x: torch.Tensor, capturing: bool) -> bool:
-        """Every expert W4A16 with its kernel on (the stack is built outside CUDA-graph capture, at the first
-        eager call: a prefill precedes any captured decode), checked once against the expert loop."""
-        if not self.fused_w4a16 or self._fused_ok is False or x.dtype not in (torch.bfloat16, torch.float16):
+        """Every expert INT4 (W4A16) or FP8-block with its kernel on (the stack is built outside CUDA-graph
+        capture, at the first eager call: a prefill precedes any captured decode), checked once against
+        the expert loop."""
+        if not self.grouped_kernel or self._fused_ok is False or x.dtype not in (torch.bfloat16, torch.float16):
             return False
         if self._stack is None and not capturing:
             self._stack = self._stack_experts()
         return bool(self._stack) and (self._fused_ok or not capturing)
 
     def grouped_kernel_possible(self) -> bool:
-        """Whether this block can take the grouped W4A16 kernel once loaded (INT4 experts, kernels on)."""
-        from quantrl.model.linear import W4A16Linear
-
-        lins = [getattr(e, n) for _, e in self._owned for n in ("gate_proj", "up_proj", "down_proj")]
-        return self.fused_w4a16 and len(self._owned) == self.num_experts and all(
-            isinstance(lin, W4A16Linear) and lin.num_bits == 4 and lin._wants_kernel() for lin in lins)  # fmt: skip
+        """Whether this block can take a grouped kernel once loaded (INT4 or FP8-block experts, kernels on)."""
+        lins = [getattr(e, n) for _, e in self._owned for n in PROJECTIONS]
+        kinds = {_grouped_kind(lin) for lin in lins}
+        return self.grouped_kernel and len(self._owned) == self.num_experts and len(kinds) == 1 and None not in kinds
 
     def _stack_experts(self) -> dict | bool:
-        """Stack each projection's kernel weights [E, K/8, N] / [E, K/G, N] and make every expert's buffers
-        views into the stack (no second copy; post-processing refills them in place, so updates land in the
-        stack). False when some expert is not a W4A16 layer with its kernel on."""
-        from quantrl.model.linear import W4A16Linear
-
-        if len(self._owned) != self.num_experts:  # expert parallelism: the loop over this rank's experts
+        """Stack each projection's kernel tensors over the experts (W4A16: qweight_t [E, K/8, N], scale_t
+        [E, K/G, N]; FP8: weight [E, N, K], weight_scale_inv [E, N/128, K/128]) and make every expert's
+        tensors views into the stack (no second copy; loads and post-processing write in place, so updates
+        land in the stack). False when some expert is another format or has its kernel off."""
+        if not self.grouped_kernel_possible():
             return False
         stack = {}
-        for name in ("gate_proj", "up_proj", "down_proj"):
+        for name in PROJECTIONS:
             lins = [getattr(e, name) for _, e in self._owned]
-            ok = all(isinstance(lin, W4A16Linear) and lin._kernel_valid and lin._kernel_ok is not False
-                     and lin.bias is None and lin.group_size == lins[0].group_size for lin in lins)  # fmt: skip
-            if not ok:
+            kind = _grouped_kind(lins[0])
+            if kind == "w4a16" and not all(lin.group_size == lins[0].group_size for lin in lins):
                 return False
-            qt = torch.stack([lin._kernel_weights[0] for lin in lins])
-            st = torch.stack([lin._kernel_weights[1] for lin in lins])
+            parts = [torch.stack(ts) for ts in zip(*(_grouped_tensors(lin) for lin in lins), strict=True)]
             for j, lin in enumerate(lins):
-                lin._kernel_weights = (qt[j], st[j])
-            stack[name] = (qt, st, lins[0].group_size)
+                _set_grouped_tensors(lin, tuple(p[j] for p in parts))
+            stack[name] = (kind, *parts, getattr(lins[0], "group_size", None))
         return stack
 
     def after_weight_update(self) -> None:
-        """A post-process that reallocated an expert's kernel weights, or skipped them (its kernel is off),
+        """A post-process that reallocated an expert's kernel tensors, or skipped them (its kernel is off),
         leaves the stack stale: rebuild it (or fall back) at the next eager call."""
         if isinstance(self._stack, dict):
-            for name, (qt, _, _) in self._stack.items():
+            for name, (_, first, *_rest) in self._stack.items():
                 lins = [getattr(e, name) for _, e in self._owned]
-                if any(not lin._kernel_valid or lin._kernel_weights[0].data_ptr() != qt[j].data_ptr()
+                if any(_grouped_kind(lin) is None or _grouped_tensors(lin)[0].data_ptr() != first[j].data_ptr()
                        for j, lin in enumerate(lins)):  # fmt: skip
                     self._stack = None
                     return
@@ -352,15 +348,26 @@ class SparseMoeBlock(nn.Module):
 
     def _fused(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """The expert loop's sum, from three grouped GEMMs over the routed pairs (rows in pair order t*k + j)."""
-        from quantrl.kernels.moe_w4a16 import align_pairs, block_rows, moe_w4a16_gemm
+        from quantrl.kernels.moe_routing import align_pairs, block_rows
 
         k, n_pairs = self.top_k, experts.numel()
         bm = block_rows(n_pairs, self.num_experts)
         ids, blocks = align_pairs(experts, self.num_experts, bm)
-        gemm = {n: (lambda a, div, t=t: moe_w4a16_gemm(a, t[0], t[1], t[2], ids, blocks, n_pairs, div, bm))
-                for n, t in self._stack.items()}  # fmt: skip
-        h = F.silu(gemm["gate_proj"](x, k)) * gemm["up_proj"](x, k)  # [N*k, I], as MLP.forward rounds it
-        y = (gemm["down_proj"](h, 1).view(x.shape[0], k, -1) * weights[..., None]).to(x.dtype)  # [N, k, H]
+
+        def gemm(name: str, a, div: int, a_fp8=None):
+            kind, t0, t1, group = self._stack[name]
+            if kind == "w4a16":
+                from quantrl.kernels.moe_w4a16 import moe_w4a16_gemm
+
+                return moe_w4a16_gemm(a, t0, t1, group, ids, blocks, n_pairs, div, bm)
+            from quantrl.kernels.moe_fp8 import moe_fp8_gemm
+
+            aq, asc = a_fp8 if a_fp8 is not None else _quantize_rows(a)
+            return moe_fp8_gemm(aq, asc, t0, t1, ids, blocks, n_pairs, div, bm, a.dtype)
+
+        xq = _quantize_rows(x) if self._stack["gate_proj"][0] == "fp8" else None  # gate and up share it
+        h = F.silu(gemm("gate_proj", x, k, xq)) * gemm("up_proj", x, k, xq)  # [N*k, I], as MLP.forward rounds it
+        y = (gemm("down_proj", h, 1).view(x.shape[0], k, -1) * weights[..., None]).to(x.dtype)  # [N, k, H]
         return sum_in_expert_order(y, experts)
 
     def _probe_fused(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -373,8 +380,7 @@ class SparseMoeBlock(nn.Module):
         except (RuntimeError, ValueError) as e:  # a Triton compile / launch failure
             self._fused_ok, why = False, str(e).splitlines()[0] if str(e) else type(e).__name__
         if not self._fused_ok:
-            warnings.warn(f"{self.prefix}: grouped W4A16 MoE kernel disabled ({why}); looping over experts",
-                          stacklevel=3)  # fmt: skip
+            warnings.warn(f"{self.prefix}: grouped MoE kernel disabled ({why}); looping over experts", stacklevel=3)
             return ref
         return out
 
@@ -386,6 +392,45 @@ class SparseMoeBlock(nn.Module):
             g = gates[:, j : j + 1]  # [N, 1]
             out = out + (expert(x * (g != 0)) * g).to(out.dtype)
         return out
+
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _grouped_kind(lin) -> str | None:
+    """Which grouped kernel an expert Linear can join: "w4a16" (INT4 with its kernel layout), "fp8" (128x128
+    blocks, 1x128 activations, fp32 scales), or None."""
+    from quantrl.kernels import triton_available
+    from quantrl.model.linear import Fp8Linear, W4A16Linear
+
+    if lin.bias is not None or not triton_available():
+        return None
+    if isinstance(lin, W4A16Linear):
+        return "w4a16" if lin.num_bits == 4 and lin._kernel_valid and lin._kernel_ok is not False else None
+    if isinstance(lin, Fp8Linear) and lin._blockwise_recipe and lin.weight_scale_tensor.dtype == torch.float32:
+        return "fp8" if lin.weight.is_cuda or lin.kernel_backend == "triton" else None
+    return None
+
+
+def _grouped_tensors(lin) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensors a grouped kernel reads from one expert Linear (see ``_grouped_kind``)."""
+    return lin._kernel_weights if _grouped_kind(lin) == "w4a16" else (lin.weight, lin.weight_scale_tensor)
+
+
+def _set_grouped_tensors(lin, views: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Point an expert Linear's tensors at its slices of the stack (same values; loads copy in place)."""
+    if _grouped_kind(lin) == "w4a16":
+        lin._kernel_weights = views
+    else:
+        lin.weight, lin._buffers[lin.scale_name] = views
+
+
+def _quantize_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1x128 e4m3 codes and scales of each row (an FP8 expert's activation quantization; no host check)."""
+    from quantrl.kernels import quantize_fp8_activation
+
+    backend = "triton" if not a.is_cuda else "auto"  # CPU: only the interpreter's tests stack FP8 experts
+    return quantize_fp8_activation(a, 128, backend=backend, check=False)
 
 
 def sum_in_expert_order(y: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

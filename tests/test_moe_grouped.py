@@ -1,8 +1,9 @@
-"""The grouped W4A16 MoE kernel (``kernels.moe_w4a16``) and the MoE block running on it.
+"""The grouped MoE kernels (``kernels.moe_w4a16``, ``kernels.moe_fp8``) and the MoE block running on them.
 
-The kernel runs on CUDA or in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1 without a GPU),
-outputs poisoned. Each routed pair's row must equal an fp32 GEMM of its token with its expert's engine
-weight (formats' dequantization) to the one bf16 rounding of the output; the block must give the expert
+The kernels run on CUDA or in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1 without a GPU),
+outputs poisoned. Each routed pair's row must equal an fp32 GEMM of its token (FP8: its 1x128-quantized
+values) with its expert's engine weight (formats' dequantization) to the one bf16 rounding of the output;
+the block (INT4 and FP8 checkpoints) must give the expert
 loop's sum (the same bf16 additions in ascending expert order) to that rounding, keep following weight
 updates through the stacked buffers, and check itself once against the loop.
 """
@@ -14,7 +15,8 @@ from quantrl import formats as fm
 from quantrl import kernels
 
 triton = pytest.importorskip("triton")
-from quantrl.kernels.moe_w4a16 import align_pairs, block_rows, moe_w4a16_gemm
+from quantrl.kernels.moe_routing import align_pairs, block_rows
+from quantrl.kernels.moe_w4a16 import moe_w4a16_gemm
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -101,44 +103,76 @@ def test_the_grouped_sum_adds_in_the_expert_loops_order(gen):
     assert not torch.equal(y.sum(1, dtype=torch.bfloat16), loop)  # another order: other bits
 
 
-@pytest.fixture(scope="module")
-def moe_int4(tmp_path_factory):
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize(("t", "e", "top_k", "n", "k"), [(1, 4, 2, 96, 128), (7, 6, 2, 200, 320), (20, 5, 3, 64, 64)])
+def test_fp8_pairs_are_their_quantized_tokens_through_their_experts(t, e, top_k, n, k, gen):
+    """FP8 experts (128x128 blocks, ragged N and K included): each pair's row is its token's 1x128 codes
+    times its expert's weight, fp32 accumulation rounded once; the down projection's pair rows too."""
+    from quantrl.kernels.moe_fp8 import moe_fp8_gemm
+
+    w, s, deq = [], [], []
+    for _ in range(e):
+        q, sc = fm.quantize_fp8(torch.randn(n, k, generator=gen).bfloat16(), "block", (128, 128))
+        w.append(q)
+        s.append(sc)
+        deq.append(fm.dequantize_fp8(q, sc, (128, 128), torch.float64))
+    w, s = torch.stack(w).to(DEV), torch.stack(s).to(DEV)
+    ex = routed(t, e, top_k, gen, skip=(0,))
+    bm = block_rows(t * top_k, e)
+    ids, blocks = align_pairs(ex.to(DEV), e, bm)
+    for rows, div in ((t, top_k), (t * top_k, 1)):
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        xq, xs = fm.quantize_fp8_activation(x, 128)
+        xd = fm.dequantize_fp8_activation(xq, xs, 128, dtype=torch.float64)
+        out = moe_fp8_gemm(xq.to(DEV), xs.to(DEV), w, s, ids, blocks, t * top_k, div, bm)
+        want = torch.stack([xd[p // div] @ deq[int(ex.reshape(-1)[p])].T for p in range(t * top_k)])
+        assert torch.isfinite(out).all()
+        assert float((out.cpu().double() - want).norm() / want.norm()) <= 4e-3
+
+
+@pytest.fixture(scope="module", params=["int4", "fp8"])
+def moe_ckpt(request, tmp_path_factory):
+    """A tiny Qwen3-MoE checkpoint with INT4 (group 32) or FP8 (128x128 blocks) experts."""
     from _tiny_models import bf16_fp8_int4, qwen3_moe_config
 
-    return bf16_fp8_int4(qwen3_moe_config(moe_intermediate_size=64), tmp_path_factory.mktemp("moe_w4a16"), 32)["int4"]
+    dirs = bf16_fp8_int4(qwen3_moe_config(moe_intermediate_size=64), tmp_path_factory.mktemp("moe_grouped"), 32)
+    return dirs[request.param]
 
 
 def _kernels_on(monkeypatch):
-    from quantrl.model.linear import _KernelLinear
+    from quantrl.model.linear import Fp8Linear, _KernelLinear
 
-    if not CUDA:
-        monkeypatch.setattr(_KernelLinear, "kernel_backend", "triton")  # the interpreter's W4A16 kernels
+    if not CUDA:  # the interpreter's W4A16 / FP8 kernels, for the expert loop too
+        monkeypatch.setattr(_KernelLinear, "kernel_backend", "triton")
+        monkeypatch.setattr(Fp8Linear, "kernel_backend", "triton")
 
 
-def test_the_block_sums_the_expert_loop_through_the_grouped_kernel(moe_int4, monkeypatch, gen):
-    """An INT4 Qwen3-MoE: logits of a batch through the grouped kernel equal the expert loop's to bf16
-    rounding; the kernel was taken (checked once, then kept), and its stacked weights are the experts'."""
+def test_the_block_sums_the_expert_loop_through_the_grouped_kernel(moe_ckpt, monkeypatch, gen):
+    """An INT4 or FP8 Qwen3-MoE: logits of a batch through the grouped kernel equal the expert loop's to
+    bf16 rounding; the kernel was taken (checked once, then kept), and its stacked weights are the experts'."""
     from quantrl.model import load_model
     from quantrl.model.moe import SparseMoeBlock
 
     _kernels_on(monkeypatch)
-    model = load_model(moe_int4, dtype=torch.bfloat16, device=DEV)
+    model = load_model(moe_ckpt, dtype=torch.bfloat16, device=DEV)
     blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
     ids = torch.randint(0, model.config.vocab_size, (3, 11), generator=gen).to(DEV)
     with torch.no_grad():
         fused = model(ids).float()
         assert all(b._fused_ok is True for b in blocks)
         fused_again = model(ids).float()  # the kept kernel, without the check
-        monkeypatch.setattr(SparseMoeBlock, "fused_w4a16", False)
+        monkeypatch.setattr(SparseMoeBlock, "grouped_kernel", False)
         loop = model(ids).float()
     assert torch.equal(fused, fused_again)
     assert float((fused - loop).norm() / loop.norm()) < 1e-2
+    from quantrl.model.moe import _grouped_tensors
+
     b = blocks[0]
-    qt = b._stack["down_proj"][0]
-    assert all(e.down_proj._kernel_weights[0].data_ptr() == qt[j].data_ptr() for j, e in enumerate(b.experts))
+    first = b._stack["down_proj"][1]
+    assert all(_grouped_tensors(e.down_proj)[0].data_ptr() == first[j].data_ptr() for j, e in enumerate(b.experts))
 
 
-def test_an_engine_update_reaches_the_stacked_experts(moe_int4, monkeypatch, gen):
+def test_an_engine_update_reaches_the_stacked_experts(moe_ckpt, monkeypatch, gen):
     """Weight sync refills each expert's kernel buffers in place, which are views into the stack: after an
     update the grouped kernel computes with the new experts (as the loop over the same model does)."""
     from quantrl.model import engine_state, load_model
@@ -146,39 +180,40 @@ def test_an_engine_update_reaches_the_stacked_experts(moe_int4, monkeypatch, gen
     from quantrl.rollout import Engine
 
     _kernels_on(monkeypatch)
-    model = load_model(moe_int4, dtype=torch.bfloat16, device=DEV)
+    model = load_model(moe_ckpt, dtype=torch.bfloat16, device=DEV)
     engine = Engine(model, kv_cache_tokens=64)
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=gen).to(DEV)
     with torch.no_grad():
         before = model(ids).float()
     update = {n: t.clone() for n, t in engine_state(model).items()}
-    for name in [n for n in update if ".experts." in n and n.endswith("weight_packed")]:
+    for name in [n for n in update if ".experts." in n and n.endswith(("weight_packed", "proj.weight"))]:
         update[name] = update[name].flip(0).contiguous()  # other experts, same shapes
     engine.update_weights(update.items(), version=1)
     block = next(m for m in model.modules() if isinstance(m, SparseMoeBlock))
     assert isinstance(block._stack, dict)  # still the stack: refilled in place
     with torch.no_grad():
         after = model(ids).float()
-        monkeypatch.setattr(SparseMoeBlock, "fused_w4a16", False)
+        monkeypatch.setattr(SparseMoeBlock, "grouped_kernel", False)
         loop = model(ids).float()
     assert float((after - before).norm() / before.norm()) > 0.05
     assert float((after - loop).norm() / loop.norm()) < 1e-2
 
 
-def test_a_disagreeing_kernel_is_dropped_with_a_warning(moe_int4, monkeypatch, gen):
-    from quantrl.kernels import moe_w4a16
+def test_a_disagreeing_kernel_is_dropped_with_a_warning(moe_ckpt, monkeypatch, gen):
+    from quantrl.kernels import moe_fp8, moe_w4a16
     from quantrl.model import load_model
     from quantrl.model.moe import SparseMoeBlock
 
     _kernels_on(monkeypatch)
-    real = moe_w4a16.moe_w4a16_gemm
-    monkeypatch.setattr(moe_w4a16, "moe_w4a16_gemm", lambda *a, **kw: real(*a, **kw) * 1.5)
-    model = load_model(moe_int4, dtype=torch.bfloat16, device=DEV)
+    for mod, fn in ((moe_w4a16, "moe_w4a16_gemm"), (moe_fp8, "moe_fp8_gemm")):
+        real = getattr(mod, fn)
+        monkeypatch.setattr(mod, fn, lambda *a, real=real, **kw: real(*a, **kw) * 1.5)
+    model = load_model(moe_ckpt, dtype=torch.bfloat16, device=DEV)
     ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=gen).to(DEV)
     with torch.no_grad():
-        with pytest.warns(UserWarning, match="grouped W4A16 MoE kernel disabled"):
+        with pytest.warns(UserWarning, match="grouped MoE kernel disabled"):
             out = model(ids).float()
-        monkeypatch.setattr(SparseMoeBlock, "fused_w4a16", False)
+        monkeypatch.setattr(SparseMoeBlock, "grouped_kernel", False)
         loop = model(ids).float()
     assert torch.equal(out, loop)
     assert all(m._fused_ok is False for m in model.modules() if isinstance(m, SparseMoeBlock))
@@ -211,8 +246,8 @@ def test_routing_and_grouped_gemm_replay_in_a_cuda_graph(gen):
 
 
 @pytest.mark.gpu
-def test_graphed_int4_moe_decode_takes_the_grouped_kernel(moe_int4):
-    """An INT4 MoE engine with CUDA graphs decodes through the grouped kernel (no dense dispatch over all
+def test_graphed_int4_moe_decode_takes_the_grouped_kernel(moe_ckpt):
+    """An INT4 / FP8 MoE engine with CUDA graphs decodes through the grouped kernel (no dense dispatch over all
     experts) and samples what the eager engine samples, logprobs to bf16 rounding."""
     from _tiny_models import random_prompts
 
@@ -220,7 +255,7 @@ def test_graphed_int4_moe_decode_takes_the_grouped_kernel(moe_int4):
     from quantrl.model.moe import SparseMoeBlock
     from quantrl.rollout import Engine, SamplingParams
 
-    model = load_model(moe_int4, dtype=torch.bfloat16, device=DEV)
+    model = load_model(moe_ckpt, dtype=torch.bfloat16, device=DEV)
     prompts = random_prompts([5, 9, 3], seed=4)
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=12, seed=0)
     graphed = Engine(model, kv_cache_tokens=256, use_cuda_graph=True).generate(prompts, params)
