@@ -124,16 +124,19 @@ def test_moe_cuda_graph_decode_routes_and_scores_like_a_full_forward(arch):
         assert torch.equal(own, r.routing.long().sort(-1).values)
 
 
+@pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("kind", ["fp8", "int4"])
-def test_quantized_moe_experts_are_all_probed_before_capture(kind):
-    """Graph warm-up dispatches densely, so every expert's fast path is probed eagerly (an expert no token
-    reached would otherwise be captured on its reference path); graphed logprobs stay within the bf16
-    tolerances of the dense test above."""
+def test_quantized_moe_experts_are_all_probed_before_capture(kind, grouped, monkeypatch):
+    """With the grouped MoE kernels (the default for INT4 / FP8 experts) graphed decode runs them, checked
+    against the expert loop at the first prefill. Without them, graph warm-up dispatches densely, so every
+    expert's fast path is probed eagerly (an expert no token reached would otherwise be captured on its
+    reference path). Either way graphed logprobs stay within the bf16 tolerances of the dense test above."""
     from _tiny_models import qwen3_moe_config
 
     from quantrl.model import Fp8Linear, W4A16Linear
     from quantrl.model.moe import SparseMoeBlock
 
+    monkeypatch.setattr(SparseMoeBlock, "grouped_kernel", grouped)
     cfg = qwen3_moe_config(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, head_dim=64).to_dict()
     model = random_init_(build_model(cfg, SCHEMES[kind], dtype=torch.bfloat16, device=DEV), seed=0, std=0.1)
     engine = Engine(model, kv_cache_tokens=4096, max_seq_len=64, max_batch_size=16, use_cuda_graph=True)
@@ -143,7 +146,10 @@ def test_quantized_moe_experts_are_all_probed_before_capture(kind):
                for lin in (e.gate_proj, e.up_proj, e.down_proj)]  # fmt: skip
     flag = (lambda lin: lin._fast) if kind == "fp8" else (lambda lin: lin._kernel_ok)
     assert all(isinstance(lin, Fp8Linear if kind == "fp8" else W4A16Linear) for lin in experts)
-    assert all(flag(lin) is True for lin in experts), [flag(lin) for lin in experts]
+    if grouped:
+        assert all(m._fused_ok is True for m in model.modules() if isinstance(m, SparseMoeBlock))
+    else:
+        assert all(flag(lin) is True for lin in experts), [flag(lin) for lin in experts]
     errs = logprob_errors(model, prompts, results, 0.9)
     assert errs.mean() < 0.05 and errs.max() < 1, (errs.mean(), errs.max())
 
