@@ -130,13 +130,18 @@ def test_fp8_pairs_are_their_quantized_tokens_through_their_experts(t, e, top_k,
         assert float((out.cpu().double() - want).norm() / want.norm()) <= 4e-3
 
 
-@pytest.fixture(scope="module", params=["int4", "fp8"])
-def moe_ckpt(request, tmp_path_factory):
-    """A tiny Qwen3-MoE checkpoint with INT4 (group 32) or FP8 (128x128 blocks) experts."""
+@pytest.fixture(scope="module")
+def moe_dirs(tmp_path_factory):
+    """A tiny Qwen3-MoE checkpoint with INT4 (group 32) and with FP8 (128x128 blocks) experts."""
     from _tiny_models import bf16_fp8_int4, qwen3_moe_config
 
-    dirs = bf16_fp8_int4(qwen3_moe_config(moe_intermediate_size=64), tmp_path_factory.mktemp("moe_grouped"), 32)
-    return dirs[request.param]
+    cfg = qwen3_moe_config(intermediate_size=128, moe_intermediate_size=64)  # halves hold whole INT4 groups
+    return bf16_fp8_int4(cfg, tmp_path_factory.mktemp("moe_grouped"), 32)
+
+
+@pytest.fixture(params=["int4", "fp8"])
+def moe_ckpt(request, moe_dirs):
+    return moe_dirs[request.param]
 
 
 def _kernels_on(monkeypatch):
@@ -265,3 +270,39 @@ def test_graphed_int4_moe_decode_takes_the_grouped_kernel(moe_ckpt):
     assert same >= len(eager) - 1  # greedy: a bf16 near-tie may flip one sample
     gaps = [abs(x - y) for a, b in zip(graphed, eager) if a.tokens == b.tokens for x, y in zip(a.logprobs, b.logprobs)]
     assert max(gaps) < 5e-2
+
+
+@pytest.mark.usefixtures("poisoned_empty")  # another rank's rows are never written: NaN unless masked
+def test_expert_parallel_ranks_sum_their_own_experts(moe_dirs, monkeypatch, gen):
+    """With expert parallelism each rank stacks only its experts; another rank's pairs are computed by no
+    block and add exact zeros, so each rank's grouped sum equals its loop over its own experts (the block
+    then all-reduces the ranks' sums). Both ranks' shards, built in one process, called before the reduce.
+    INT4 only: the tiny model's attention cannot split into whole 128x128 FP8 tiles (the kernels' expert
+    handling is the same for both formats)."""
+    moe_ckpt = moe_dirs["int4"]
+    from quantrl.model import load_model
+    from quantrl.model.moe import SparseMoeBlock, route
+    from quantrl.model.tensor_parallel import TPContext
+
+    _kernels_on(monkeypatch)
+    x = torch.randn(6, 64, generator=gen).bfloat16().to(DEV)
+    sums = []
+    for rank in range(2):
+        shard = load_model(moe_ckpt, dtype=torch.bfloat16, device=DEV, tp=TPContext(rank, 2, expert_parallel=True))
+        block = next(m for m in shard.modules() if isinstance(m, SparseMoeBlock))
+        assert len(block._owned) == block.num_experts // 2
+        with torch.no_grad():
+            weights, experts, _ = route(block.gate(x), block.top_k, block.normalize, None)
+            loop = block._grouped(x, weights, experts)
+            block._stack = block._stack_experts()
+            assert isinstance(block._stack, dict) and block._stack["up_proj"][1].shape[0] == len(block._owned)
+            grouped = block._fused(x, weights, experts)
+        assert torch.isfinite(grouped).all()
+        assert float((grouped.float() - loop.float()).norm() / loop.float().norm()) < 1e-2
+        sums.append(grouped.float())
+    whole = next(m for m in load_model(moe_ckpt, dtype=torch.bfloat16, device=DEV).modules()
+                 if isinstance(m, SparseMoeBlock))  # fmt: skip
+    with torch.no_grad():
+        weights, experts, _ = route(whole.gate(x), whole.top_k, whole.normalize, None)
+        want = whole._grouped(x, weights, experts).float()
+    assert float((sums[0] + sums[1] - want).norm() / want.norm()) < 1e-2

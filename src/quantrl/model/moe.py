@@ -246,6 +246,7 @@ class SparseMoeBlock(nn.Module):
         # the experts' W4A16 kernel weights stacked per projection (None: not built, False: not W4A16)
         self._stack: dict[str, tuple[torch.Tensor, torch.Tensor, int]] | bool | None = None
         self._fused_ok: bool | None = None  # None: not yet checked against the expert loop
+        self._local: torch.Tensor | None = None  # expert -> its slot in the stack, -1 on another rank
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None, moe_index: int = 0) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H]; ``routing`` replays and/or records this layer's (number ``moe_index``
@@ -310,17 +311,20 @@ class SparseMoeBlock(nn.Module):
 
     def grouped_kernel_possible(self) -> bool:
         """Whether this block can take a grouped kernel once loaded (INT4 or FP8-block experts, kernels on)."""
-        lins = [getattr(e, n) for _, e in self._owned for n in PROJECTIONS]
-        kinds = {_grouped_kind(lin) for lin in lins}
-        return self.grouped_kernel and len(self._owned) == self.num_experts and len(kinds) == 1 and None not in kinds
+        kinds = {_grouped_kind(getattr(e, n)) for _, e in self._owned for n in PROJECTIONS}
+        return self.grouped_kernel and len(kinds) == 1 and None not in kinds
 
     def _stack_experts(self) -> dict | bool:
         """Stack each projection's kernel tensors over the experts (W4A16: qweight_t [E, K/8, N], scale_t
         [E, K/G, N]; FP8: weight [E, N, K], weight_scale_inv [E, N/128, K/128]) and make every expert's
         tensors views into the stack (no second copy; loads and post-processing write in place, so updates
-        land in the stack). False when some expert is another format or has its kernel off."""
+        land in the stack). False when some expert is another format or has its kernel off. With expert
+        parallelism the stack holds this rank's experts; ``_local`` maps every expert to its slot or -1."""
         if not self.grouped_kernel_possible():
             return False
+        dev = _grouped_tensors(self._owned[0][1].gate_proj)[0].device
+        self._local = torch.full((self.num_experts,), -1, dtype=torch.long, device=dev)
+        self._local[torch.tensor([j for j, _ in self._owned], device=dev)] = torch.arange(len(self._owned), device=dev)
         stack = {}
         for name in PROJECTIONS:
             lins = [getattr(e, name) for _, e in self._owned]
@@ -350,9 +354,17 @@ class SparseMoeBlock(nn.Module):
         """The expert loop's sum, from three grouped GEMMs over the routed pairs (rows in pair order t*k + j)."""
         from quantrl.kernels.moe_routing import align_pairs, block_rows
 
-        k, n_pairs = self.top_k, experts.numel()
-        bm = block_rows(n_pairs, self.num_experts)
-        ids, blocks = align_pairs(experts, self.num_experts, bm)
+        k, n_pairs, held = self.top_k, experts.numel(), len(self._owned)
+        foreign = None
+        if held < self.num_experts:  # expert parallelism: other ranks' pairs go to a bucket no block computes
+            local = self._local[experts]
+            foreign = local < 0
+            bm = block_rows(n_pairs, held + 1)
+            ids, blocks = align_pairs(torch.where(foreign, held, local), held + 1, bm)
+            blocks = torch.where(blocks == held, -1, blocks)
+        else:
+            bm = block_rows(n_pairs, self.num_experts)
+            ids, blocks = align_pairs(experts, self.num_experts, bm)
 
         def gemm(name: str, a, div: int, a_fp8=None):
             kind, t0, t1, group = self._stack[name]
@@ -368,6 +380,8 @@ class SparseMoeBlock(nn.Module):
         xq = _quantize_rows(x) if self._stack["gate_proj"][0] == "fp8" else None  # gate and up share it
         h = F.silu(gemm("gate_proj", x, k, xq)) * gemm("up_proj", x, k, xq)  # [N*k, I], as MLP.forward rounds it
         y = (gemm("down_proj", h, 1).view(x.shape[0], k, -1) * weights[..., None]).to(x.dtype)  # [N, k, H]
+        if foreign is not None:  # rows never written (another rank's experts): exact zeros in the sum
+            y = y.masked_fill(foreign[..., None], 0)
         return sum_in_expert_order(y, experts)
 
     def _probe_fused(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
