@@ -275,3 +275,32 @@ def test_the_engine_decodes_through_the_kernel(tmp_path, monkeypatch, arch, kv_d
     gap = max(float((torch.tensor(r.logprobs) - full_forward_logprobs(model, prompts[r.prompt_index], r.tokens,
                                                                       0.8)).abs().max()) for r in results)  # fmt: skip
     assert gap <= 1e-5
+
+
+def test_auto_dispatch_checks_the_kernel_once_and_drops_a_wrong_one(monkeypatch, gen):
+    """The CUDA-only "auto" logic, driven on CPU (the interpreter's kernel standing in): a kernel that agrees
+    with the reference is kept after one check; one that disagrees is warned about once and never used
+    again for that configuration, and its first answer is the reference's."""
+    from quantrl.kernels import decode_attention as da
+    from quantrl.kernels import dispatch
+
+    q, k, v, _, _, _, _ = make_cache(2, 4, 2, 70, 32, torch.bfloat16, gen)
+    lens = torch.tensor([70, 9])
+    monkeypatch.setattr(dispatch, "use_triton", lambda *a, **kw: True)
+    monkeypatch.setattr(dispatch, "_ATTN_OK", {})
+    calls = []
+    real = da.decode_attention_triton
+    monkeypatch.setattr(da, "decode_attention_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ref = decode_attention_reference(q, k, v, lens, 0.2)
+    out = decode_attention(q, k, v, lens, scale=0.2)
+    assert list(dispatch._ATTN_OK.values()) == [True] and len(calls) == 1
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 5e-3
+    decode_attention(q, k, v, lens, scale=0.2)
+    assert len(calls) == 2  # kept: no second check, the kernel alone
+
+    dispatch._ATTN_OK.clear()
+    monkeypatch.setattr(da, "decode_attention_triton", lambda *a, **kw: real(*a, **kw) * 2)
+    with pytest.warns(UserWarning, match="decode attention kernel disabled"):
+        out = decode_attention(q, k, v, lens, scale=0.2)
+    assert torch.equal(out, ref) and list(dispatch._ATTN_OK.values()) == [False]
+    assert torch.equal(decode_attention(q, k, v, lens, scale=0.2), ref)  # the reference from now on
