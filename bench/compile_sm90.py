@@ -213,6 +213,14 @@ def _cases() -> list[Case]:
         for unpack in ("bf16x2", "magic"):
             cases.append(Case(f"moe w4a16 bm={bm} G=128 {unpack}", moe(bm, 128, unpack)))
     cases.append(Case("moe w4a16 bm=16 G=32 bf16x2", moe(16, 32, "bf16x2")))
+    for bm in (16, 64):  # NVFP4 experts: the same kernel with the table decode
+        xb = torch.empty(64, 2048, dtype=bf)
+        q4, s4 = torch.empty(128, 256, 768, dtype=torch.int32), torch.empty(128, 32, 768, dtype=torch.int32)
+        tab = torch.empty(128, 2, 256, 4, dtype=torch.int32)
+        ids, blocks = torch.empty(4096, dtype=torch.int32), torch.empty(4096 // bm, dtype=torch.int32)
+        cases.append(Case(f"moe nvfp4 bm={bm}", lambda xb=xb, q4=q4, s4=s4, tab=tab, ids=ids, blocks=blocks, bm=bm:
+                          moe_w4a16.moe_w4a16_gemm(xb, q4, s4, 16, ids, blocks, 512, 8, bm, native=True,
+                                                   table=tab)))  # fmt: skip
     for bm in (16, 32, 64):  # the same layer with FP8 (128x128-block) experts
         xq, xs = torch.empty(64, 2048, dtype=torch.float8_e4m3fn), torch.empty(64, 16, dtype=torch.float32)
         w8, ws8 = torch.empty(128, 768, 2048, dtype=torch.float8_e4m3fn), torch.empty(128, 6, 16, dtype=torch.float32)

@@ -104,6 +104,30 @@ def test_the_grouped_sum_adds_in_the_expert_loops_order(gen):
 
 
 @pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize(("t", "e", "top_k", "n", "k"), [(1, 4, 2, 96, 128), (9, 5, 2, 80, 64)])
+def test_nvfp4_pairs_decode_through_their_experts_tables(t, e, top_k, n, k, gen):
+    """NVFP4 experts (each with its own global scale, hence its own decode table): every pair's row is its
+    token times formats' NVFP4 weight of its expert, rounded once."""
+    qts, sts, tabs, ws = [], [], [], []
+    for _ in range(e):
+        codes, sc, gs = fm.quantize_nvfp4(torch.randn(n, k, generator=gen) * float(torch.rand((), generator=gen) + 0.1))
+        qt, st = kernels.nvfp4_repack(fm.pack_nvfp4(codes), sc)
+        qts.append(qt)
+        sts.append(st)
+        tabs.append(kernels.nvfp4_decode_table(gs))
+        ws.append(fm.dequantize_nvfp4(codes, sc, gs, torch.bfloat16))
+    qt, st, tab = (torch.stack(ts).to(DEV) for ts in (qts, sts, tabs))
+    x = torch.randn(t, k, generator=gen).bfloat16()
+    ex = routed(t, e, top_k, gen)
+    bm = block_rows(t * top_k, e)
+    ids, blocks = align_pairs(ex.to(DEV), e, bm)
+    out = moe_w4a16_gemm(x.to(DEV), qt, st, 16, ids, blocks, t * top_k, top_k, bm, table=tab)
+    want = torch.stack([x[p // top_k].double() @ ws[int(ex.reshape(-1)[p])].double().T for p in range(t * top_k)])
+    assert torch.isfinite(out).all()
+    assert float((out.cpu().double() - want).norm() / want.norm()) <= 4e-3
+
+
+@pytest.mark.usefixtures("poisoned_empty")
 @pytest.mark.parametrize(("t", "e", "top_k", "n", "k"), [(1, 4, 2, 96, 128), (7, 6, 2, 200, 320), (20, 5, 3, 64, 64)])
 def test_fp8_pairs_are_their_quantized_tokens_through_their_experts(t, e, top_k, n, k, gen):
     """FP8 experts (128x128 blocks, ragged N and K included): each pair's row is its token's 1x128 codes
@@ -132,14 +156,19 @@ def test_fp8_pairs_are_their_quantized_tokens_through_their_experts(t, e, top_k,
 
 @pytest.fixture(scope="module")
 def moe_dirs(tmp_path_factory):
-    """A tiny Qwen3-MoE checkpoint with INT4 (group 32) and with FP8 (128x128 blocks) experts."""
+    """A tiny Qwen3-MoE checkpoint with INT4 (group 32), NVFP4 and FP8 (128x128 blocks) experts."""
     from _tiny_models import bf16_fp8_int4, qwen3_moe_config
 
+    from quantrl.checkpoint.convert_nvfp4 import convert_to_nvfp4
+
     cfg = qwen3_moe_config(intermediate_size=128, moe_intermediate_size=64)  # halves hold whole INT4 groups
-    return bf16_fp8_int4(cfg, tmp_path_factory.mktemp("moe_grouped"), 32)
+    base = tmp_path_factory.mktemp("moe_grouped")
+    dirs = bf16_fp8_int4(cfg, base, 32)
+    dirs["nvfp4"] = convert_to_nvfp4(dirs["bf16"], base / "nvfp4", progress=False).output_dir
+    return dirs
 
 
-@pytest.fixture(params=["int4", "fp8"])
+@pytest.fixture(params=["int4", "nvfp4", "fp8"])
 def moe_ckpt(request, moe_dirs):
     return moe_dirs[request.param]
 

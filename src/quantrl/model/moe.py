@@ -34,7 +34,7 @@ Three dispatches compute that same sum:
            so on GPU the two agree to bf16 rounding, not bit for bit). It costs E/k times the FLOPs and
            reads every expert's weights each step: for many experts and small batches (Qwen3-30B-A3B:
            128 experts, top 8) graphed decode is a correctness path, not a fast one.
-  grouped  INT4 (W4A16) or FP8-block experts on CUDA (``grouped_kernel``; ``kernels.moe_w4a16`` /
+  grouped  INT4 (W4A16), NVFP4 or FP8-block experts on CUDA (``grouped_kernel``; ``kernels.moe_w4a16`` /
   kernels  ``kernels.moe_fp8``): the routed pairs sorted by expert on the device and three grouped GEMMs
            (gate, up, down) over them, each pair through its own expert's weights: no host sync, static
            shapes, k/E of the dense dispatch's work. The experts' kernel tensors become views of one stack
@@ -300,7 +300,7 @@ class SparseMoeBlock(nn.Module):
 
     # ---- the grouped kernels (INT4 and FP8 experts) ---------------------------------------------------
     def _fused_usable(self, x: torch.Tensor, capturing: bool) -> bool:
-        """Every expert INT4 (W4A16) or FP8-block with its kernel on (the stack is built outside CUDA-graph
+        """Every expert INT4 (W4A16), NVFP4 or FP8-block with its kernel on (the stack is built outside CUDA-graph
         capture, at the first eager call: a prefill precedes any captured decode), checked once against
         the expert loop."""
         if not self.grouped_kernel or self._fused_ok is False or x.dtype not in (torch.bfloat16, torch.float16):
@@ -310,13 +310,14 @@ class SparseMoeBlock(nn.Module):
         return bool(self._stack) and (self._fused_ok or not capturing)
 
     def grouped_kernel_possible(self) -> bool:
-        """Whether this block can take a grouped kernel once loaded (INT4 or FP8-block experts, kernels on)."""
+        """Whether this block can take a grouped kernel once loaded (INT4, NVFP4 or FP8-block experts, kernels on)."""
         kinds = {_grouped_kind(getattr(e, n)) for _, e in self._owned for n in PROJECTIONS}
         return self.grouped_kernel and len(kinds) == 1 and None not in kinds
 
     def _stack_experts(self) -> dict | bool:
         """Stack each projection's kernel tensors over the experts (W4A16: qweight_t [E, K/8, N], scale_t
-        [E, K/G, N]; FP8: weight [E, N, K], weight_scale_inv [E, N/128, K/128]) and make every expert's
+        [E, K/G, N]; NVFP4: those and the decode tables [E, 2, 256, 4]; FP8: weight [E, N, K],
+        weight_scale_inv [E, N/128, K/128]) and make every expert's
         tensors views into the stack (no second copy; loads and post-processing write in place, so updates
         land in the stack). False when some expert is another format or has its kernel off. With expert
         parallelism the stack holds this rank's experts; ``_local`` maps every expert to its slot or -1."""
@@ -367,15 +368,16 @@ class SparseMoeBlock(nn.Module):
             ids, blocks = align_pairs(experts, self.num_experts, bm)
 
         def gemm(name: str, a, div: int, a_fp8=None):
-            kind, t0, t1, group = self._stack[name]
-            if kind == "w4a16":
-                from quantrl.kernels.moe_w4a16 import moe_w4a16_gemm
+            kind, *parts, group = self._stack[name]
+            if kind == "fp8":
+                from quantrl.kernels.moe_fp8 import moe_fp8_gemm
 
-                return moe_w4a16_gemm(a, t0, t1, group, ids, blocks, n_pairs, div, bm)
-            from quantrl.kernels.moe_fp8 import moe_fp8_gemm
+                aq, asc = a_fp8 if a_fp8 is not None else _quantize_rows(a)
+                return moe_fp8_gemm(aq, asc, *parts, ids, blocks, n_pairs, div, bm, a.dtype)
+            from quantrl.kernels.moe_w4a16 import moe_w4a16_gemm
 
-            aq, asc = a_fp8 if a_fp8 is not None else _quantize_rows(a)
-            return moe_fp8_gemm(aq, asc, t0, t1, ids, blocks, n_pairs, div, bm, a.dtype)
+            table = parts[2] if kind == "nvfp4" else None
+            return moe_w4a16_gemm(a, parts[0], parts[1], group or 16, ids, blocks, n_pairs, div, bm, table=table)
 
         xq = _quantize_rows(x) if self._stack["gate_proj"][0] == "fp8" else None  # gate and up share it
         h = F.silu(gemm("gate_proj", x, k, xq)) * gemm("up_proj", x, k, xq)  # [N*k, I], as MLP.forward rounds it
@@ -412,28 +414,30 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def _grouped_kind(lin) -> str | None:
-    """Which grouped kernel an expert Linear can join: "w4a16" (INT4 with its kernel layout), "fp8" (128x128
-    blocks, 1x128 activations, fp32 scales), or None."""
+    """Which grouped kernel an expert Linear can join: "w4a16" (INT4 with its kernel layout), "nvfp4" (the
+    same kernel with the e2m1 table decode), "fp8" (128x128 blocks, 1x128 activations, fp32 scales), or None."""
     from quantrl.kernels import triton_available
-    from quantrl.model.linear import Fp8Linear, W4A16Linear
+    from quantrl.model.linear import Fp8Linear, Nvfp4Linear, W4A16Linear
 
     if lin.bias is not None or not triton_available():
         return None
-    if isinstance(lin, W4A16Linear):
-        return "w4a16" if lin.num_bits == 4 and lin._kernel_valid and lin._kernel_ok is not False else None
+    if isinstance(lin, (W4A16Linear, Nvfp4Linear)):
+        if not (lin._kernel_valid and lin._kernel_ok is not False):
+            return None
+        return "nvfp4" if isinstance(lin, Nvfp4Linear) else "w4a16" if lin.num_bits == 4 else None
     if isinstance(lin, Fp8Linear) and lin._blockwise_recipe and lin.weight_scale_tensor.dtype == torch.float32:
         return "fp8" if lin.weight.is_cuda or lin.kernel_backend == "triton" else None
     return None
 
 
-def _grouped_tensors(lin) -> tuple[torch.Tensor, torch.Tensor]:
+def _grouped_tensors(lin) -> tuple[torch.Tensor, ...]:
     """The tensors a grouped kernel reads from one expert Linear (see ``_grouped_kind``)."""
-    return lin._kernel_weights if _grouped_kind(lin) == "w4a16" else (lin.weight, lin.weight_scale_tensor)
+    return (lin.weight, lin.weight_scale_tensor) if _grouped_kind(lin) == "fp8" else lin._kernel_weights
 
 
-def _set_grouped_tensors(lin, views: tuple[torch.Tensor, torch.Tensor]) -> None:
+def _set_grouped_tensors(lin, views: tuple[torch.Tensor, ...]) -> None:
     """Point an expert Linear's tensors at its slices of the stack (same values; loads copy in place)."""
-    if _grouped_kind(lin) == "w4a16":
+    if _grouped_kind(lin) != "fp8":
         lin._kernel_weights = views
     else:
         lin.weight, lin._buffers[lin.scale_name] = views
