@@ -17,6 +17,7 @@ import torch
 from quantrl.formats._checks import cdiv
 from quantrl.kernels._numerics import cast_out, native_default
 from quantrl.kernels._triton import tl, triton
+from quantrl.kernels.moe_routing import block_pairs
 
 SCALE_BLOCK = 128
 
@@ -31,9 +32,7 @@ def _moe_fp8_kernel(
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
-        pairs = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-        valid = pairs < num_pairs
-        rows = tl.where(valid, pairs // ROW_DIV, 0)
+        pairs, valid, rows = block_pairs(sorted_ptr, pid_m, num_pairs, ROW_DIV, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         n_mask = rn < N
         w = w_ptr + e.to(tl.int64) * stride_we

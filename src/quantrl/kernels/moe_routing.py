@@ -4,7 +4,8 @@
 ``align_pairs`` sorts the T*k pairs p = t*k + j by expert and pads each expert's run to a multiple of BM:
 ``sorted_ids`` [P] (pair index, or T*k for padding) and ``block_expert`` [P/BM] (the expert of each BM-row
 block, -1 past the last), with P an upper bound fixed by T, k, E and BM alone, so the shapes are static
-and the work stays on the device (no host sync: CUDA graphs capture it).
+and the work stays on the device (no host sync: CUDA graphs capture it). ``block_pairs`` is the kernels'
+side: a block's pair indices and the activation rows they read.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from quantrl.formats._checks import cdiv
+from quantrl.kernels._triton import tl, triton
 
 
 def block_rows(pairs: int, experts: int) -> int:
@@ -39,3 +41,12 @@ def align_pairs(experts: torch.Tensor, num_experts: int, bm: int) -> tuple[torch
     block_start = torch.arange(0, p_max, bm, device=flat.device)
     block_expert = torch.searchsorted(ends, block_start, right=True)  # the run holding each block's first row
     return sorted_ids, torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+
+
+@triton.jit
+def block_pairs(sorted_ptr, pid_m, num_pairs, ROW_DIV: tl.constexpr, BM: tl.constexpr):
+    """(pairs int64 [BM], valid [BM], rows [BM]) of block ``pid_m``: its pair indices, which are real (not
+    padding), and the activation row each reads (pair // ``ROW_DIV``; padding reads row 0, masked)."""
+    pairs = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    valid = pairs < num_pairs
+    return pairs, valid, tl.where(valid, pairs // ROW_DIV, 0)

@@ -22,6 +22,7 @@ import torch
 
 from quantrl.kernels._numerics import cast_out, native_default, widen
 from quantrl.kernels._triton import tl, triton
+from quantrl.kernels.moe_routing import block_pairs
 from quantrl.kernels.w4a16 import (
     _bf16_pair,
     _dequant8_fp4,
@@ -46,9 +47,7 @@ def _moe_w4a16_kernel(
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
-        pairs = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-        valid = pairs < num_pairs
-        rows = tl.where(valid, pairs // ROW_DIV, 0)
+        pairs, valid, rows = block_pairs(sorted_ptr, pid_m, num_pairs, ROW_DIV, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         n_mask = rn < N
         qt = qt_ptr + e.to(tl.int64) * stride_qe
