@@ -208,7 +208,7 @@ class Fp32Router(nn.Module):
 
 class SparseMoeBlock(nn.Module):
     dense_dispatch = False  # set by the dense_dispatch() context below (CUDA-graph warm-up, tests)
-    grouped_kernel = True  # class switch: INT4 / FP8 experts run as grouped kernels (kernels.moe_w4a16 / moe_fp8)
+    grouped_kernel = True  # class switch: INT4 / NVFP4 / FP8 experts run grouped (kernels.moe_w4a16 / moe_fp8)
     FUSED_PROBE_RTOL = 1e-2  # the grouped kernel vs the expert loop: fp32 sums in another order, bf16 outputs
 
     def __init__(self, cfg: ModelConfig, prefix: str, scheme: QuantScheme, dtype: torch.dtype,
@@ -243,8 +243,9 @@ class SparseMoeBlock(nn.Module):
         if cfg.shared_experts_intermediate_size:
             self.shared_experts = MLP(cfg, f"{prefix}.shared_experts", scheme, dtype, device,
                                       cfg.shared_experts_intermediate_size, **shared)  # fmt: skip
-        # the experts' W4A16 kernel weights stacked per projection (None: not built, False: not W4A16)
-        self._stack: dict[str, tuple[torch.Tensor, torch.Tensor, int]] | bool | None = None
+        # per projection (kind, the experts' kernel tensors stacked..., group size); None: not built yet,
+        # False: the experts cannot take a grouped kernel
+        self._stack: dict[str, tuple] | bool | None = None
         self._fused_ok: bool | None = None  # None: not yet checked against the expert loop
         self._local: torch.Tensor | None = None  # expert -> its slot in the stack, -1 on another rank
 
@@ -298,7 +299,7 @@ class SparseMoeBlock(nn.Module):
                 out.index_add_(0, rows, (expert(x[rows]) * w[a:b]).to(out.dtype))
         return out
 
-    # ---- the grouped kernels (INT4 and FP8 experts) ---------------------------------------------------
+    # ---- the grouped kernels (INT4, NVFP4 and FP8 experts) --------------------------------------------
     def _fused_usable(self, x: torch.Tensor, capturing: bool) -> bool:
         """Every expert INT4 (W4A16), NVFP4 or FP8-block with its kernel on (the stack is built outside CUDA-graph
         capture, at the first eager call: a prefill precedes any captured decode), checked once against
@@ -464,7 +465,8 @@ def sum_in_expert_order(y: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def dense_dispatch():
     """Every MoE block takes the dense dispatch while inside (CUDA-graph warm-up: every expert's Linears
-    then see a call, and run their fast-path probes, before capture)."""
+    then see a call, and run their fast-path probes, before capture), unless it runs a grouped kernel,
+    which it then warms up instead (the path the graph captures)."""
     before = SparseMoeBlock.dense_dispatch
     SparseMoeBlock.dense_dispatch = True
     try:
