@@ -129,8 +129,7 @@ set_cmd() {
   case $1 in
     pytest-gpu) CMD=("$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests/
       "--junitxml=$STAGE/results/pytest-gpu.xml") ;;
-    pytest-triton) CMD=("$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_linear_kernels.py tests/test_fp8_training.py tests/test_decode_attention.py
-      tests/test_moe_grouped.py
+    pytest-triton) CMD=("$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_linear_kernels.py tests/test_fp8_training.py
       "--junitxml=$STAGE/results/pytest-triton.xml") ;;
     kernels) CMD=("$PY" bench/kernels_gpu.py --reps 7) ;;
     attention) CMD=("$PY" bench/attention_gpu.py --reps 7) ;;

@@ -196,6 +196,15 @@ def test_dispatch_reference_on_cpu_and_argument_errors(gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[4]])
+def test_device_conversions_match_the_fp64_softmax(case, fp8, gen):
+    """The GPU session's pick of the interpreter cases, on the device's native paths (bf16 / fp16 tensor
+    cores, e4m3 -> fp16 conversions): Qwen3's heads, a sliding window, G = 7 with D = 80 and forced splits."""
+    test_kernel_matches_the_fp64_softmax(case, fp8, True, gen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
 def test_kernel_under_a_cuda_graph_follows_lengths_and_scales(fp8, gen):
     """One captured launch serves every step: new lengths and new scale values are read at replay."""
     q, k, v, ks, vs, kf, vf = make_cache(4, 16, 8, 512, 128, torch.bfloat16, gen, fp8)

@@ -335,3 +335,12 @@ def test_expert_parallel_ranks_sum_their_own_experts(moe_dirs, monkeypatch, gen)
         weights, experts, _ = route(whole.gate(x), whole.top_k, whole.normalize, None)
         want = whole._grouped(x, weights, experts).float()
     assert float((sums[0] + sums[1] - want).norm() / want.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_device_paths_of_the_three_formats(gen):
+    """The GPU session's pick of the kernel tests above, on the device's native paths (bf16x2 PTX unpacking,
+    the NVFP4 table PTX, fp8 tensor cores), at shapes with ragged N and K tiles."""
+    test_each_pair_is_its_token_through_its_expert(7, 6, 2, 64, 256, 128, "bf16x2", gen)
+    test_nvfp4_pairs_decode_through_their_experts_tables(9, 5, 2, 80, 64, gen)
+    test_fp8_pairs_are_their_quantized_tokens_through_their_experts(7, 6, 2, 200, 320, gen)
