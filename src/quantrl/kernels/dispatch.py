@@ -480,21 +480,24 @@ ATTN_PROBE_RTOL = 2e-2  # both are fp32 softmax sums of bf16 products; they diff
 
 
 def decode_attention_reference(q, k, v, lens, scale: float, k_scale=None, v_scale=None, window: int | None = None,
-                               k_rope=None, rope_scale=None) -> torch.Tensor:  # fmt: skip
+                               k_rope=None, rope_scale=None, attn_mask=None) -> torch.Tensor:  # fmt: skip
     """The engine's decode attention before the kernel, as the kernel's oracle: an FP8 cache dequantized to
     q's dtype (``formats.dequantize_fp8_static``), then SDPA with keys [max(0, len - window), len) per row;
-    latent attention's keys are [k, k_rope]."""
+    latent attention's keys are [k, k_rope]. ``attn_mask`` [B, 1, 1, L]: that mask, already built (the
+    decoder makes one per step for all its layers)."""
     if k.dtype == FP8_DTYPE:
         k, v = dequantize_fp8_static(k, k_scale, q.dtype), dequantize_fp8_static(v, v_scale, q.dtype)
         if k_rope is not None:
             k_rope = dequantize_fp8_static(k_rope, rope_scale, q.dtype)
     if k_rope is not None:
         k = torch.cat([k, k_rope], dim=-1)
-    j = torch.arange(k.shape[2], device=q.device)
-    mask = j[None, :] < lens[:, None]  # [B, L]
-    if window is not None:
-        mask &= j[None, :] >= lens[:, None] - window
-    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None], scale=scale,
+    if attn_mask is None:
+        j = torch.arange(k.shape[2], device=q.device)
+        mask = j[None, :] < lens[:, None]  # [B, L]
+        if window is not None:
+            mask &= j[None, :] >= lens[:, None] - window
+        attn_mask = mask[:, None, None]
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=attn_mask, scale=scale,
                                          enable_gqa=q.shape[1] != k.shape[1])  # fmt: skip
     return out[:, :, 0]
 
@@ -511,13 +514,15 @@ def decode_attention(
     window: int | None = None,
     k_rope: torch.Tensor | None = None,
     rope_scale: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """One query token per row over a KV cache: q [B, Hq, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] (model
     dtype, or ``float8_e4m3fn`` codes with fp32 ``k_scale`` / ``v_scale``), lens [B] (keys [0, len) are
     real, len >= 1; ``window``: only the last ``window`` of them) -> [B, Hq, Dv] in q's dtype. Latent
     attention (DeepSeek's absorbed decode): ``k_rope`` [B, Hkv, L, Dr] are the keys' last Dr dims (q is
-    [B, Hq, D + Dr]; FP8 scale ``rope_scale``), and ``v`` may be ``k`` itself.
+    [B, Hq, D + Dr]; FP8 scale ``rope_scale``), and ``v`` may be ``k`` itself. ``attn_mask``: the same
+    keys as a bool [B, 1, 1, L] mask, when the caller has it (the reference then does not rebuild it).
 
     ``"auto"`` on CUDA runs the Triton kernel (``kernels.decode_attention``: reads only each row's keys,
     FP8 codes as stored), checked once per configuration against the reference and dropped, with a
@@ -540,7 +545,7 @@ def decode_attention(
     args = (q, k, v, lens, scale, k_scale, v_scale, window, k_rope, rope_scale)
     why = f"q {q.dtype}, cache {k.dtype}, head dims {q.shape[-1]}/{v.shape[-1]}"
     if not use_triton(q, backend, ok, "decode_attention", why):
-        return decode_attention_reference(*args)
+        return decode_attention_reference(*args, attn_mask)
     from quantrl.kernels.decode_attention import decode_attention_triton
 
     key = (q.device.type, q.device.index, q.dtype, k.dtype, q.shape[1] // k.shape[1], q.shape[-1], v.shape[-1],

@@ -20,20 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from quantrl.kernels._numerics import cast_out, native_default, widen
+from quantrl.kernels._numerics import cast_out, native_default
 from quantrl.kernels._triton import tl, triton
 from quantrl.kernels.moe_routing import block_pairs
-from quantrl.kernels.w4a16 import (
-    _bf16_pair,
-    _dequant8_fp4,
-    _fp4_table,
-    _join8,
-    _k_major_tile,
-    _load_scale_tile,
-    _load_scales,
-    _nibbles,
-    _round_to,
-)
+from quantrl.kernels.w4a16 import _mma, _weight_tile
 
 
 @triton.jit
@@ -62,20 +52,8 @@ def _moe_w4a16_kernel(
                         other=0.0)  # [BM, BK]: the block's rows, gathered  # fmt: skip
             mask2d = (rkw < K // 8)[:, None] & n_mask[None, :]
             words = tl.load(qt + rkw[:, None] * N + rn[None, :], mask=mask2d, other=0)
-            if FP4:
-                t0, t1, t2, t3 = _fp4_table(st, tab, rkw, rn, mask2d, N, dt, NATIVE)
-                w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_fp4(words, t0, t1, t2, t3, dt, NATIVE, False)
-                w = _join8(w0, w1, w2, w3, w4, w5, w6, w7)
-            elif BF16X2:
-                s = _load_scale_tile(st, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK)
-                w = _k_major_tile(words, _bf16_pair(s), NATIVE)
-            else:
-                sf = _load_scales(st, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK, NATIVE)
-                w = tl.reshape(_round_to(_nibbles(words) * sf, dt, NATIVE), (BK, BN))
-            if NATIVE:
-                acc = tl.dot(a, w, acc)
-            else:  # interpreter: fp32 operands holding the same bf16/fp16 values (its bf16 dot is broken)
-                acc = tl.dot(widen(a, NATIVE), w, acc, input_precision="ieee")
+            w = _weight_tile(words, st, tab, rkw, k0, rn, mask2d, n_mask, N, dt, GROUP, BK, BN, NATIVE, BF16X2, FP4)
+            acc = _mma(a, w, acc, NATIVE)
         tl.store(out_ptr + pairs[:, None] * N + rn[None, :], cast_out(acc, out_ptr.dtype.element_ty, NATIVE),
                  mask=valid[:, None] & n_mask[None, :])  # fmt: skip
 

@@ -389,6 +389,36 @@ def _w4a16_gemv_kernel(
 
 
 @triton.jit
+def _weight_tile(words, st_ptr, tab_ptr, rkw, k0, rn, mask2d, n_mask, N, DT: tl.constexpr, GROUP: tl.constexpr,
+                 BK: tl.constexpr, BN: tl.constexpr, NATIVE: tl.constexpr, BF16X2: tl.constexpr,
+                 FP4: tl.constexpr):  # fmt: skip
+    """A [BK/8, BN] word tile -> the dequantized K-major [BK, BN] weight tile in DT (the mma paths' decode:
+    NVFP4 table, bf16x2 PTX or magic-number unpacking), exactly formats' weights."""
+    if FP4:
+        t0, t1, t2, t3 = _fp4_table(st_ptr, tab_ptr, rkw, rn, mask2d, N, DT, NATIVE)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_fp4(words, t0, t1, t2, t3, DT, NATIVE, False)
+        w = _join8(w0, w1, w2, w3, w4, w5, w6, w7)
+    elif BF16X2:
+        w = _k_major_tile(words, _bf16_pair(_load_scale_tile(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK)),
+                          NATIVE)  # fmt: skip
+    else:
+        sf = _load_scales(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK, NATIVE)
+        w = tl.reshape(_round_to(_nibbles(words) * sf, DT, NATIVE), (BK, BN))
+    return w
+
+
+@triton.jit
+def _mma(a, w, acc, NATIVE: tl.constexpr):
+    """acc + a @ w on the tensor cores; the interpreter multiplies fp32 operands holding the same bf16/fp16
+    values (its bf16 dot is broken)."""
+    if NATIVE:
+        acc = tl.dot(a, w, acc)
+    else:
+        acc = tl.dot(widen(a, NATIVE), w, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _w4a16_mma_kernel(
     x_ptr, qt_ptr, st_ptr, tab_ptr, bias_ptr, out_ptr, part_ptr,
     M, N, K, stride_xm, k_per_split,
@@ -412,20 +442,8 @@ def _w4a16_mma_kernel(
                     other=0.0)  # fmt: skip
         mask2d = (rkw < k_hi // 8)[:, None] & n_mask[None, :]
         words = tl.load(qt_ptr + rkw[:, None] * N + rn[None, :], mask=mask2d, other=0)
-        if FP4:
-            t0, t1, t2, t3 = _fp4_table(st_ptr, tab_ptr, rkw, rn, mask2d, N, dt, NATIVE)
-            w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_fp4(words, t0, t1, t2, t3, dt, NATIVE, False)
-            w = _join8(w0, w1, w2, w3, w4, w5, w6, w7)
-        elif BF16X2:
-            w = _k_major_tile(words, _bf16_pair(_load_scale_tile(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK)),
-                              NATIVE)  # fmt: skip
-        else:
-            sf = _load_scales(st_ptr, rkw, k0, rn, mask2d, n_mask, N, GROUP, BK, NATIVE)
-            w = tl.reshape(_round_to(_nibbles(words) * sf, dt, NATIVE), (BK, BN))
-        if NATIVE:
-            acc = tl.dot(a, w, acc)
-        else:  # interpreter: fp32 operands holding the same bf16/fp16 values (its bf16 dot is broken)
-            acc = tl.dot(widen(a, NATIVE), w, acc, input_precision="ieee")
+        w = _weight_tile(words, st_ptr, tab_ptr, rkw, k0, rn, mask2d, n_mask, N, dt, GROUP, BK, BN, NATIVE, BF16X2, FP4)
+        acc = _mma(a, w, acc, NATIVE)
     out_off = rm[:, None] * N + rn[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT:

@@ -83,19 +83,21 @@ class KVContext:
             cache[index] = quantize_fp8_static(x, scale) if cache.dtype == FP8_DTYPE else x
 
     def attend(self, layer: int, q: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, scale: float,
-               window: int | None = None, latent: bool = False) -> torch.Tensor:  # fmt: skip
+               mask: torch.Tensor, window: int | None = None, latent: bool = False) -> torch.Tensor:  # fmt: skip
         """Decode attention of q [B, Hq, D] (slots [0, B)) over keys [0, position] of each slot, the last
         ``window`` only on sliding layers -> [B, Hq, Dv]: the Triton kernel on CUDA (reads each row's keys
         only, FP8 codes as stored), dequantize + SDPA elsewhere (``kernels.decode_attention``).
         ``latent``: DeepSeek's absorbed decode, q [B, H, r + rot] against keys [latent, roped key] and
-        values = the latent (one shared head; ``k_scale`` the latent's, ``v_scale`` the roped key's)."""
+        values = the latent (one shared head; ``k_scale`` the latent's, ``v_scale`` the roped key's).
+        ``mask``: the step's decode mask [B, 1, 1, kv_len] for those keys (``Decoder.decode``)."""
         b = q.shape[0]
         k, v = self.k[layer][:b, :, : self.kv_len], self.v[layer][:b, :, : self.kv_len]
         if latent:
             return decode_attention(q, k, k, self.write_pos + 1, scale=scale, k_scale=k_scale, v_scale=k_scale,
-                                    k_rope=v, rope_scale=v_scale, backend=self.attention_backend)  # fmt: skip
+                                    k_rope=v, rope_scale=v_scale, attn_mask=mask,
+                                    backend=self.attention_backend)  # fmt: skip
         return decode_attention(q, k, v, self.write_pos + 1, scale=scale, k_scale=k_scale, v_scale=v_scale,
-                                window=window, backend=self.attention_backend)  # fmt: skip
+                                window=window, attn_mask=mask, backend=self.attention_backend)  # fmt: skip
 
     def load(self, layer: int, b: int, k_scale: torch.Tensor, v_scale: torch.Tensor,
              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -165,7 +167,7 @@ class Attention(nn.Module):
             kv.store(layer, (slice(kv.slot_start, kv.slot_start + b), slice(None), slice(None, t)), k, v, ks, vs)
         elif kv is not None:  # decode: t == 1, active slots are [0, B); [B, Hkv, D] at (slot b, position pos_b)
             kv.store(layer, (kv._rows, slice(None), kv.write_pos), k[:, :, 0], v[:, :, 0], ks, vs)
-            out = kv.attend(layer, q[:, :, 0], ks, vs, self.head_dim**-0.5, self.window)  # [B, Hq, D]
+            out = kv.attend(layer, q[:, :, 0], ks, vs, self.head_dim**-0.5, mask, self.window)  # [B, Hq, D]
             return self.tp.all_reduce(self.o_proj(out.reshape(b, 1, self.num_heads * self.head_dim)))
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.num_heads != self.num_kv_heads
@@ -262,7 +264,7 @@ class MLAttention(nn.Module):
             if self.absorb_decode and (self.absorb_fp8_decode or not isinstance(self.kv_b_proj, Fp8Linear)):
                 w_uk, w_uv = self.absorbed_weights(x.dtype)
                 query = torch.cat([torch.einsum("bhn,hnr->bhr", q_pass[:, :, 0], w_uk), q_rot[:, :, 0]], dim=-1)
-                out = kv.attend(layer, query, ks, vs, m.softmax_scale, latent=True)  # [B, H, r]: one latent head
+                out = kv.attend(layer, query, ks, vs, m.softmax_scale, mask, latent=True)  # [B, H, r]: one latent head
                 out = torch.einsum("bhr,hvr->bhv", out, w_uv)  # [B, H, v]
                 return self.tp.all_reduce(self.o_proj(out.reshape(b, t, heads * m.v_head_dim)))
             latent, k_rot = (c[:, 0] for c in kv.load(layer, b, ks, vs, x.dtype))  # [B, Lk, r], [B, Lk, rot]
