@@ -181,6 +181,8 @@ def write_results(name: str, payload: dict, smoke: bool = False) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# timing under CUDA graphs (the GPU benches)
+# ---------------------------------------------------------------------------------------------------------
 class Timer:
     """Seconds per call of a list of zero-argument callables (one per weight copy)."""
 

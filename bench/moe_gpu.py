@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
 import torch
 from _common import (
     H100_COPY_BW,
-    cuda_event_times,
+    Timer,
     describe_roofline,
     roofline,
     smoke_or_cuda,
@@ -73,25 +72,6 @@ def expert_bytes(config: dict, distinct: int, fmt: str) -> int:
     return distinct * (per * 2 if fmt == "bf16" else per // 2 + (per // group_of(config)) * 2)
 
 
-def timed(fn, reps: int, device: torch.device, graph: bool) -> float:
-    """Seconds per call: the median of ``reps`` CUDA-graph replays (``graph``) or eager calls."""
-    if device.type != "cuda":
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    fn()
-    fn()
-    torch.cuda.synchronize()
-    run = fn
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        run = g.replay
-    return statistics.median(cuda_event_times(run, reps))
-
-
 def bench_row(t: int, config: dict, blocks: dict, reps: int, device: torch.device, failures: list[str]) -> dict:
     from quantrl.model.moe import route
 
@@ -121,7 +101,7 @@ def bench_row(t: int, config: dict, blocks: dict, reps: int, device: torch.devic
         variants["loop-bf16"] = (lambda: blocks["bf16"]._grouped(x, weights, experts), False, "bf16", distinct)
         variants["router"] = (lambda: lead.gate(x).topk(lead.top_k, dim=-1), True, None, 0)
         for name, (fn, graph, fmt, touched) in variants.items():
-            row["us"][name] = timed(fn, reps, device, graph and device.type == "cuda") * 1e6
+            row["us"][name] = Timer(device, reps)([fn], capture=graph) * 1e6
             row["bytes"][name] = expert_bytes(config, touched, fmt) if fmt else 0
     return row
 

@@ -9,8 +9,8 @@ no live sequence because the engine keeps active sequences compacted into slots 
 Graphs belong to one KV layout (number of slots, L); a generate call with another layout recaptures
 lazily. Weight updates copy in place, so captured graphs stay valid across them. Sampling stays outside
 the graph (it uses a host-seeded generator). MoE models run static-shape dispatches inside the graph:
-INT4 experts the grouped W4A16 kernel (``kernels.moe_w4a16``: each routed pair through its own expert),
-other formats the dense dispatch (every expert on every row); the graph also outputs every MoE layer's
+INT4, NVFP4 and FP8-block experts the grouped kernels (``kernels.moe_w4a16`` / ``moe_fp8``: each routed
+pair through its own expert), other formats the dense dispatch (every expert on every row); the graph also outputs every MoE layer's
 chosen experts, for routing replay.
 """
 
@@ -42,7 +42,7 @@ class DecodeGraphs:
         self._moe = model.num_moe_layers > 0
         cfg = model.config
         blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
-        grouped = all(b.grouped_kernel_possible() for b in blocks)  # INT4 experts: one grouped kernel instead
+        grouped = all(b.grouped_kernel_possible() for b in blocks)  # INT4 / NVFP4 / FP8 experts: grouped kernels instead
         if self._moe and cfg.num_experts > 4 * cfg.num_experts_per_tok and not grouped:
             warnings.warn(
                 f"CUDA graphs on a MoE model run all {cfg.num_experts} experts on every row "
